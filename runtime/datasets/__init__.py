@@ -1,0 +1,173 @@
+"""Datasets: one registry, one interface, numpy and Pillow only.
+
+    load_dataset("digits")            embedded default: scikit-learn's 8x8 digits at 28x28x1
+    load_dataset("mnist")             IDX files from --data-dir, the Keras cache, or a download
+    load_dataset("fashion_mnist")     idem, with Fashion-MNIST's class names
+    load_dataset("cifar10")           the python batches from --data-dir, the Keras cache, or a download
+    load_dataset("folder:PATH")       PATH/<class>/<image>.png|jpg, one sub-folder per class
+
+Every loader returns raw uint8 pixels (N, H, W, C) and int64 labels for fixed
+train/val/test splits, with the `Preprocessing` that turns pixels into model
+input. The test split is fixed by `SPLIT_SEED` (or is the dataset's official
+test set), and `Dataset.describe()` records it, so training, optimization, export
+and the runtime all evaluate on exactly the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import EdgeKitError, unknown
+from runtime.preprocessing import Preprocessing
+
+SPLIT_SEED = 20240601  # fixes every split EdgeKit makes; recorded in manifests
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str  # the spec it was loaded by, e.g. "digits" or "folder:/data/flowers"
+    x_train: np.ndarray  # uint8 (N, H, W, C)
+    y_train: np.ndarray  # int64 (N,)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels: tuple[str, ...]  # class names, index = label
+    preprocessing: Preprocessing
+    source: str  # where the pixels were read from
+    split: dict  # how the splits were made: method, seed, sizes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocessing.input_shape
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(preprocessed float32 images, labels) of one split."""
+        if split not in SPLITS:
+            raise EdgeKitError(f"unknown split '{split}'; expected one of {SPLITS}.")
+        x = getattr(self, f"x_{split}")
+        return self.preprocessing.apply(x), getattr(self, f"y_{split}")
+
+    def describe(self) -> dict:
+        """The manifest's `dataset` record."""
+        return {
+            "name": self.name, "source": self.source, "num_classes": self.num_classes,
+            "split": {**self.split, "sizes": {s: int(len(getattr(self, f"y_{s}"))) for s in SPLITS}},
+        }
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int = SPLIT_SEED):
+    """Indices (train, val, test), each class split in the same proportions.
+
+    Every class with at least 3 examples gives at least one to each non-empty split.
+    """
+    rng = np.random.default_rng(seed)
+    parts = ([], [], [])
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = max(1, round(len(idx) * test_fraction)) if test_fraction > 0 else 0
+        n_val = max(1, round(len(idx) * val_fraction)) if val_fraction > 0 else 0
+        if len(idx) - n_test - n_val < 1:
+            raise EdgeKitError(
+                f"class {cls} has {len(idx)} example(s); expected at least {n_test + n_val + 1} "
+                "to give train, validation and test splits one each. Add images to that class."
+            )
+        parts[0].append(idx[n_test + n_val:])
+        parts[1].append(idx[n_test:n_test + n_val])
+        parts[2].append(idx[:n_test])
+    return tuple(np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts)
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches datasets (KERAS_HOME, else ~/.keras), so downloads are shared with it."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+
+
+def downloads_allowed(download: bool) -> bool:
+    return download and os.environ.get("EDGEKIT_OFFLINE", "") not in ("1", "true", "yes")
+
+
+def resize_pixels(x: np.ndarray, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
+    """Resize a uint8 (N, H, W, C) batch with Pillow, converting channel count if asked."""
+    from PIL import Image
+
+    from runtime.preprocessing import _filters
+
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(x), *size, channels), np.uint8)
+    for i, img in enumerate(x):
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        pil = pil.convert(mode)
+        if pil.size != (size[1], size[0]):
+            pil = pil.resize((size[1], size[0]), _filters()[resize])
+        out[i] = np.asarray(pil, np.uint8).reshape(*size, channels)
+    return out
+
+
+def _registry():
+    from runtime.datasets import cifar, digits, idx
+
+    return {
+        "digits": digits.load,
+        "mnist": idx.load_mnist,
+        "fashion_mnist": idx.load_fashion_mnist,
+        "cifar10": cifar.load,
+    }
+
+
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "folder:PATH")
+
+
+def load_dataset(
+    spec: str,
+    data_dir: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    download: bool = True,
+) -> Dataset:
+    """Load a dataset by name (see the module docstring), optionally resized.
+
+    `data_dir` is where the user keeps the files (searched first, and only there
+    when given); `download=False` or EDGEKIT_OFFLINE=1 forbids downloads.
+    `image_size`/`channels` resize every split (and the preprocessing) to a model's input.
+    """
+    if spec.startswith("folder:"):
+        from runtime.datasets import folder
+
+        dataset = folder.load(spec, size=image_size, channels=channels)
+    else:
+        loaders = _registry()
+        if spec not in loaders:
+            raise unknown("dataset", spec, list(loaders) + ["folder:PATH"])
+        dataset = loaders[spec](data_dir=Path(data_dir) if data_dir else None, download=download)
+    return resized(dataset, image_size, channels)
+
+
+def resized(dataset: Dataset, image_size=None, channels=None) -> Dataset:
+    """The dataset at another (height, width) and/or channel count; unchanged if it already is."""
+    pre = dataset.preprocessing
+    size = tuple(image_size) if image_size else pre.size
+    channels = channels or pre.channels
+    if channels not in (1, 3):
+        raise EdgeKitError(f"channels must be 1 or 3; got {channels}.")
+    if min(size) < 1:
+        raise EdgeKitError(f"image size must be positive; got {size}.")
+    if size == pre.size and channels == pre.channels:
+        return dataset
+    mean, std = pre.mean, pre.std
+    if channels != pre.channels:  # per-channel statistics no longer apply: average them
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+    new_pre = dataclasses.replace(pre, size=size, channels=channels, mean=mean, std=std)
+    arrays = {
+        f"x_{s}": resize_pixels(getattr(dataset, f"x_{s}"), size, channels, pre.resize) for s in SPLITS
+    }
+    return dataclasses.replace(dataset, preprocessing=new_pre, **arrays)

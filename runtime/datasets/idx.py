@@ -1,0 +1,172 @@
+"""MNIST and Fashion-MNIST from the standard IDX files.
+
+IDX layout (big-endian): two zero bytes, a type code (0x08 = unsigned byte), the
+number of dimensions, then one uint32 per dimension, then the data. Files may be
+gzipped (`.gz`, as distributed) or plain. Where the files are looked for, in order:
+
+1. `--data-dir` (and only there, when given): the four IDX files;
+2. the Keras cache: `~/.keras/datasets/fashion-mnist/*.gz`, or `mnist.npz` for MNIST
+   (what `keras.datasets.*.load_data()` leaves behind);
+3. a download into that cache, unless offline.
+
+The official 10,000-image test set is the test split; validation is a stratified
+1/12 of the training set (5,000 of 60,000).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
+from runtime.errors import EdgeKitError
+from runtime.preprocessing import Preprocessing
+
+FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+KERAS_BASE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+VAL_FRACTION = 1 / 12
+_UBYTE = 0x08
+
+
+def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decode an IDX byte string into a uint8 array, rejecting anything malformed."""
+    if len(data) < 4:
+        raise EdgeKitError(f"{name} is {len(data)} bytes long; an IDX header needs at least 4. The file is truncated.")
+    zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or ndim == 0:
+        raise EdgeKitError(
+            f"{name} does not start with an IDX magic number (got 0x{data[:4].hex()}); "
+            "expected 0x00000801 (labels) or 0x00000803 (images). The file is corrupt or not IDX."
+        )
+    if dtype != _UBYTE:
+        raise EdgeKitError(f"{name} holds IDX type 0x{dtype:02x}; expected 0x08 (unsigned bytes).")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise EdgeKitError(f"{name} ends inside its IDX header ({len(data)} of {header} bytes). The file is truncated.")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        problem = "is truncated" if len(data) < expected else "has trailing bytes"
+        raise EdgeKitError(
+            f"{name} {problem}: its header promises shape {dims} ({expected} bytes), "
+            f"the file holds {len(data)} bytes. Download the file again."
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a plain or gzipped IDX file."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic
+            raw = gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise EdgeKitError(f"{path} is not a valid gzip file ({exc}); it is truncated or corrupt. Download it again.") from None
+    except OSError as exc:
+        raise EdgeKitError(f"cannot read {path}: {exc.strerror}.") from None
+    return parse_idx(raw, str(path))
+
+
+def _find(directory: Path, filename: str) -> Path | None:
+    for candidate in (filename, filename.removesuffix(".gz")):
+        if (directory / candidate).is_file():
+            return directory / candidate
+    return None
+
+
+def _from_idx_dir(directory: Path) -> dict[str, np.ndarray] | None:
+    paths = {key: _find(directory, name) for key, name in FILES.items()}
+    if not all(paths.values()):
+        return None
+    return {key: read_idx(path) for key, path in paths.items()}
+
+
+def _from_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in FILES}
+    except (OSError, ValueError, KeyError, zlib.error) as exc:
+        raise EdgeKitError(f"{path} is not a valid MNIST .npz ({exc}); delete it so it can be fetched again.") from None
+
+
+def _missing_error(title: str, where: str, data_dir: Path | None, why: str) -> EdgeKitError:
+    names = ", ".join(FILES.values())
+    place = f"--data-dir {data_dir}" if data_dir else f"--data-dir DIR (or {where})"
+    return EdgeKitError(
+        f"{title} files not found{why}. Expected the four IDX files {names} "
+        f"(gzipped or not) in {place}."
+    )
+
+
+def _check(arrays: dict[str, np.ndarray], source: str) -> None:
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1:
+            raise EdgeKitError(f"{source}: {split} images must be 3-D and labels 1-D; got {x.shape} and {y.shape}.")
+        if len(x) != len(y):
+            raise EdgeKitError(f"{source}: {len(x)} {split} images but {len(y)} labels; the files do not belong together.")
+        if len(y) and y.max() > 9:
+            raise EdgeKitError(f"{source}: {split} labels go up to {y.max()}; expected 0..9.")
+
+
+def _load(title, name, labels, cache_subdir, npz_name, data_dir, download) -> Dataset:
+    cache = keras_cache_dir()
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise EdgeKitError(f"--data-dir {data_dir} is not a directory.")
+        arrays, source = _from_idx_dir(data_dir), str(data_dir)
+        if arrays is None:
+            raise _missing_error(title, "", data_dir, f" in {data_dir}")
+    else:
+        arrays, source = _from_idx_dir(cache / cache_subdir), str(cache / cache_subdir)
+        if arrays is None and npz_name and (cache / npz_name).is_file():
+            arrays, source = _from_npz(cache / npz_name), str(cache / npz_name)
+        if arrays is None:
+            where = f"the Keras cache {cache / cache_subdir}"
+            if not downloads_allowed(download):
+                raise _missing_error(title, where, None, " and downloads are off")
+            from runtime.datasets.download import fetch
+
+            try:
+                if npz_name:  # Keras's own MNIST cache format
+                    arrays, source = _from_npz(fetch(KERAS_BASE + npz_name, cache / npz_name, title)), str(cache / npz_name)
+                else:
+                    for filename in FILES.values():
+                        if not (cache / cache_subdir / filename).is_file():
+                            fetch(KERAS_BASE + filename, cache / cache_subdir / filename, title)
+                    arrays, source = _from_idx_dir(cache / cache_subdir), str(cache / cache_subdir)
+            except EdgeKitError as exc:
+                raise _missing_error(title, where, None, f" and {exc}") from None
+    _check(arrays, source)
+    train, val, _ = stratified_split(arrays["y_train"], VAL_FRACTION, 0.0, SPLIT_SEED)
+    x_train, y_train = arrays["x_train"][..., None], arrays["y_train"].astype(np.int64)
+    return Dataset(
+        name=name,
+        x_train=x_train[train], y_train=y_train[train],
+        x_val=x_train[val], y_val=y_train[val],
+        x_test=arrays["x_test"][..., None], y_test=arrays["y_test"].astype(np.int64),
+        labels=labels,
+        preprocessing=Preprocessing(size=x_train.shape[1:3], channels=1),
+        source=source,
+        split={"method": "official test set; stratified validation from train", "seed": SPLIT_SEED,
+               "fractions": {"val": VAL_FRACTION}},
+    )
+
+
+def load_mnist(data_dir: Path | None = None, download: bool = True) -> Dataset:
+    # Keras keeps MNIST as mnist.npz; the IDX files are found in data_dir or ~/.keras/datasets/mnist/.
+    return _load("MNIST", "mnist", tuple(str(d) for d in range(10)), "mnist", "mnist.npz", data_dir, download)
+
+
+def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> Dataset:
+    return _load("Fashion-MNIST", "fashion_mnist", FASHION_LABELS, "fashion-mnist", None, data_dir, download)

@@ -1,0 +1,115 @@
+"""`python -m train`: train a registered model on a dataset and write an artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+
+from runtime.datasets import DATASET_NAMES
+from runtime.errors import EdgeKitError, run_cli
+
+EPILOG = """\
+examples:
+  python -m train --model fashion_cnn --dataset digits --out artifacts/fashion_cnn
+  python -m train --model mobilenet --dataset fashion_mnist --data-dir ~/data/fashion --augment
+  python -m train --model resnet --model-arg depth=20 --dataset folder:~/photos --image-size 32
+
+datasets: digits (embedded, offline), mnist, fashion_mnist (IDX files in --data-dir, the
+Keras cache, or downloaded), cifar10, folder:PATH (PATH/<class>/<image>.png|jpg).
+
+devices: all visible GPUs are used (MirroredStrategy); set TF_CONFIG on each machine for
+multi-machine training (MultiWorkerMirroredStrategy; the chief writes the artifact).
+"""
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. depth=20); got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH (e.g. 32 or 28x28); got {text!r}")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.models import _REGISTRY  # names and descriptions only; no TensorFlow
+
+    models = "\n".join(f"  {name:<12} {spec.description}" for name, spec in _REGISTRY.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an image classifier and write an EdgeKit artifact directory "
+                    "(model.keras, manifest.json, training.png, confusion.png).\n\nmodels:\n" + models,
+        epilog=EPILOG)
+    parser.add_argument("--model", required=True, help="registered model name (see above)")
+    parser.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASET_NAMES)} (default: digits)")
+    parser.add_argument("--data-dir", help="directory holding the dataset files (searched first, and only there)")
+    parser.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
+    parser.add_argument("--image-size", type=_image_size, help="resize images to SIZE or HxW (default: the dataset's)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels")
+    parser.add_argument("--epochs", type=int, default=40, help="maximum epochs; early stopping ends sooner (default: 40)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (default: 32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, recorded in the manifest (default: 0)")
+    parser.add_argument("--patience", type=int, default=6,
+                        help="epochs without validation-loss improvement before stopping (default: 6)")
+    parser.add_argument("--augment", action="store_true", help="random shifts, zoom and rotation while training")
+    parser.add_argument("--mixed-precision", action="store_true", help="float16 compute on GPUs (saved in float32)")
+    parser.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model argument, e.g. depth=20 or width=0.5 (repeatable)")
+    parser.add_argument("--out", help="artifact directory to write (default: artifacts/<model>-<dataset>)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.fsutil import check_output_dir
+    from train.trainer import TrainConfig, is_chief, train, write_artifact
+    from pathlib import Path
+
+    config = TrainConfig(
+        model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, patience=args.patience, augment=args.augment, mixed_precision=args.mixed_precision,
+        model_args=dict(args.model_arg), data_dir=args.data_dir, image_size=args.image_size,
+        channels=args.channels, download=not args.no_download)
+    safe_name = args.dataset.split(":")[0]
+    out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
+    check_output_dir(out, args.force)  # fail before spending minutes on training
+
+    result = train(config, quiet=args.quiet)
+    if not is_chief():  # other workers save to a scratch directory, as MultiWorkerMirroredStrategy requires
+        scratch = Path(tempfile.mkdtemp())
+        write_artifact(result, scratch / "artifact")
+        shutil.rmtree(scratch, ignore_errors=True)
+        return 0
+    manifest = write_artifact(result, out, force=args.force)
+    metrics, training = manifest["metrics"], manifest["training"]
+    print(f"test accuracy {metrics['accuracy']:.2%} on {manifest['dataset']['split']['sizes']['test']} images; "
+          f"{metrics['params']:,} parameters, {metrics['size_bytes'] / 1024:.0f} KiB; "
+          f"{training['epochs_run']} epochs (best {training['best_epoch']}) in {training['train_seconds']:.0f}s")
+    print(f"wrote {out}/: model.keras, manifest.json, training.png, confusion.png")
+    print(f"next: python -m runtime info {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

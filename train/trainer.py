@@ -1,0 +1,261 @@
+"""Training: config in, artifact directory out.
+
+    config = TrainConfig(model="fashion_cnn", dataset="digits")
+    result = train(config)                     # keras model + metrics + history
+    write_artifact(result, "artifacts/cnn")    # model.keras, manifest.json, plots
+
+Devices: every visible GPU through MirroredStrategy (optionally mixed float16);
+with TF_CONFIG set, MultiWorkerMirroredStrategy across machines; else the CPU.
+The saved model is always float32 so that optimization and export see one dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.datasets import Dataset, load_dataset
+from runtime.errors import EdgeKitError
+from runtime.fsutil import staged_dir
+from runtime.manifest import write_manifest
+from runtime.metrics import classification_summary
+from train.models import check_input_shape, get_spec, model_arguments
+
+MODEL_FILE = "model.keras"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str  # a registered model name (train.models.list_models())
+    dataset: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | folder:PATH
+    epochs: int = 40  # upper bound; early stopping usually ends sooner
+    batch_size: int = 32  # global batch, split across replicas
+    lr: float = 1e-3  # Adam learning rate, halved when validation loss stalls
+    seed: int = 0  # seeds Python, numpy and TensorFlow
+    patience: int = 6  # epochs without validation-loss improvement before stopping
+    augment: bool = False  # random shifts (10%), zoom (10%) and rotation (10 deg) on training images
+    mixed_precision: bool = False  # float16 compute on GPUs; ignored on CPU
+    model_args: dict = dataclasses.field(default_factory=dict)  # overrides of the model's defaults
+    data_dir: str | None = None
+    image_size: tuple[int, int] | None = None  # resize the dataset to this (height, width)
+    channels: int | None = None  # convert the dataset to 1 or 3 channels
+    download: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise EdgeKitError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}.")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10 and math.isfinite(self.lr)):
+            raise EdgeKitError(f"--lr must be a positive number below 10; got {self.lr!r}.")
+        get_spec(self.model)
+        model_arguments(self.model, self.model_args)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["image_size"] = list(self.image_size) if self.image_size else None
+        return data
+
+
+@dataclasses.dataclass
+class TrainResult:
+    config: TrainConfig
+    dataset: Dataset
+    model: object  # keras.Model, float32
+    history: dict
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    evaluation: dict  # classification_summary on the test split, plus loss
+    devices: dict
+
+
+def _strategy(tf):
+    """The distribution strategy for the visible hardware, and a description of it."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if os.environ.get("TF_CONFIG"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif gpus:
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()  # default: one device, the CPU
+    return strategy, {
+        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+        "gpus": [g.name for g in gpus], "cpu_threads": os.cpu_count(),
+    }
+
+
+def _augmenter(keras, seed):
+    # Light, label-preserving geometry, as in the classic Fashion-MNIST recipes.
+    return keras.Sequential([
+        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 2),
+    ], name="augment")
+
+
+def _pipeline(tf, x, y, batch_size, seed, shuffle, augment=None):
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size)
+    if augment is not None:
+        data = data.map(lambda a, b: (augment(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+class _EpochLog:
+    """One line per epoch for people; silent with quiet=True."""
+
+    def __init__(self, keras, epochs, quiet):
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if quiet:
+                    return
+                logs = logs or {}
+                lr = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+                print(f"epoch {epoch + 1:>3}/{epochs}  loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
+                      f"val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}  "
+                      f"lr {lr:.1e}  {time.perf_counter() - outer.start:.1f}s", flush=True)
+
+        self.callback = Callback()
+        self.start = 0.0
+
+
+def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None) -> TrainResult:
+    """Train `config.model` on `config.dataset`; returns the float32 model with the best validation loss."""
+    dataset = dataset or load_dataset(config.dataset, config.data_dir, config.image_size, config.channels,
+                                      download=config.download)
+    check_input_shape(config.model, dataset.input_shape)
+
+    from train.backend import keras, tf
+    from train.models import create_model
+
+    keras.utils.set_random_seed(config.seed)  # Python, numpy and TensorFlow
+    strategy, devices = _strategy(tf)
+    use_mixed = config.mixed_precision and bool(devices["gpus"])
+    if config.mixed_precision and not use_mixed and not quiet:
+        print("note: --mixed-precision needs a GPU; training in float32 on the CPU", file=sys.stderr)
+    if not devices["gpus"]:
+        tf.config.experimental.enable_op_determinism()  # same seed, same model on the CPU
+    devices["mixed_precision"] = use_mixed
+
+    x_train, y_train = dataset.arrays("train")
+    x_val, y_val = dataset.arrays("val")
+    x_test, y_test = dataset.arrays("test")
+    augment = _augmenter(keras, config.seed) if config.augment else None
+    train_data = _pipeline(tf, x_train, y_train, config.batch_size, config.seed, True, augment)
+    val_data = _pipeline(tf, x_val, y_val, config.batch_size, config.seed, False)
+
+    def build():
+        return create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+
+    if use_mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = build()
+            model.compile(optimizer=keras.optimizers.Adam(config.lr),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"])
+        stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
+        callbacks = [stopper, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5),
+                     _EpochLog(keras, config.epochs, quiet).callback]
+        if not quiet:
+            print(f"training {config.model} on {dataset.name}: {len(y_train)} train / {len(y_val)} val / "
+                  f"{len(y_test)} test images {dataset.input_shape}, {model.count_params():,} parameters, "
+                  f"{devices['strategy']} x{devices['replicas']}", flush=True)
+        start = time.perf_counter()
+        history = model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=0,
+                            callbacks=callbacks)
+        train_seconds = time.perf_counter() - start
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if use_mixed:  # save one dtype: rebuild in float32 and carry the trained weights over
+        float_model = build()
+        float_model.set_weights(model.get_weights())
+        model = float_model
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    logits = model.predict(x_test, batch_size=256, verbose=0)
+    loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test, logits).numpy())
+    evaluation = classification_summary(y_test, logits.argmax(axis=1), dataset.labels)
+    evaluation["loss"] = loss
+    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    return TrainResult(config, dataset, model, hist, best_epoch=stopper.best_epoch + 1,
+                       epochs_run=len(hist["loss"]), train_seconds=train_seconds,
+                       evaluation=evaluation, devices=devices)
+
+
+def is_chief() -> bool:
+    """Under MultiWorkerMirroredStrategy only the chief (or worker 0 when there is none) keeps the artifact."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = tf_config.get("task")
+    if not task or task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and task.get("index") == 0 and "chief" not in tf_config.get("cluster", {})
+
+
+def write_artifact(result: TrainResult, out: str | Path, force: bool = False) -> dict:
+    """Write model.keras, training.png, confusion.png and manifest.json into `out`, atomically."""
+    from runtime.plots import plot_confusion, plot_training
+
+    out = Path(out)
+    dataset, config = result.dataset, result.config
+    with staged_dir(out, force=force) as stage:
+        result.model.save(stage / MODEL_FILE)
+        title = f"{config.model} on {dataset.name}"
+        plot_training(result.history, stage / "training.png", title, result.best_epoch)
+        plot_confusion(np.asarray(result.evaluation["confusion"]), dataset.labels, stage / "confusion.png",
+                       f"{title}: test accuracy {result.evaluation['accuracy']:.2%}")
+        manifest = {
+            "name": out.name,
+            "kind": "trained",
+            "model": config.model,
+            "model_args": _jsonable(model_arguments(config.model, config.model_args)),
+            "dataset": dataset.describe(),
+            "parent": None,
+            "preprocessing": dataset.preprocessing.to_dict(),
+            "labels": list(dataset.labels),
+            "input_shape": list(dataset.input_shape),
+            "num_classes": dataset.num_classes,
+            "metrics": {
+                "accuracy": result.evaluation["accuracy"],
+                "loss": result.evaluation["loss"],
+                "val_accuracy": result.history["val_accuracy"][result.best_epoch - 1],
+                "size_bytes": (stage / MODEL_FILE).stat().st_size,
+                "params": int(result.model.count_params()),
+                "per_class_accuracy": result.evaluation["per_class_accuracy"],
+                "confusion": result.evaluation["confusion"],
+            },
+            "training": {
+                "config": config.to_dict(),
+                "seed": config.seed,
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch,
+                "train_seconds": round(result.train_seconds, 2),
+                "devices": result.devices,
+                "history": result.history,
+            },
+        }
+        manifest = write_manifest(stage, manifest, [MODEL_FILE, "training.png", "confusion.png"])
+    return manifest
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
