@@ -27,8 +27,8 @@ VAL_FRACTION = 0.1
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _ALLOWED = {(f"numpy{core}.multiarray", name) for core in ("._core", ".core")
+                for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
