@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,57 @@ class _EpochLog:
         self.start = 0.0
 
 
+def compile_model(model, lr: float) -> None:
+    from train.backend import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+
+
+def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, seed: int, quiet: bool,
+        callbacks=(), augment: bool = False) -> dict:
+    """Fit a compiled model on the train split, validating on val; one line per epoch. Returns the history."""
+    from train.backend import keras, tf
+
+    x_train, y_train = dataset.arrays("train")
+    x_val, y_val = dataset.arrays("val")
+    augmenter = _augmenter(keras, seed) if augment else None
+    train_data = _pipeline(tf, x_train, y_train, batch_size, seed, True, augmenter)
+    val_data = _pipeline(tf, x_val, y_val, batch_size, seed, False)
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=0,
+                        callbacks=[*callbacks, _EpochLog(keras, epochs, quiet).callback])
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
+
+
+def evaluate(model, dataset: Dataset) -> dict:
+    """Accuracy, loss, per-class accuracy and confusion counts on the fixed test split."""
+    from train.backend import keras
+
+    x_test, y_test = dataset.arrays("test")
+    logits = model.predict(x_test, batch_size=256, verbose=0)
+    summary = classification_summary(y_test, logits.argmax(axis=1), dataset.labels)
+    summary["loss"] = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test, logits).numpy())
+    return summary
+
+
+def save_model(model, path: Path) -> None:
+    """Save weights and architecture without optimizer state (smaller, and what deployment needs).
+
+    `.h5` is used for tfmot's quantization-aware models, whose `.keras` files do not load
+    back (tensorflow/model-optimization#1123); everything else is `.keras`.
+    """
+    from train.backend import keras
+
+    if path.suffix == ".h5":
+        with warnings.catch_warnings():  # HDF5 is chosen on purpose here; skip Keras's "legacy" warning
+            warnings.simplefilter("ignore", UserWarning)
+            model.save(path, include_optimizer=False)
+    else:  # the native format has no include_optimizer: save an uncompiled copy
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        clone.save(path)
+
+
 def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None) -> TrainResult:
     """Train `config.model` on `config.dataset`; returns the float32 model with the best validation loss."""
     dataset = dataset or load_dataset(config.dataset, config.data_dir, config.image_size, config.channels,
@@ -152,13 +204,6 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
         tf.config.experimental.enable_op_determinism()  # same seed, same model on the CPU
     devices["mixed_precision"] = use_mixed
 
-    x_train, y_train = dataset.arrays("train")
-    x_val, y_val = dataset.arrays("val")
-    x_test, y_test = dataset.arrays("test")
-    augment = _augmenter(keras, config.seed) if config.augment else None
-    train_data = _pipeline(tf, x_train, y_train, config.batch_size, config.seed, True, augment)
-    val_data = _pipeline(tf, x_val, y_val, config.batch_size, config.seed, False)
-
     def build():
         return create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
 
@@ -167,19 +212,17 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     try:
         with strategy.scope():
             model = build()
-            model.compile(optimizer=keras.optimizers.Adam(config.lr),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
+            compile_model(model, config.lr)
         stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
-        callbacks = [stopper, keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5),
-                     _EpochLog(keras, config.epochs, quiet).callback]
+        plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5)
         if not quiet:
-            print(f"training {config.model} on {dataset.name}: {len(y_train)} train / {len(y_val)} val / "
-                  f"{len(y_test)} test images {dataset.input_shape}, {model.count_params():,} parameters, "
+            sizes = dataset.describe()["split"]["sizes"]
+            print(f"training {config.model} on {dataset.name}: {sizes['train']} train / {sizes['val']} val / "
+                  f"{sizes['test']} test images {dataset.input_shape}, {model.count_params():,} parameters, "
                   f"{devices['strategy']} x{devices['replicas']}", flush=True)
         start = time.perf_counter()
-        history = model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=0,
-                            callbacks=callbacks)
+        history = fit(model, dataset, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                      quiet=quiet, callbacks=[stopper, plateau], augment=config.augment)
         train_seconds = time.perf_counter() - start
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -187,15 +230,9 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
         float_model = build()
         float_model.set_weights(model.get_weights())
         model = float_model
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    logits = model.predict(x_test, batch_size=256, verbose=0)
-    loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test, logits).numpy())
-    evaluation = classification_summary(y_test, logits.argmax(axis=1), dataset.labels)
-    evaluation["loss"] = loss
-    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
-    return TrainResult(config, dataset, model, hist, best_epoch=stopper.best_epoch + 1,
-                       epochs_run=len(hist["loss"]), train_seconds=train_seconds,
-                       evaluation=evaluation, devices=devices)
+    return TrainResult(config, dataset, model, history, best_epoch=stopper.best_epoch + 1,
+                       epochs_run=len(history["loss"]), train_seconds=train_seconds,
+                       evaluation=evaluate(model, dataset), devices=devices)
 
 
 def is_chief() -> bool:
@@ -214,7 +251,7 @@ def write_artifact(result: TrainResult, out: str | Path, force: bool = False) ->
     out = Path(out)
     dataset, config = result.dataset, result.config
     with staged_dir(out, force=force) as stage:
-        result.model.save(stage / MODEL_FILE)
+        save_model(result.model, stage / MODEL_FILE)
         title = f"{config.model} on {dataset.name}"
         plot_training(result.history, stage / "training.png", title, result.best_epoch)
         plot_confusion(np.asarray(result.evaluation["confusion"]), dataset.labels, stage / "confusion.png",
@@ -226,6 +263,7 @@ def write_artifact(result: TrainResult, out: str | Path, force: bool = False) ->
             "model_args": _jsonable(model_arguments(config.model, config.model_args)),
             "dataset": dataset.describe(),
             "parent": None,
+            "model_file": MODEL_FILE,
             "preprocessing": dataset.preprocessing.to_dict(),
             "labels": list(dataset.labels),
             "input_shape": list(dataset.input_shape),

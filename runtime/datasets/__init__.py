@@ -171,3 +171,27 @@ def resized(dataset: Dataset, image_size=None, channels=None) -> Dataset:
         f"x_{s}": resize_pixels(getattr(dataset, f"x_{s}"), size, channels, pre.resize) for s in SPLITS
     }
     return dataclasses.replace(dataset, preprocessing=new_pre, **arrays)
+
+
+def load_for_manifest(manifest: dict, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+    """The dataset an artifact was made on, at its preprocessing, with the same fixed splits.
+
+    `data_dir` overrides where the files are; otherwise the directory recorded as the
+    dataset's source is searched. Split sizes must match the manifest's, so every stage
+    evaluates on the very same test images.
+    """
+    record = manifest["dataset"]
+    name = record["name"]
+    source = Path(record.get("source", ""))
+    if data_dir is None and not name.startswith("folder:") and source.is_dir():
+        data_dir = source
+    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    dataset = load_dataset(name, data_dir, image_size=pre.size, channels=pre.channels, download=download)
+    expected = record.get("split", {}).get("sizes")
+    actual = dataset.describe()["split"]["sizes"]
+    if expected and expected != actual:
+        raise EdgeKitError(
+            f"dataset {name} now gives splits {actual}, but the artifact was made on {expected}; "
+            "the data files changed. Point --data-dir at the files the artifact was trained on."
+        )
+    return dataset
