@@ -62,7 +62,11 @@ def load_model(artifact: str | Path):
 
     base = keras.models.load_model(Path(artifact) / manifest["base_file"], compile=False)
     model = prepare_qat(base, recipe_from_dict(manifest["recipe"]), steps_per_epoch=1).model
-    model.load_weights(path)
+    try:
+        model.load_weights(path)
+    except ValueError as exc:
+        raise EdgeKitError(f"{path} does not fit the model rebuilt from its recipe ({str(exc)[:200]}); "
+                           "it was written by another EdgeKit version. Run the optimize step again.") from None
     return model
 
 

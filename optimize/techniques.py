@@ -48,14 +48,19 @@ def _excluded(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _clone_wrapping(model, recipe: _Recipe, decide: Callable, wrap: Callable):
-    """clone_model, wrapping the layers `decide(layer)` accepts (it returns None or a skip reason)."""
+def _clone_wrapping(model, recipe: _Recipe, decide: Callable, wrap: Callable, kernels_only: bool = True):
+    """clone_model, wrapping the layers `decide(layer)` accepts (it returns None or a skip reason).
+
+    Pruning and clustering work on kernels, so only layers with one are considered;
+    quantization must annotate every layer (BN, activations, pooling too), or the
+    graph stays float between them and the converter cannot make it integer.
+    """
     touched, skipped = [], {}
 
     def clone_function(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return layer.__class__.from_config(layer.get_config())
-        if not _has_kernel(layer):
+        if kernels_only and not _has_kernel(layer):
             return layer
         if _excluded(layer.name, recipe.exclude):
             skipped[layer.name] = "excluded by --exclude"
@@ -157,7 +162,8 @@ def prepare_qat(model, recipe: QATRecipe | PQATRecipe | CQATRecipe, steps_per_ep
     def decide(layer):
         return None if registry.supports(layer) else "not supported by tfmot's 8-bit quantization"
 
-    annotated, touched, skipped = _clone_wrapping(model, recipe, decide, quant.quantize_annotate_layer)
+    annotated, touched, skipped = _clone_wrapping(model, recipe, decide, quant.quantize_annotate_layer,
+                                                  kernels_only=False)
     try:
         with quant.quantize_scope():
             quantized = quant.quantize_apply(annotated, scheme)

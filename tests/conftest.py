@@ -54,3 +54,14 @@ def digits():
     from runtime.datasets import load_dataset
 
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A small fashion_cnn (8/16 filters, dense 32) trained 4 epochs on digits."""
+    from train.__main__ import main as train_main
+
+    out = tmp_path_factory.mktemp("optimize") / "tiny"
+    assert train_main(["--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32",
+                       "--epochs", "4", "--quiet", "--out", str(out)]) == 0
+    return out

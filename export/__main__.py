@@ -1,0 +1,112 @@
+"""`python -m export`: write TFLite and ONNX files from an artifact or a Keras model, each verified."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.errors import EdgeKitError, run_cli, suggest
+
+EXIT_VERIFICATION_FAILED = 1
+TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
+                   "int8": "int8", "int16x8": "int16x8"}
+ONNX_QUANTIZE = {None: "onnx", "float32": "onnx", "int8": "onnx-int8"}
+EPILOG = """\
+examples:
+  python -m export --tflite artifacts/cnn                      # model.float32.tflite
+  python -m export --tflite --quantize int8 artifacts/cnn      # full integer, calibrated on 300 train images
+  python -m export --onnx artifacts/cnn                        # model.onnx-float32.onnx
+  python -m export --onnx --quantize int8 artifacts/cnn        # QDQ int8 via onnxruntime
+  python -m export --all artifacts/cnn                         # all seven formats
+  python -m export --tflite model.keras --dataset digits       # a bare Keras file
+
+formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx, onnx-int8.
+Every file is loaded with EdgeKit's runtime and compared with the Keras model on the test split
+(float: max |logit diff| <= 1e-4; float16/dynamic: top-1 agreement >= 99.5%; integer: accuracy
+within 1.0 point). Files go next to the model (or --out) with a sidecar model.<variant>.json.
+Exit codes: 0 all verified, 1 a check failed (that file is removed), 2 a usage error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Export a model to TFLite and ONNX, verifying every file.",
+                                     epilog=EPILOG)
+    parser.add_argument("source", help="artifact directory, or a .keras/.h5 file or SavedModel directory")
+    kinds = parser.add_argument_group("what to write")
+    kinds.add_argument("--tflite", action="store_true", help="a TFLite file (float32 unless --quantize)")
+    kinds.add_argument("--onnx", action="store_true", help="an ONNX file (float32 unless --quantize int8)")
+    kinds.add_argument("--quantize", help="TFLite: float16, dynamic, int8, int16x8; ONNX: int8")
+    kinds.add_argument("--format", action="append", default=[], metavar="KEY", help="a format by key (repeatable)")
+    kinds.add_argument("--all", action="store_true", help="every format (int8 only for a QAT artifact)")
+    parser.add_argument("--out", help="output directory (default: the artifact directory itself)")
+    parser.add_argument("--calibration-samples", type=int, default=300,
+                        help="training images used to calibrate integer formats (default: 300)")
+    parser.add_argument("--calibration-method", help="onnx-int8 only: minmax (default), entropy, percentile")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
+    parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
+    parser.add_argument("--data-dir", help="where the dataset files are")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def _choose(args) -> list[str]:
+    from export.formats import FORMATS
+
+    if args.all:
+        return list(FORMATS)
+    keys = list(args.format)
+    for flag, table in (("tflite", TFLITE_QUANTIZE), ("onnx", ONNX_QUANTIZE)):
+        if getattr(args, flag):
+            if args.quantize not in table:
+                valid = [k for k in table if k]
+                raise EdgeKitError(f"--{flag} takes --quantize {', '.join(valid)}; got '{args.quantize}'."
+                                   f"{suggest(args.quantize, valid)}")
+            keys.append(table[args.quantize])
+    if args.quantize and not (args.tflite or args.onnx):
+        raise EdgeKitError("--quantize needs --tflite or --onnx, e.g. `--tflite --quantize int8`.")
+    if not keys:
+        raise EdgeKitError("nothing to export; pass --tflite, --onnx, --format KEY or --all.")
+    return list(dict.fromkeys(keys))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    keys = _choose(args)
+    from export.formats import get_format
+
+    for key in keys:
+        get_format(key)  # a mistyped --format fails before TensorFlow loads
+    from export.api import export
+
+    results = export(args.source, keys, args.out, calibration_samples=args.calibration_samples,
+                     opset=args.opset, calibration_method=args.calibration_method, dataset=args.dataset,
+                     data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
+                     (lambda s: print(s, flush=True)))
+    float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx") and r.passed),
+                      None)
+    print(f"\n{'format':<10} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'agree':>7} "
+          f"{'accuracy':>9}  status")
+    for r in results:
+        f = r.figures
+        if not f:
+            print(f"{r.format:<10} {'-':>10} {'-':>10} {'-':>8} {'-':>9} {'-':>7} {'-':>9}  FAILED: {r.message}")
+            continue
+        ratio = f"{f['size_bytes'] / float_size:.2f}x" if float_size else "-"
+        status = "verified" if r.passed else f"FAILED: {r.message}"
+        print(f"{r.format:<10} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
+              f"{f['agreement']:>7.2%} {f['accuracy']:>9.2%}  {status}")
+    written = [r for r in results if r.passed]
+    if written:
+        print(f"\nwrote {', '.join(str(r.file) for r in written)}")
+        print(f"next: python -m runtime info {written[0].file.parent}")
+    failed = [r for r in results if not r.passed]
+    if failed:
+        print(f"error: {len(failed)} export(s) failed verification: {'; '.join(r.message for r in failed)}",
+              file=sys.stderr)
+        return EXIT_VERIFICATION_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,99 @@
+"""Converters: a tf_keras model in, the bytes of a .tflite or .onnx file out."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+
+import numpy as np
+
+from runtime.errors import EdgeKitError
+from train.backend import tf
+
+DEFAULT_OPSET = 17  # a current opset onnxruntime 1.31 runs fully
+
+
+def _representative(calibration: np.ndarray):
+    def generator():
+        for i in range(len(calibration)):
+            yield [calibration[i:i + 1]]
+    return generator
+
+
+def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_aware: bool) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if key != "float32" or quantization_aware:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if key == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif key == "int8":
+        if not quantization_aware:  # QAT models carry their ranges; others are calibrated
+            converter.representative_dataset = _representative(calibration)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    elif key == "int16x8":
+        converter.representative_dataset = _representative(calibration)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    try:
+        return converter.convert()
+    except Exception as exc:  # the converter raises ConverterError and assorted others
+        raise EdgeKitError(f"the TFLite converter rejected the model for {key}: {str(exc).strip()[:500]}") from None
+
+
+def to_onnx(model, opset: int, metadata: dict[str, str]):
+    """A float ONNX ModelProto with a dynamic batch dimension and EdgeKit metadata_props."""
+    import tf2onnx
+
+    spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,
+                                              output_path=None)
+    except Exception as exc:
+        raise EdgeKitError(f"tf2onnx could not convert the model (opset {opset}): {str(exc).strip()[:500]}") from None
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto
+
+
+def onnx_int8(float_proto, calibration: np.ndarray, method: str, metadata: dict[str, str]) -> bytes:
+    """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    input_name = float_proto.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter({input_name: calibration[i:i + 1]} for i in range(len(calibration)))
+
+        def get_next(self):
+            return next(self._items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, prepared, target = (os.path.join(tmp, n) for n in ("float.onnx", "prep.onnx", "int8.onnx"))
+        onnx.save(float_proto, source)
+        quant_pre_process(source, prepared)
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method])
+        quantized = onnx.load(target)
+    del quantized.metadata_props[:]
+    for key, value in metadata.items():
+        entry = quantized.metadata_props.add()
+        entry.key, entry.value = key, value
+    return quantized.SerializeToString()
+
+
+def keras_logits(model, x: np.ndarray) -> np.ndarray:
+    return model.predict(x, batch_size=256, verbose=0)
+
