@@ -112,7 +112,11 @@ def prepare_prune(model, recipe: PruneRecipe, steps_per_epoch: int) -> Prepared:
                    "frequency": frequency, "total_steps": total_steps}
 
         def decide(layer):
-            return None if PruneRegistry.supports(layer) else "not supported by tfmot pruning"
+            if not PruneRegistry.supports(layer):
+                return "not supported by tfmot pruning"
+            if not PruneRegistry._LAYERS_WEIGHTS_MAP.get(type(layer)):
+                return "tfmot prunes no weight of this layer type"  # e.g. DepthwiseConv2D
+            return None
 
     def wrap(layer):
         return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule, sparsity_m_by_n=recipe.m_by_n)
