@@ -141,3 +141,14 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny, args, message):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+
+def test_a_model_the_converter_rejects_gets_a_clear_error():
+    from export.convert import to_tflite
+    from train.backend import keras, tf
+
+    inputs = keras.Input((4, 4, 1))  # MatrixDeterminant is neither a TFLite builtin nor enabled as a flex op
+    det = keras.layers.Lambda(lambda x: tf.reshape(tf.linalg.det(tf.reshape(x, (-1, 4, 4))), (-1, 1)))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(det))
+    with pytest.raises(EdgeKitError, match="TFLite converter rejected the model for float32.*MatrixDeterminant"):
+        to_tflite(model, "float32", None, quantization_aware=False)
