@@ -114,7 +114,9 @@ def optimize_model(model, recipe: _Recipe, dataset: Dataset, quiet: bool = False
                   quiet=quiet, callbacks=prepared.callbacks)
     seconds = time.perf_counter() - start
     final = prepared.strip(prepared.model)
-    facts = measure.kernel_facts(final, prepared.touched)
+    # PQAT/CQAT promise to keep what the parent did, so measure over the layers the parent pruned/clustered.
+    keeps_parent = recipe.technique.value in ("pqat", "cqat") and parent_facts
+    facts = measure.kernel_facts(final, parent_facts["touched"] if keeps_parent else prepared.touched)
     facts.update(touched=prepared.touched, skipped=prepared.skipped, checks=_checks(recipe, facts, final,
                                                                                      prepared.touched, parent_facts))
     return Optimized(final, facts, history, seconds, prepared.details)

@@ -114,8 +114,10 @@ def test_cqat_keeps_the_parents_clusters(clustered):
     _, parent = clustered
     manifest = cqat(parent, parent.with_name("cqat"), **FAST)
     assert manifest["recipe"]["preserve_sparsity"] is False  # resolved: the parent has no zeros
-    for name in manifest["facts"]["touched"]:
+    parent_clustered = read_manifest(parent)["facts"]["touched"]
+    for name in parent_clustered:
         assert manifest["facts"]["layers"][name]["unique_per_channel"] <= 8, name
+    assert manifest["metrics"]["max_unique"] <= 8
     assert manifest["facts"]["checks"]["clusters_kept"] is True
 
 
