@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -257,9 +256,7 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
             for name in (fmt.filename, fmt.sidecar):
                 if (out / name).exists():
                     (out / name).unlink()
-    manifest.pop("versions", None) if manifest.get("kind") == "export" else None
+    if manifest.get("kind") == "export":
+        manifest.pop("versions", None)  # refreshed by write_manifest
     write_manifest(out, manifest, sorted(f for f in files if (out / f).is_file()))
 
-
-def converter_versions() -> dict:
-    return {name: metadata.version(name) for name in ("tensorflow", "tf2onnx", "onnx", "onnxruntime")}
