@@ -189,8 +189,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     try:
-        logits = load(tmp).logits(x_test)
         model = load(tmp)
+        logits = model.logits(x_test)
         figures, failure = _figures(fmt, logits, reference, y_test)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if failure:

@@ -147,7 +147,6 @@ def _checks(recipe, facts, model, touched, parent_facts) -> dict:
             raise EdgeKitError(f"clustering left more than {recipe.clusters} unique values in {over}.")
     elif technique == "pqat" and parent_facts:
         before = parent_facts.get("sparsity", 0.0)
-        kept = {n: facts["layers"][n]["sparsity"] for n in touched if n in parent_facts.get("layers", {})}
         checks["parent_sparsity"], checks["sparsity_kept"] = before, facts["sparsity"] >= before - TOLERANCE
     elif technique == "cqat" and parent_facts:
         clusters = parent_facts.get("clusters")
