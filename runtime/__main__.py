@@ -42,10 +42,132 @@ def _info(args) -> int:
     return 0
 
 
+def _load(args):
+    from runtime.load import load
+
+    return load(args.model, threads=args.threads)
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from runtime.load import read_inputs
+
+    if args.top_k < 1:
+        raise EdgeKitError(f"--top-k must be 1 or more; got {args.top_k}.")
+    model = _load(args)
+    named = read_inputs(args.inputs, model)
+    probabilities = model.predict(np.concatenate([x for _, x in named]))
+    k = min(args.top_k, model.num_classes)
+    tops = model.top_k(probabilities, k)
+    if args.json:
+        labels = model.labels
+        records = [{"input": name, "top": [{"label": label, "index": labels.index(label), "probability": p}
+                                           for label, p in top],
+                    "probabilities": [float(v) for v in row]}
+                   for (name, _), top, row in zip(named, tops, probabilities)]
+        print(json.dumps({"model": str(model.path), "predictions": records}, indent=1))
+        return 0
+    width = max(len(name) for name, _ in named)
+    for (name, _), top in zip(named, tops):
+        print(f"{name:<{width}}  " + "   ".join(f"{label} {p:7.2%}" for label, p in top))
+    return 0
+
+
+def _eval_dataset(args, model):
+    """The dataset to evaluate on: --dataset, else the one in the artifact's manifest next to the model."""
+    from pathlib import Path
+
+    from runtime.datasets import load_dataset, load_for_manifest
+    from runtime.manifest import read_manifest
+
+    download = not args.no_download
+    if args.dataset:
+        h, w, c = model.input_shape
+        return load_dataset(args.dataset, args.data_dir, image_size=(h, w), channels=c, download=download)
+    manifest = Path(args.model).parent / "manifest.json"
+    if not manifest.is_file():
+        raise EdgeKitError(f"no --dataset given and no manifest.json next to {args.model} to say which dataset it "
+                           "was trained on; pass --dataset (digits, mnist, fashion_mnist, cifar10 or folder:PATH).")
+    return load_for_manifest(read_manifest(manifest.parent), args.data_dir, download=download)
+
+
+def _eval(args) -> int:
+    import time
+
+    model = _load(args)
+    dataset = _eval_dataset(args, model)
+    if dataset.num_classes != model.num_classes:
+        raise EdgeKitError(f"{dataset.name} has {dataset.num_classes} classes, but {model.path.name} has "
+                           f"{model.num_classes} outputs; evaluate it on the dataset it was trained for.")
+    pixels, y = getattr(dataset, f"x_{args.split}"), getattr(dataset, f"y_{args.split}")
+    if len(y) == 0:
+        raise EdgeKitError(f"the {args.split} split of {dataset.name} is empty; choose another --split.")
+    started = time.perf_counter()
+    # the model's own preprocessing (from its sidecar) when it has one, else the dataset's
+    x = pixels if model.preprocessing is not None else dataset.preprocessing.apply(pixels)
+    predicted = model.logits(x, batch_size=args.batch_size).argmax(axis=1)
+    seconds = time.perf_counter() - started
+    from runtime.metrics import classification_summary
+
+    summary = classification_summary(y, predicted, dataset.labels)
+    recorded = ((model.sidecar or {}).get("verification") or {}).get("accuracy")
+    result = {"model": str(model.path), "format": model.format, "dataset": dataset.name, "split": args.split,
+              "labels": list(dataset.labels), **summary, "seconds": seconds,
+              "recorded_accuracy": recorded}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    correct = int(round(summary["accuracy"] * summary["samples"]))
+    print(f"{model.path.name} on {dataset.name}, {args.split} split: {summary['samples']} images "
+          f"in {seconds:.2f} s")
+    line = f"accuracy  {summary['accuracy']:.2%}  ({correct}/{summary['samples']})"
+    if recorded is not None and args.split == "test":
+        line += f"   recorded at export: {recorded:.2%}"
+    print(line)
+    labels = list(dataset.labels)
+    width = max(len(label) for label in labels)
+    support = [sum(row) for row in summary["confusion"]]
+    print("per class:")
+    for label, n in zip(labels, support):
+        value = summary["per_class_accuracy"][label]
+        print(f"  {label:<{width}}  {'-' if value is None else f'{value:7.2%}'}  ({n} images)")
+    if len(labels) <= 20:
+        cell = max(3, len(str(max(support))) + 1, *(len(label) + 1 for label in labels))
+        print("confusion (rows: true class, columns: predicted):")
+        print(" " * (width + 2) + "".join(f"{label[:cell - 1]:>{cell}}" for label in labels))
+        for label, row in zip(labels, summary["confusion"]):
+            print(f"  {label:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return 0
+
+
+def _bench(args) -> int:
+    from runtime.bench import bench, parse_threads, to_csv, to_table
+
+    if args.runs is not None and args.seconds is not None:
+        raise EdgeKitError("give --runs or --seconds, not both.")
+    progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
+    results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
+                    progress)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    elif args.csv:
+        print(to_csv(results), end="")
+    else:
+        print(to_table(results))
+    return 0
+
+
+def _add_threads(parser, default):
+    parser.add_argument("--threads", type=int, default=default, metavar="N",
+                        help="interpreter threads (default: the backend's own choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime",
-        description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and load, run and benchmark models.")
+        description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and run, evaluate and benchmark "
+                    ".tflite and .onnx models on this CPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="show an artifact's manifest and verify its files' checksums",
                                description="Show what an artifact directory holds and check every file "
@@ -53,6 +175,63 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("artifact", help="artifact directory (holding manifest.json)")
     info.add_argument("--json", action="store_true", help="print the manifest and the check as JSON")
     info.set_defaults(func=_info)
+
+    predict = commands.add_parser(
+        "predict", help="top-k labels of images (PNG/JPEG) or .npy arrays",
+        description="Classify images with a .tflite or .onnx model. PNG/JPEG files are converted to the model's "
+                    "channels, resized and preprocessed as in training (from the model's sidecar json). "
+                    ".npy files hold uint8 pixels (H, W, C) or (N, H, W, C), or float32 input already "
+                    "preprocessed.",
+        epilog="example: python -m runtime predict artifacts/fashion_cnn-digits/model.int8.tflite digit.png")
+    predict.add_argument("model", help="a .tflite or .onnx file (its sidecar model.<variant>.json gives labels "
+                                       "and preprocessing)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images or .npy arrays")
+    predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
+    predict.add_argument("--json", action="store_true", help="print every probability as JSON")
+    _add_threads(predict, None)
+    predict.set_defaults(func=_predict)
+
+    evaluate = commands.add_parser(
+        "eval", help="accuracy, per-class accuracy and confusion counts on a dataset split",
+        description="Evaluate a .tflite or .onnx model on the same fixed split and preprocessing that training "
+                    "used, through the TensorFlow-free data code. Without --dataset, the dataset is the one "
+                    "recorded in the manifest.json next to the model.",
+        epilog="example: python -m runtime eval artifacts/fashion_cnn-digits/model.int8.tflite --dataset digits")
+    evaluate.add_argument("model", help="a .tflite or .onnx file")
+    evaluate.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10 or folder:PATH "
+                                            "(default: the artifact's own, from its manifest)")
+    evaluate.add_argument("--data-dir", help="directory holding the dataset's files (IDX, CIFAR batches)")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test",
+                          help="which split to evaluate (default: test, fixed by the split seed)")
+    evaluate.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per call (default 256)")
+    evaluate.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_threads(evaluate, None)
+    evaluate.set_defaults(func=_eval)
+
+    bench = commands.add_parser(
+        "bench", help="latency, throughput and memory, several models side by side",
+        description="Benchmark models on this CPU. Each model and thread count runs in a fresh process: load "
+                    "time, first inference, then bare backend invokes alternating with whole predict calls "
+                    "(latency median/p90/p99, mean±std of each, so the runtime's overhead shows), throughput "
+                    "and peak RSS. The first model is the baseline for the size and speed ratios.",
+        epilog="example: python -m runtime bench artifacts/fashion_cnn-digits --threads 1,2   "
+               "(a directory benches every exported model in it, float32 first)")
+    bench.add_argument("models", nargs="+", metavar="MODEL",
+                       help=".tflite/.onnx files, or artifact directories (all their exported models)")
+    bench.add_argument("--threads", default="1", metavar="LIST",
+                       help="thread counts separated by commas; 'all' = every core (default 1)")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--runs", type=int, metavar="N", help="timed runs per model and thread count")
+    budget.add_argument("--seconds", type=float, metavar="S",
+                        help=f"time budget per model and thread count (default {2.0:g} s when --runs is not given)")
+    bench.add_argument("--warmup", type=int, default=10, metavar="K", help="untimed calls first (default 10)")
+    bench.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default 1)")
+    output = bench.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print every figure as JSON")
+    output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,9 +1,17 @@
 """`runtime.load(path)`: one model object for .tflite (ai-edge-litert) and .onnx (onnxruntime).
 
-The caller passes preprocessed float input (N, H, W, C) and gets float logits back:
-int8/uint8 input tensors are quantized, and integer outputs dequantized, with the
-model's own scale and zero point. The sidecar `model.<variant>.json` next to the
-file, when present, supplies preprocessing and labels.
+    model = runtime.load("artifacts/fashion_cnn-digits/model.int8.tflite", threads=2)
+    probabilities = model.predict(pixels)      # uint8 pixels (N, H, W, C), or float input
+    model.top_k(probabilities, k=3)            # [[(label, probability), ...], ...]
+
+Input is either uint8 pixels, which go through the preprocessing recorded in the
+sidecar `model.<variant>.json` next to the file, or float32 input already
+preprocessed as in training. int8/uint8 input tensors are quantized, and integer
+outputs dequantized, with the model's own scale and zero point, so a caller always
+passes images and gets probabilities. Every input is checked before it reaches the
+interpreter: shape, channel count, dtype and finiteness errors say what was
+expected and what to do. A batch goes through a dynamic-batch model in one call; a
+fixed-batch model is resized when its graph allows it and looped otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import EdgeKitError
+from runtime.fsutil import sha256_file
+from runtime.preprocessing import Preprocessing
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
+NUMPY_SUFFIX = ".npy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +39,7 @@ class TensorInfo:
     zero_point: int = 0
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "shape": list(self.shape)}
+        return {**dataclasses.asdict(self), "shape": [(-1 if d is None else d) for d in self.shape]}
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -38,46 +49,254 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """round(x / scale) + zero_point, saturated to the integer type (as TFLite and ONNX quantize)."""
     limits = np.iinfo(info.dtype)
-    q = np.round(x / info.scale + info.zero_point)
-    return np.clip(q, limits.min, limits.max).astype(info.dtype)
+    q = np.divide(x, np.float32(info.scale), dtype=np.float32)
+    np.rint(q, out=q)
+    q += np.float32(info.zero_point)
+    np.clip(q, limits.min, limits.max, out=q)
+    return q.astype(info.dtype)
 
 
 def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
     return (q.astype(np.float32) - np.float32(info.zero_point)) * np.float32(info.scale)
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - (z.max() if len(z) == 1 else z.max(axis=-1, keepdims=True))
+    np.exp(z, out=z)
+    z /= z.sum() if len(z) == 1 else z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def _lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """table[pixel] for a (256,) table, table[pixel, channel] for a (256, C) one."""
+    return table.take(pixels) if table.ndim == 1 else table[pixels, np.arange(pixels.shape[-1])]
+
+
+def _dim(d) -> int | None:
+    return None if d is None or int(d) < 0 else int(d)
+
+
 class Model:
-    """A loaded .tflite or .onnx classifier. `logits(x)` and `predict(x)` take float input."""
+    """A loaded .tflite or .onnx classifier (see the module docstring)."""
 
-    def __init__(self, path: Path, fmt: str, input_info: TensorInfo, output_info: TensorInfo, sidecar: dict | None):
-        self.path, self.format, self.input, self.output, self.sidecar = path, fmt, input_info, output_info, sidecar
+    def __init__(self, path: Path, fmt: str, input_info: TensorInfo, output_info: TensorInfo,
+                 sidecar: dict | None, threads: int | None):
+        self.path, self.format, self.input, self.output = path, fmt, input_info, output_info
+        self.sidecar, self.threads = sidecar, threads
+        if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
+            raise EdgeKitError(
+                f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
+                "NHWC input (batch, height, width, channels) of fixed height, width and channels.")
+        if len(output_info.shape) != 2 or _dim(output_info.shape[1]) is None:
+            raise EdgeKitError(f"{path} gives output of shape {list(output_info.shape)}; expected "
+                               "(batch, classes) logits from an image classifier.")
+        self.batch = _dim(input_info.shape[0])  # None: any batch size
+        self._shape = tuple(int(d) for d in input_info.shape[1:])
+        self._check_sidecar()
+        self._pixels = self.preprocessing  # None without a sidecar: only float input then
+        self._tables = {}
+        self._in_table = None  # pixel value -> input tensor value, built on first use
+        self._out_table = self._out_exp = None
+        if output_info.scale and output_info.dtype in ("int8", "uint8"):
+            raw = np.arange(256, dtype=np.uint8).view(output_info.dtype)
+            self._out_table = dequantize(raw, output_info)  # raw byte -> logit
+            span = float(self._out_table.max() - self._out_table.min())
+            if span < 80:  # exp(logit - max logit) cannot underflow to 0: softmax by table lookup
+                self._out_exp = np.exp(self._out_table - self._out_table.max()).astype(np.float32)
+
+    # --- what the model is -------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image."""
+        return self._shape
 
     @property
-    def labels(self) -> list[str] | None:
-        return (self.sidecar or {}).get("labels")
+    def num_classes(self) -> int:
+        return int(self.output.shape[1])
 
     @property
-    def preprocessing(self) -> dict | None:
-        return (self.sidecar or {}).get("preprocessing")
+    def labels(self) -> list[str]:
+        """Class names from the sidecar, else the class indices as strings."""
+        return list((self.sidecar or {}).get("labels") or [str(i) for i in range(self.num_classes)])
 
-    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Float logits for preprocessed float input of shape (N, H, W, C)."""
-        x = np.asarray(x, np.float32)
-        outputs = [self._run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-        return np.concatenate(outputs) if outputs else np.empty((0, self.output.shape[-1]), np.float32)
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        record = (self.sidecar or {}).get("preprocessing")
+        return Preprocessing.from_dict(record) if record else None
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities (softmax of the logits)."""
-        z = self.logits(x)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
 
-    def _feed(self, x: np.ndarray) -> np.ndarray:
-        return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype)
+    def describe(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
+                "input": self.input.to_dict(), "output": self.output.to_dict(), "threads": self.threads,
+                "labels": self.labels, "sidecar": self.sidecar is not None,
+                "variant": (self.sidecar or {}).get("format")}
+
+    def _check_sidecar(self) -> None:
+        """A sidecar that describes another model would give silently wrong labels or preprocessing."""
+        if self.sidecar is None:
+            return
+        side = sidecar_path(self.path)
+        redo = f"Export the model again, or delete {side.name} to run it without labels and preprocessing."
+        recorded = self.sidecar.get("sha256")
+        if recorded and self.sidecar.get("size_bytes") not in (None, self.size_bytes):
+            raise EdgeKitError(f"sidecar {side} describes a model of {self.sidecar['size_bytes']:,} bytes, but "
+                               f"{self.path.name} has {self.size_bytes:,}: the file changed or is truncated. {redo}")
+        if recorded and recorded != sha256_file(self.path):
+            raise EdgeKitError(f"sidecar {side} records sha256 {recorded[:12]}..., which {self.path.name} does not "
+                               f"match: the file changed after export or is corrupt. {redo}")
+        shape = (self.sidecar.get("input") or {}).get("shape")
+        if shape and [_dim(d) for d in shape[1:]] != list(self.input_shape):
+            raise EdgeKitError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
+                               f"{list(self.input_shape)}. {redo}")
+        labels = self.sidecar.get("labels")
+        if labels is not None and len(labels) != self.num_classes:
+            raise EdgeKitError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
+                               f"{self.num_classes} outputs. {redo}")
+        pre = self.preprocessing
+        if pre is not None and pre.input_shape != self.input_shape:
+            raise EdgeKitError(f"sidecar {side} preprocesses to {list(pre.input_shape)}, but {self.path.name} "
+                               f"takes {list(self.input_shape)}. {redo}")
+
+    # --- input ---------------------------------------------------------------------------
+    def prepare(self, x) -> np.ndarray:
+        """Checked float32 model input (N, H, W, C) from uint8 pixels or float preprocessed input.
+
+        A single image (H, W, C), or (H, W) for a one-channel model, becomes a batch of one.
+        """
+        x, pixels = self._checked(x)
+        return _lookup(self._pixel_table(np.float32), x) if pixels else x
+
+    def _checked(self, x) -> tuple[np.ndarray, bool]:
+        """(input as an (N, H, W, C) batch, whether it is uint8 pixels), or a clear error."""
+        if type(x) is np.ndarray and x.ndim == 4 and x.shape[1:] == self.input_shape:  # the fast path
+            if x.dtype == np.uint8 and self._pixels is not None:
+                return x, True
+            if x.dtype == np.float32 and np.isfinite(x).all():
+                return x, False
+        x = np.asarray(x)
+        h, w, c = self.input_shape
+        if x.dtype == np.uint8:
+            pixels = True
+        elif x.dtype.kind == "f":
+            pixels = False
+        else:
+            raise EdgeKitError(
+                f"{self.path.name} takes uint8 pixels (0..255) or float32 input preprocessed as in training; "
+                f"got an array of {x.dtype}. Convert it, e.g. x.astype(np.uint8) for pixel values.")
+        if x.ndim == 2 and c == 1:  # one grayscale image (H, W)
+            x = x[None, :, :, None]
+        elif x.ndim == 3 and c == 1 and x.shape[1:] == (h, w) and x.shape != (h, w, c):
+            x = x[..., None]  # a batch of grayscale images (N, H, W)
+        elif x.ndim == 3:  # one image (H, W, C)
+            x = x[None]
+        if x.ndim != 4:
+            raise EdgeKitError(f"{self.path.name} takes images of {h}x{w}x{c} (height x width x channels), one "
+                               f"(H, W, C) or a batch (N, H, W, C); got an array of shape {list(x.shape)}.")
+        if x.shape[1:3] != (h, w) and x.shape[-1] == c:
+            raise EdgeKitError(
+                f"{self.path.name} takes {h}x{w} images; got {x.shape[1]}x{x.shape[2]}. Resize them to {h}x{w} "
+                "(`python -m runtime predict` resizes image files with the model's own preprocessing).")
+        if x.shape[-1] != c:
+            names = {1: "grayscale", 3: "RGB"}
+            raise EdgeKitError(
+                f"{self.path.name} takes {c} channel(s) ({names.get(c, '?')}); got {x.shape[-1]} in an array of "
+                f"shape {list(x.shape)}. Convert the images to {names.get(c, str(c) + ' channels')} first.")
+        if x.shape[1:3] != (h, w):
+            raise EdgeKitError(f"{self.path.name} takes {h}x{w}x{c} images; got {list(x.shape[1:])}.")
+        if pixels:
+            if self._pixels is None:
+                raise EdgeKitError(
+                    f"uint8 pixels need the preprocessing in the sidecar {sidecar_path(self.path).name}, which is "
+                    f"missing; keep it next to {self.path.name}, or pass float32 input preprocessed as in training.")
+            return x, True
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            bad = ~np.isfinite(x)
+            first = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
+            raise EdgeKitError(
+                f"input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} infinite value(s) "
+                f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
+        return x, False
+
+    def _pixel_table(self, dtype) -> np.ndarray:
+        """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
+
+        Preprocessing is elementwise, so one table lookup gives exactly what
+        preprocessing then quantizing would, in one numpy call. Shape (256,) or
+        (256, C) when the channels are normalized differently.
+        """
+        key = np.dtype(dtype).name
+        if key not in self._tables:
+            pre = self._pixels
+            values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1, 1)
+            values = pre.apply(np.repeat(values, pre.channels, axis=3)).reshape(256, pre.channels)
+            if key != "float32":
+                values = quantize(values, self.input)
+            if (values == values[:, :1]).all():
+                values = values[:, 0]
+            self._tables[key] = np.ascontiguousarray(values)
+        return self._tables[key]
+
+    # --- inference -----------------------------------------------------------------------
+    def logits(self, x, batch_size: int = 256) -> np.ndarray:
+        """Float logits (N, classes) for uint8 pixels or preprocessed float input."""
+        return self._fetch(self._outputs(x, batch_size))
+
+    def predict(self, x, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (softmax of the logits), (N, classes)."""
+        raw = self._outputs(x, batch_size)
+        if self._out_exp is None:
+            return softmax(self._fetch(raw))
+        e = self._out_exp.take(raw.view(np.uint8))  # exp of the dequantized logits, by table lookup
+        e /= e.sum() if len(e) == 1 else e.sum(axis=-1, keepdims=True)
+        return e
+
+    def _outputs(self, x, batch_size: int) -> np.ndarray:
+        """The output tensor as the backend gives it (integer for a quantized output), (N, classes)."""
+        x, pixels = self._checked(x)
+        step = self.batch or batch_size
+        if len(x) == step or (0 < len(x) < step and not self.batch):  # one call, the common case
+            return self._run(x, pixels)
+        outputs = [self._run_padded(x[i:i + step], pixels) for i in range(0, len(x), step)]
+        return np.concatenate(outputs) if outputs else np.empty((0, self.num_classes), self.output.dtype)
+
+    def top_k(self, probabilities: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k most likely (label, probability) pairs of each row, best first."""
+        labels = self.labels
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
+
+    def _run_padded(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        if self.batch and len(x) < self.batch:  # a fixed-batch model: pad the last chunk
+            pad = np.zeros((self.batch - len(x), *x.shape[1:]), x.dtype)
+            return self._run(np.concatenate([x, pad]), pixels)[: len(x)]
+        return self._run(x, pixels)
+
+    def invoker(self, x: np.ndarray):
+        """A zero-argument function running only the backend's inference call on `x` (for bench)."""
+        raise NotImplementedError
+
+    def _feed(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        """What the input tensor takes: quantized for an integer input, else float."""
+        if pixels:
+            table = self._in_table
+            if table is None:
+                table = self._in_table = self._pixel_table(self.input.dtype)
+            return _lookup(table, x)
+        return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype, copy=False)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:
-        return dequantize(y, self.output) if self.output.scale else y.astype(np.float32)
+        if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
+            return self._out_table.take(y.view(np.uint8))
+        return dequantize(y, self.output) if self.output.scale else y.astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"<runtime.Model {self.format} {self.path.name} input={list(self.input.shape)} {self.input.dtype}>"
 
 
 class _TFLiteModel(Model):
@@ -87,32 +306,66 @@ class _TFLiteModel(Model):
         try:
             self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self._interpreter.allocate_tensors()
+            detail_in = self._interpreter.get_input_details()
+            detail_out = self._interpreter.get_output_details()
         except (ValueError, RuntimeError) as exc:
             raise EdgeKitError(f"{path} is not a valid TFLite model ({exc}); export it again.") from None
-        self._batch = None
-        super().__init__(path, "tflite", self._info(self._interpreter.get_input_details()[0]),
-                         self._info(self._interpreter.get_output_details()[0]), sidecar)
+        if len(detail_in) != 1 or len(detail_out) != 1:
+            raise EdgeKitError(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
+                               "expected an image classifier with one of each.")
+        self._in, self._out = detail_in[0]["index"], detail_out[0]["index"]
+        self._resized = int(detail_in[0]["shape"][0])
+        self._loop = False  # a fixed-batch graph that cannot be resized runs chunk by chunk
+        super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads)
+        self._fixed = self.batch
+        self.batch = None  # try resizing first; _run falls back to looping
 
     @staticmethod
     def _info(detail) -> TensorInfo:
         scale, zero_point = detail["quantization"]
-        shape = tuple(int(d) for d in detail.get("shape_signature", detail["shape"]))
+        shape = tuple(_dim(d) for d in detail.get("shape_signature", detail["shape"]))
         return TensorInfo(detail["name"], shape, np.dtype(detail["dtype"]).name, float(scale), int(zero_point))
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _resize(self, n: int) -> bool:
         interpreter = self._interpreter
-        detail_in = interpreter.get_input_details()[0]
-        if self._batch != len(x):  # resize the batch dimension once per batch size
-            interpreter.resize_tensor_input(detail_in["index"], [len(x), *x.shape[1:]])
+        if self._resized == n:
+            return True
+        try:
+            interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
             interpreter.allocate_tensors()
-            self._batch = len(x)
-        interpreter.set_tensor(detail_in["index"], self._feed(x))
+            ok = int(interpreter.get_output_details()[0]["shape"][0]) == n
+        except (ValueError, RuntimeError):
+            ok = False
+        if not ok:  # restore the graph's own batch size and loop over it from now on
+            interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
+            interpreter.allocate_tensors()
+            self._resized, self._loop, self.batch = self._fixed, True, self._fixed
+            return False
+        self._resized = n
+        return True
+
+    def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        if not self._loop and not self._resize(len(x)):
+            step = self.batch
+            return np.concatenate([self._run_padded(x[i:i + step], pixels) for i in range(0, len(x), step)])
+        interpreter = self._interpreter
+        interpreter.set_tensor(self._in, self._feed(x, pixels))
         interpreter.invoke()
-        return self._fetch(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+        return interpreter.get_tensor(self._out)
+
+    def invoker(self, x: np.ndarray):
+        x, pixels = self._checked(x)
+        if not self._loop and not self._resize(len(x)):
+            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+        if self._loop and len(x) != self.batch:
+            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+        self._interpreter.set_tensor(self._in, self._feed(x, pixels))
+        return self._interpreter.invoke
 
 
 class _ONNXModel(Model):
-    _DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+    _DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+               "tensor(float16)": "float16"}
 
     def __init__(self, path, threads, sidecar):
         import onnxruntime as ort
@@ -120,37 +373,96 @@ class _ONNXModel(Model):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise EdgeKitError(f"{path} is not a valid ONNX model ({str(exc)[:200]}); export it again.") from None
-        node_in, node_out = self._session.get_inputs()[0], self._session.get_outputs()[0]
-        super().__init__(path, "onnx", self._info(node_in), self._info(node_out), sidecar)
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EdgeKitError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
+                               "expected an image classifier with one of each.")
+        self._names = [outputs[0].name]
+        super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads)
 
     def _info(self, node) -> TensorInfo:
-        shape = tuple(d if isinstance(d, int) else None for d in node.shape)
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node.shape)
         return TensorInfo(node.name, shape, self._DTYPES.get(node.type, node.type))
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self._fetch(self._session.run([self.output.name], {self.input.name: self._feed(x)})[0])
+    def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        return self._session.run(self._names, {self.input.name: self._feed(x, pixels)})[0]
+
+    def invoker(self, x: np.ndarray):
+        x, pixels = self._checked(x)
+        if self.batch and len(x) != self.batch:
+            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+        run, names, feed = self._session.run, self._names, {self.input.name: self._feed(x, pixels)}
+        return lambda: run(names, feed)
 
 
 def load(path: str | Path, threads: int | None = None) -> Model:
-    """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference."""
+    """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
+
+    `threads`: the interpreter's thread count (None: the backend's default).
+    """
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise EdgeKitError(f"{path}: expected a .tflite or .onnx file; got '{path.suffix or 'no suffix'}'.")
+        raise EdgeKitError(f"{path}: expected a .tflite or .onnx model file; got '{path.suffix or 'no suffix'}'.")
+    if path.is_dir():
+        raise EdgeKitError(f"{path} is a directory; expected a .tflite or .onnx model file.")
     if not path.is_file():
         raise EdgeKitError(f"model file {path} does not exist.")
     if path.stat().st_size == 0:
         raise EdgeKitError(f"model file {path} is empty; export it again.")
+    if threads is not None and threads < 1:
+        raise EdgeKitError(f"threads must be 1 or more; got {threads}.")
     sidecar = None
     if sidecar_path(path).is_file():
         try:
             sidecar = json.loads(sidecar_path(path).read_text("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EdgeKitError(f"sidecar {sidecar_path(path)} is not valid JSON ({exc}); export again.") from None
+        if not isinstance(sidecar, dict):
+            raise EdgeKitError(f"sidecar {sidecar_path(path)} holds {type(sidecar).__name__}; expected an object.")
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar)
+
+
+def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
+    """Read PNG/JPEG images (resized with the model's preprocessing) and .npy arrays.
+
+    Returns (name, input) pairs of checked float32 model input (1, H, W, C), one per
+    image; a .npy batch gives one pair per row, named file[i]. uint8 arrays are pixels
+    (preprocessed with the sidecar), float arrays are input already preprocessed.
+    """
+    from runtime.preprocessing import IMAGE_SUFFIXES, image_to_pixels
+
+    out = []
+    h, w, c = model.input_shape
+    for path in map(Path, paths):
+        suffix = path.suffix.lower()
+        if not path.is_file():
+            raise EdgeKitError(f"input {path} does not exist; expected PNG/JPEG images or .npy arrays.")
+        if suffix == NUMPY_SUFFIX:
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}); expected a .npy file "
+                                   "written by numpy.save.") from None
+            try:
+                batch = model.prepare(array)
+            except EdgeKitError as exc:
+                raise EdgeKitError(f"{path}: {exc}") from None
+            if array.ndim == 4 or (array.ndim == 3 and array.shape != (h, w, c) and len(batch) > 1):
+                out.extend((f"{path}[{i}]", batch[i:i + 1]) for i in range(len(batch)))
+            else:
+                out.append((str(path), batch))
+        elif suffix in IMAGE_SUFFIXES:
+            pre = model.preprocessing
+            pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear")
+            out.append((str(path), model.prepare(pixels[None])))
+        else:
+            raise EdgeKitError(f"input {path}: expected a .png, .jpg, .jpeg or .npy file; got '{suffix or 'no suffix'}'.")
+    return out

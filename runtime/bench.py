@@ -1,0 +1,282 @@
+"""Latency, throughput and memory of .tflite and .onnx models, each in a fresh process.
+
+Every (model, thread count) pair is measured in its own Python process, so load
+time, first-inference time and peak RSS are those of a cold start, not of a
+process that already holds other models. Inside it, calls of the bare backend
+invoke (interpreter.invoke / session.run with the input already set) alternate
+with calls of the whole `Model.predict` (checks, quantization, copy in and out,
+dequantization, softmax), so the runtime's own overhead shows as the gap between
+the two under the same conditions.
+
+    python -m runtime bench model.float32.tflite model.int8.tflite --threads 1,2
+
+`python -m runtime.bench '<json>'` is the worker; it prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runtime.errors import EdgeKitError
+
+# Display order of an artifact directory's exported files; the first is the baseline.
+VARIANT_ORDER = ("float32", "float16", "dynamic", "int8", "int16x8", "onnx-float32", "onnx-int8")
+DEFAULT_SECONDS = 2.0
+DEFAULT_WARMUP = 10
+
+
+def model_files(paths) -> list[Path]:
+    """Model files named on the command line; a directory gives its exported models, float32 first."""
+    from runtime.load import FORMATS
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted((p for p in path.iterdir() if p.suffix in FORMATS and not p.name.startswith(".")),
+                           key=_variant_rank)
+            if not found:
+                raise EdgeKitError(f"{path} holds no .tflite or .onnx file; export the artifact first "
+                                   f"(python -m export --all {path}).")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _variant_rank(path: Path):
+    variant = path.name.split(".", 1)[-1].rsplit(".", 1)[0]  # model.int8.tflite -> int8
+    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), path.name)
+
+
+def parse_threads(text: str) -> list[int]:
+    """'1,2' -> [1, 2]; 'all' is the number of CPU cores."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            value = os.cpu_count() or 1 if part == "all" else int(part)
+        except ValueError:
+            raise EdgeKitError(f"--threads takes thread counts separated by commas, e.g. 1,2 or 1,all; "
+                               f"got '{text}'.") from None
+        if value < 1:
+            raise EdgeKitError(f"--threads values must be 1 or more; got {value}.")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def stats_ms(samples_s: list[float]) -> dict:
+    import numpy as np
+
+    ms = np.asarray(samples_s) * 1e3
+    return {"median": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "std": float(ms.std()),
+            "min": float(ms.min()), "n": int(len(ms))}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, seconds: float | None = None,
+            warmup: int = DEFAULT_WARMUP, seed: int = 0, spawned: float | None = None) -> dict:
+    """Measure one model at one thread count in this process (the worker's job).
+
+    `spawned`: the wall-clock time the process was started, so the cold start covers
+    Python's own start-up and `import runtime` as well as loading and the first prediction.
+    """
+    import numpy as np
+
+    from runtime.load import load
+
+    t0 = time.perf_counter()
+    model = load(path, threads=threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    h, w, c = model.input_shape
+    if model.preprocessing is not None:  # what a camera gives: uint8 pixels, preprocessed by predict itself
+        x = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
+    else:
+        x = rng.standard_normal((batch, h, w, c)).astype(np.float32)
+    t0 = time.perf_counter()
+    model.predict(x)
+    first_s = time.perf_counter() - t0
+    cold = {"seconds": time.time() - spawned if spawned else None, "peak_rss_mb": _peak_rss_mb()}
+    for _ in range(warmup):
+        model.predict(x)
+    invoke = model.invoker(x)
+    bare, whole = [], []
+    budget = seconds if runs is None else None
+    deadline = time.perf_counter() + (budget if budget is not None else float("inf"))
+    clock = time.perf_counter
+    while True:  # alternate bare and whole calls so both see the same machine state
+        t0 = clock()
+        invoke()
+        t1 = clock()
+        model.predict(x)
+        t2 = clock()
+        bare.append(t1 - t0)
+        whole.append(t2 - t1)
+        if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
+            break
+    call = stats_ms(whole)
+    return {
+        "model": str(path), "name": Path(path).name, "format": model.format,
+        "variant": (model.sidecar or {}).get("format"), "size_bytes": model.size_bytes,
+        "input_dtype": model.input.dtype, "threads": threads, "batch": batch, "warmup": warmup,
+        "load_ms": load_s * 1e3, "first_ms": first_s * 1e3,
+        "invoke_ms": stats_ms(bare), "call_ms": call,
+        "overhead": call["median"] / stats_ms(bare)["median"] - 1.0,
+        "throughput_ips": batch / (call["median"] / 1e3),
+        "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
+    }
+
+
+def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600) -> dict:
+    """Measure in a fresh Python process; errors come back as EdgeKitError."""
+    spec = json.dumps({"path": str(path), "threads": threads, "batch": batch, "runs": runs,
+                       "seconds": seconds, "warmup": warmup, "spawned": time.time()})
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "runtime.bench", spec], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise EdgeKitError(f"benchmarking {path} took longer than {timeout:.0f} s; use fewer --runs "
+                           "or --seconds.") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeKitError(f"benchmarking {path} failed: {last.removeprefix('error: ')}")
+    return json.loads(lines[-1])
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """Add size and speed ratios against the first model (the baseline) at the same thread count."""
+    if not results:
+        return results
+    baseline = results[0]["model"]
+    base = {r["threads"]: r for r in results if r["model"] == baseline}
+    for r in results:
+        ref = base.get(r["threads"])
+        r["baseline"] = baseline
+        r["size_ratio"] = r["size_bytes"] / ref["size_bytes"] if ref else None
+        r["speedup"] = ref["call_ms"]["median"] / r["call_ms"]["median"] if ref else None
+    return results
+
+
+def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds: float | None = None,
+          warmup: int = DEFAULT_WARMUP, progress=None) -> list[dict]:
+    """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
+    if runs is not None and runs < 1:
+        raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
+    if seconds is not None and seconds <= 0:
+        raise EdgeKitError(f"--seconds must be more than 0; got {seconds}.")
+    if batch < 1:
+        raise EdgeKitError(f"--batch must be 1 or more; got {batch}.")
+    if warmup < 0:
+        raise EdgeKitError(f"--warmup must be 0 or more; got {warmup}.")
+    if runs is None and seconds is None:
+        seconds = DEFAULT_SECONDS
+    files = model_files(paths)
+    from runtime.load import load
+
+    for path in files:  # fail fast, with the loader's own message, before any long measurement
+        load(path)
+    results, total, started = [], len(files) * len(threads), time.perf_counter()
+    for path in files:
+        for n in threads:
+            if progress:
+                progress(f"[{len(results) + 1}/{total}] {path.name}, {n} thread(s), batch {batch} ...")
+            result = run_worker(path, n, batch, runs, seconds, warmup)
+            results.append(result)
+            if progress:
+                progress(f"    median {result['call_ms']['median']:.3f} ms per call "
+                         f"({result['invoke_ms']['n']} runs; {time.perf_counter() - started:.0f} s so far)")
+    return compare(results)
+
+
+CSV_COLUMNS = ("name", "format", "variant", "size_bytes", "threads", "batch", "load_ms", "first_ms",
+               "invoke_median_ms", "invoke_p90_ms", "invoke_p99_ms", "invoke_mean_ms", "invoke_std_ms",
+               "call_median_ms", "call_p90_ms", "call_p99_ms", "call_mean_ms", "call_std_ms", "runs",
+               "overhead", "throughput_ips", "peak_rss_mb", "cold_start_s", "cold_rss_mb", "size_ratio",
+               "speedup", "model")
+
+
+def flat(result: dict) -> dict:
+    row = {k: result.get(k) for k in CSV_COLUMNS}
+    for part in ("invoke", "call"):
+        for stat in ("median", "p90", "p99", "mean", "std"):
+            row[f"{part}_{stat}_ms"] = result[f"{part}_ms"][stat]
+    row["runs"] = result["call_ms"]["n"]
+    row["cold_start_s"] = result["cold_start"]["seconds"]
+    row["cold_rss_mb"] = result["cold_start"]["peak_rss_mb"]
+    return row
+
+
+def to_csv(results: list[dict]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerow(flat(r))
+    return buffer.getvalue()
+
+
+def to_table(results: list[dict]) -> str:
+    """The table for people: one row per model and thread count."""
+    def ms(v):
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+    head = ("model", "size", "thr", "load ms", "first ms", "invoke p50", "p90", "p99", "mean±std",
+            "call p50", "p90", "overhead", "img/s", "RSS MB", "size x", "speed x")
+    rows = []
+    for r in results:
+        inv, call = r["invoke_ms"], r["call_ms"]
+        rows.append((
+            r["name"], f"{r['size_bytes'] / 1024:,.0f} KiB", str(r["threads"]), f"{r['load_ms']:.1f}",
+            ms(r["first_ms"]), ms(inv["median"]), ms(inv["p90"]), ms(inv["p99"]),
+            f"{ms(inv['mean'])}±{ms(inv['std'])}", ms(call["median"]), ms(call["p90"]),
+            f"{r['overhead']:+.1%}", f"{r['throughput_ips']:,.0f}", f"{r['peak_rss_mb']:.0f}",
+            f"{r['size_ratio']:.2f}" if r.get("size_ratio") is not None else "-",
+            f"{r['speedup']:.2f}" if r.get("speedup") is not None else "-"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(v).ljust(wd) if i == 0 else str(v).rjust(wd) for i, (v, wd) in
+                       enumerate(zip(row, widths))) for row in (head, *rows)]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    batch = results[0]["batch"] if results else 1
+    lines.append("")
+    lines.append(f"batch {batch}; times in ms. invoke: the backend's bare inference call; call: the whole "
+                 "Model.predict (checks, quantize, copy, dequantize, softmax); overhead: call p50 / invoke p50 - 1.")
+    if results:
+        lines.append(f"size x and speed x are against {Path(results[0]['model']).name} at the same thread "
+                     "count (speed x > 1: faster). Each row ran in a fresh process; RSS is its peak.")
+        cold = results[0]["cold_start"]
+        lines.append(f"cold start of {results[0]['name']}: python start, import runtime, load and first "
+                     f"prediction in {cold['seconds']:.2f} s at {cold['peak_rss_mb']:.0f} MB peak RSS.")
+    return "\n".join(lines)
+
+
+def _worker(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    try:
+        result = measure(spec["path"], spec["threads"], spec["batch"], spec["runs"], spec["seconds"],
+                         spec["warmup"], spawned=spec.get("spawned"))
+    except EdgeKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
