@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     written = [r for r in results if r.passed]
     if written:
         print(f"\nwrote {', '.join(str(r.file) for r in written)}")
-        print(f"next: python -m runtime info {written[0].file.parent}")
+        print(f"next: python -m runtime eval {written[0].file}\n      python -m runtime bench "
+              f"{written[0].file.parent}")
     failed = [r for r in results if not r.passed]
     if failed:
         print(f"error: {len(failed)} export(s) failed verification: {'; '.join(r.message for r in failed)}",

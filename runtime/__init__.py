@@ -1,14 +1,20 @@
 """EdgeKit runtime: the TensorFlow-free layer that ships to the device.
 
-It reads datasets and applies preprocessing with numpy and Pillow, reads and
-verifies artifact manifests, and (as the next stages land) loads .tflite and .onnx
-files to predict, evaluate and benchmark. It never imports TensorFlow.
+    import runtime
+    model = runtime.load("model.int8.tflite")      # .tflite (ai-edge-litert) or .onnx (onnxruntime)
+    probabilities = model.predict(pixels)
+
+It loads .tflite and .onnx files to predict, evaluate and benchmark, reads datasets
+and applies preprocessing with numpy and Pillow, and reads and verifies artifact
+manifests. It never imports TensorFlow.
 """
 
 from runtime.datasets import Dataset, load_dataset
 from runtime.errors import EdgeKitError
+from runtime.load import Model, load
 from runtime.manifest import read_manifest, verify_files
 from runtime.preprocessing import Preprocessing
 
 __version__ = "0.1.0"
-__all__ = ["Dataset", "EdgeKitError", "Preprocessing", "load_dataset", "read_manifest", "verify_files"]
+__all__ = ["Dataset", "EdgeKitError", "Model", "Preprocessing", "load", "load_dataset", "read_manifest",
+           "verify_files"]

@@ -141,14 +141,7 @@ class Model:
         if self.sidecar is None:
             return
         side = sidecar_path(self.path)
-        redo = f"Export the model again, or delete {side.name} to run it without labels and preprocessing."
-        recorded = self.sidecar.get("sha256")
-        if recorded and self.sidecar.get("size_bytes") not in (None, self.size_bytes):
-            raise EdgeKitError(f"sidecar {side} describes a model of {self.sidecar['size_bytes']:,} bytes, but "
-                               f"{self.path.name} has {self.size_bytes:,}: the file changed or is truncated. {redo}")
-        if recorded and recorded != sha256_file(self.path):
-            raise EdgeKitError(f"sidecar {side} records sha256 {recorded[:12]}..., which {self.path.name} does not "
-                               f"match: the file changed after export or is corrupt. {redo}")
+        redo = _REDO.format(name=side.name)
         shape = (self.sidecar.get("input") or {}).get("shape")
         if shape and [_dim(d) for d in shape[1:]] != list(self.input_shape):
             raise EdgeKitError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
@@ -401,6 +394,22 @@ class _ONNXModel(Model):
         return lambda: run(names, feed)
 
 
+_REDO = "Export the model again, or delete {name} to run it without labels and preprocessing."
+
+
+def _check_file_against_sidecar(path: Path, sidecar: dict) -> None:
+    """Size and sha256 recorded at export, checked before the interpreter ever reads the file."""
+    side = sidecar_path(path)
+    redo = _REDO.format(name=side.name)
+    size, recorded = path.stat().st_size, sidecar.get("sha256")
+    if recorded and sidecar.get("size_bytes") not in (None, size):
+        raise EdgeKitError(f"sidecar {side} describes a model of {sidecar['size_bytes']:,} bytes, but "
+                           f"{path.name} has {size:,}: the file changed or is truncated. {redo}")
+    if recorded and recorded != sha256_file(path):
+        raise EdgeKitError(f"sidecar {side} records sha256 {recorded[:12]}..., which {path.name} does not "
+                           f"match: the file changed after export or is corrupt. {redo}")
+
+
 def load(path: str | Path, threads: int | None = None) -> Model:
     """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
 
@@ -426,6 +435,7 @@ def load(path: str | Path, threads: int | None = None) -> Model:
             raise EdgeKitError(f"sidecar {sidecar_path(path)} is not valid JSON ({exc}); export again.") from None
         if not isinstance(sidecar, dict):
             raise EdgeKitError(f"sidecar {sidecar_path(path)} holds {type(sidecar).__name__}; expected an object.")
+        _check_file_against_sidecar(path, sidecar)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar)
 

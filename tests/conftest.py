@@ -65,3 +65,26 @@ def tiny(tmp_path_factory):
     assert train_main(["--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32",
                        "--epochs", "4", "--quiet", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory):
+    """`tiny` exported to every format: (artifact directory, {format: Result})."""
+    import shutil
+
+    from export import FORMATS, export
+
+    artifact = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny, artifact)
+    results = {r.format: r for r in export(artifact, list(FORMATS), progress=lambda s: None)}
+    return artifact, results
+
+
+@pytest.fixture(scope="session")
+def keras_reference(tiny, digits):
+    """(test images, labels, Keras logits) of `tiny` on the digits test split."""
+    from train.backend import keras
+
+    model = keras.models.load_model(tiny / "model.keras", compile=False)
+    x, y = digits.arrays("test")
+    return x, y, model.predict(x, verbose=0)

@@ -16,23 +16,6 @@ from runtime.load import load
 from runtime.manifest import read_manifest, verify_files
 
 
-@pytest.fixture(scope="session")
-def exported(tiny, tmp_path_factory):
-    artifact = tmp_path_factory.mktemp("export") / "tiny"
-    shutil.copytree(tiny, artifact)
-    results = {r.format: r for r in export(artifact, list(FORMATS), progress=lambda s: None)}
-    return artifact, results
-
-
-@pytest.fixture(scope="session")
-def keras_reference(tiny, digits):
-    from train.backend import keras
-
-    model = keras.models.load_model(tiny / "model.keras", compile=False)
-    x, y = digits.arrays("test")
-    return x, y, model.predict(x, verbose=0)
-
-
 @pytest.mark.parametrize("key", list(FORMATS))
 def test_every_format_matches_keras_through_the_runtime(exported, keras_reference, key):
     artifact, results = exported

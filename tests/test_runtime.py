@@ -1,0 +1,343 @@
+"""The TensorFlow-free runtime: parity with Keras through the user-facing calls, every bad
+input named in the issue, fixed-batch models, and the predict / eval / bench commands
+(which must load no TensorFlow module)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_module
+from runtime.errors import EdgeKitError
+from runtime.load import load, softmax
+
+FLOAT_TOLERANCE = 1e-4  # probabilities of float models vs Keras
+INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of int8 models with Keras
+INT8_MAX_DROP = 0.01  # accuracy of int8 models vs Keras
+
+FLOAT_FILES = ("model.float32.tflite", "model.onnx-float32.onnx")
+INT8_FILES = ("model.int8.tflite", "model.onnx-int8.onnx")
+HEAVY = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "tf2onnx", "keras")
+
+
+def _expect(message, fn, *args, **kwargs):
+    with pytest.raises(EdgeKitError) as info:
+        fn(*args, **kwargs)
+    assert message in str(info.value), str(info.value)
+    return str(info.value)
+
+
+# --- parity with Keras, through predict() on raw pixels --------------------------------------
+
+@pytest.mark.parametrize("name", FLOAT_FILES)
+def test_float_models_give_keras_probabilities_from_pixels(exported, keras_reference, digits, name):
+    artifact, _ = exported
+    _, y, logits = keras_reference
+    probabilities = load(artifact / name).predict(digits.x_test)  # uint8 pixels, preprocessed by the runtime
+    assert probabilities.shape == (len(y), 10)
+    assert np.max(np.abs(probabilities - softmax(logits.astype(np.float32)))) <= FLOAT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", INT8_FILES)
+def test_int8_models_agree_with_keras_and_keep_its_accuracy(exported, keras_reference, digits, name):
+    artifact, _ = exported
+    _, y, logits = keras_reference
+    model = load(artifact / name)
+    probabilities = model.predict(digits.x_test)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.mean(probabilities.argmax(1) == logits.argmax(1)) >= INT8_MIN_AGREEMENT
+    assert np.mean(probabilities.argmax(1) == y) >= np.mean(logits.argmax(1) == y) - INT8_MAX_DROP
+
+
+def test_int8_tflite_quantizes_input_and_dequantizes_output(exported, digits):
+    model = load(exported[0] / "model.int8.tflite")
+    assert model.input.dtype == "int8" and model.input.scale > 0 and model.output.dtype == "int8"
+    x, _ = digits.arrays("test")
+    # pixels (table lookup) and preprocessed float input (arithmetic) give the very same logits
+    assert np.array_equal(model.logits(digits.x_test), model.logits(x))
+    assert np.allclose(model.predict(x), softmax(model.logits(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FLOAT_FILES + INT8_FILES)
+def test_a_batch_equals_single_images_and_batch_size_does_not_matter(exported, digits, name):
+    model = load(exported[0] / name, threads=1)
+    pixels = digits.x_test[:7]
+    batch = model.predict(pixels, batch_size=3)  # 3 + 3 + 1
+    singles = np.concatenate([model.predict(p) for p in pixels])  # one (H, W, C) image at a time
+    assert np.allclose(batch, singles, atol=1e-6)
+    assert np.allclose(model.predict(pixels[:, :, :, 0]), batch, atol=1e-6)  # (N, H, W) grayscale
+
+
+def test_top_k_and_labels(exported, digits):
+    model = load(exported[0] / "model.float32.tflite")
+    probabilities = model.predict(digits.x_test[:2])
+    top = model.top_k(probabilities, k=3)
+    assert len(top) == 2 and len(top[0]) == 3
+    assert top[0][0] == (model.labels[int(probabilities[0].argmax())], pytest.approx(float(probabilities[0].max())))
+    assert top[0][0][1] >= top[0][1][1] >= top[0][2][1]
+
+
+# --- bad model files and sidecars ----------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+def test_bad_model_files_get_clear_errors(exported, tmp_path, suffix):
+    source = exported[0] / ("model.float32.tflite" if suffix == ".tflite" else "model.onnx-float32.onnx")
+    data = source.read_bytes()
+    _expect("does not exist", load, tmp_path / f"missing{suffix}")
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    _expect("is empty", load, tmp_path / f"empty{suffix}")
+    (tmp_path / f"truncated{suffix}").write_bytes(data[: len(data) // 2])
+    _expect("is not a valid", load, tmp_path / f"truncated{suffix}")
+    (tmp_path / f"garbage{suffix}").write_bytes(np.random.default_rng(0).bytes(5000))
+    _expect("is not a valid", load, tmp_path / f"garbage{suffix}")
+    _expect("expected a .tflite or .onnx model file; got '.pb'", load, tmp_path / "model.pb")
+    _expect("threads must be 1 or more", load, source, threads=0)
+
+
+def _copy_with_sidecar(exported, tmp_path, name="model.int8.tflite"):
+    model_file = tmp_path / name
+    shutil.copy(exported[0] / name, model_file)
+    shutil.copy((exported[0] / name).with_suffix(".json"), model_file.with_suffix(".json"))
+    return model_file
+
+
+def test_a_model_changed_after_export_does_not_match_its_sidecar(exported, tmp_path):
+    model_file = _copy_with_sidecar(exported, tmp_path)
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: the interpreter would not notice
+    model_file.write_bytes(bytes(data))
+    _expect("does not match", load, model_file)
+    model_file.write_bytes(bytes(data[:-10]))
+    _expect("truncated", load, model_file)
+
+
+def test_a_sidecar_of_another_model_is_refused(exported, tmp_path):
+    model_file = tmp_path / "model.int8.tflite"
+    shutil.copy(exported[0] / "model.int8.tflite", model_file)
+    sidecar = json.loads((exported[0] / "model.int8.json").read_text())
+    for key in ("sha256", "size_bytes"):
+        sidecar.pop(key)
+    model_file.with_suffix(".json").write_text(json.dumps({**sidecar, "labels": ["a", "b", "c"]}))
+    _expect("lists 3 labels, but model.int8.tflite has 10 outputs", load, model_file)
+    model_file.with_suffix(".json").write_text(json.dumps({**sidecar, "input": {"shape": [-1, 32, 32, 3]}}))
+    _expect("describes input [32, 32, 3]", load, model_file)
+    pre = {**sidecar["preprocessing"], "size": [20, 20]}
+    model_file.with_suffix(".json").write_text(json.dumps({**sidecar, "preprocessing": pre}))
+    _expect("preprocesses to [20, 20, 1]", load, model_file)
+    model_file.with_suffix(".json").write_text("{not json")
+    _expect("is not valid JSON", load, model_file)
+
+
+# --- bad input arrays ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["model.int8.tflite", "model.onnx-float32.onnx"])
+def test_bad_input_arrays_get_clear_errors(exported, digits, name):
+    model = load(exported[0] / name)
+    x, _ = digits.arrays("test")
+    x = x[:2]
+    _expect("takes 28x28 images; got 20x28", model.predict, x[:, :20])
+    _expect("takes 1 channel(s) (grayscale); got 3", model.predict, np.repeat(x, 3, axis=-1))
+    _expect("got an array of int64", model.predict, x.astype(np.int64))
+    _expect("got an array of bool", model.predict, x > 0)
+    _expect("got an array of shape [2, 2, 28, 28, 1]", model.predict, np.stack([x, x]))
+    nan = x.copy()
+    nan[1, 3, 4, 0] = np.nan
+    _expect("1 NaN and 0 infinite value(s) (first in image 1)", model.predict, nan)
+    inf = x.copy()
+    inf[0, 0, 0, 0] = np.inf
+    _expect("0 NaN and 1 infinite", model.logits, inf)
+    assert model.predict(x.astype(np.float64)).shape == (2, 10)  # float64 is converted, not refused
+
+
+def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
+    bare = tmp_path / "bare.tflite"
+    shutil.copy(exported[0] / "model.float32.tflite", bare)
+    model = load(bare)
+    assert model.labels == [str(i) for i in range(10)] and model.preprocessing is None
+    _expect("uint8 pixels need the preprocessing in the sidecar bare.json", model.predict, digits.x_test[:1])
+    x, _ = digits.arrays("test")
+    assert model.predict(x[:1]).shape == (1, 10)
+
+
+# --- fixed-batch models and per-channel preprocessing -------------------------------------------
+
+@pytest.fixture(scope="session")
+def fixed_batch_models(tmp_path_factory):
+    """A linear classifier with batch 1 baked in: a resizable TFLite graph, one whose reshape pins
+    the batch (so it must be looped), and the ONNX version; plus the weights for a numpy reference."""
+    import tf2onnx
+
+    from train.backend import tf
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(784, 10)).astype(np.float32)
+    out = tmp_path_factory.mktemp("fixed")
+    spec = [tf.TensorSpec([1, 28, 28, 1], tf.float32, name="input")]
+
+    @tf.function(input_signature=spec)
+    def pinned(x):
+        return tf.matmul(tf.reshape(x, [1, 784]), w)  # the batch size is a constant of the graph
+
+    @tf.function(input_signature=spec)
+    def flexible(x):
+        return tf.matmul(tf.reshape(x, [-1, 784]), w)
+
+    files = {}
+    for name, fn in (("pinned", pinned), ("flexible", flexible)):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+        files[name] = out / f"{name}.tflite"
+        files[name].write_bytes(converter.convert())
+    files["onnx"] = out / "pinned.onnx"
+    tf2onnx.convert.from_function(pinned, input_signature=spec, opset=17, output_path=str(files["onnx"]))
+    return files, w
+
+
+@pytest.mark.parametrize("kind", ["pinned", "flexible", "onnx"])
+def test_fixed_batch_models_run_any_batch(fixed_batch_models, kind):
+    files, w = fixed_batch_models
+    model = load(files[kind])
+    assert model.input.shape[0] == 1
+    x = np.random.default_rng(1).normal(size=(5, 28, 28, 1)).astype(np.float32)
+    assert np.allclose(model.logits(x), x.reshape(5, 784) @ w, atol=1e-3)
+
+
+def test_per_channel_preprocessing_matches_the_float_path(tmp_path):
+    from train.backend import tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 3], tf.float32)])
+    def net(x):
+        return tf.reshape(x, [-1, 48])[:, :5] * 2.0
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([net.get_concrete_function()], net)
+    path = tmp_path / "rgb.tflite"
+    path.write_bytes(converter.convert())
+    pre = {"size": [4, 4], "channels": 3, "scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    path.with_suffix(".json").write_text(json.dumps({"preprocessing": pre, "labels": list("abcde")}))
+    model = load(path)
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    expected = (pixels / 255.0 - np.array(pre["mean"])) / np.array(pre["std"])
+    assert np.allclose(model.logits(pixels), expected.reshape(3, 48)[:, :5] * 2, atol=1e-5)
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+def test_predict_command_on_images_and_arrays(exported, digits, tmp_path):
+    artifact = exported[0]
+    Image.fromarray(digits.x_test[0, :, :, 0]).resize((56, 56)).save(tmp_path / "digit.png")  # resized back
+    np.save(tmp_path / "batch.npy", digits.x_test[:4])
+    result = run_module("runtime", "predict", str(artifact / "model.int8.tflite"), str(tmp_path / "digit.png"),
+                        str(tmp_path / "batch.npy"), "--json", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)["predictions"]
+    assert [p["input"] for p in predictions] == [str(tmp_path / "digit.png")] + [
+        f"{tmp_path / 'batch.npy'}[{i}]" for i in range(4)]
+    expected = load(artifact / "model.int8.tflite").predict(digits.x_test[:4]).argmax(1)
+    assert [p["top"][0]["index"] for p in predictions[1:]] == expected.tolist()
+    assert all(len(p["top"]) == 2 and abs(sum(p["probabilities"]) - 1) < 1e-5 for p in predictions)
+    assert predictions[0]["top"][0]["label"] == str(digits.y_test[0])
+    text = run_module("runtime", "predict", str(artifact / "model.onnx-float32.onnx"), str(tmp_path / "digit.png"))
+    assert text.returncode == 0 and text.stdout.split()[1] == str(digits.y_test[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "{m}", "{tmp}/small.npy"], "small.npy: model.int8.tflite takes 28x28 images; got 8x8"),
+    (["predict", "{m}", "{tmp}/fake.png"], "cannot read image"),
+    (["predict", "{m}", "{tmp}/notes.txt"], "expected a .png, .jpg, .jpeg or .npy file; got '.txt'"),
+    (["predict", "{m}", "{tmp}/small.npy", "--top-k", "0"], "--top-k must be 1 or more"),
+    (["predict", "{tmp}/none.tflite", "{tmp}/small.npy"], "does not exist"),
+    (["eval", "{tmp}/copy.tflite"], "no --dataset given and no manifest.json next to"),
+    (["eval", "{m}", "--dataset", "digitz"], "unknown dataset 'digitz'"),
+    (["bench", "{m}", "--threads", "0"], "--threads values must be 1 or more"),
+    (["bench", "{m}", "--threads", "two"], "--threads takes thread counts"),
+    (["bench", "{tmp}/empty"], "holds no .tflite or .onnx file"),
+])
+def test_command_errors_are_one_line_with_exit_code_2(exported, tmp_path, args, message):
+    model = exported[0] / "model.int8.tflite"
+    np.save(tmp_path / "small.npy", np.zeros((8, 8, 1), np.uint8))
+    (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("hello")
+    shutil.copy(model, tmp_path / "copy.tflite")
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(m=model, tmp=tmp_path) for a in args]
+    result = run_module("runtime", *argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_command_reproduces_the_export_accuracy(exported):
+    artifact, results = exported
+    for name, key in (("model.int8.tflite", "int8"), ("model.onnx-float32.onnx", "onnx")):
+        result = run_module("runtime", "eval", str(artifact / name), "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["dataset"] == "digits" and report["split"] == "test" and report["samples"] == 359
+        assert report["accuracy"] == pytest.approx(results[key].figures["accuracy"])
+        assert np.sum(report["confusion"]) == 359 and set(report["per_class_accuracy"]) == set("0123456789")
+    text = run_module("runtime", "eval", str(artifact / "model.int8.tflite"), "--dataset", "digits")
+    assert text.returncode == 0 and "accuracy" in text.stdout and "confusion" in text.stdout
+
+
+def test_eval_refuses_a_dataset_with_other_classes(exported, tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "pets" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((28, 28), i * 40, np.uint8)).save(tmp_path / "pets" / cls / f"{i}.png")
+    result = run_module("runtime", "eval", str(exported[0] / "model.int8.tflite"),
+                        "--dataset", f"folder:{tmp_path / 'pets'}")
+    assert result.returncode == 2 and "has 2 classes, but model.int8.tflite has 10 outputs" in result.stderr
+
+
+def test_bench_command_side_by_side(exported):
+    artifact = exported[0]
+    result = run_module("runtime", "bench", str(artifact / "model.float32.tflite"), str(artifact / "model.int8.tflite"),
+                        "--runs", "20", "--warmup", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["model.float32.tflite", "model.int8.tflite"]
+    base, int8 = rows
+    assert base["speedup"] == 1.0 and base["size_ratio"] == 1.0 and int8["size_ratio"] < 0.5
+    for row in rows:
+        assert row["invoke_ms"]["n"] == 20 and row["call_ms"]["n"] == 20 and row["threads"] == 1
+        assert 0 < row["invoke_ms"]["median"] <= row["invoke_ms"]["p90"] <= row["invoke_ms"]["p99"]
+        assert row["load_ms"] > 0 and row["first_ms"] > 0 and row["peak_rss_mb"] > 10
+        assert row["throughput_ips"] == pytest.approx(1000 / row["call_ms"]["median"])
+
+
+def test_bench_an_artifact_directory_as_csv_and_table(exported):
+    artifact = exported[0]
+    result = run_module("runtime", "bench", str(artifact), "--runs", "3", "--warmup", "0", "--csv",
+                        "--threads", "1,2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    header = lines[0].split(",")
+    assert header[:3] == ["name", "format", "variant"] and "call_p99_ms" in header and "peak_rss_mb" in header
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert len(rows) == 7 * 2 and rows[0]["name"] == "model.float32.tflite"  # the float baseline first
+    assert {r["threads"] for r in rows} == {"1", "2"}
+    table = run_module("runtime", "bench", str(artifact / "model.int8.tflite"), "--runs", "3")
+    assert table.returncode == 0 and "invoke p50" in table.stdout and "model.int8.tflite" in table.stdout
+    assert "[1/1] model.int8.tflite" in table.stderr  # progress goes to stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "bench"])
+def test_runtime_commands_load_no_tensorflow(exported, digits, tmp_path, command):
+    artifact = exported[0]
+    np.save(tmp_path / "x.npy", digits.x_test[:2])
+    argv = {"predict": ["predict", str(artifact / "model.int8.tflite"), str(tmp_path / "x.npy")],
+            "eval": ["eval", str(artifact / "model.onnx-int8.onnx")],
+            "bench": ["bench", str(artifact / "model.int8.tflite"), "--runs", "2"]}[command]
+    code = (
+        "import contextlib, io, sys\n"
+        "from runtime.__main__ import main\n"
+        "from runtime.bench import measure\n"
+        f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0\n"
+        f"measure({str(artifact / 'model.onnx-float32.onnx')!r}, 1, runs=2) if {command == 'bench'} else None\n"
+        f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
