@@ -80,9 +80,19 @@ def stats_ms(samples_s: list[float]) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss survives exec, so it
+    would count the memory of the parent the worker was forked from."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, seconds: float | None = None,

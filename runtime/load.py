@@ -274,6 +274,9 @@ class Model:
         """A zero-argument function running only the backend's inference call on `x` (for bench)."""
         raise NotImplementedError
 
+    def _fixed_batch_error(self) -> EdgeKitError:
+        return EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+
     def _feed(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
@@ -348,10 +351,8 @@ class _TFLiteModel(Model):
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
-        if not self._loop and not self._resize(len(x)):
-            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
-        if self._loop and len(x) != self.batch:
-            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+        if (not self._loop and not self._resize(len(x))) or (self._loop and len(x) != self.batch):
+            raise self._fixed_batch_error()
         self._interpreter.set_tensor(self._in, self._feed(x, pixels))
         return self._interpreter.invoke
 
@@ -389,7 +390,7 @@ class _ONNXModel(Model):
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
         if self.batch and len(x) != self.batch:
-            raise EdgeKitError(f"{self.path.name} runs only batches of {self.batch}; bench it with --batch {self.batch}.")
+            raise self._fixed_batch_error()
         run, names, feed = self._session.run, self._names, {self.input.name: self._feed(x, pixels)}
         return lambda: run(names, feed)
 
@@ -474,5 +475,6 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
             pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear")
             out.append((str(path), model.prepare(pixels[None])))
         else:
-            raise EdgeKitError(f"input {path}: expected a .png, .jpg, .jpeg or .npy file; got '{suffix or 'no suffix'}'.")
+            raise EdgeKitError(
+                f"input {path}: expected a .png, .jpg, .jpeg or .npy file; got '{suffix or 'no suffix'}'.")
     return out

@@ -1,7 +1,6 @@
 """Dataset loaders on data the tests write themselves: IDX (good, corrupt, truncated),
 CIFAR batches, image folders, and the embedded digits."""
 
-import gzip
 import pickle
 
 import numpy as np

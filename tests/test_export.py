@@ -73,7 +73,7 @@ def test_manifest_records_every_export(exported):
 
 
 def test_qat_artifact_exports_a_true_int8_model(tiny, tmp_path):
-    from optimize import load_model, qat
+    from optimize import qat
 
     qat(tiny, tmp_path / "qat", epochs=1, quiet=True)
     (result,) = export(tmp_path / "qat", ["int8"], progress=lambda s: None)
