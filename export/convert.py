@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -39,7 +40,9 @@ def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_awar
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     try:
-        return converter.convert()
+        with warnings.catch_warnings():  # QAT models carry their input ranges; the converter asks anyway
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+            return converter.convert()
     except Exception as exc:  # the converter raises ConverterError and assorted others
         raise EdgeKitError(f"the TFLite converter rejected the model for {key}: {str(exc).strip()[:500]}") from None
 

@@ -158,6 +158,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from runtime.bench import parse_threads
+    from runtime.report import build
+
+    if args.seconds <= 0:
+        raise EdgeKitError(f"--seconds must be more than 0; got {args.seconds}.")
+    progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    report = build(args.directory, parse_threads(args.threads), args.seconds, args.runs, bench=not args.no_bench,
+                   rebench=args.rebench, data_dir=args.data_dir, progress=progress)
+    verified = sum(r["status"] == "verified" for r in report["rows"])
+    print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
+    for note in report["notes"]:
+        print(f"- {note}")
+    written = ["report.md", "report.csv", "report.json", *report["plots"]]
+    print(f"wrote {', '.join(f'{args.directory}/{name}' for name in written)}")
+    return 0
+
+
 def _add_threads(parser, default):
     parser.add_argument("--threads", type=int, default=default, metavar="N",
                         help="interpreter threads (default: the backend's own choice)")
@@ -232,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.set_defaults(func=_bench)
+
+    report = commands.add_parser(
+        "report", help="the accuracy-vs-size-vs-latency report of a pipeline's artifacts",
+        description="Evaluate every exported file under DIRECTORY on its test split, compare it with the float "
+                    "baseline (the trained model's float32 TFLite file), benchmark it at 1 thread and at all "
+                    "threads (cached in bench.json by checksum), and write report.md, report.csv, report.json, "
+                    "accuracy_vs_size.png and accuracy_vs_latency.png into DIRECTORY.",
+        epilog="example: python -m runtime report artifacts/fashion_cnn-digits")
+    report.add_argument("directory", help="a pipeline's output directory (one artifact per sub-directory), "
+                                          "or one exported artifact")
+    report.add_argument("--threads", default="1,all", metavar="LIST",
+                        help="thread counts to benchmark; the first and the last are reported (default 1,all)")
+    report.add_argument("--seconds", type=float, default=0.5, metavar="S",
+                        help="benchmark time per file and thread count (default 0.5)")
+    report.add_argument("--runs", type=int, metavar="N", help="a fixed number of timed runs instead of --seconds")
+    report.add_argument("--no-bench", action="store_true", help="sizes and accuracy only, no latency")
+    report.add_argument("--rebench", action="store_true", help="ignore the cached benchmarks in bench.json")
+    report.add_argument("--data-dir", help="where the dataset files are, if not where the manifests say")
+    report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""`python -m pipeline`: train, optimize, export, verify, benchmark and report in one command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them
+
+from runtime.errors import run_cli
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
+
+    variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="EdgeKit's main job. Train a model, derive the optimized variants, export each to the formats "
+                    "that make sense for it, verify every file against its Keras model, evaluate and benchmark "
+                    "each with the TensorFlow-free runtime, and write the accuracy-vs-size-vs-latency report "
+                    "(report.md, .csv, .json and two plots) into the output directory. A rerun skips every stage "
+                    "whose artifacts are complete and valid, and redoes the rest.",
+        epilog=f"variants (default: {','.join(DEFAULT_VARIANTS)}):\n{variants}\n\n"
+               f"formats (default: {','.join(FLOAT_FORMATS)}; int8 only for the QAT variants)\n\n"
+               f"--quick: {QUICK['epochs']} training epochs, {QUICK['finetune_epochs']} fine-tuning epoch, variants "
+               f"{','.join(QUICK['variants'])}, formats {','.join(QUICK['formats'])}, {QUICK['runs']} benchmark runs, "
+               "a smaller fashion_cnn; into runs/<model>-<dataset>-quick.\n\n"
+               "examples:\n"
+               "  python -m pipeline                                  # fashion_cnn on digits, offline\n"
+               "  python -m pipeline --quick                          # a smoke run in about a minute\n"
+               "  python -m pipeline --model mobilenet --variants pruned80,qat\n"
+               "  python -m pipeline --dataset fashion_mnist --data-dir ~/data/fashion   # IDX files there")
+    parser.add_argument("--model", default="fashion_cnn",
+                        help="fashion_cnn (default), resnet, resnet20 or mobilenet")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits (default, embedded), mnist, fashion_mnist, cifar10 or folder:PATH")
+    parser.add_argument("--data-dir", help="where the dataset's files are (IDX .gz, CIFAR batches)")
+    parser.add_argument("--variants", type=_csv, default=DEFAULT_VARIANTS, metavar="LIST",
+                        help="optimized variants, comma-separated; 'none' for the trained model only")
+    parser.add_argument("--formats", type=_csv, metavar="LIST", help="export formats, comma-separated")
+    parser.add_argument("--out", help="output directory (default: runs/<model>-<dataset>)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (see below)")
+    parser.add_argument("--epochs", type=int, help="training epochs at most (default 40; early stopping ends sooner)")
+    parser.add_argument("--finetune-epochs", type=int, metavar="N",
+                        help="fine-tuning epochs of every optimization (default: each technique's own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and fine-tuning (default 0)")
+    parser.add_argument("--threads", metavar="LIST", help="benchmark thread counts (default 1,all)")
+    parser.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",
+                        help="benchmark time per file and thread count (default 0.5)")
+    parser.add_argument("--no-bench", action="store_true", help="skip latency measurements")
+    parser.add_argument("--force", action="store_true", help="start over: delete the output directory's results")
+    parser.add_argument("--verbose", action="store_true", help="show every epoch and every export step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.bench import parse_threads
+    from runtime.errors import EdgeKitError
+
+    from pipeline.run import Plan, run
+
+    if args.epochs is not None and args.epochs < 1:
+        raise EdgeKitError(f"--epochs must be 1 or more; got {args.epochs}.")
+    if args.finetune_epochs is not None and args.finetune_epochs < 1:
+        raise EdgeKitError(f"--finetune-epochs must be 1 or more; got {args.finetune_epochs}.")
+    if args.bench_seconds <= 0:
+        raise EdgeKitError(f"--bench-seconds must be more than 0; got {args.bench_seconds}.")
+    variants = () if args.variants == ("none",) else args.variants
+    plan = Plan(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
+                formats=args.formats, out=args.out, quick=args.quick, epochs=args.epochs,
+                finetune_epochs=args.finetune_epochs, seed=args.seed,
+                threads=parse_threads(args.threads) if args.threads else None,
+                bench_seconds=args.bench_seconds, bench=not args.no_bench)
+    report = run(plan, force=args.force, verbose=args.verbose)
+    return 1 if report["failed_stages"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

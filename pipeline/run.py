@@ -1,0 +1,377 @@
+"""The pipeline's plan, its stages, and resuming them.
+
+    OUT/                      runs/<model>-<dataset> by default
+      pipeline.json           the plan, and each stage's outcome and time
+      <model>/                the trained model (train), exported (export)
+      <model>-<variant>/      each optimized variant (optimize), exported (export)
+      bench.json              benchmark cache, keyed by file checksum
+      report.md .csv .json, accuracy_vs_size.png, accuracy_vs_latency.png
+
+A stage is skipped when its artifact is complete and valid: its manifest reads, every
+file it lists matches its sha256, and it was made from the current parent (by the
+parent model's sha256). Anything else (missing, damaged, or made from a parent that
+has since changed) is made again. Artifacts are written to a temporary name and
+renamed, and exported files are recorded only after they pass their check, so an
+interrupted run leaves nothing that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from runtime.errors import EdgeKitError, unknown
+from runtime.fsutil import atomic_write_json, sha256_file
+from runtime.manifest import read_manifest, utc_now, verify_files
+
+PLAN_FILE = "pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    verb: str  # optimize verb: prune, cluster, qat, pqat, cqat
+    parent: str  # "base" or another variant's name
+    settings: dict
+    summary: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("pruned50", "prune", "base", {"sparsity": 0.5}, "magnitude pruning to 50% sparsity"),
+    Variant("pruned80", "prune", "base", {"sparsity": 0.8}, "magnitude pruning to 80% sparsity"),
+    Variant("2of4", "prune", "base", {"structured": "2:4"}, "2:4 structured pruning"),
+    Variant("clustered16", "cluster", "base", {"clusters": 16}, "weight clustering, 16 values per kernel"),
+    Variant("qat", "qat", "base", {}, "quantization-aware training"),
+    Variant("pqat", "pqat", "pruned80", {}, "pruning-preserving QAT on pruned80"),
+    Variant("cqat", "cqat", "clustered16", {}, "cluster-preserving QAT on clustered16"),
+)}
+DEFAULT_VARIANTS = ("pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat")
+FLOAT_FORMATS = ("float32", "float16", "dynamic", "int8", "onnx", "onnx-int8")
+QAT_FORMATS = ("int8",)  # a quantization-aware model exports to true int8 only
+QUICK = {"epochs": 3, "finetune_epochs": 1, "variants": ("pruned80", "qat"), "formats": ("float32", "int8", "onnx"),
+         "runs": 5, "model_args": {"fashion_cnn": {"filters": [8, 16], "dense": 32}}}
+
+
+@dataclasses.dataclass
+class Plan:
+    model: str = "fashion_cnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    formats: tuple[str, ...] | None = None  # None: FLOAT_FORMATS (QAT_FORMATS for QAT variants)
+    out: Path | None = None
+    quick: bool = False
+    epochs: int | None = None  # training epochs (early stopping usually ends sooner); None: 40, or 2 quick
+    finetune_epochs: int | None = None  # optimize epochs; None: each technique's default, or 1 quick
+    model_args: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    threads: list[int] | None = None  # benchmark thread counts; None: 1 and all cores
+    bench_seconds: float = 0.5
+    bench_runs: int | None = None  # fixed runs instead of seconds (5 quick)
+    bench: bool = True
+
+    def __post_init__(self):
+        if self.quick:
+            self.epochs = self.epochs or QUICK["epochs"]
+            self.finetune_epochs = self.finetune_epochs or QUICK["finetune_epochs"]
+            self.variants = self.variants if self.variants != DEFAULT_VARIANTS else QUICK["variants"]
+            self.formats = self.formats or QUICK["formats"]
+            self.bench_runs = self.bench_runs or QUICK["runs"]
+            self.model_args = self.model_args or QUICK["model_args"].get(self.model, {})
+            self.threads = self.threads or [1]
+        self.variants = resolve_variants(self.variants)
+        from runtime.datasets import _registry
+        from train.models import get_spec
+
+        get_spec(self.model)  # an unknown model or dataset fails here, before anything is written
+        if not self.dataset.startswith("folder:") and self.dataset not in _registry():
+            raise unknown("dataset", self.dataset, [*_registry(), "folder:PATH"])
+        if self.formats is not None:
+            from export.formats import check_options, get_format
+
+            for key in self.formats:
+                get_format(key)  # an unknown name gets the registry's error, with a suggestion
+            check_options(list(self.formats), {})
+        if self.out is None:
+            name = self.dataset.split(":")[-1].rstrip("/").split("/")[-1] if self.dataset.startswith("folder:") \
+                else self.dataset
+            self.out = Path("runs") / f"{self.model}-{name}{'-quick' if self.quick else ''}"
+        self.out = Path(self.out)
+
+    def formats_for(self, variant: str) -> list[str]:
+        allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].verb in ("qat", "pqat", "cqat") \
+            else FLOAT_FORMATS
+        chosen = self.formats or FLOAT_FORMATS
+        return [f for f in chosen if f in allowed] or ([] if self.formats else list(allowed))
+
+    def identity(self) -> dict:
+        """What the artifacts depend on: a rerun with other values here must not reuse them."""
+        return {"model": self.model, "dataset": self.dataset, "epochs": self.epochs, "seed": self.seed,
+                "model_args": self.model_args, "finetune_epochs": self.finetune_epochs}
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+
+def resolve_variants(names) -> tuple[str, ...]:
+    """Validate variant names and add the parents they need (pqat needs pruned80), parents first."""
+    ordered = []
+
+    def add(name):
+        if name == "base" or name in ordered:
+            return
+        if name not in VARIANTS:
+            raise unknown("variant", name, VARIANTS)
+        add(VARIANTS[name].parent)
+        ordered.append(name)
+
+    for name in names:
+        add(name)
+    return tuple(ordered)
+
+
+class Pipeline:
+    """Runs a Plan stage by stage, skipping what is already complete."""
+
+    def __init__(self, plan: Plan, force: bool = False, verbose: bool = False, say=print):
+        self.plan, self.force, self.verbose, self.say = plan, force, verbose, say
+        self.out = plan.out
+        self.status = {}
+        self.stage_total = 2 + 2 * len(plan.variants) + 1
+        self.stage_index = 0
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def dir_of(self, variant: str) -> Path:
+        return self.out / (self.plan.model if variant == "base" else f"{self.plan.model}-{variant}")
+
+    def _prepare_out(self) -> None:
+        plan_file = self.out / PLAN_FILE
+        if self.out.exists() and not self.out.is_dir():
+            raise EdgeKitError(f"output path {self.out} is a file; expected a directory. Choose another --out.")
+        if self.force and self.out.is_dir():
+            if any(self.out.iterdir()) and not plan_file.is_file():
+                raise EdgeKitError(f"{self.out} is not a pipeline directory (no {PLAN_FILE}); --force will not "
+                                   "delete it. Choose another --out.")
+            shutil.rmtree(self.out)
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not plan_file.is_file():
+                raise EdgeKitError(f"{self.out} is not empty and holds no {PLAN_FILE}: it is not a pipeline's "
+                                   "output. Choose another --out.")
+            try:
+                previous = json.loads(plan_file.read_text("utf-8"))["identity"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                previous = None  # a damaged plan file: the stages' own manifests decide
+            if previous is not None and previous != self.plan.identity():
+                changed = sorted(k for k in previous if previous.get(k) != self.plan.identity().get(k))
+                raise EdgeKitError(
+                    f"{self.out} was made with other settings ({', '.join(changed)} differ); pass --force to start "
+                    "over there, or choose another --out.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _save(self) -> None:
+        from runtime.manifest import library_versions
+
+        atomic_write_json(self.out / PLAN_FILE, {"identity": self.plan.identity(), "plan": self.plan.to_dict(),
+                                                 "updated": utc_now(), "stages": self.status,
+                                                 "versions": library_versions()})
+
+    def _stage(self, name: str, what: str):
+        self.stage_index += 1
+        return _StageTimer(self, f"[{self.stage_index}/{self.stage_total}] {what}", name)
+
+    # --- validity ------------------------------------------------------------------------------
+    @staticmethod
+    def _core_intact(directory: Path) -> dict | None:
+        """The manifest, if the artifact's own files (not its exports) are all intact."""
+        try:
+            manifest = read_manifest(directory)
+        except EdgeKitError:
+            return None
+        exported = {name for e in manifest.get("exports", {}).values() if e.get("file")
+                    for name in (e["file"], Path(e["file"]).with_suffix(".json").name)}
+        core = {k: v for k, v in manifest["files"].items() if k not in exported}
+        if verify_files(directory, {"files": core}):
+            return None
+        return manifest
+
+    def _model_sha(self, variant: str) -> str | None:
+        directory = self.dir_of(variant)
+        manifest = self._core_intact(directory)
+        if manifest is None:
+            return None
+        return sha256_file(directory / manifest.get("model_file", "model.keras"))
+
+    # --- stages --------------------------------------------------------------------------------------
+    def train(self) -> None:
+        from train.trainer import TrainConfig, train, write_artifact
+
+        plan, directory = self.plan, self.dir_of("base")
+        with self._stage("train", f"train {plan.model} on {plan.dataset}") as stage:
+            manifest = self._core_intact(directory)
+            if manifest is not None and manifest.get("kind") == "trained":
+                return stage.skip(f"{manifest['metrics']['accuracy']:.2%}")
+            config = TrainConfig(model=plan.model, dataset=plan.dataset, data_dir=plan.data_dir, seed=plan.seed,
+                                 model_args=dict(plan.model_args), **({"epochs": plan.epochs} if plan.epochs else {}))
+            result = train(config, quiet=not self.verbose)
+            manifest = write_artifact(result, directory, force=True)
+            stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}, "
+                       f"{manifest['training']['epochs_run']} epochs")
+
+    def optimize(self, variant: str) -> None:
+        import optimize
+
+        spec = VARIANTS[variant]
+        directory, parent = self.dir_of(variant), self.dir_of(spec.parent)
+        with self._stage(f"optimize:{variant}", f"optimize {variant}: {spec.summary}") as stage:
+            parent_sha = self._model_sha(spec.parent)
+            if parent_sha is None:
+                return stage.fail(f"its parent {spec.parent} is missing or damaged")
+            manifest = self._core_intact(directory)
+            if manifest is not None and (manifest.get("parent") or {}).get("model_sha256") == parent_sha:
+                return stage.skip(self._change(manifest))
+            settings = dict(spec.settings)
+            if self.plan.finetune_epochs:
+                settings["epochs"] = self.plan.finetune_epochs
+            manifest = getattr(optimize, spec.verb)(parent, directory, force=True, quiet=not self.verbose,
+                                                   data_dir=self.plan.data_dir, **settings)
+            stage.done(self._change(manifest))
+
+    @staticmethod
+    def _change(manifest: dict) -> str:
+        m = manifest["metrics"]
+        facts = []
+        if m.get("model_sparsity"):
+            facts.append(f"sparsity {m['model_sparsity']:.2f}")
+        if m.get("max_unique") and manifest.get("kind") == "clustered":
+            facts.append(f"{m['max_unique']} unique values")
+        extra = f", {', '.join(facts)}" if facts else ""
+        return f"test accuracy {m['accuracy']:.2%} ({m.get('accuracy_change', 0) * 100:+.2f} pts){extra}"
+
+    def export(self, variant: str) -> None:
+        from export import export
+
+        directory = self.dir_of(variant)
+        formats = self.plan.formats_for(variant)
+        with self._stage(f"export:{variant}", f"export {variant}: {', '.join(formats) or 'nothing'}") as stage:
+            manifest = self._core_intact(directory)
+            if manifest is None:
+                return stage.fail(f"{directory.name} is missing or damaged")
+            if not formats:
+                return stage.skip("no format chosen applies")
+            model_sha = sha256_file(directory / manifest.get("model_file", "model.keras"))
+            todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)]
+            if not todo:
+                return stage.skip(f"{len(formats)} verified")
+            results = export(directory, todo, data_dir=self.plan.data_dir,
+                             progress=(lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None))
+            failed = [r for r in results if not r.passed]
+            note = f"{len(results) - len(failed)}/{len(results)} verified" + (
+                f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")
+            if failed:
+                return stage.fail(note + "; failed: " + "; ".join(f"{r.format}: {r.message}" for r in failed),
+                                  fatal=False)
+            stage.done(note)
+
+    @staticmethod
+    def _export_valid(directory: Path, manifest: dict, key: str, model_sha: str) -> bool:
+        from export.formats import get_format
+
+        fmt = get_format(key)
+        entry = manifest.get("exports", {}).get(key)
+        if not entry or not entry.get("passed"):
+            return False
+        if verify_files(directory, {"files": {k: v for k, v in manifest["files"].items()
+                                              if k in (fmt.filename, fmt.sidecar)}}):
+            return False
+        if not {fmt.filename, fmt.sidecar} <= set(manifest["files"]):
+            return False
+        try:
+            sidecar = json.loads((directory / fmt.sidecar).read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (sidecar.get("source") or {}).get("sha256") == model_sha
+
+    def report(self) -> dict:
+        from runtime.report import build
+
+        plan = self.plan
+        with self._stage("report", "evaluate, benchmark and report") as stage:
+            report = build(self.out, plan.threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
+                           data_dir=plan.data_dir, progress=(lambda m: self.say(f"      {m}")))
+            verified = sum(r["status"] == "verified" for r in report["rows"])
+            stage.done(f"{verified} of {len(report['rows'])} files verified")
+        return report
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self._prepare_out()
+        plan = self.plan
+        self.say(f"EdgeKit pipeline: {plan.model} on {plan.dataset} -> {self.out}/  "
+                 f"(variants: {', '.join(plan.variants) or 'none'})")
+        self.train()
+        self.export("base")
+        for variant in plan.variants:
+            self.optimize(variant)
+            self.export(variant)
+        report = self.report()
+        seconds = time.perf_counter() - started
+        self.status["total"] = {"seconds": round(seconds, 1)}
+        self._save()
+        failed = [name for name, s in self.status.items() if s.get("status") == "failed"]
+        self.say(f"\ndone in {seconds // 60:.0f} min {seconds % 60:.0f} s: {self.out / 'report.md'}")
+        for note in report["notes"]:
+            self.say(f"- {note}")
+        if failed:
+            self.say(f"stages that failed: {', '.join(failed)} (see above); rerun to retry them")
+        report["failed_stages"] = failed
+        return report
+
+
+class _StageTimer:
+    """Announces a stage, then prints and records its outcome (in pipeline.json) when it ends."""
+
+    def __init__(self, pipeline: Pipeline, title: str, name: str):
+        self.pipeline, self.title, self.name, self.outcome = pipeline, title, name, None
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        self.pipeline.say(f"{self.title} ...")
+        return self
+
+    def _record(self, status: str, text: str):
+        seconds = time.perf_counter() - self.started
+        self.outcome = status
+        self.pipeline.status[self.name] = {"status": status, "note": text, "seconds": round(seconds, 1)}
+        self.pipeline._save()
+        took = "" if status == "skipped" else f" in {seconds:.0f} s"
+        self.pipeline.say(f"      {status}{took}: {text}")
+
+    def skip(self, text: str):
+        self._record("skipped", f"complete, {text}")
+
+    def done(self, text: str):
+        self._record("done", text)
+
+    def fail(self, text: str, fatal: bool = False):
+        self._record("failed", text)
+        if fatal:
+            raise EdgeKitError(text)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.outcome is None and issubclass(exc_type, EdgeKitError):
+            self.pipeline.status[self.name] = {"status": "failed", "note": str(exc)}
+            self.pipeline._save()
+        return False
+
+
+def run(plan: Plan, force: bool = False, verbose: bool = False, say=print) -> dict:
+    """Run the whole pipeline (see the module docstring); returns the report."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return Pipeline(plan, force, verbose, say).run()
