@@ -1,0 +1,173 @@
+"""The pipeline end to end (--quick), resuming after deleted, corrupted and interrupted work,
+and the report: rows, Pareto fronts, and the CSV and JSON schemas."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_module
+from pipeline.run import PLAN_FILE, Plan, resolve_variants, run
+from runtime.report import CSV_COLUMNS, pareto
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "quick"
+    report = run(Plan(quick=True, out=out), say=_quiet)
+    return out, report
+
+
+@pytest.fixture()
+def quick_copy(quick_run, tmp_path):
+    """A private copy of the quick run, for tests that damage it."""
+    out = tmp_path / "quick"
+    shutil.copytree(quick_run[0], out)
+    return out
+
+
+def _stages(out):
+    return {name: s["status"] for name, s in json.loads((out / PLAN_FILE).read_text())["stages"].items()
+            if name != "total"}
+
+
+def test_quick_pipeline_end_to_end(quick_run):
+    out, report = quick_run
+    assert report["failed_stages"] == []
+    for name in ("report.md", "report.csv", "report.json", "accuracy_vs_size.png", "accuracy_vs_latency.png",
+                 "bench.json", PLAN_FILE):
+        assert (out / name).is_file(), name
+    rows = report["rows"]
+    assert [(r["variant"], r["format"]) for r in rows] == [
+        ("base", "float32"), ("base", "int8"), ("base", "onnx"),
+        ("pruned80", "float32"), ("pruned80", "int8"), ("pruned80", "onnx"), ("qat", "int8")]
+    assert all(r["status"] == "verified" for r in rows)
+    assert set(_stages(out).values()) == {"done"}
+    assert (out / "accuracy_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rows_compare_with_the_float_baseline(quick_run):
+    rows = {(r["variant"], r["format"]): r for r in quick_run[1]["rows"]}
+    base = rows["base", "float32"]
+    assert quick_run[1]["baseline"] == "base float32"
+    assert base["accuracy_change"] == 0 and base["agreement"] == 1 and base["size_ratio"] == 1
+    assert base["speedup_1t"] == 1
+    assert rows["base", "int8"]["size_ratio"] < 0.4
+    assert rows["pruned80", "int8"]["gzip_bytes"] < 0.6 * rows["base", "int8"]["gzip_bytes"]  # zeros compress
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["agreement"] <= 1
+        assert row["latency_median_ms_1t"] <= row["latency_p90_ms_1t"]
+        assert row["size_bytes"] == Path(row["file"]).stat().st_size
+    # the Pareto flags are those of the pareto() computation on the rows themselves
+    ordered = list(rows.values())
+    assert [r["pareto_size"] for r in ordered] == pareto([(r["size_bytes"], r["accuracy"]) for r in ordered])
+    assert [r["pareto_latency"] for r in ordered] == pareto(
+        [(r["latency_median_ms_1t"], r["accuracy"]) for r in ordered])
+
+
+def test_report_csv_and_json_schemas(quick_run):
+    out, report = quick_run
+    with open(out / "report.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 7 and rows[0]["variant"] == "base" and float(rows[0]["size_ratio"]) == 1.0
+    saved = json.loads((out / "report.json").read_text())
+    assert {"created", "machine", "baseline", "notes", "plots", "rows", "bench_settings"} <= set(saved)
+    assert {"cpu", "cores", "versions"} <= set(saved["machine"]) and "onnxruntime" in saved["machine"]["versions"]
+    assert saved["bench_settings"]["threads"] == [1]
+    assert all(set(CSV_COLUMNS) - {"threads_all", "latency_median_ms_all", "latency_p90_ms_all", "speedup_all",
+                                   "pareto_latency_all", "reason"} <= set(r) for r in saved["rows"])
+    md = (out / "report.md").read_text()
+    assert "| variant | format |" in md and "![accuracy vs size](accuracy_vs_size.png)" in md
+    assert "Pareto-optimal for accuracy vs file size" in md and "## Machine" in md
+
+
+def test_pareto_front():
+    points = [(100, 0.90), (50, 0.90), (200, 0.95), (50, 0.80), (300, 0.95), (10, 0.50)]
+    assert pareto(points) == [False, True, True, False, False, True]
+    assert pareto([(1, 0.5), (1, 0.5)]) == [True, True]  # equal points do not dominate each other
+
+
+def test_rerun_skips_everything_that_is_complete(quick_copy):
+    run(Plan(quick=True, out=quick_copy), say=_quiet)
+    stages = _stages(quick_copy)
+    assert {s for name, s in stages.items() if name != "report"} == {"skipped"}
+
+
+def test_rerun_redoes_a_deleted_or_corrupted_file(quick_copy):
+    (quick_copy / "fashion_cnn-pruned80" / "model.int8.tflite").unlink()
+    with open(quick_copy / "fashion_cnn" / "model.onnx-float32.onnx", "r+b") as fh:
+        fh.seek(2000)
+        fh.write(b"\x00\x01\x02\x03")
+    report = run(Plan(quick=True, out=quick_copy), say=_quiet)
+    stages = _stages(quick_copy)
+    assert stages["export:pruned80"] == "done" and stages["export:base"] == "done"
+    assert stages["train"] == stages["optimize:pruned80"] == stages["export:qat"] == "skipped"
+    assert all(r["status"] == "verified" for r in report["rows"]) and len(report["rows"]) == 7
+
+
+def test_a_damaged_model_is_trained_again(quick_copy):
+    with open(quick_copy / "fashion_cnn" / "model.keras", "r+b") as fh:
+        fh.seek(500)
+        fh.write(b"\xff\xfe\xfd")
+    report = run(Plan(quick=True, out=quick_copy), say=_quiet)
+    assert _stages(quick_copy)["train"] == "done"
+    assert all(r["status"] == "verified" for r in report["rows"])
+
+
+def test_an_interrupted_export_is_not_taken_for_complete(quick_copy, monkeypatch):
+    import export.api
+
+    shutil.rmtree(quick_copy / "fashion_cnn-qat")
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the file is in place, before it is recorded
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.api, "_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(Plan(quick=True, out=quick_copy), say=_quiet)
+    assert (quick_copy / "fashion_cnn-qat" / "model.int8.tflite").is_file()  # on disk, but not recorded
+    monkeypatch.undo()
+    run(Plan(quick=True, out=quick_copy), say=_quiet)
+    stages = _stages(quick_copy)
+    assert stages["optimize:qat"] == "skipped" and stages["export:qat"] == "done"
+
+
+def test_report_command_is_tensorflow_free_and_reads_existing_results(quick_copy):
+    code = ("import sys\nfrom runtime.__main__ import main\n"
+            f"assert main(['report', {str(quick_copy)!r}, '--quiet', '--runs', '5', '--threads', '1']) == 0\n"
+            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tf_keras', "
+            "'tensorflow_model_optimization', 'tf2onnx'}))")
+    result = run_module("runtime", "report", str(quick_copy), "--no-bench", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "7 of 7 files verified" in result.stdout
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+
+
+def test_variants_bring_their_parents_and_bad_names_are_refused():
+    assert resolve_variants(["pqat"]) == ("pruned80", "pqat")
+    assert resolve_variants(["cqat", "qat"]) == ("clustered16", "cqat", "qat")
+    result = run_module("pipeline", "--variants", "pruned80,purned50", "--out", "/tmp/never")
+    assert result.returncode == 2 and "unknown variant 'purned50'" in result.stderr
+    assert "Did you mean 'pruned50'?" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pipeline_refuses_other_settings_and_foreign_directories(quick_copy, tmp_path):
+    result = run_module("pipeline", "--quick", "--seed", "3", "--out", str(quick_copy))
+    assert result.returncode == 2 and "made with other settings (seed differ" in result.stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = run_module("pipeline", "--quick", "--out", str(tmp_path / "mine"), "--force")
+    assert result.returncode == 2 and "is not a pipeline directory" in result.stderr
+    assert (tmp_path / "mine" / "notes.txt").is_file()
