@@ -32,12 +32,14 @@ BENCH_CACHE = "bench.json"
 FORMAT_ORDER = ("float32", "float16", "dynamic", "int8", "int16x8", "onnx", "onnx-int8")
 CSV_COLUMNS = ("variant", "format", "file", "status", "size_bytes", "gzip_bytes", "size_ratio", "accuracy",
                "accuracy_change", "agreement", "latency_median_ms_1t", "latency_p90_ms_1t", "latency_median_ms_all",
-               "latency_p90_ms_all", "threads_all", "speedup_1t", "speedup_all", "pareto_size", "pareto_gzip", "pareto_latency", "pareto_latency_all",
+               "latency_p90_ms_all", "threads_all", "speedup_1t", "speedup_all", "pareto_size", "pareto_gzip",
+               "pareto_latency", "pareto_latency_all",
                "kind", "parent", "artifact", "reason")
 
 
 def artifacts(root: Path) -> list[Path]:
-    """Artifact directories under `root` (itself, and its sub-directories), the trained model first."""
+    """Artifact directories under `root` (itself, and its sub-directories): the trained model first, then
+    the variants in the pipeline's order when root holds its pipeline.json, else by lineage and name."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))  # not staging dirs
     found = [d for d in [root, *subdirs] if (d / MANIFEST).is_file()]
     if not found:
@@ -45,9 +47,17 @@ def artifacts(root: Path) -> list[Path]:
                            "the output directory of `python -m pipeline`, or an artifact exported with "
                            "`python -m export`.")
 
+    order = []
+    try:
+        plan = json.loads((root / "pipeline.json").read_text("utf-8"))["plan"]
+        order = [plan["model"], *(f"{plan['model']}-{v}" for v in plan["variants"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a pipeline's directory, or its plan file is damaged: lineage order
+
     def rank(d):
         m = read_manifest(d)
-        return (m.get("parent") is not None, len(m.get("lineage", [])), d.name)
+        return (m.get("parent") is not None, order.index(d.name) if d.name in order else len(order),
+                len(m.get("lineage", [])), d.name)
 
     return sorted(found, key=rank)
 
@@ -241,7 +251,7 @@ def notes(rows: list[dict]) -> list[str]:
     slow = [f"{_label(r)} ({r['speedup_1t']:.2f}x)" for r in verified if r.get("speedup_1t") is not None
             and r["speedup_1t"] < 0.95]
     if slow:
-        out.append(f"Slower than the float baseline at 1 thread: {', '.join(slow)}.")
+        out.append(f"Slower than the float baseline at 1 thread (by more than 5%): {', '.join(slow)}.")
     failed = [f"{_label(r)}: {r['reason']}" for r in rows if r["status"] != "verified"]
     out.append("Failed verification: " + ("; ".join(failed) if failed else "none") + ".")
     return out
@@ -296,7 +306,8 @@ PANELS = {  # plot file -> panels: (cost key, Pareto flag, x label)
     "accuracy_vs_size.png": (("size_bytes", "pareto_size", "file size (KiB, log scale)"),
                              ("gzip_bytes", "pareto_gzip", "gzip size (KiB, log scale): what a download costs")),
     "accuracy_vs_latency.png": (("latency_median_ms_1t", "pareto_latency", "latency at 1 thread (ms, log scale)"),
-                                ("latency_median_ms_all", "pareto_latency_all", "latency at all threads (ms, log scale)")),
+                                ("latency_median_ms_all", "pareto_latency_all",
+                                 "latency at all threads (ms, log scale)")),
 }
 
 
@@ -320,7 +331,7 @@ def plot(rows: list[dict], root: Path) -> list[str]:
         panels = [p for p in panels if any(r.get(p[0]) is not None for r in verified)]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 8), squeeze=False, sharey=True)
         labelled = []
         for ax, (cost_key, flag, xlabel) in zip(axes[0], panels):
             points = [r for r in verified if r.get(cost_key) is not None]
@@ -336,7 +347,7 @@ def plot(rows: list[dict], root: Path) -> list[str]:
                 ax.step(xs, ys, where="post", color="black", linewidth=1, alpha=0.5, zorder=2)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
             ax.margins(x=0.25, y=0.12)
             low, high = ax.get_ylim()
             if high - low < 1.0:  # a flat accuracy range: show at least one point of accuracy
@@ -352,10 +363,11 @@ def plot(rows: list[dict], root: Path) -> list[str]:
         for variant in variants:
             axes[0][-1].scatter([], [], color="grey", marker=markers[variants.index(variant) % len(markers)],
                                 label=f"variant {variant}")
-        axes[0][-1].legend(fontsize=8, loc="lower right", ncol=2, framealpha=0.9)
+        handles, names = axes[0][-1].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=9, frameon=False)
         what = "size" if "size" in name else "latency"
         fig.suptitle(f"accuracy vs {what}: Pareto-optimal points outlined and starred, front as a step line")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         for ax, points in labelled:  # now that the layout and limits are final
             _label_points(ax, points)
         _save(fig, root / name)
