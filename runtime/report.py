@@ -29,6 +29,7 @@ from runtime.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from runtime.manifest import MANIFEST, library_versions, read_manifest, utc_now
 
 BENCH_CACHE = "bench.json"
+NOISE = 0.10  # run-to-run spread of one file's median latency on a shared 2-core machine (measured: 0.385-0.454 ms)
 FORMAT_ORDER = ("float32", "float16", "dynamic", "int8", "int16x8", "onnx", "onnx-int8")
 CSV_COLUMNS = ("variant", "format", "file", "status", "size_bytes", "gzip_bytes", "size_ratio", "accuracy",
                "accuracy_change", "agreement", "latency_median_ms_1t", "latency_p90_ms_1t", "latency_median_ms_all",
@@ -173,8 +174,9 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
     settings = {"seconds": seconds, "runs": runs, "batch": 1, "warmup": 10}
     todo = [(r, n) for r in rows if r["status"] == "verified" for n in threads]
     started = time.perf_counter()
+
     for i, (row, n) in enumerate(todo):
-        key = f"{sha256_file(Path(row['file']))}:{n}:{json.dumps(settings, sort_keys=True)}"
+        key = _bench_key(row, n, settings)
         if key not in cache:
             if progress:
                 progress(f"  bench [{i + 1}/{len(todo)}] {row['variant']} {row['format']}, {n} thread(s) "
@@ -203,6 +205,10 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
             for tag, n in tags:
                 if n in bench and n in base["bench"]:
                     row[f"speedup_{tag}"] = base["bench"][n]["call_ms"]["median"] / bench[n]["call_ms"]["median"]
+
+
+def _bench_key(row: dict, threads: int, settings: dict) -> str:
+    return f"{sha256_file(Path(row['file']))}:{threads}:{json.dumps(settings, sort_keys=True)}"
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -249,9 +255,9 @@ def notes(rows: list[dict]) -> list[str]:
         if front:
             out.append(f"Pareto-optimal for accuracy vs {what}: {', '.join(front)}.")
     slow = [f"{_label(r)} ({r['speedup_1t']:.2f}x)" for r in verified if r.get("speedup_1t") is not None
-            and r["speedup_1t"] < 0.95]
+            and r["speedup_1t"] < 1 - NOISE]
     if slow:
-        out.append(f"Slower than the float baseline at 1 thread (by more than 5%): {', '.join(slow)}.")
+        out.append(f"Slower than the float baseline at 1 thread (by more than {NOISE:.0%}): {', '.join(slow)}.")
     failed = [f"{_label(r)}: {r['reason']}" for r in rows if r["status"] != "verified"]
     out.append("Failed verification: " + ("; ".join(failed) if failed else "none") + ".")
     return out
@@ -425,7 +431,9 @@ def write(rows: list[dict], root: Path, info: dict) -> dict:
           f"{verified} of {len(rows)} files verified. Baseline (size, accuracy and speed ratios): "
           f"**{report['baseline']}**. Accuracy on the fixed test split through EdgeKit's TensorFlow-free "
           "runtime; latency is the whole `predict` call on one image (batch 1), median and p90, each file in a "
-          "fresh process.", "", markdown_table(rows), "", "## Notes", ""]
+          f"fresh process. Latency differences under {NOISE:.0%} are within run-to-run noise on a shared machine: "
+          "`python -m runtime report DIR --rebench --seconds 2` measures longer.", "",
+          markdown_table(rows), "", "## Notes", ""]
     md += [f"- {n}" for n in report["notes"]]
     if plots:
         md += ["", "## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots]
