@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from runtime.errors import EdgeKitError
+from runtime.fsutil import held_output
 from train.backend import tf
 
 DEFAULT_OPSET = 17  # a current opset onnxruntime 1.31 runs fully
@@ -40,7 +41,7 @@ def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_awar
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     try:
-        with warnings.catch_warnings():  # QAT models carry their input ranges; the converter asks anyway
+        with warnings.catch_warnings(), held_output():  # QAT models carry their ranges; the converter asks anyway
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError and assorted others

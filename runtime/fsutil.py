@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,31 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def held_output():
+    """Hold what C/C++ code writes to stdout and stderr inside the block (TensorFlow's start-up lines,
+    the TFLite converter's `fully_quantize: ...`), and give it back only if the block fails, so a
+    failure keeps its diagnostics."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as held:
+        for fd in saved:
+            os.dup2(held.fileno(), fd)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            if failed:
+                held.seek(0)
+                os.write(2, held.read())

@@ -19,8 +19,11 @@ if "tensorflow" in sys.modules:  # imported before us: tf.keras may already be b
     warnings.warn("tensorflow was imported before train.backend; tf.keras may be Keras 3. "
                   "Import train.backend first.", stacklevel=2)
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from runtime.fsutil import held_output  # noqa: E402
+
+with held_output():  # TensorFlow's C++ start-up lines (oneDNN, CUDA) come before its log level applies
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
