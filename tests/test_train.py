@@ -58,14 +58,18 @@ def test_saved_model_reloads_and_reproduces_the_recorded_accuracy(cnn_artifact, 
     assert confusion_matrix(y, predicted, 10).tolist() == manifest["metrics"]["confusion"]
 
 
-def test_same_seed_gives_the_same_model(digits):
-    from train.trainer import TrainConfig, train
+def test_same_seed_gives_the_same_model(digits, tmp_path):
+    from runtime.fsutil import sha256_file
+    from train.trainer import TrainConfig, save_model, train
 
     small = dataclasses.replace(digits, x_train=digits.x_train[:300], y_train=digits.y_train[:300])
     config = TrainConfig(model="resnet", epochs=2, seed=7)
     first, second = (train(config, quiet=True, dataset=small) for _ in range(2))
     for a, b in zip(first.model.get_weights(), second.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+    save_model(first.model, tmp_path / "first.keras")
+    save_model(second.model, tmp_path / "second.keras")  # the same bits: no save time in the file
+    assert sha256_file(tmp_path / "first.keras") == sha256_file(tmp_path / "second.keras")
     other = train(dataclasses.replace(config, seed=8), quiet=True, dataset=small)
     assert not np.array_equal(first.model.get_weights()[0], other.model.get_weights()[0])
 

@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from runtime.datasets import DATASET_NAMES
-from runtime.errors import EdgeKitError, run_cli
+from runtime.errors import run_cli
 
 EPILOG = """\
 examples:

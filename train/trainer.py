@@ -184,6 +184,29 @@ def save_model(model, path: Path) -> None:
         clone = keras.models.clone_model(model)
         clone.set_weights(model.get_weights())
         clone.save(path)
+        _reproducible_zip(path)
+
+
+def _reproducible_zip(path: Path) -> None:
+    """Make a `.keras` file depend only on the model: Keras stamps the save time into the zip
+    entries and into metadata.json. Without it, the same seed gives the same weights but another
+    sha256, and every artifact derived from the model looks stale to a resumed pipeline."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as target:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            target.writestr(fixed, data)
+    path.write_bytes(buffer.getvalue())
 
 
 def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None) -> TrainResult:
