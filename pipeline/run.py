@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from runtime.errors import EdgeKitError, unknown
-from runtime.fsutil import atomic_write_json, sha256_file
+from runtime.fsutil import atomic_write_json
 from runtime.manifest import read_manifest, utc_now, verify_files
 
 PLAN_FILE = "pipeline.json"
@@ -201,12 +200,14 @@ class Pipeline:
             return None
         return manifest
 
+    @staticmethod
+    def _recorded_sha(manifest: dict) -> str:
+        """The model file's sha256 as its manifest records it (checked by _core_intact)."""
+        return manifest["files"][manifest.get("model_file", "model.keras")]["sha256"]
+
     def _model_sha(self, variant: str) -> str | None:
-        directory = self.dir_of(variant)
-        manifest = self._core_intact(directory)
-        if manifest is None:
-            return None
-        return sha256_file(directory / manifest.get("model_file", "model.keras"))
+        manifest = self._core_intact(self.dir_of(variant))
+        return None if manifest is None else self._recorded_sha(manifest)
 
     # --- stages --------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -265,7 +266,7 @@ class Pipeline:
                 return stage.fail(f"{directory.name} is missing or damaged")
             if not formats:
                 return stage.skip("no format chosen applies")
-            model_sha = sha256_file(directory / manifest.get("model_file", "model.keras"))
+            model_sha = self._recorded_sha(manifest)
             todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)]
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
@@ -285,12 +286,10 @@ class Pipeline:
 
         fmt = get_format(key)
         entry = manifest.get("exports", {}).get(key)
-        if not entry or not entry.get("passed"):
+        names = (fmt.filename, fmt.sidecar)
+        if not entry or not entry.get("passed") or not set(names) <= set(manifest["files"]):
             return False
-        if verify_files(directory, {"files": {k: v for k, v in manifest["files"].items()
-                                              if k in (fmt.filename, fmt.sidecar)}}):
-            return False
-        if not {fmt.filename, fmt.sidecar} <= set(manifest["files"]):
+        if verify_files(directory, {"files": {k: manifest["files"][k] for k in names}}):
             return False
         try:
             sidecar = json.loads((directory / fmt.sidecar).read_text("utf-8"))
@@ -373,5 +372,4 @@ class _StageTimer:
 
 def run(plan: Plan, force: bool = False, verbose: bool = False, say=print) -> dict:
     """Run the whole pipeline (see the module docstring); returns the report."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return Pipeline(plan, force, verbose, say).run()

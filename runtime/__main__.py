@@ -182,6 +182,8 @@ def _add_threads(parser, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
+
     parser = argparse.ArgumentParser(
         prog="python -m runtime",
         description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and run, evaluate and benchmark "
@@ -242,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget = bench.add_mutually_exclusive_group()
     budget.add_argument("--runs", type=int, metavar="N", help="timed runs per model and thread count")
     budget.add_argument("--seconds", type=float, metavar="S",
-                        help=f"time budget per model and thread count (default {2.0:g} s when --runs is not given)")
-    bench.add_argument("--warmup", type=int, default=10, metavar="K", help="untimed calls first (default 10)")
+                        help=f"time budget per model and thread count (default {DEFAULT_SECONDS:g} s when --runs "
+                             "is not given)")
+    bench.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="K",
+                       help=f"untimed calls first (default {DEFAULT_WARMUP})")
     bench.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default 1)")
     output = bench.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print every figure as JSON")

@@ -136,14 +136,14 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         whole.append(t2 - t1)
         if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
             break
-    call = stats_ms(whole)
+    invoke, call = stats_ms(bare), stats_ms(whole)
     return {
         "model": str(path), "name": Path(path).name, "format": model.format,
         "variant": (model.sidecar or {}).get("format"), "size_bytes": model.size_bytes,
         "input_dtype": model.input.dtype, "threads": threads, "batch": batch, "warmup": warmup,
         "load_ms": load_s * 1e3, "first_ms": first_s * 1e3,
-        "invoke_ms": stats_ms(bare), "call_ms": call,
-        "overhead": call["median"] / stats_ms(bare)["median"] - 1.0,
+        "invoke_ms": invoke, "call_ms": call,
+        "overhead": call["median"] / invoke["median"] - 1.0,
         "throughput_ips": batch / (call["median"] / 1e3),
         "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
     }
@@ -242,10 +242,14 @@ def to_csv(results: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def format_ms(value: float) -> str:
+    """Milliseconds for tables: three decimals below 10 ms, one above."""
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
 def to_table(results: list[dict]) -> str:
     """The table for people: one row per model and thread count."""
-    def ms(v):
-        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    ms = format_ms
 
     head = ("model", "size", "thr", "load ms", "first ms", "invoke p50", "p90", "p99", "mean±std",
             "call p50", "p90", "overhead", "img/s", "RSS MB", "size x", "speed x")

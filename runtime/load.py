@@ -94,10 +94,11 @@ class Model:
                                "(batch, classes) logits from an image classifier.")
         self.batch = _dim(input_info.shape[0])  # None: any batch size
         self._shape = tuple(int(d) for d in input_info.shape[1:])
+        record = (sidecar or {}).get("preprocessing")
+        # from the sidecar; None without one, and then only float input is taken
+        self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
         self._check_sidecar()
-        self._pixels = self.preprocessing  # None without a sidecar: only float input then
-        self._tables = {}
-        self._in_table = None  # pixel value -> input tensor value, built on first use
+        self._tables = {}  # quantized? -> pixel lookup table, built on first use
         self._out_table = self._out_exp = None
         if output_info.scale and output_info.dtype in ("int8", "uint8"):
             raw = np.arange(256, dtype=np.uint8).view(output_info.dtype)
@@ -120,11 +121,6 @@ class Model:
     def labels(self) -> list[str]:
         """Class names from the sidecar, else the class indices as strings."""
         return list((self.sidecar or {}).get("labels") or [str(i) for i in range(self.num_classes)])
-
-    @property
-    def preprocessing(self) -> Preprocessing | None:
-        record = (self.sidecar or {}).get("preprocessing")
-        return Preprocessing.from_dict(record) if record else None
 
     @property
     def size_bytes(self) -> int:
@@ -162,12 +158,12 @@ class Model:
         A single image (H, W, C), or (H, W) for a one-channel model, becomes a batch of one.
         """
         x, pixels = self._checked(x)
-        return _lookup(self._pixel_table(np.float32), x) if pixels else x
+        return _lookup(self._pixel_table(False), x) if pixels else x
 
     def _checked(self, x) -> tuple[np.ndarray, bool]:
         """(input as an (N, H, W, C) batch, whether it is uint8 pixels), or a clear error."""
         if type(x) is np.ndarray and x.ndim == 4 and x.shape[1:] == self.input_shape:  # the fast path
-            if x.dtype == np.uint8 and self._pixels is not None:
+            if x.dtype == np.uint8 and self.preprocessing is not None:
                 return x, True
             if x.dtype == np.float32 and np.isfinite(x).all():
                 return x, False
@@ -202,7 +198,7 @@ class Model:
         if x.shape[1:3] != (h, w):
             raise EdgeKitError(f"{self.path.name} takes {h}x{w}x{c} images; got {list(x.shape[1:])}.")
         if pixels:
-            if self._pixels is None:
+            if self.preprocessing is None:
                 raise EdgeKitError(
                     f"uint8 pixels need the preprocessing in the sidecar {sidecar_path(self.path).name}, which is "
                     f"missing; keep it next to {self.path.name}, or pass float32 input preprocessed as in training.")
@@ -216,24 +212,24 @@ class Model:
                 f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
         return x, False
 
-    def _pixel_table(self, dtype) -> np.ndarray:
+    def _pixel_table(self, quantized: bool) -> np.ndarray:
         """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
 
         Preprocessing is elementwise, so one table lookup gives exactly what
         preprocessing then quantizing would, in one numpy call. Shape (256,) or
         (256, C) when the channels are normalized differently.
         """
-        key = np.dtype(dtype).name
-        if key not in self._tables:
-            pre = self._pixels
+        table = self._tables.get(quantized)
+        if table is None:
+            pre = self.preprocessing
             values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1, 1)
             values = pre.apply(np.repeat(values, pre.channels, axis=3)).reshape(256, pre.channels)
-            if key != "float32":
+            if quantized:
                 values = quantize(values, self.input)
             if (values == values[:, :1]).all():
                 values = values[:, 0]
-            self._tables[key] = np.ascontiguousarray(values)
-        return self._tables[key]
+            table = self._tables[quantized] = np.ascontiguousarray(values)
+        return table
 
     # --- inference -----------------------------------------------------------------------
     def logits(self, x, batch_size: int = 256) -> np.ndarray:
@@ -280,10 +276,7 @@ class Model:
     def _feed(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
-            table = self._in_table
-            if table is None:
-                table = self._in_table = self._pixel_table(self.input.dtype)
-            return _lookup(table, x)
+            return _lookup(self._pixel_table(bool(self.input.scale)), x)
         return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype, copy=False)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:

@@ -38,9 +38,10 @@ CSV_COLUMNS = ("variant", "format", "file", "status", "size_bytes", "gzip_bytes"
                "kind", "parent", "artifact", "reason")
 
 
-def artifacts(root: Path) -> list[Path]:
-    """Artifact directories under `root` (itself, and its sub-directories): the trained model first, then
-    the variants in the pipeline's order when root holds its pipeline.json, else by lineage and name."""
+def artifacts(root: Path) -> list[tuple[Path, dict]]:
+    """(directory, manifest) of the artifacts under `root` (itself, and its sub-directories): the trained
+    model first, then the variants in the pipeline's order when root holds its pipeline.json, else by
+    lineage and name."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))  # not staging dirs
     found = [d for d in [root, *subdirs] if (d / MANIFEST).is_file()]
     if not found:
@@ -55,12 +56,12 @@ def artifacts(root: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not a pipeline's directory, or its plan file is damaged: lineage order
 
-    def rank(d):
-        m = read_manifest(d)
+    def rank(item):
+        d, m = item
         return (m.get("parent") is not None, order.index(d.name) if d.name in order else len(order),
                 len(m.get("lineage", [])), d.name)
 
-    return sorted(found, key=rank)
+    return sorted(((d, read_manifest(d)) for d in found), key=rank)
 
 
 def _variant_name(manifest: dict, base_name: str | None) -> str:
@@ -77,10 +78,9 @@ def collect(root: Path) -> list[dict]:
     from runtime.load import sidecar_path
 
     rows = []
-    dirs = artifacts(root)
-    base_name = next((read_manifest(d)["name"] for d in dirs if read_manifest(d).get("parent") is None), None)
-    for d in dirs:
-        manifest = read_manifest(d)
+    found = artifacts(root)
+    base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
+    for d, manifest in found:
         exports = manifest.get("exports", {})
         for key in sorted(exports, key=lambda k: FORMAT_ORDER.index(k) if k in FORMAT_ORDER else 99):
             record = exports[key]
@@ -90,11 +90,13 @@ def collect(root: Path) -> list[dict]:
                    "file": str(file) if file else None, "keras_accuracy": manifest["metrics"].get("accuracy"),
                    "status": "verified", "reason": None}
             listed = manifest.get("files", {}).get(record.get("file") or "", {})
+            if file is not None and file.is_file():
+                row["sha256"] = sha256_file(file)  # checked here, and the key of its cached benchmarks
             if not record.get("passed"):
                 row.update(status="failed", reason=f"export check failed: {record.get('message')}")
-            elif file is None or not file.is_file():
+            elif "sha256" not in row:
                 row.update(status="failed", reason=f"{record.get('file')} is missing; run the export again")
-            elif listed and listed.get("sha256") != sha256_file(file):
+            elif listed and listed.get("sha256") != row["sha256"]:
                 row.update(status="failed", reason=f"{file.name} differs from its manifest checksum; export again")
             elif not sidecar_path(file).is_file():
                 row.update(status="failed", reason=f"{sidecar_path(file).name} is missing; export again")
@@ -107,11 +109,13 @@ def collect(root: Path) -> list[dict]:
 def _dataset_for(artifact: str, cache: dict, data_dir):
     from runtime.datasets import load_for_manifest
 
-    manifest = read_manifest(artifact)
-    key = json.dumps([manifest["dataset"].get("name"), manifest["preprocessing"]], sort_keys=True)
-    if key not in cache:
-        cache[key] = load_for_manifest(manifest, data_dir)
-    return cache[key]
+    if artifact not in cache:  # one manifest read per artifact, one dataset load per dataset
+        manifest = read_manifest(artifact)
+        key = json.dumps([manifest["dataset"].get("name"), manifest["preprocessing"]], sort_keys=True)
+        if key not in cache:
+            cache[key] = load_for_manifest(manifest, data_dir)
+        cache[artifact] = cache[key]
+    return cache[artifact]
 
 
 def evaluate(rows: list[dict], data_dir=None, progress=None) -> None:
@@ -208,7 +212,7 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
 
 
 def _bench_key(row: dict, threads: int, settings: dict) -> str:
-    return f"{sha256_file(Path(row['file']))}:{threads}:{json.dumps(settings, sort_keys=True)}"
+    return f"{row['sha256']}:{threads}:{json.dumps(settings, sort_keys=True)}"
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -277,7 +281,9 @@ def _fmt(value, kind):
     if kind == "ratio":
         return f"{value:.2f}x"
     if kind == "ms":
-        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+        from runtime.bench import format_ms
+
+        return format_ms(value)
     if kind == "kib":
         return f"{value / 1024:,.0f}"
     return str(value)
@@ -455,7 +461,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     threads = threads or sorted({1, os.cpu_count() or 1})
     rows = collect(root)
     if progress:
-        progress(f"report: {len(rows)} files in {len(artifacts(root))} artifacts")
+        progress(f"report: {len(rows)} files in {len({r['artifact'] for r in rows})} artifacts")
     evaluate(rows, data_dir, progress)
     if bench:
         benchmark(rows, root, threads, seconds, runs, rebench, progress)
