@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import EdgeKitError, run_cli, suggest
+from runtime.errors import EXIT_FAILED, EdgeKitError, run_cli, suggest
 
-EXIT_VERIFICATION_FAILED = 1
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
 ONNX_QUANTIZE = {None: "onnx", "float32": "onnx", "int8": "onnx-int8"}
@@ -24,7 +23,11 @@ formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx,
 Every file is loaded with EdgeKit's runtime and compared with the Keras model on the test split
 (float: max |logit diff| <= 1e-4; float16/dynamic: top-1 agreement >= 99.5%; integer: accuracy
 within 1.0 point). Files go next to the model (or --out) with a sidecar model.<variant>.json.
-Exit codes: 0 all verified, 1 a check failed (that file is removed), 2 a usage error.
+An artifact's files are checked against its manifest first. A model file that would run code
+when loaded (a Lambda layer, a custom object, any SavedModel) is refused unless --trust-model.
+Exit codes: 0 all verified; 1 a format failed (every format is still attempted, each failure
+reported; a failed file is removed), the artifact is damaged, or the disk is full; 2 a usage
+error (nothing was done).
 """
 
 
@@ -41,12 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.add_argument("--all", action="store_true", help="every format (int8 only for a QAT artifact)")
     parser.add_argument("--out", help="output directory (default: the artifact directory itself)")
     parser.add_argument("--calibration-samples", type=int, default=300,
-                        help="training images used to calibrate integer formats (default: 300)")
+                        help="training images used to calibrate integer formats (default: 300; at most the "
+                             "training split, and the number used is recorded)")
     parser.add_argument("--calibration-method", help="onnx-int8 only: minmax (default), entropy, percentile")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 13 to 18 (default: 17)")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     parser.add_argument("--data-dir", help="where the dataset files are")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="load a model file even if loading runs code (Lambda layers, custom objects, a "
+                             "SavedModel): only for files you trust, as Hugging Face's trust_remote_code")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
     return parser
 
 
@@ -73,16 +81,14 @@ def _choose(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = _choose(args)
-    from export.formats import get_format
+    from export.api import check_settings, export
 
-    for key in keys:
-        get_format(key)  # a mistyped --format fails before TensorFlow loads
-    from export.api import export
-
+    check_settings(keys, calibration_samples=args.calibration_samples, opset=args.opset,
+                   calibration_method=args.calibration_method)  # before TensorFlow loads
     results = export(args.source, keys, args.out, calibration_samples=args.calibration_samples,
                      opset=args.opset, calibration_method=args.calibration_method, dataset=args.dataset,
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
-                     (lambda s: print(s, flush=True)))
+                     (lambda s: print(s, flush=True)), trust=args.trust_model)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx") and r.passed),
                       None)
     print(f"\n{'format':<10} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'agree':>7} "
@@ -103,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{written[0].file.parent}")
     failed = [r for r in results if not r.passed]
     if failed:
-        print(f"error: {len(failed)} export(s) failed verification: {'; '.join(r.message for r in failed)}",
+        print(f"error: {len(failed)} of {len(results)} export(s) failed: {'; '.join(r.message for r in failed)}",
               file=sys.stderr)
-        return EXIT_VERIFICATION_FAILED
+        if args.verbose:
+            import traceback
+
+            for r in failed:
+                if r.error is not None and (r.error.__cause__ or r.error.__context__):
+                    print(f"{r.format} caused by:", file=sys.stderr)
+                    traceback.print_exception(r.error.__cause__ or r.error.__context__, file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

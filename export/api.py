@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,13 @@ from export.formats import (FORMATS, MAX_ABS_DIFF, MAX_ACCURACY_DROP, MIN_AGREEM
                             check_options, get_format)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError
-from runtime.fsutil import atomic_write_json, sha256_file
-from runtime.manifest import MANIFEST, library_versions, read_manifest, utc_now, write_manifest
+from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
+from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, core_names, lineage_paths,
+                              library_versions, model_file, read_manifest, utc_now, verify_artifact, write_manifest)
 
 DEFAULT_CALIBRATION_SAMPLES = 300
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-QUANTIZATION_AWARE = ("qat", "pqat", "cqat")
+OPSETS = range(13, 19)  # per-channel QDQ needs 13; tf2onnx 1.17 writes up to 18
 
 
 @dataclasses.dataclass
@@ -48,21 +48,24 @@ class Result:
     passed: bool
     figures: dict  # size, gzip size, max diff, agreement, accuracy
     message: str = ""
+    error: BaseException | None = dataclasses.field(default=None, repr=False)  # the cause, for --verbose
 
 
-def _load_source(source: str | Path, dataset_name: str | None, data_dir) -> Source:
-    from train.backend import keras
+def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool) -> Source:
+    from train.safe_load import KERAS_SUFFIXES, is_saved_model, load_model_file
 
     path = Path(source)
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
         from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
-        from optimize.api import model_path
 
         manifest = read_manifest(path)
-        return Source(path, load_model(path), load_for_manifest(manifest, data_dir), manifest,
-                      model_path(path, manifest), manifest["kind"])
-    is_saved_model = path.is_dir() and (path / "saved_model.pb").is_file()
-    if not (is_saved_model or (path.is_file() and path.suffix in (".keras", ".h5"))):
+        verify_artifact(path, manifest, core_names(manifest))  # exports being redone may differ
+        return Source(path, load_model(path, trust, manifest), load_for_manifest(manifest, data_dir), manifest,
+                      model_file(path, manifest), manifest["kind"])
+    if not (is_saved_model(path) or path.suffix in KERAS_SUFFIXES):
+        if not path.exists():
+            raise EdgeKitError(f"{path} does not exist; expected an EdgeKit artifact directory, a .keras or .h5 "
+                               "file, or a SavedModel directory.")
         raise EdgeKitError(
             f"{path} is neither an EdgeKit artifact directory nor a Keras model; expected an artifact, "
             "a .keras or .h5 file, or a SavedModel directory."
@@ -72,11 +75,12 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir) -> Sour
             f"{path} is a bare model file, so its preprocessing, labels and calibration data are unknown; "
             "pass --dataset NAME (e.g. --dataset digits) to take them from that dataset."
         )
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many types for unreadable files
-        raise EdgeKitError(f"cannot load {path} as a tf_keras model: {str(exc)[:300]}") from None
-    height, width, channels = model.input_shape[1:]
+    model = load_model_file(path, trust)
+    shape = getattr(model, "input_shape", None)
+    if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])):
+        raise EdgeKitError(f"{path} takes input of shape {shape}; expected an image classifier with one NHWC input "
+                           "of fixed height, width and channels.")
+    height, width, channels = shape[1:]
     dataset = load_dataset(dataset_name, data_dir, image_size=(height, width), channels=channels)
     if model.output_shape[-1] != dataset.num_classes:
         raise EdgeKitError(f"{path} outputs {model.output_shape[-1]} classes, but {dataset_name} has "
@@ -128,38 +132,76 @@ def _check_file(fmt: Format, data: bytes) -> None:
             raise EdgeKitError(f"{fmt.key}: onnx.checker rejects the file: {exc}") from None
 
 
-def export(source: str | Path, formats: list[str], out: str | Path | None = None, *,
-           calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, opset: int | None = None,
-           calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
-           progress=print) -> list[Result]:
-    """Export `source` (artifact dir or bare model file) to `formats`; verify and record each."""
-    from export import convert
-    from runtime.load import load
-
+def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, opset=None,
+                   calibration_method=None) -> list[Format]:
+    """Every option checked against what is possible, before TensorFlow loads or anything is read."""
     fmts = [get_format(key) for key in formats]
+    if not fmts:
+        raise EdgeKitError("nothing to export; name at least one format.")
     for fmt in fmts:
         check_options(fmt, {"opset": opset, "calibration_method": calibration_method})
     if calibration_method is not None and calibration_method not in CALIBRATION_METHODS:
         raise EdgeKitError(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}; "
                            f"got '{calibration_method}'.")
-    if not isinstance(calibration_samples, int) or calibration_samples < 1:
+    if type(calibration_samples) is not int or calibration_samples < 1:
         raise EdgeKitError(f"--calibration-samples must be a positive integer; got {calibration_samples!r}.")
-    src = _load_source(source, dataset, data_dir)
+    if opset is not None and (type(opset) is not int or opset not in OPSETS):
+        raise EdgeKitError(f"--opset must be {OPSETS.start}..{OPSETS.stop - 1} (per-channel int8 needs 13; tf2onnx "
+                           f"writes up to {OPSETS.stop - 1}); got {opset!r}.")
+    return fmts
+
+
+def export(source: str | Path, formats: list[str], out: str | Path | None = None, *,
+           calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, opset: int | None = None,
+           calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
+           progress=print, trust: bool = False) -> list[Result]:
+    """Export `source` (artifact dir or bare model file) to `formats`; verify and record each.
+
+    The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
+    model that needs code to load is refused unless `trust`. Every format is attempted; each
+    failure (a converter's refusal, a failed check) is returned in its Result, not raised.
+    """
+    fmts = check_settings(formats, calibration_samples=calibration_samples, opset=opset,
+                          calibration_method=calibration_method)
+    path = Path(source)
+    default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
+    out = Path(out) if out else default
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        check_out_apart(out, [path], allow_same=True)
+        check_out_apart(out, lineage_paths(path, manifest)[1:])
+    else:
+        check_out_apart(out, [path])
+    with output_lock(out):
+        return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
+                       trust)
+
+
+def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
+            trust) -> list[Result]:
+    from export import convert
+    from runtime.load import load
+
+    src = _load_source(source, dataset, data_dir, trust)
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
         raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to "
                            f"{', '.join(QAT_FORMATS)} only (its learned ranges make the integer model).")
-    out = Path(out) if out else (src.path if src.manifest else src.path.with_name(src.path.stem + "-export"))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-")
-        probe.close()
+        fd, probe = temp_file(out, "write-test")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise EdgeKitError(f"cannot write to output directory {out}: {exc.strerror}. Choose another --out.") from None
 
     x_test, y_test = src.dataset.arrays("test")
     reference = convert.keras_logits(src.model, x_test)
     calibration = _calibration(src.dataset, calibration_samples)
+    if len(calibration) < calibration_samples and any(f.options & {"calibration_samples"} for f in fmts) \
+            and not quantization_aware:
+        progress(f"note: --calibration-samples {calibration_samples} asked, but the training split holds "
+                 f"{len(calibration)} images; calibrating on all {len(calibration)} (recorded in each sidecar)")
     onnx_proto, results = None, []
     for fmt in fmts:
         progress(f"{fmt.key}: converting ...")
@@ -172,11 +214,12 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
                 data = (onnx_proto.SerializeToString() if fmt.key == "onnx" else
                         convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
             _check_file(fmt, data)
-        except EdgeKitError as exc:
-            results.append(Result(fmt.key, None, False, {}, str(exc)))
-            continue
-        results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
-                                           calibration_samples, calibration_method, opset))
+            results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
+                                               len(calibration), calibration_method, opset))
+        except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
+            if exc.exit_code != 1:
+                raise
+            results.append(Result(fmt.key, None, False, {}, f"{fmt.key}: {exc}", exc))
     if src.manifest is not None or results:
         _record(out, src, results)
     return results
@@ -185,11 +228,17 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset) -> Result:
     import gzip
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f".{fmt.filename}", dir=out)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    from runtime.errors import VerificationError
+
+    tmp = None
     try:
-        model = load(tmp)
+        fd, tmp = temp_file(out, fmt.filename, fmt.suffix)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            model = load(tmp)
+        except EdgeKitError as exc:
+            raise VerificationError(f"EdgeKit's runtime cannot load the file the converter wrote: {exc}") from exc
         logits = model.logits(x_test)
         figures, failure = _figures(fmt, logits, reference, y_test)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
@@ -197,8 +246,10 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             return Result(fmt.key, None, False, figures, f"{fmt.key}: {failure}")
         final = out / fmt.filename
         os.replace(tmp, final)
+    except OSError as exc:
+        raise write_error(out / fmt.filename, exc) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     calibrated = fmt.key in ("int8", "int16x8", "onnx-int8") and src.kind not in QUANTIZATION_AWARE
     sidecar = {
@@ -227,7 +278,11 @@ def _default_opset() -> int:
 
 
 def _record(out: Path, src: Source, results: list[Result]) -> None:
-    """Add the verified files and their figures to the manifest of `out` (the artifact itself by default)."""
+    """Add the verified files and their figures to the manifest of `out` (the artifact itself by default).
+
+    Only the files written now are hashed; every other entry is kept as it was checked, so a file
+    changed behind EdgeKit's back keeps failing its check instead of being blessed with a new sha256.
+    """
     if src.manifest is not None and out.resolve() == src.path.resolve():
         manifest = read_manifest(out)
     else:
@@ -246,17 +301,15 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
     manifest.setdefault("metrics", {}).setdefault("accuracy", next(
         (r.figures["keras_accuracy"] for r in results if r.figures), None))
     manifest["metrics"].setdefault("size_bytes", src.model_file.stat().st_size if src.model_file.is_file() else 0)
-    files = set(manifest.get("files", {}))
+    known = dict(manifest.get("files", {}))
     for result in results:
         fmt = FORMATS[result.format]
-        if result.passed:
-            files |= {fmt.filename, fmt.sidecar}
-        else:  # a failed export leaves nothing that looks valid
-            files -= {fmt.filename, fmt.sidecar}
-            for name in (fmt.filename, fmt.sidecar):
-                if (out / name).exists():
-                    (out / name).unlink()
+        for name in (fmt.filename, fmt.sidecar):
+            known.pop(name, None)
+            if not result.passed and (out / name).exists():  # a failed export leaves nothing that looks valid
+                (out / name).unlink()
+    written = {name for r in results if r.passed for name in (FORMATS[r.format].filename, FORMATS[r.format].sidecar)}
     if manifest.get("kind") == "export":
         manifest.pop("versions", None)  # refreshed by write_manifest
-    write_manifest(out, manifest, sorted(f for f in files if (out / f).is_file()))
-
+    names = sorted(name for name in set(known) | written if (out / name).is_file() or name in known)
+    write_manifest(out, manifest, names, known={k: v for k, v in known.items() if k in names})

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from runtime.errors import EdgeKitError
+from runtime.errors import ConversionError, first_line
 from runtime.fsutil import held_output
 from train.backend import tf
 
@@ -45,7 +45,7 @@ def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_awar
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as exc:  # the converter raises ConverterError and assorted others
-        raise EdgeKitError(f"the TFLite converter rejected the model for {key}: {str(exc).strip()[:500]}") from None
+        raise ConversionError(f"the TFLite converter rejected the model for {key}: {_reason(exc)}") from exc
 
 
 def to_onnx(model, opset: int, metadata: dict[str, str]):
@@ -57,7 +57,7 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,
                                               output_path=None)
     except Exception as exc:
-        raise EdgeKitError(f"tf2onnx could not convert the model (opset {opset}): {str(exc).strip()[:500]}") from None
+        raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {_reason(exc)}") from exc
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -85,17 +85,31 @@ def onnx_int8(float_proto, calibration: np.ndarray, method: str, metadata: dict[
     with tempfile.TemporaryDirectory() as tmp:
         source, prepared, target = (os.path.join(tmp, n) for n in ("float.onnx", "prep.onnx", "int8.onnx"))
         onnx.save(float_proto, source)
-        quant_pre_process(source, prepared)
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method])
-        quantized = onnx.load(target)
+        try:
+            quant_pre_process(source, prepared)
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=methods[method])
+            quantized = onnx.load(target)
+        except OSError:
+            raise
+        except Exception as exc:  # onnxruntime.quantization raises assorted types
+            raise ConversionError(f"onnxruntime could not quantize the model to int8: {_reason(exc)}") from exc
     del quantized.metadata_props[:]
     for key, value in metadata.items():
         entry = quantized.metadata_props.add()
         entry.key, entry.value = key, value
     return quantized.SerializeToString()
+
+
+def _reason(exc: BaseException) -> str:
+    """The converter's own words, in one line: the first line that says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower() and len(line) > 20:
+            return line[:400]
+    return first_line(exc)[:400]
 
 
 def keras_logits(model, x: np.ndarray) -> np.ndarray:

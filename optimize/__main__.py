@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import EdgeKitError, run_cli, unknown
+from runtime.errors import run_cli, unknown
 
 TECHNIQUES = {
     "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
@@ -39,8 +39,12 @@ def _common(parser, epochs, lr):
     parser.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                         help="layer name or glob to leave untouched, e.g. 'logits' or 'block1_*' (repeatable)")
     parser.add_argument("--data-dir", help="where the parent's dataset files are, if they moved")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out (never the parent or any "
+                                                                 "of its ancestors)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="load the parent's model even if loading runs code (Lambda layers, custom objects)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _common(sub, recipe.epochs, recipe.lr)
         if name == "prune":
-            sub.add_argument("--sparsity", type=float, default=recipe.sparsity,
-                             help="target fraction of zeros in each pruned kernel (default: 0.8)")
+            sub.add_argument("--sparsity", type=float, default=None,
+                             help="target fraction of zeros in each pruned kernel, 0 to 1 (default: 0.8)")
             sub.add_argument("--structured", metavar="M:N",
                              help="structured sparsity instead, e.g. 2:4 (Conv2D/Dense, along input channels)")
         if name == "cluster":
             sub.add_argument("--clusters", type=int, default=recipe.clusters,
-                             help="shared values per kernel (default: 16)")
+                             help="shared values per kernel, 2 to 256 (default: 16)")
             sub.add_argument("--init", default="linear", help="centroid init: linear, kmeans++, density, random")
         if name == "cqat":
             sub.add_argument("--preserve-sparsity", dest="preserve_sparsity", action=argparse.BooleanOptionalAction,
@@ -110,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.fsutil import check_output_dir
     from runtime.manifest import read_manifest
 
-    read_manifest(parent)  # a clear error for a missing or non-artifact parent, before the slow imports
+    from runtime.manifest import check_out_apart, lineage_paths
+
+    # clear errors for a missing or non-artifact parent, or an --out in its lineage, before the slow imports
+    check_out_apart(out, lineage_paths(parent, read_manifest(parent)))
     check_output_dir(out, args.force)
 
     from optimize.api import run
 
-    manifest = run(parent, recipe, out, force=args.force, quiet=args.quiet, data_dir=args.data_dir)
+    manifest = run(parent, recipe, out, force=args.force, quiet=args.quiet, data_dir=args.data_dir,
+                   trust=args.trust_model)
     m = manifest["metrics"]
     facts = [f"sparsity {m['sparsity']:.3f}" if args.technique in ("prune", "pqat") else None,
              f"max unique values per kernel {m['max_unique']}" if args.technique in ("cluster", "cqat") else None]

@@ -21,52 +21,48 @@ from pathlib import Path
 from optimize import measure
 from optimize.recipes import RECIPES, Technique, _Recipe
 from runtime.datasets import Dataset, load_for_manifest
-from runtime.errors import EdgeKitError
-from runtime.fsutil import sha256_file, staged_dir
-from runtime.manifest import read_manifest, verify_files, write_manifest
+from runtime.errors import ArtifactError, EdgeKitError, VerificationError, first_line
+from runtime.fsutil import output_lock, sha256_file, staged_dir
+from runtime.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
+                              check_out_apart, core_names, lineage_paths, model_file, read_manifest,
+                              verify_artifact, write_manifest)
 
 KIND = {Technique.PRUNE: "pruned", Technique.CLUSTER: "clustered", Technique.QAT: "qat",
         Technique.PQAT: "pqat", Technique.CQAT: "cqat"}
-QUANTIZATION_AWARE = {"qat", "pqat", "cqat"}
 TOLERANCE = 0.005  # measured sparsity may fall this far below the target (rounding per kernel)
 
 
-def model_path(artifact: str | Path, manifest: dict | None = None) -> Path:
-    artifact = Path(artifact)
-    manifest = manifest or read_manifest(artifact)
-    return artifact / manifest.get("model_file", "model.keras")
+def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None = None):
+    """Load an artifact's Keras model, rebuilding quantization-aware ones, after checking its files.
 
-
-def load_model(artifact: str | Path):
-    """Load an artifact's Keras model, rebuilding quantization-aware ones.
-
+    The model file (and base model) must match the sha256 the manifest records, and is loaded as
+    data (`train.safe_load`: no Lambda layers or custom objects unless `trust`).
     A qat/pqat/cqat artifact holds the float model QAT was applied to (`base.keras`)
     and the quantization-aware weights (`model.weights.h5`): tfmot's own serialization
     loses the prune- and cluster-preserving quantizers (their configs save as the plain
     8-bit ones) and its `.keras` files do not load back (tensorflow/model-optimization#1123),
     so the model is rebuilt from its recipe and the weights are loaded into it.
     """
-    from train.backend import keras
+    from train.safe_load import load_model_file
 
-    manifest = read_manifest(artifact)
-    path = model_path(artifact, manifest)
-    if not path.is_file() or not path.name.endswith((".keras", ".h5")):
-        raise EdgeKitError(
-            f"{artifact} holds no Keras model (looked for {path.name}); expected the artifact of "
-            "`python -m train` or `python -m optimize`."
-        )
+    manifest = manifest if manifest is not None else read_manifest(artifact)
+    path = model_file(artifact, manifest)
+    verify_artifact(artifact, manifest, core_names(manifest))
     if manifest["kind"] not in QUANTIZATION_AWARE:
-        return keras.models.load_model(path, compile=False)
+        return load_model_file(path, trust)
     from optimize.recipes import recipe_from_dict
     from optimize.techniques import prepare_qat
 
-    base = keras.models.load_model(Path(artifact) / manifest["base_file"], compile=False)
+    if not isinstance(manifest.get("recipe"), dict):
+        raise ArtifactError(f"{artifact}/manifest.json holds no recipe to rebuild its {manifest['kind']} model from; "
+                            "re-create the artifact.")
+    base = load_model_file(base_file(artifact, manifest), trust)
     model = prepare_qat(base, recipe_from_dict(manifest["recipe"]), steps_per_epoch=1).model
     try:
         model.load_weights(path)
-    except ValueError as exc:
-        raise EdgeKitError(f"{path} does not fit the model rebuilt from its recipe ({str(exc)[:200]}); "
-                           "it was written by another EdgeKit version. Run the optimize step again.") from None
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{path} does not fit the model rebuilt from its recipe ({first_line(exc)}); "
+                            "it was written by another EdgeKit version. Run the optimize step again.") from exc
     return model
 
 
@@ -102,10 +98,9 @@ def optimize_model(model, recipe: _Recipe, dataset: Dataset, quiet: bool = False
                    parent_facts: dict | None = None) -> Optimized:
     """Apply a recipe to a keras model in memory: wrap, fine-tune, strip, measure, check."""
     from optimize.techniques import PREPARE, steps_per_epoch
-    from train.backend import keras
-    from train.trainer import compile_model, fit
+    from train.trainer import compile_model, fit, seed_everything
 
-    keras.utils.set_random_seed(recipe.seed)
+    seed_everything(recipe.seed)
     steps = steps_per_epoch(len(dataset.y_train), recipe.batch_size)
     prepared = PREPARE[recipe.technique.value](model, recipe, steps)
     compile_model(prepared.model, recipe.lr)
@@ -132,11 +127,11 @@ def _checks(recipe, facts, model, touched, parent_facts) -> dict:
         bad = [name for name in touched if not measure.satisfies_m_by_n(kernels[name][1], m, n)]
         checks["m_by_n"] = {"pattern": recipe.structured, "layers_checked": len(touched), "violations": bad}
         if bad:
-            raise EdgeKitError(f"{recipe.structured} pattern not met after pruning in layers {bad}.")
+            raise VerificationError(f"{recipe.structured} pattern not met after pruning in layers {bad}.")
     elif technique == "prune":
         checks["target_sparsity"] = recipe.sparsity
         if facts["sparsity"] < recipe.sparsity - TOLERANCE:
-            raise EdgeKitError(
+            raise VerificationError(
                 f"pruning reached sparsity {facts['sparsity']:.3f}, short of the target {recipe.sparsity}; "
                 "raise --epochs so the schedule can complete."
             )
@@ -144,7 +139,7 @@ def _checks(recipe, facts, model, touched, parent_facts) -> dict:
         over = {n: facts["layers"][n]["unique"] for n in touched if facts["layers"][n]["unique"] > recipe.clusters}
         checks["max_unique"] = facts["max_unique"]
         if over:
-            raise EdgeKitError(f"clustering left more than {recipe.clusters} unique values in {over}.")
+            raise VerificationError(f"clustering left more than {recipe.clusters} unique values in {over}.")
     elif technique == "pqat" and parent_facts:
         before = parent_facts.get("sparsity", 0.0)
         checks["parent_sparsity"], checks["sparsity_kept"] = before, facts["sparsity"] >= before - TOLERANCE
@@ -156,21 +151,29 @@ def _checks(recipe, facts, model, touched, parent_facts) -> dict:
 
 
 def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = False, quiet: bool = False,
-        data_dir: str | Path | None = None) -> dict:
-    """Optimize the artifact at `parent` with `recipe`, writing the child artifact at `out`."""
+        data_dir: str | Path | None = None, trust: bool = False) -> dict:
+    """Optimize the artifact at `parent` with `recipe`, writing the child artifact at `out`.
+
+    Every file of the parent is checked first (ArtifactError, exit 1, if one differs from its
+    manifest), and `out` may be neither the parent nor any of its ancestors, nor inside or around them.
+    """
+    parent, out = Path(parent), Path(out)
+    manifest = read_manifest(parent)
+    check_out_apart(out, lineage_paths(parent, manifest))
+    with output_lock(out):
+        return _run(parent, manifest, recipe, out, force, quiet, data_dir, trust)
+
+
+def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
     from runtime.fsutil import check_output_dir
     from train.trainer import evaluate, save_model
 
-    parent, out = Path(parent), Path(out)
-    manifest = read_manifest(parent)
-    problems = verify_files(parent, manifest)
-    if problems:
-        raise EdgeKitError(f"parent {parent} is damaged ({'; '.join(problems)}); re-create it first.")
+    verify_artifact(parent, manifest)
     _check_parent(manifest, recipe)
     check_output_dir(out, force)
-    parent_file = model_path(parent, manifest)
+    parent_file = model_file(parent, manifest)
     dataset = load_for_manifest(manifest, data_dir)
-    model = load_model(parent)
+    model = load_model(parent, trust, manifest)
     technique = recipe.technique.value
     if not quiet:
         print(f"{technique}: {manifest['name']} ({manifest['model']}, test accuracy "
@@ -183,23 +186,23 @@ def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = F
     result = optimize_model(model, recipe, dataset, quiet=quiet, parent_facts=parent_facts)
     evaluation = evaluate(result.model, dataset)
     quantization_aware = technique in QUANTIZATION_AWARE
-    model_file = "model.weights.h5" if quantization_aware else "model.keras"
-    files = [model_file, "base.keras"] if quantization_aware else [model_file]
+    name = QAT_WEIGHTS_FILE if quantization_aware else MODEL_FILE
+    files = [name, BASE_FILE] if quantization_aware else [name]
     with staged_dir(out, force=force) as stage:
         if quantization_aware:  # see load_model: float base + quantization-aware weights
-            shutil.copyfile(parent_file, stage / "base.keras")
-            result.model.save_weights(stage / model_file)
+            shutil.copyfile(parent_file, stage / BASE_FILE)
+            result.model.save_weights(stage / name)
         else:
-            save_model(result.model, stage / model_file)
-        size, gzipped, parent_gzipped = ((stage / model_file).stat().st_size, measure.gzip_bytes(stage / model_file),
+            save_model(result.model, stage / name)
+        size, gzipped, parent_gzipped = ((stage / name).stat().st_size, measure.gzip_bytes(stage / name),
                                          measure.gzip_bytes(parent_file))
         child = {
             "name": out.name,
             "kind": KIND[recipe.technique],
             "model": manifest["model"],
             "model_args": manifest.get("model_args", {}),
-            "model_file": model_file,
-            **({"base_file": "base.keras"} if quantization_aware else {}),
+            "model_file": name,
+            **({"base_file": BASE_FILE} if quantization_aware else {}),
             "dataset": manifest["dataset"],
             "parent": {"name": manifest["name"], "path": str(parent.resolve()), "kind": manifest["kind"],
                        "model_sha256": sha256_file(parent_file), "accuracy": manifest["metrics"]["accuracy"]},
@@ -234,8 +237,8 @@ def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = F
 def _verb(technique: Technique):
     recipe_cls = RECIPES[technique.value]
 
-    def verb(parent, out, *, force=False, quiet=False, data_dir=None, **settings) -> dict:
-        return run(parent, recipe_cls(**settings), out, force=force, quiet=quiet, data_dir=data_dir)
+    def verb(parent, out, *, force=False, quiet=False, data_dir=None, trust=False, **settings) -> dict:
+        return run(parent, recipe_cls(**settings), out, force=force, quiet=quiet, data_dir=data_dir, trust=trust)
 
     verb.__name__ = technique.value
     verb.__doc__ = f"{technique.value} the artifact at `parent` into `out`; settings as in {recipe_cls.__name__}."

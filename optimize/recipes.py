@@ -51,7 +51,7 @@ class _Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EdgeKitError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}.")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1 and math.isfinite(self.lr)):
+        if not (type(self.lr) in (int, float) and 0 < self.lr < 1 and math.isfinite(self.lr)):
             raise EdgeKitError(f"--lr must be between 0 and 1; got {self.lr!r}.")
 
     def to_dict(self) -> dict:
@@ -59,9 +59,13 @@ class _Recipe:
                 "exclude": list(self.exclude)}
 
 
+DEFAULT_SPARSITY = 0.8
+MAX_CLUSTERS = 256  # an int8 kernel holds at most 256 values; tfmot's memory grows with weights x clusters
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneRecipe(_Recipe):
-    sparsity: float = 0.8  # fraction of each pruned kernel set to zero (unstructured)
+    sparsity: float | None = None  # fraction of each pruned kernel set to zero (unstructured); default 0.8
     structured: str | None = None  # "M:N": M zeros in every N consecutive input-channel weights
     epochs: int = 8
     lr: float = 3e-4
@@ -69,10 +73,17 @@ class PruneRecipe(_Recipe):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.sparsity, (int, float)) and 0 < self.sparsity < 1):
-            raise EdgeKitError(f"--sparsity must be strictly between 0 and 1 (e.g. 0.8); got {self.sparsity!r}.")
         if self.structured is not None:
             self.m_by_n  # validates
+            if self.sparsity is not None:
+                raise EdgeKitError(f"--structured {self.structured} sets the sparsity itself "
+                                   f"({self.m_by_n[0]}/{self.m_by_n[1]}); got --sparsity {self.sparsity} as well. "
+                                   "Give one of them.")
+            return
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
+        if not (type(self.sparsity) in (int, float) and 0 < self.sparsity < 1):
+            raise EdgeKitError(f"--sparsity must be strictly between 0 and 1 (e.g. 0.8); got {self.sparsity!r}.")
 
     @property
     def m_by_n(self) -> tuple[int, int] | None:
@@ -98,8 +109,9 @@ class ClusterRecipe(_Recipe):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.clusters, int) or isinstance(self.clusters, bool) or self.clusters < 2:
-            raise EdgeKitError(f"--clusters must be an integer >= 2; got {self.clusters!r}.")
+        if type(self.clusters) is not int or not 2 <= self.clusters <= MAX_CLUSTERS:
+            raise EdgeKitError(f"--clusters must be a whole number from 2 to {MAX_CLUSTERS} (an int8 kernel holds at "
+                               f"most {MAX_CLUSTERS} values); got {self.clusters!r}.")
         try:
             object.__setattr__(self, "init", CentroidInit(self.init))
         except ValueError:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from runtime.errors import EdgeKitError, unknown
-from runtime.fsutil import atomic_write_json
-from runtime.manifest import read_manifest, utc_now, verify_files
+from runtime.fsutil import atomic_write_json, output_lock
+from runtime.manifest import core_names, export_problem, model_sha256, read_manifest, utc_now, verify_files
 
 PLAN_FILE = "pipeline.json"
 
@@ -90,16 +90,29 @@ class Plan:
         if not self.dataset.startswith("folder:") and self.dataset not in _registry():
             raise unknown("dataset", self.dataset, [*_registry(), "folder:PATH"])
         if self.formats is not None:
-            from export.formats import check_options, get_format
+            from export.formats import get_format
 
             for key in self.formats:
                 get_format(key)  # an unknown name gets the registry's error, with a suggestion
-            check_options(list(self.formats), {})
+        import math
+
+        if not (type(self.bench_seconds) in (int, float) and math.isfinite(self.bench_seconds)
+                and 0 < self.bench_seconds <= 3600):
+            raise EdgeKitError(f"--bench-seconds must be a number of seconds above 0 and at most 3600; got "
+                               f"{self.bench_seconds!r}.")
+        for name in ("epochs", "finetune_epochs", "bench_runs"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise EdgeKitError(f"--{name.replace('_', '-')} must be 1 or more; got {value!r}.")
         if self.out is None:
             name = self.dataset.split(":")[-1].rstrip("/").split("/")[-1] if self.dataset.startswith("folder:") \
                 else self.dataset
             self.out = Path("runs") / f"{self.model}-{name}{'-quick' if self.quick else ''}"
         self.out = Path(self.out)
+        if self.dataset.startswith("folder:"):
+            from runtime.manifest import check_out_apart
+
+            check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
     def formats_for(self, variant: str) -> list[str]:
         allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].verb in ("qat", "pqat", "cqat") \
@@ -191,23 +204,16 @@ class Pipeline:
         """The manifest, if the artifact's own files (not its exports) are all intact."""
         try:
             manifest = read_manifest(directory)
-        except EdgeKitError:
-            return None
-        exported = {name for e in manifest.get("exports", {}).values() if e.get("file")
-                    for name in (e["file"], Path(e["file"]).with_suffix(".json").name)}
-        core = {k: v for k, v in manifest["files"].items() if k not in exported}
-        if verify_files(directory, {"files": core}):
+            if verify_files(directory, manifest, core_names(manifest)):
+                return None
+            model_sha256(manifest)
+        except (EdgeKitError, KeyError):
             return None
         return manifest
 
-    @staticmethod
-    def _recorded_sha(manifest: dict) -> str:
-        """The model file's sha256 as its manifest records it (checked by _core_intact)."""
-        return manifest["files"][manifest.get("model_file", "model.keras")]["sha256"]
-
     def _model_sha(self, variant: str) -> str | None:
         manifest = self._core_intact(self.dir_of(variant))
-        return None if manifest is None else self._recorded_sha(manifest)
+        return None if manifest is None else model_sha256(manifest)
 
     # --- stages --------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -233,7 +239,7 @@ class Pipeline:
         with self._stage(f"optimize:{variant}", f"optimize {variant}: {spec.summary}") as stage:
             parent_sha = self._model_sha(spec.parent)
             if parent_sha is None:
-                return stage.fail(f"its parent {spec.parent} is missing or damaged")
+                return stage.fail(f"its parent {spec.parent} failed or is damaged")
             manifest = self._core_intact(directory)
             if manifest is not None and (manifest.get("parent") or {}).get("model_sha256") == parent_sha:
                 return stage.skip(self._change(manifest))
@@ -263,10 +269,10 @@ class Pipeline:
         with self._stage(f"export:{variant}", f"export {variant}: {', '.join(formats) or 'nothing'}") as stage:
             manifest = self._core_intact(directory)
             if manifest is None:
-                return stage.fail(f"{directory.name} is missing or damaged")
+                return stage.fail(f"{directory.name} failed or is damaged, so there is nothing to export")
             if not formats:
                 return stage.skip("no format chosen applies")
-            model_sha = self._recorded_sha(manifest)
+            model_sha = model_sha256(manifest)
             todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)]
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
@@ -276,39 +282,39 @@ class Pipeline:
             note = f"{len(results) - len(failed)}/{len(results)} verified" + (
                 f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")
             if failed:
-                return stage.fail(note + "; failed: " + "; ".join(f"{r.format}: {r.message}" for r in failed),
-                                  fatal=False)
+                return stage.fail(note + "; failed: " + "; ".join(r.message for r in failed))
             stage.done(note)
 
     @staticmethod
     def _export_valid(directory: Path, manifest: dict, key: str, model_sha: str) -> bool:
         from export.formats import get_format
 
-        fmt = get_format(key)
-        entry = manifest.get("exports", {}).get(key)
-        names = (fmt.filename, fmt.sidecar)
-        if not entry or not entry.get("passed") or not set(names) <= set(manifest["files"]):
-            return False
-        if verify_files(directory, {"files": {k: manifest["files"][k] for k in names}}):
-            return False
-        try:
-            sidecar = json.loads((directory / fmt.sidecar).read_text("utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return False
-        return (sidecar.get("source") or {}).get("sha256") == model_sha
+        return not export_problem(directory, manifest, key, get_format(key).filename, model_sha)
 
     def report(self) -> dict:
         from runtime.report import build
 
         plan = self.plan
+        report = {"rows": [], "notes": []}
         with self._stage("report", "evaluate, benchmark and report") as stage:
             report = build(self.out, plan.threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
                            data_dir=plan.data_dir, progress=(lambda m: self.say(f"      {m}")))
             verified = sum(r["status"] == "verified" for r in report["rows"])
-            stage.done(f"{verified} of {len(report['rows'])} files verified")
+            failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]
+                      if r["status"] != "verified"]
+            if failed:
+                stage.fail(f"{verified} of {len(report['rows'])} files verified; failed: {'; '.join(failed)}")
+            else:
+                stage.done(f"{verified} of {len(report['rows'])} files verified")
         return report
 
     def run(self) -> dict:
+        """Every stage is attempted: a failed one is recorded in pipeline.json, the stages that do not depend
+        on it still run, and the caller exits 1 (see `failed_stages` in the returned report)."""
+        with output_lock(self.out):
+            return self._run()
+
+    def _run(self) -> dict:
         started = time.perf_counter()
         self._prepare_out()
         plan = self.plan
@@ -358,15 +364,18 @@ class _StageTimer:
     def done(self, text: str):
         self._record("done", text)
 
-    def fail(self, text: str, fatal: bool = False):
+    def fail(self, text: str):
         self._record("failed", text)
-        if fatal:
-            raise EdgeKitError(text)
 
     def __exit__(self, exc_type, exc, tb):
+        """A stage's error is its failure, recorded; the pipeline goes on with what does not depend on it."""
         if exc_type is not None and self.outcome is None and issubclass(exc_type, EdgeKitError):
-            self.pipeline.status[self.name] = {"status": "failed", "note": str(exc)}
-            self.pipeline._save()
+            self._record("failed", " ".join(str(exc).split("\n")))
+            if self.pipeline.verbose:
+                import traceback
+
+                traceback.print_exception(exc.__cause__ or exc.__context__ or exc)
+            return True
         return False
 
 

@@ -9,7 +9,12 @@ import sys
 from runtime.errors import EdgeKitError, run_cli
 
 
+def _number(value, spec: str, unit: str = "") -> str:
+    return format(value, spec) + unit if type(value) in (int, float) else "-"
+
+
 def _info(args) -> int:
+    from runtime.errors import ArtifactError
     from runtime.manifest import read_manifest, verify_files
 
     manifest = read_manifest(args.artifact)
@@ -22,23 +27,29 @@ def _info(args) -> int:
             ("name", manifest["name"]),
             ("kind", manifest["kind"]),
             ("model", manifest["model"]),
-            ("dataset", manifest["dataset"]["name"] if isinstance(manifest["dataset"], dict) else manifest["dataset"]),
-            ("parent", manifest["parent"] or "-"),
+            ("dataset", manifest["dataset"].get("name") if isinstance(manifest["dataset"], dict)
+             else manifest["dataset"]),
+            ("parent", (manifest["parent"] or {}).get("name") or (manifest["parent"] or {}).get("path") or "-"),
             ("created", manifest["created"]),
             ("input shape", "x".join(str(v) for v in manifest["input_shape"])),
             ("labels", ", ".join(manifest["labels"])),
-            ("test accuracy", f"{metrics['accuracy']:.2%}"),
-            ("size", f"{metrics['size_bytes']:,} bytes"),
+            ("test accuracy", _number(metrics.get("accuracy"), ".2%")),
+            ("size", _number(metrics.get("size_bytes"), ",", " bytes")),
         ]
         if "params" in metrics:
-            lines.append(("parameters", f"{metrics['params']:,}"))
-        lines.append(("files", ", ".join(manifest["files"])))
+            lines.append(("parameters", _number(metrics["params"], ",")))
+        exports = manifest.get("exports", {})
+        if exports:
+            lines.append(("exports", ", ".join(f"{key} {'verified' if e.get('passed') else 'FAILED'}"
+                                               for key, e in exports.items())))
+        lines.append(("files", ", ".join(manifest["files"]) or "-"))
         lines.append(("checksums", "all match" if not problems else "; ".join(problems)))
         width = max(len(k) for k, _ in lines)
         for key, value in lines:
             print(f"{key:<{width}}  {value}")
     if problems:
-        raise EdgeKitError(f"{args.artifact} is damaged: {'; '.join(problems)}. Re-create it with the stage that wrote it.")
+        raise ArtifactError(f"{args.artifact} is damaged: {'; '.join(problems)}. Re-create it with the stage that "
+                            "wrote it.")
     return 0
 
 
@@ -141,6 +152,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (nan and inf would never end)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most 3600; got {text!r}")
+    return value
+
+
 def _bench(args) -> int:
     from runtime.bench import bench, parse_threads, to_csv, to_table
 
@@ -162,8 +186,6 @@ def _report(args) -> int:
     from runtime.bench import parse_threads
     from runtime.report import build
 
-    if args.seconds <= 0:
-        raise EdgeKitError(f"--seconds must be more than 0; got {args.seconds}.")
     progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     report = build(args.directory, parse_threads(args.threads), args.seconds, args.runs, bench=not args.no_bench,
                    rebench=args.rebench, data_dir=args.data_dir, progress=progress)
@@ -243,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="thread counts separated by commas; 'all' = every core (default 1)")
     budget = bench.add_mutually_exclusive_group()
     budget.add_argument("--runs", type=int, metavar="N", help="timed runs per model and thread count")
-    budget.add_argument("--seconds", type=float, metavar="S",
+    budget.add_argument("--seconds", type=_seconds, metavar="S",
                         help=f"time budget per model and thread count (default {DEFAULT_SECONDS:g} s when --runs "
                              "is not given)")
     bench.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="K",
@@ -266,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "or one exported artifact")
     report.add_argument("--threads", default="1,all", metavar="LIST",
                         help="thread counts to benchmark; the first and the last are reported (default 1,all)")
-    report.add_argument("--seconds", type=float, default=0.5, metavar="S",
+    report.add_argument("--seconds", type=_seconds, default=0.5, metavar="S",
                         help="benchmark time per file and thread count (default 0.5)")
     report.add_argument("--runs", type=int, metavar="N", help="a fixed number of timed runs instead of --seconds")
     report.add_argument("--no-bench", action="store_true", help="sizes and accuracy only, no latency")
@@ -274,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--data-dir", help="where the dataset files are, if not where the manifests say")
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
     report.set_defaults(func=_report)
+    for sub in commands.choices.values():
+        sub.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
     return parser
 
 

@@ -16,13 +16,14 @@ the two under the same conditions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from runtime.errors import EdgeKitError
+from runtime.errors import EdgeKitError, WorkFailed
 
 # Display order of an artifact directory's exported files; the first is the baseline.
 VARIANT_ORDER = ("float32", "float16", "dynamic", "int8", "int16x8", "onnx-float32", "onnx-int8")
@@ -158,12 +159,13 @@ def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, time
         done = subprocess.run([sys.executable, "-m", "runtime.bench", spec], capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise EdgeKitError(f"benchmarking {path} took longer than {timeout:.0f} s; use fewer --runs "
+        raise WorkFailed(f"benchmarking {path} took longer than {timeout:.0f} s; use fewer --runs "
                            "or --seconds.") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgeKitError(f"benchmarking {path} failed: {last.removeprefix('error: ')}")
+        raise (WorkFailed if done.returncode == 1 else EdgeKitError)(
+            f"benchmarking {path} failed: {last.removeprefix('error: ')}")
     return json.loads(lines[-1])
 
 
@@ -186,8 +188,8 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
     """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
     if runs is not None and runs < 1:
         raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
-    if seconds is not None and seconds <= 0:
-        raise EdgeKitError(f"--seconds must be more than 0; got {seconds}.")
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= 3600):
+        raise EdgeKitError(f"--seconds must be above 0 and at most 3600; got {seconds}.")
     if batch < 1:
         raise EdgeKitError(f"--batch must be 1 or more; got {batch}.")
     if warmup < 0:
@@ -287,7 +289,7 @@ def _worker(argv: list[str]) -> int:
                          spec["warmup"], spawned=spec.get("spawned"))
     except EdgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(json.dumps(result))
     return 0
 

@@ -1,23 +1,70 @@
-"""Errors a user can cause, and the one way every EdgeKit CLI reports them.
+"""Errors EdgeKit reports, the exit code each carries, and the one way every CLI prints them.
 
-A mistake a user can make (a wrong name, a missing file, a bad shape) raises
-`EdgeKitError` with a message that says what was expected, what was received and
-what to do. The CLIs turn it into one line on stderr and exit code 2, never a
-traceback; anything else is a bug and keeps its traceback.
+    EdgeKitError            exit 2: the user's arguments or input are wrong; nothing was done
+      UntrustedModel        exit 2: the model needs code to load and --trust-model was not given
+    WorkFailed              exit 1: the work itself failed
+      ArtifactError         a damaged, tampered or foreign artifact (checksums, schema, paths)
+      ConversionError       a converter (TFLite, tf2onnx, onnxruntime) refused the model
+      VerificationError     an exported file did not pass its check, a technique broke its promise
+      WriteFailed           the output could not be written (disk full, permissions)
+      Busy                  another run holds the output directory's lock
+
+Every message says what was expected, what was received and what to do. The CLIs print
+it as one `error:` line and exit with the class's code, never with a traceback; the
+original cause (a converter's own exception, say) stays attached and `--verbose` (or
+EDGEKIT_VERBOSE=1) prints it. Anything that is not an EdgeKitError is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 
-EXIT_USAGE = 2  # same code argparse uses for a bad command line
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work failed: verification, a damaged artifact, a converter, a full disk
+EXIT_USAGE = 2  # the user's arguments are wrong (the code argparse uses for a bad command line)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+VERBOSE_ENV = "EDGEKIT_VERBOSE"
 
 
 class EdgeKitError(Exception):
-    """A problem with the user's input or environment, reported without a traceback."""
+    """A problem with the user's arguments or input, reported in one line without a traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class UntrustedModel(EdgeKitError):
+    """A model file that runs code when loaded (Lambda layers, custom objects, a SavedModel graph)."""
+
+
+class WorkFailed(EdgeKitError):
+    """The command was used correctly, but the work failed."""
+
+    exit_code = EXIT_FAILED
+
+
+class ArtifactError(WorkFailed):
+    """An artifact or model file is damaged, tampered with, or not what it claims to be."""
+
+
+class ConversionError(WorkFailed):
+    """A converter refused the model."""
+
+
+class VerificationError(WorkFailed):
+    """A result did not pass its check: an exported file, or a technique's promise in the weights."""
+
+
+class WriteFailed(WorkFailed):
+    """The output could not be written (a full disk, a read-only directory)."""
+
+
+class Busy(WorkFailed):
+    """Another EdgeKit run holds the output directory."""
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:
@@ -34,18 +81,39 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> EdgeKitError:
     )
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (converters write pages of them)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def verbose_requested(argv: list[str] | None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _print_cause(exc: BaseException) -> None:
+    cause = exc.__cause__ or exc.__context__
+    if cause is None:
+        print("(no underlying exception)", file=sys.stderr)
+        return
+    print("caused by:", file=sys.stderr)
+    traceback.print_exception(cause, file=sys.stderr)
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: user errors become one line and exit 2, Ctrl-C exits 130."""
+    """Run a CLI entry point: an EdgeKitError becomes one line and its exit code, Ctrl-C exits 130."""
     try:
         return main(argv)
     except EdgeKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        if verbose_requested(argv):
+            _print_cause(exc)
+        return exc.exit_code
     except BrokenPipeError:  # `... | head`: the reader left; stop quietly, as Unix tools do
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return EXIT_INTERRUPTED

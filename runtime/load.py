@@ -17,13 +17,13 @@ fixed-batch model is resized when its graph allows it and looped otherwise.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import EdgeKitError
+from runtime.errors import ArtifactError, EdgeKitError, first_line
 from runtime.fsutil import sha256_file
+from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
 from runtime.preprocessing import Preprocessing
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
@@ -40,12 +40,6 @@ class TensorInfo:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "shape": [(-1 if d is None else d) for d in self.shape]}
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """model.int8.tflite -> model.int8.json"""
-    path = Path(path)
-    return path.with_name(path.name[: -len(path.suffix)] + ".json")
 
 
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
@@ -140,15 +134,15 @@ class Model:
         redo = _REDO.format(name=side.name)
         shape = (self.sidecar.get("input") or {}).get("shape")
         if shape and [_dim(d) for d in shape[1:]] != list(self.input_shape):
-            raise EdgeKitError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
+            raise ArtifactError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
                                f"{list(self.input_shape)}. {redo}")
         labels = self.sidecar.get("labels")
         if labels is not None and len(labels) != self.num_classes:
-            raise EdgeKitError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
+            raise ArtifactError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
                                f"{self.num_classes} outputs. {redo}")
         pre = self.preprocessing
         if pre is not None and pre.input_shape != self.input_shape:
-            raise EdgeKitError(f"sidecar {side} preprocesses to {list(pre.input_shape)}, but {self.path.name} "
+            raise ArtifactError(f"sidecar {side} preprocesses to {list(pre.input_shape)}, but {self.path.name} "
                                f"takes {list(self.input_shape)}. {redo}")
 
     # --- input ---------------------------------------------------------------------------
@@ -166,7 +160,7 @@ class Model:
             if x.dtype == np.uint8 and self.preprocessing is not None:
                 return x, True
             if x.dtype == np.float32 and np.isfinite(x).all():
-                return x, False
+                return self._in_range(x), False
         x = np.asarray(x)
         h, w, c = self.input_shape
         if x.dtype == np.uint8:
@@ -210,7 +204,30 @@ class Model:
             raise EdgeKitError(
                 f"input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} infinite value(s) "
                 f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
-        return x, False
+        return self._in_range(x), False
+
+    def float_range(self) -> tuple[float, float] | None:
+        """The (low, high) that preprocessing gives pixels 0..255; None without a sidecar."""
+        if self.preprocessing is None:
+            return None
+        ends = self._pixel_table(False)[[0, 255]]
+        return float(ends.min()), float(ends.max())
+
+    def _in_range(self, x: np.ndarray) -> np.ndarray:
+        """Float input far outside what preprocessing gives any pixel is a mistake (raw 0..255 floats for a
+        [0, 1] model, say), not an image: refuse it instead of answering wrongly."""
+        bounds = self.float_range()
+        if bounds is None or not x.size:
+            return x
+        low, high = bounds
+        slack = (high - low) / 2
+        lo, hi = float(x.min()), float(x.max())
+        if lo < low - slack or hi > high + slack:
+            raise EdgeKitError(
+                f"float input ranges over [{lo:.4g}, {hi:.4g}], but {self.path.name} takes input preprocessed to "
+                f"[{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw pixels as "
+                "uint8 instead (x.astype(np.uint8)), and the model preprocesses them itself.")
+        return x
 
     def _pixel_table(self, quantized: bool) -> np.ndarray:
         """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
@@ -256,6 +273,12 @@ class Model:
 
     def top_k(self, probabilities: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """The k most likely (label, probability) pairs of each row, best first."""
+        if type(k) is not int or k < 1:
+            raise EdgeKitError(f"k must be a whole number of 1 or more; got {k!r}.")
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 2 or probabilities.shape[1] != self.num_classes:
+            raise EdgeKitError(f"top_k takes probabilities of shape (N, {self.num_classes}) from predict(); got "
+                               f"shape {list(probabilities.shape)}.")
         labels = self.labels
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
@@ -298,7 +321,7 @@ class _TFLiteModel(Model):
             detail_in = self._interpreter.get_input_details()
             detail_out = self._interpreter.get_output_details()
         except (ValueError, RuntimeError) as exc:
-            raise EdgeKitError(f"{path} is not a valid TFLite model ({exc}); export it again.") from None
+            raise ArtifactError(f"{path} is not a valid TFLite model ({first_line(exc)}); export it again.") from exc
         if len(detail_in) != 1 or len(detail_out) != 1:
             raise EdgeKitError(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
                                "expected an image classifier with one of each.")
@@ -365,7 +388,7 @@ class _ONNXModel(Model):
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise EdgeKitError(f"{path} is not a valid ONNX model ({str(exc)[:200]}); export it again.") from None
+            raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}); export it again.") from exc
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise EdgeKitError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
@@ -391,17 +414,28 @@ class _ONNXModel(Model):
 _REDO = "Export the model again, or delete {name} to run it without labels and preprocessing."
 
 
-def _check_file_against_sidecar(path: Path, sidecar: dict) -> None:
-    """Size and sha256 recorded at export, checked before the interpreter ever reads the file."""
-    side = sidecar_path(path)
-    redo = _REDO.format(name=side.name)
-    size, recorded = path.stat().st_size, sidecar.get("sha256")
-    if recorded and sidecar.get("size_bytes") not in (None, size):
-        raise EdgeKitError(f"sidecar {side} describes a model of {sidecar['size_bytes']:,} bytes, but "
-                           f"{path.name} has {size:,}: the file changed or is truncated. {redo}")
-    if recorded and recorded != sha256_file(path):
-        raise EdgeKitError(f"sidecar {side} records sha256 {recorded[:12]}..., which {path.name} does not "
-                           f"match: the file changed after export or is corrupt. {redo}")
+def _check_file(path: Path, size: int, sidecar: dict | None) -> None:
+    """The size and sha256 recorded at export (sidecar) and in the artifact's manifest beside the model,
+    checked before the interpreter ever reads the file."""
+    from runtime.manifest import MANIFEST, read_manifest
+
+    expected = []
+    if sidecar is not None:
+        expected.append((f"sidecar {sidecar_path(path)}", sidecar["size_bytes"], sidecar["sha256"],
+                         _REDO.format(name=sidecar_path(path).name)))
+    if (path.parent / MANIFEST).is_file():
+        entry = read_manifest(path.parent)["files"].get(path.name)
+        if entry is not None:
+            expected.append((str(path.parent / MANIFEST), entry["bytes"], entry["sha256"], "Export the model again."))
+    digest = None
+    for where, recorded_size, recorded_sha, redo in expected:
+        if recorded_size != size:
+            raise ArtifactError(f"{where} describes a model of {recorded_size:,} bytes, but {path.name} has "
+                                f"{size:,}: the file changed or is truncated. {redo}")
+        digest = digest or sha256_file(path)
+        if digest != recorded_sha:
+            raise ArtifactError(f"{where} records sha256 {recorded_sha[:12]}..., which {path.name} does not "
+                                f"match: the file changed after export or is corrupt. {redo}")
 
 
 def load(path: str | Path, threads: int | None = None) -> Model:
@@ -409,29 +443,54 @@ def load(path: str | Path, threads: int | None = None) -> Model:
 
     `threads`: the interpreter's thread count (None: the backend's default).
     """
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
+                           f"got {type(path).__name__} {path!r}.")
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise EdgeKitError(f"threads must be a whole number of 1 or more, or None for the backend's default; "
+                           f"got {type(threads).__name__} {threads!r}.")
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise EdgeKitError(f"{path}: expected a .tflite or .onnx model file; got '{path.suffix or 'no suffix'}'.")
-    if path.is_dir():
-        raise EdgeKitError(f"{path} is a directory; expected a .tflite or .onnx model file.")
-    if not path.is_file():
-        raise EdgeKitError(f"model file {path} does not exist.")
-    if path.stat().st_size == 0:
-        raise EdgeKitError(f"model file {path} is empty; export it again.")
-    if threads is not None and threads < 1:
-        raise EdgeKitError(f"threads must be 1 or more; got {threads}.")
-    sidecar = None
-    if sidecar_path(path).is_file():
-        try:
-            sidecar = json.loads(sidecar_path(path).read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EdgeKitError(f"sidecar {sidecar_path(path)} is not valid JSON ({exc}); export again.") from None
-        if not isinstance(sidecar, dict):
-            raise EdgeKitError(f"sidecar {sidecar_path(path)} holds {type(sidecar).__name__}; expected an object.")
-        _check_file_against_sidecar(path, sidecar)
+    size = check_readable_file(path, "model file").st_size
+    if size == 0:
+        raise ArtifactError(f"model file {path} is empty; export it again.")
+    sidecar = read_sidecar(path)
+    _check_file(path, size, sidecar)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar)
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A .npy array, its header checked against the file before anything is allocated: a header that
+    promises more bytes than the file holds (or none at all) is refused, pickled objects are never loaded."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = reader(fh, max_header_size=10_000)
+            offset = fh.tell()
+        size = path.stat().st_size
+    except (ValueError, OSError, EOFError) as exc:
+        raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}); expected a .npy file "
+                           "written by numpy.save.") from None
+    if dtype.hasobject:
+        raise EdgeKitError(f"{path} holds Python objects (dtype {dtype}), which would need pickle to load; "
+                           "expected uint8 pixels or float32 input.")
+    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    if count == 0:
+        raise EdgeKitError(f"{path} holds an empty array of shape {list(shape)}; expected at least one image.")
+    promised = count * dtype.itemsize
+    if promised != size - offset:
+        raise EdgeKitError(f"{path}: its header promises an array of shape {list(shape)} ({promised:,} bytes), "
+                           f"but the file holds {size - offset:,} bytes of data; it is truncated or not a .npy file "
+                           "written by numpy.save.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}).") from None
 
 
 def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
@@ -447,25 +506,20 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
     h, w, c = model.input_shape
     for path in map(Path, paths):
         suffix = path.suffix.lower()
-        if not path.is_file():
-            raise EdgeKitError(f"input {path} does not exist; expected PNG/JPEG images or .npy arrays.")
+        check_readable_file(path, "input")
         if suffix == NUMPY_SUFFIX:
-            try:
-                array = np.load(path, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}); expected a .npy file "
-                                   "written by numpy.save.") from None
+            array = read_npy(path)
             try:
                 batch = model.prepare(array)
             except EdgeKitError as exc:
-                raise EdgeKitError(f"{path}: {exc}") from None
+                raise type(exc)(f"{path}: {exc}") from None
             if array.ndim == 4 or (array.ndim == 3 and array.shape != (h, w, c) and len(batch) > 1):
                 out.extend((f"{path}[{i}]", batch[i:i + 1]) for i in range(len(batch)))
             else:
                 out.append((str(path), batch))
         elif suffix in IMAGE_SUFFIXES:
             pre = model.preprocessing
-            pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear")
+            pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear", pre.background if pre else 0)
             out.append((str(path), model.prepare(pixels[None])))
         else:
             raise EdgeKitError(

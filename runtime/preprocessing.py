@@ -10,6 +10,7 @@ transform that training used without importing TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.0,)  # per channel, after scaling (one value broadcasts)
     std: tuple[float, ...] = (1.0,)  # per channel, after scaling
     resize: str = "bilinear"  # Pillow filter used when an image has another size
+    background: int = 0  # gray level transparent pixels are composited on (0: black, as digits and MNIST)
 
     def __post_init__(self):
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))
@@ -44,6 +46,12 @@ class Preprocessing:
                 )
         if any(v <= 0 for v in self.std):
             raise EdgeKitError(f"preprocessing std must be > 0; got {self.std}.")
+        if type(self.background) is not int or not 0 <= self.background <= 255:
+            raise EdgeKitError(f"preprocessing background must be a gray level 0..255; got {self.background!r}.")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise EdgeKitError(f"preprocessing scale must be a finite number > 0; got {self.scale!r}.")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise EdgeKitError(f"preprocessing mean and std must be finite; got {self.mean} and {self.std}.")
         if self.resize not in _FILTERS:
             raise EdgeKitError(f"preprocessing resize must be one of {sorted(_FILTERS)}; got {self.resize!r}.")
 
@@ -54,17 +62,19 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return {
             "size": list(self.size), "channels": self.channels, "scale": self.scale,
-            "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+            "mean": list(self.mean), "std": list(self.std), "resize": self.resize, "background": self.background,
             "layout": "NHWC", "input_range": "uint8 pixels 0..255",
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
         fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise EdgeKitError(f"a preprocessing record must be an object; got {type(data).__name__}.")
         try:
             return cls(**{k: v for k, v in data.items() if k in fields})
-        except TypeError as exc:
-            raise EdgeKitError(f"preprocessing record is incomplete ({exc}); got {data}.") from None
+        except (TypeError, ValueError) as exc:
+            raise EdgeKitError(f"preprocessing record is incomplete or malformed ({exc}); got {data}.") from None
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels (N, H, W, C) -> float32 model input of the same shape."""
@@ -75,7 +85,7 @@ class Preprocessing:
 
     def load_image(self, path: str | Path) -> np.ndarray:
         """Read a PNG/JPEG file as uint8 (H, W, C) pixels at this size and channel count."""
-        return image_to_pixels(path, self.size, self.channels, self.resize)
+        return image_to_pixels(path, self.size, self.channels, self.resize, self.background)
 
 
 def _filters():
@@ -88,27 +98,76 @@ def _filters():
 _FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: any camera's photo; a decompression bomb is far beyond
+
+
 def open_image(path: str | Path):
-    """Open an image file with Pillow, turning its failures into a clear error."""
+    """Open an image file with Pillow, refusing a decompression bomb from its header, before decoding it."""
     from PIL import Image, UnidentifiedImageError
 
+    from runtime.manifest import check_readable_file
+
+    check_readable_file(path, "image")
     try:
         image = Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise EdgeKitError(f"cannot read image {path} ({exc}); expected a PNG or JPEG file.") from None
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise EdgeKitError(f"image {path} claims {width}x{height} pixels; expected an image of at most "
+                           f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels (a larger one is refused before decoding, "
+                           "as a decompression bomb). Resize it first.")
+    try:
         image.load()
-        return image
-    except FileNotFoundError:
-        raise EdgeKitError(f"image {path} does not exist.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise EdgeKitError(
-            f"cannot read image {path} ({exc}); expected a PNG or JPEG file."
-        ) from None
+    except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
+        raise EdgeKitError(f"cannot read image {path} ({exc}); the file is truncated or corrupt.") from None
+    return image
 
 
-def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "bilinear") -> np.ndarray:
-    image = open_image(path)
+def to_8bit(image, channels: int, background: int = 0) -> np.ndarray:
+    """Pixels of any Pillow mode as uint8 (H, W, channels), each mode read for what it means.
+
+    16-bit (I;16, I) and float (F) images are scaled to 0..255 rather than clipped; transparent
+    pixels (LA, RGBA, P with transparency) are composited on `background`; CMYK, YCbCr, LAB and
+    the like are converted to RGB; colour becomes gray with ITU-R 601 luma, gray becomes RGB by
+    repetition.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(gray, "L")
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(image, np.float64))
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    elif mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in image.info) \
+            or (mode in ("L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        image = Image.alpha_composite(backdrop, rgba).convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # 1, P, CMYK, YCbCr, LAB, HSV, RGBX
     image = image.convert("L" if channels == 1 else "RGB")
+    return np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], channels)
+
+
+def is_colour(image) -> bool:
+    """Whether an image holds colour (not a gray mode), read from its header."""
+    return image.mode not in ("1", "L", "LA", "La", "I", "F") and not image.mode.startswith("I;16")
+
+
+def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "bilinear",
+                    background: int = 0) -> np.ndarray:
+    from PIL import Image
+
+    pixels = to_8bit(open_image(path), channels, background)
     height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), _filters()[resize])
-    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.shape[:2] != (height, width):
+        image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, "L" if channels == 1 else "RGB")
+        pixels = np.asarray(image.resize((width, height), _filters()[resize]), np.uint8)
     return pixels.reshape(height, width, channels)

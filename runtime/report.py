@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import EdgeKitError
-from runtime.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from runtime.fsutil import atomic_write_json, atomic_write_text
 from runtime.manifest import MANIFEST, library_versions, read_manifest, utc_now
 
 BENCH_CACHE = "bench.json"
@@ -74,14 +74,17 @@ def _variant_name(manifest: dict, base_name: str | None) -> str:
 
 
 def collect(root: Path) -> list[dict]:
-    """One row per exported file (verified or failed), before evaluation and benchmarks."""
-    from runtime.load import sidecar_path
+    """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
+    against its manifest and must have been made from the artifact's current model."""
+    from runtime.manifest import MODEL_FILE, export_problem
 
     rows = []
     found = artifacts(root)
     base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
     for d, manifest in found:
         exports = manifest.get("exports", {})
+        model_name = manifest.get("model_file", MODEL_FILE)
+        model_sha = manifest["files"][model_name]["sha256"] if model_name in manifest["files"] else None
         for key in sorted(exports, key=lambda k: FORMAT_ORDER.index(k) if k in FORMAT_ORDER else 99):
             record = exports[key]
             file = d / record["file"] if record.get("file") else None
@@ -89,17 +92,11 @@ def collect(root: Path) -> list[dict]:
                    "kind": manifest["kind"], "parent": (manifest.get("parent") or {}).get("name"),
                    "file": str(file) if file else None, "keras_accuracy": manifest["metrics"].get("accuracy"),
                    "status": "verified", "reason": None}
-            listed = manifest.get("files", {}).get(record.get("file") or "", {})
-            if file is not None and file.is_file():
-                row["sha256"] = sha256_file(file)  # checked here, and the key of its cached benchmarks
-            if not record.get("passed"):
-                row.update(status="failed", reason=f"export check failed: {record.get('message')}")
-            elif "sha256" not in row:
-                row.update(status="failed", reason=f"{record.get('file')} is missing; run the export again")
-            elif listed and listed.get("sha256") != row["sha256"]:
-                row.update(status="failed", reason=f"{file.name} differs from its manifest checksum; export again")
-            elif not sidecar_path(file).is_file():
-                row.update(status="failed", reason=f"{sidecar_path(file).name} is missing; export again")
+            problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha)
+            if problem:
+                row.update(status="failed", reason=problem)
+            else:
+                row["sha256"] = manifest["files"][record["file"]]["sha256"]  # checked: the key of cached benchmarks
             rows.append(row)
     if not rows:
         raise EdgeKitError(f"no exported file under {root}; run `python -m export --all` on its artifacts first.")

@@ -113,7 +113,9 @@ def test_a_failed_check_leaves_no_file_that_looks_valid(tiny, tmp_path, monkeypa
     (["--tflite", "--opset", "13", "ART"], "float32 does not take --opset; formats that do: onnx, onnx-int8"),
     (["--onnx", "--calibration-method", "entropy", "ART"], "onnx does not take --calibration-method"),
     (["--tflite", "ART/model.keras"], "bare model file.*--dataset"),
-    (["--tflite", "ART", "--out", "ART/model.keras/sub"], "cannot write to output directory"),
+    (["--tflite", "ART", "--out", "ART/model.keras/sub"], "is inside .*which this command reads from"),
+    (["--onnx", "--opset", "1", "ART"], "--opset must be 13..18"),
+    (["--tflite", "--quantize", "int8", "--calibration-samples", "0", "ART"], "must be a positive integer"),
     (["ART"], "nothing to export"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tiny, args, message):

@@ -149,7 +149,8 @@ def test_exclude_leaves_named_layers_dense(tiny, tmp_path):
     (lambda: PruneRecipe(sparsity=1.0), "strictly between 0 and 1"),
     (lambda: PruneRecipe(sparsity=0), "strictly between 0 and 1"),
     (lambda: PruneRecipe(structured="2-4"), "M:N"),
-    (lambda: ClusterRecipe(clusters=1), ">= 2"),
+    (lambda: ClusterRecipe(clusters=1), "from 2 to 256"),
+    (lambda: ClusterRecipe(clusters=100000), "from 2 to 256"),
     (lambda: ClusterRecipe(init="kmeans"), "Did you mean 'kmeans\\+\\+'"),
     (lambda: QATRecipe(epochs=0), "--epochs must be a positive integer"),
     (lambda: recipe_from_dict({"technique": "distill"}), "unknown technique 'distill'"),
@@ -172,9 +173,11 @@ def test_recipes_round_trip_through_json(recipe):
 @pytest.mark.parametrize("args, message", [
     (["prun", "PARENT"], "unknown technique 'prun'.*Did you mean 'prune'"),
     (["prune", "--sparsity", "1.2", "PARENT"], "--sparsity must be strictly between 0 and 1"),
-    (["cluster", "--clusters", "1", "PARENT"], "--clusters must be an integer >= 2"),
+    (["cluster", "--clusters", "1", "PARENT"], "--clusters must be a whole number from 2 to 256"),
+    (["cluster", "--clusters", "100000", "PARENT"], "--clusters must be a whole number from 2 to 256"),
+    (["prune", "--structured", "2:4", "--sparsity", "0.5", "PARENT"], "sets the sparsity itself.*Give one of them"),
     (["pqat", "PARENT"], "trained, not pruned"),
-    (["qat", "/nonexistent/artifact"], "is not a directory"),
+    (["qat", "/nonexistent/artifact"], "does not exist; expected an EdgeKit artifact"),
     (["qat", "PARENT_MODEL_FILE"], "is not a directory"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tiny, args, message):

@@ -147,7 +147,7 @@ def test_runtime_info_verifies_checksums(cnn_artifact, tmp_path):
         fh.seek(100)
         fh.write(b"\x00\xff")
     result = run_module("runtime", "info", str(damaged), "--json")
-    assert result.returncode == 2 and "model.keras: sha256 differs" in result.stderr
+    assert result.returncode == 1 and "model.keras: sha256 differs" in result.stderr
     assert json.loads(result.stdout)["intact"] is False
 
 

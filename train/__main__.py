@@ -46,6 +46,11 @@ def _image_size(text: str) -> tuple[int, int]:
         size = size * 2
     if len(size) != 2 or min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH (e.g. 32 or 28x28); got {text!r}")
+    from runtime.datasets import MAX_IMAGE_SIDE
+
+    if max(size) > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGE_SIDE} pixels a side (edge classifiers take "
+                                         f"28 to 224); got {text!r}")
     return size
 
 
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="artifact directory to write (default: artifacts/<model>-<dataset>)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
+    parser.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
     return parser
 
 
@@ -93,15 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         channels=args.channels, download=not args.no_download)
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
+    if args.dataset.startswith("folder:"):
+        from runtime.manifest import check_out_apart
+
+        check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training
 
-    result = train(config, quiet=args.quiet)
     if not is_chief():  # other workers save to a scratch directory, as MultiWorkerMirroredStrategy requires
+        result = train(config, quiet=args.quiet)
         scratch = Path(tempfile.mkdtemp())
         write_artifact(result, scratch / "artifact")
         shutil.rmtree(scratch, ignore_errors=True)
         return 0
-    manifest = write_artifact(result, out, force=args.force)
+    from runtime.fsutil import output_lock
+
+    with output_lock(out):  # a second run on the same --out is refused at once, not after training
+        check_output_dir(out, args.force)
+        result = train(config, quiet=args.quiet)
+        manifest = write_artifact(result, out, force=args.force)
     metrics, training = manifest["metrics"], manifest["training"]
     print(f"test accuracy {metrics['accuracy']:.2%} on {manifest['dataset']['split']['sizes']['test']} images; "
           f"{metrics['params']:,} parameters, {metrics['size_bytes'] / 1024:.0f} KiB; "

@@ -209,6 +209,19 @@ def _reproducible_zip(path: Path) -> None:
     path.write_bytes(buffer.getvalue())
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and TensorFlow, and make TensorFlow's ops deterministic on the CPU.
+
+    Every stage that trains calls it (training, and each technique's fine-tuning): op determinism is
+    process-wide, and a resumed pipeline that skips training must fine-tune exactly as a fresh one.
+    """
+    from train.backend import keras, tf
+
+    keras.utils.set_random_seed(seed)
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
+
+
 def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None) -> TrainResult:
     """Train `config.model` on `config.dataset`; returns the float32 model with the best validation loss."""
     dataset = dataset or load_dataset(config.dataset, config.data_dir, config.image_size, config.channels,
@@ -218,13 +231,11 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     from train.backend import keras, tf
     from train.models import create_model
 
-    keras.utils.set_random_seed(config.seed)  # Python, numpy and TensorFlow
+    seed_everything(config.seed)
     strategy, devices = _strategy(tf)
     use_mixed = config.mixed_precision and bool(devices["gpus"])
     if config.mixed_precision and not use_mixed and not quiet:
         print("note: --mixed-precision needs a GPU; training in float32 on the CPU", file=sys.stderr)
-    if not devices["gpus"]:
-        tf.config.experimental.enable_op_determinism()  # same seed, same model on the CPU
     devices["mixed_precision"] = use_mixed
 
     def build():

@@ -26,6 +26,19 @@ from runtime.preprocessing import Preprocessing
 
 SPLIT_SEED = 20240601  # fixes every split EdgeKit makes; recorded in manifests
 SPLITS = ("train", "val", "test")
+MAX_IMAGE_SIDE = 1024  # pixels a side; edge classifiers take 28 to 224
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +172,17 @@ def resized(dataset: Dataset, image_size=None, channels=None) -> Dataset:
     channels = channels or pre.channels
     if channels not in (1, 3):
         raise EdgeKitError(f"channels must be 1 or 3; got {channels}.")
-    if min(size) < 1:
-        raise EdgeKitError(f"image size must be positive; got {size}.")
+    if len(size) != 2 or min(size) < 1 or max(size) > MAX_IMAGE_SIDE:
+        raise EdgeKitError(f"image size must be 1 to {MAX_IMAGE_SIDE} pixels a side; got {size}.")
     if size == pre.size and channels == pre.channels:
         return dataset
+    images = sum(len(getattr(dataset, f"y_{s}")) for s in SPLITS)
+    needed = images * size[0] * size[1] * channels * 9  # the uint8 pixels, then float32 training copies of them
+    available = available_memory()
+    if available is not None and needed > available:
+        raise EdgeKitError(f"{images:,} images at {size[0]}x{size[1]}x{channels} need about {needed / 2**30:.1f} GiB "
+                           f"to train on; this machine has {available / 2**30:.1f} GiB available. Choose a smaller "
+                           "--image-size.")
     mean, std = pre.mean, pre.std
     if channels != pre.channels:  # per-channel statistics no longer apply: average them
         mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)

@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime.datasets import SPLIT_SEED, Dataset, stratified_split
 from runtime.errors import EdgeKitError
-from runtime.preprocessing import IMAGE_SUFFIXES, Preprocessing, image_to_pixels, open_image
+from runtime.preprocessing import IMAGE_SUFFIXES, Preprocessing, image_to_pixels, is_colour, open_image
 
 DEFAULT_SIZE = (28, 28)
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -47,9 +47,9 @@ def load(spec: str, size: tuple[int, int] | None = None, channels: int | None = 
     paths = [p for images in classes.values() for p in images]
     labels = np.concatenate([np.full(len(v), i, np.int64) for i, v in enumerate(classes.values())])
     if channels is None:
-        channels = 3 if any(open_image(p).mode not in ("L", "1", "LA", "I", "I;16") for p in paths) else 1
+        channels = 3 if any(is_colour(open_image(p)) for p in paths) else 1
     pre = Preprocessing(size=tuple(size) if size else DEFAULT_SIZE, channels=channels)
-    pixels = np.stack([image_to_pixels(p, pre.size, pre.channels, pre.resize) for p in paths])
+    pixels = np.stack([image_to_pixels(p, pre.size, pre.channels, pre.resize, pre.background) for p in paths])
     train, val, test = stratified_split(labels, VAL_FRACTION, TEST_FRACTION, SPLIT_SEED)
     return Dataset(
         name=f"folder:{root}",

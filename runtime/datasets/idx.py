@@ -16,6 +16,7 @@ The official 10,000-image test set is the test split; validation is a stratified
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < header:
         raise EdgeKitError(f"{name} ends inside its IDX header ({len(data)} of {header} bytes). The file is truncated.")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)
     if len(data) != expected:
         problem = "is truncated" if len(data) < expected else "has trailing bytes"
         raise EdgeKitError(
@@ -64,17 +65,41 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
+MAX_IDX_BYTES = 1 << 30  # 1 GiB: 20 times MNIST's training images; a header promising more is refused
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read a plain or gzipped IDX file."""
+    """Read a plain or gzipped IDX file, streaming: the header decides how much is read, so a gzip bomb
+    or a header promising gigabytes is refused before the memory is taken."""
+    from runtime.manifest import check_readable_file
+
+    check_readable_file(path, "IDX file")
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) == 4 and head[:2] == b"\0\0" and 0 < head[3]:
+                head += fh.read(4 * head[3])
+            promised = _promised_bytes(head)
+            if promised is not None and promised > MAX_IDX_BYTES:
+                raise EdgeKitError(f"{path}: its IDX header promises {promised:,} bytes of data; expected at most "
+                                   f"{MAX_IDX_BYTES:,} (MNIST's largest file holds 47,040,000). The file is corrupt "
+                                   "or not an MNIST-style IDX file.")
+            body = fh.read(promised + 1) if promised is not None else fh.read(MAX_IDX_BYTES)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise EdgeKitError(f"{path} is not a valid gzip file ({exc}); it is truncated or corrupt. Download it again.") from None
     except OSError as exc:
-        raise EdgeKitError(f"cannot read {path}: {exc.strerror}.") from None
-    return parse_idx(raw, str(path))
+        raise EdgeKitError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    return parse_idx(head + body, str(path))
+
+
+def _promised_bytes(head: bytes) -> int | None:
+    """Data bytes an IDX header promises, or None if `head` is not a whole IDX header (parse_idx says why)."""
+    if len(head) < 4 or head[:2] != b"\0\0" or head[3] == 0 or len(head) < 4 + 4 * head[3]:
+        return None
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
+    return math.prod(dims)
 
 
 def _find(directory: Path, filename: str) -> Path | None:
