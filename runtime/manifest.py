@@ -234,7 +234,7 @@ def verify_files(directory: str | Path, manifest: dict | None = None, names=None
         if not path.is_file():
             problems.append(f"{name}: missing" if not path.exists() else f"{name}: not a regular file")
         elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            problems.append(f"{name}: {path.stat().st_size:,} bytes, manifest says {entry['bytes']:,} (changed or truncated)")
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
     return problems

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,14 @@ def open_image(path: str | Path):
 
     check_readable_file(path, "image")
     try:
-        image = Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():  # Pillow warns above its own limit; ours is lower and refuses below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise EdgeKitError(f"image {path} claims more pixels than Pillow will decode; expected an image of at most "
+                           f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels (a larger one is refused before decoding, as a "
+                           "decompression bomb). Resize it first.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise EdgeKitError(f"cannot read image {path} ({exc}); expected a PNG or JPEG file.") from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:

@@ -197,3 +197,16 @@ def test_cli_prunes_and_names_the_output(tiny, tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"sparsity 0\.5\d\d", result.stdout) and "next: python -m runtime info" in result.stdout
     assert read_manifest(tmp_path / "cnn-pruned50")["recipe"]["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("verb, parent, settings", [
+    (prune, "tiny", {"sparsity": 0.8}), (prune, "tiny", {"structured": "2:4"}), (cluster, "tiny", {"clusters": 8}),
+    (qat, "tiny", {}), (pqat, "pruned", {}), (cqat, "clustered", {}),
+], ids=["prune", "2of4", "cluster", "qat", "pqat", "cqat"])
+def test_the_same_seed_gives_the_same_bits(tiny, pruned, clustered, tmp_path, verb, parent, settings):
+    """Each technique twice, from the same parent and seed: byte-identical model files (same sha256)."""
+    source = tiny.with_name(parent)
+    first = verb(source, tmp_path / "a", epochs=1, quiet=True, **settings)
+    second = verb(source, tmp_path / "b", epochs=1, quiet=True, **settings)
+    assert first["files"] == second["files"]
+    assert first["metrics"]["accuracy"] == second["metrics"]["accuracy"]
