@@ -186,9 +186,12 @@ def _report(args) -> int:
     from runtime.bench import parse_threads
     from runtime.report import build
 
+    from runtime.fsutil import output_lock
+
     progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = build(args.directory, parse_threads(args.threads), args.seconds, args.runs, bench=not args.no_bench,
-                   rebench=args.rebench, data_dir=args.data_dir, progress=progress)
+    with output_lock(args.directory):  # the report's files are written into DIRECTORY
+        report = build(args.directory, parse_threads(args.threads), args.seconds, args.runs,
+                       bench=not args.no_bench, rebench=args.rebench, data_dir=args.data_dir, progress=progress)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="show an artifact's manifest and verify its files' checksums",
                                description="Show what an artifact directory holds and check every file "
-                                           "against the sha256 in its manifest (exit 2 if any differs).")
+                                           "against the sha256 in its manifest (exit 1 if any differs).")
     info.add_argument("artifact", help="artifact directory (holding manifest.json)")
     info.add_argument("--json", action="store_true", help="print the manifest and the check as JSON")
     info.set_defaults(func=_info)

@@ -135,5 +135,6 @@ def test_a_model_the_converter_rejects_gets_a_clear_error():
     inputs = keras.Input((4, 4, 1))  # MatrixDeterminant is neither a TFLite builtin nor enabled as a flex op
     det = keras.layers.Lambda(lambda x: tf.reshape(tf.linalg.det(tf.reshape(x, (-1, 4, 4))), (-1, 1)))(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2)(det))
-    with pytest.raises(EdgeKitError, match="TFLite converter rejected the model for float32.*MatrixDeterminant"):
+    with pytest.raises(EdgeKitError, match="TFLite converter rejected the model for float32.*MatrixDeterminant") as info:
         to_tflite(model, "float32", None, quantization_aware=False)
+    assert info.value.exit_code == 1 and info.value.__cause__ is not None  # the work failed; --verbose shows why

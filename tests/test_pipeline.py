@@ -174,3 +174,28 @@ def test_pipeline_refuses_other_settings_and_foreign_directories(quick_copy, tmp
     result = run_module("pipeline", "--quick", "--out", str(tmp_path / "mine"), "--force")
     assert result.returncode == 2 and "is not a pipeline directory" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_a_failed_stage_is_recorded_and_the_others_still_run(quick_copy):
+    """The disk fills up while the qat variant is redone: that stage and its export fail, are recorded in
+    pipeline.json, every other stage still runs, nothing half-written is left, and the command exits 1."""
+    import os
+    import resource
+    import signal
+
+    (quick_copy / "fashion_cnn-qat" / "model.weights.h5").unlink()  # 597 KB to write again; the rest is smaller
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400 << 10, 400 << 10))
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--quick", "--out", str(quick_copy)], cwd=ROOT,
+                            capture_output=True, text=True, preexec_fn=small_files_only, timeout=900)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    stages = json.loads((quick_copy / PLAN_FILE).read_text())["stages"]
+    assert stages["optimize:qat"]["status"] == "failed" and "cannot write" in stages["optimize:qat"]["note"]
+    assert stages["export:qat"]["status"] == "failed"
+    assert stages["optimize:pruned80"]["status"] == "skipped" and stages["report"]["status"] == "done"
+    assert "stages that failed: optimize:qat, export:qat" in result.stdout
+    assert [p for p in quick_copy.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
+    assert not (quick_copy / "fashion_cnn-qat" / "model.weights.h5").exists()

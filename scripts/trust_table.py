@@ -1,0 +1,180 @@
+"""Try EdgeKit as an adversary would and print what each bad input gets: exit code and message.
+
+    python scripts/trust_table.py [--workdir DIR]
+
+Trains a tiny model on digits, exports it, then runs every command on the bad inputs of issue 10
+(code in model files, tampered artifacts, bad images and arrays, impossible options) and prints a
+Markdown table: input -> command -> exit code -> the one `error:` line. Takes about 3 minutes on
+2 cores. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, prefix=()) -> tuple[int, str]:
+    done = subprocess.run([*prefix, sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "EDGEKIT_OFFLINE": "1"})
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    if "Traceback" in done.stderr:
+        lines.append("TRACEBACK")
+    return done.returncode, " / ".join(lines) or "(no error line)"
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def cases(w: Path) -> list[tuple[str, list]]:
+    """(what was tried, python -m arguments) after building the files they need in `w`."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from runtime.datasets import load_dataset
+    from runtime.fsutil import sha256_file
+
+    art, model = w / "art", w / "art" / "model.int8.tflite"
+    digits = load_dataset("digits")
+    # code in model files
+    from train.backend import keras, tf
+
+    marker = w / "pwned"
+
+    def net(middle):
+        inputs = keras.Input((28, 28, 1))
+        return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(middle(inputs))))
+
+    net(keras.layers.Lambda(lambda x, p=str(marker): (open(p, "w").close(), x)[1])).save(w / "lambda.h5")
+
+    class Writer(keras.layers.Layer):
+        def call(self, x):
+            with tf.control_dependencies([tf.io.write_file(str(marker), "pwned")]):
+                return tf.identity(x)
+
+    net(Writer()).save(w / "saved", save_format="tf")
+    marker.unlink(missing_ok=True)
+    # tampered artifacts
+    for name in ("abs", "dotdot", "swapped", "sidecar", "nosha"):
+        shutil.copytree(art, w / name)
+    for name, model_file in (("abs", "/etc/x.h5"), ("dotdot", "../lambda.h5")):
+        manifest = json.loads((w / name / "manifest.json").read_text())
+        manifest["model_file"] = model_file
+        manifest["files"][model_file] = manifest["files"]["model.keras"]
+        (w / name / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(w / "lambda.h5", w / "swapped" / "model.keras")
+    sidecar = json.loads((w / "sidecar" / "model.int8.json").read_text())
+    sidecar["input"]["scale"] = "abc"
+    (w / "sidecar" / "model.int8.json").write_text(json.dumps(sidecar))
+    for name in ("model.int8.tflite", "model.int8.json"):
+        shutil.copy(art / name, w / f"nosha.{name.split('.', 1)[1]}")
+    sidecar = json.loads((w / "nosha.int8.json").read_text())
+    sidecar.pop("sha256")
+    (w / "nosha.int8.json").write_text(json.dumps(sidecar))
+    # bad images and arrays
+    Image.fromarray(digits.x_test[0, ..., 0].astype(np.uint16) * 257).save(w / "digit16.png")
+    np.save(w / "float255.npy", digits.x_test[:3].astype(np.float32))
+    np.save(w / "empty.npy", np.zeros((0, 28, 28, 1), np.uint8))
+    with open(w / "huge.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": (292 << 30,)})
+    png_header(w / "bomb.png", 20000, 20000)
+    png_header(w / "bomb31.png", 2**31 - 1, 2**31 - 1)
+    os.mkfifo(w / "fifo.png")
+    (w / "dir.png").mkdir()
+    (w / "loop.png").symlink_to(w / "loop.png")
+    np.save(w / "unreadable.npy", digits.x_test[:1])
+    os.chmod(w / "unreadable.npy", 0)
+    idx = w / "idx"
+    idx.mkdir()
+    header = bytes([0, 0, 8, 3]) + struct.pack(">III", 60000, 1000000, 1000)
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (idx / name).write_bytes(gzip.compress(header))
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (idx / name).write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\0"))
+    failed = w / "failed"
+    failed.mkdir()
+    (failed / "manifest.json").write_text(json.dumps({
+        "name": "failed", "kind": "export", "model": "bare", "dataset": {"name": "digits"}, "parent": {"path": "x"},
+        "created": "2026-11-23T00:00:00+00:00", "versions": {}, "preprocessing": {"size": [28, 28], "channels": 1},
+        "labels": list("0123456789"), "input_shape": [28, 28, 1], "metrics": {"accuracy": None, "size_bytes": 0},
+        "files": {}, "exports": {"float32": {"file": None, "passed": False, "message": "converter refused"}}}))
+    assert sha256_file(model)
+    return [
+        (".h5 with a Lambda that creates a file", ["export", "--all", w / "lambda.h5", "--dataset", "digits",
+                                                    "--out", w / "o1"]),
+        ("SavedModel with tf.io.write_file", ["export", "--tflite", "--onnx", w / "saved", "--dataset", "digits",
+                                              "--out", w / "o2"]),
+        ("manifest model_file: absolute path", ["export", "--tflite", w / "abs"]),
+        ("manifest model_file: ../lambda.h5", ["optimize", "prune", w / "dotdot", "--out", w / "o3"]),
+        ("swapped model.keras", ["export", "--tflite", w / "swapped"]),
+        ("swapped model.keras", ["runtime", "info", w / "swapped"]),
+        ('sidecar "scale": "abc"', ["runtime", "predict", w / "sidecar" / "model.int8.tflite", w / "digit16.png"]),
+        ("sidecar without sha256", ["runtime", "predict", w / "nosha.int8.tflite", w / "digit16.png"]),
+        ("optimize --force A --out A", ["optimize", "prune", "--force", art, "--out", art]),
+        ("optimize --out inside the parent", ["optimize", "prune", art, "--out", art / "sub"]),
+        ("optimize --out containing the parent", ["optimize", "prune", "--force", art, "--out", w]),
+        ("float pixels 0..255 to a [0, 1] model", ["runtime", "predict", model, w / "float255.npy"]),
+        ("20000x20000 PNG header", ["runtime", "predict", model, w / "bomb.png"]),
+        ("2^31-1 x 2^31-1 PNG header", ["runtime", "predict", model, w / "bomb31.png"]),
+        (".npy header claiming 292 GiB", ["runtime", "predict", model, w / "huge.npy"]),
+        ("0-sized .npy", ["runtime", "predict", model, w / "empty.npy"]),
+        ("IDX header promising 60 TB", ["train", "--model", "fashion_cnn", "--dataset", "mnist", "--data-dir", idx,
+                                        "--out", w / "o4"]),
+        ("a FIFO as an image", ["runtime", "predict", model, w / "fifo.png"]),
+        ("a directory as an image", ["runtime", "predict", model, w / "dir.png"]),
+        ("a symlink loop as an image", ["runtime", "predict", model, w / "loop.png"]),
+        ("bench --seconds nan", ["runtime", "bench", model, "--seconds", "nan"]),
+        ("bench --seconds inf", ["runtime", "bench", model, "--seconds", "inf"]),
+        ("report --seconds nan", ["runtime", "report", art, "--seconds", "nan"]),
+        ("pipeline --bench-seconds inf", ["pipeline", "--bench-seconds", "inf", "--out", w / "o5"]),
+        ("train --image-size 100000", ["train", "--model", "fashion_cnn", "--image-size", "100000", "--out",
+                                       w / "o6"]),
+        ("cluster --clusters 100000", ["optimize", "cluster", "--clusters", "100000", art, "--out", w / "o7"]),
+        ("export --opset 1", ["export", "--onnx", "--opset", "1", art]),
+        ("prune --structured 2:4 --sparsity 0.5", ["optimize", "prune", "--structured", "2:4", "--sparsity", "0.5",
+                                                   art, "--out", w / "o8"]),
+        ("runtime info, every format failed", ["runtime", "info", failed]),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="where to build the files (default: a temporary directory)")
+    args = parser.parse_args()
+    w = Path(args.workdir or tempfile.mkdtemp(prefix="edgekit-trust-"))
+    w.mkdir(parents=True, exist_ok=True)
+    code, message = run("train", "--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32",
+                        "--epochs", "2", "--quiet", "--out", w / "art", "--force")
+    assert code == 0, message
+    code, message = run("export", "--tflite", "--quantize", "int8", w / "art", "--quiet")
+    assert code == 0, message
+    print("| input tried | command | exit | message |\n|---|---|---|---|")
+    for what, command in cases(w):
+        code, message = run(*command)
+        shown = " ".join(str(a).replace(str(w) + "/", "") for a in command[:2])
+        print(f"| {what} | `{shown}` | {code} | {message.replace(str(w) + '/', '').replace('|', '/')} |", flush=True)
+    marker = w / "pwned"
+    print(f"\nfile created by model code: {'YES' if marker.exists() else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
