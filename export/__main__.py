@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import EXIT_FAILED, EdgeKitError, run_cli, suggest
+from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
@@ -32,7 +32,7 @@ error (nothing was done).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Export a model to TFLite and ONNX, verifying every file.",
                                      epilog=EPILOG)
     parser.add_argument("source", help="artifact directory, or a .keras/.h5 file or SavedModel directory")

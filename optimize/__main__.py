@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import run_cli, unknown
+from runtime.errors import ArgumentParser, run_cli, unknown
 
 TECHNIQUES = {
     "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
@@ -50,7 +50,7 @@ def _common(parser, epochs, lr):
 def build_parser() -> argparse.ArgumentParser:
     from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m optimize", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Optimize an EdgeKit artifact with tensorflow-model-optimization.", epilog=EPILOG)
     commands = parser.add_subparsers(dest="technique", metavar="TECHNIQUE")

@@ -8,7 +8,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them
 
-from runtime.errors import run_cli
+from runtime.errors import ArgumentParser, run_cli
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
 
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="EdgeKit's main job. Train a model, derive the optimized variants, export each to the formats "
                     "that make sense for it, verify every file against its Keras model, evaluate and benchmark "

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from runtime.errors import EdgeKitError, run_cli
+from runtime.errors import ArgumentParser, EdgeKitError, run_cli
 
 
 def _number(value, spec: str, unit: str = "") -> str:
@@ -209,7 +209,7 @@ def _add_threads(parser, default):
 def build_parser() -> argparse.ArgumentParser:
     from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m runtime",
         description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and run, evaluate and benchmark "
                     ".tflite and .onnx models on this CPU.")

@@ -18,6 +18,7 @@ traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -79,6 +80,13 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> EdgeKitError:
     return EdgeKitError(
         f"unknown {kind} '{name}'; expected one of: {', '.join(choices)}.{suggest(name, choices)}"
     )
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported like every other error: one line, exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}; see {self.prog} --help.\n")
 
 
 def first_line(exc: BaseException) -> str:

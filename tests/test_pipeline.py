@@ -179,7 +179,6 @@ def test_pipeline_refuses_other_settings_and_foreign_directories(quick_copy, tmp
 def test_a_failed_stage_is_recorded_and_the_others_still_run(quick_copy):
     """The disk fills up while the qat variant is redone: that stage and its export fail, are recorded in
     pipeline.json, every other stage still runs, nothing half-written is left, and the command exits 1."""
-    import os
     import resource
     import signal
 

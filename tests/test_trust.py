@@ -506,3 +506,13 @@ def test_every_format_is_attempted_and_every_failure_reported(tiny, tmp_path, mo
     assert isinstance(results["int16x8"].error.__cause__, ArtifactError)
     assert read_manifest(art)["exports"]["int16x8"]["passed"] is False
     assert not (art / "model.int16x8.tflite").exists() and verify_files(art) == []
+
+
+def test_verbose_shows_the_original_cause(exported, tmp_path, digits):
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"not a flatbuffer" * 100)
+    np.save(tmp_path / "x.npy", digits.x_test[:1])
+    quiet = run_module("runtime", "predict", str(garbage), str(tmp_path / "x.npy"))
+    _one_line(quiet, 1, "is not a valid TFLite model", "export it again")
+    loud = run_module("runtime", "predict", str(garbage), str(tmp_path / "x.npy"), "--verbose")
+    assert loud.returncode == 1 and "caused by:" in loud.stderr and "Traceback" in loud.stderr, loud.stderr

@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from runtime.datasets import DATASET_NAMES
-from runtime.errors import run_cli
+from runtime.errors import ArgumentParser, run_cli
 
 EPILOG = """\
 examples:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from train.models import _REGISTRY  # names and descriptions only; no TensorFlow
 
     models = "\n".join(f"  {name:<12} {spec.description}" for name, spec in _REGISTRY.items())
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an image classifier and write an EdgeKit artifact directory "
                     "(model.keras, manifest.json, training.png, confusion.png).\n\nmodels:\n" + models,
