@@ -157,25 +157,49 @@ def _scheme(recipe):
     return quant.default_8bit.Default8BitQuantizeScheme()
 
 
+def _producers(layer) -> list:
+    """The layers whose outputs `layer` takes (in the model being cloned)."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if not nodes:
+        return []
+    inbound = nodes[0].inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
 def prepare_qat(model, recipe: QATRecipe | PQATRecipe | CQATRecipe, steps_per_epoch: int) -> Prepared:
-    """QAT and its collaborative forms: annotate supported layers, then quantize_apply with the scheme."""
+    """QAT and its collaborative forms: annotate the model as tfmot's quantize_model does, then quantize_apply.
+
+    Every layer the scheme supports is annotated, and so is every BatchNormalization that follows an
+    annotated layer: tfmot's layout transforms then fold it into its convolution (Conv-BN-ReLU becomes one
+    quantized op), so the int8 file has no float island between them. A layer named by --exclude stays
+    float, and so does a BatchNormalization after it: that layer alone is float.
+    """
     quant = tfmot.quantization.keras
     scheme = _scheme(recipe)
     registry = scheme.get_quantize_registry()
+    annotated = set()
 
     def decide(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            producers = _producers(layer)
+            if producers and all(p.name in annotated for p in producers):
+                return None
+            return "BatchNormalization after a layer that stays float"
         return None if registry.supports(layer) else "not supported by tfmot's 8-bit quantization"
 
-    annotated, touched, skipped = _clone_wrapping(model, recipe, decide, quant.quantize_annotate_layer,
-                                                  kernels_only=False)
+    def annotate(layer):
+        annotated.add(layer.name)
+        return quant.quantize_annotate_layer(layer)
+
+    wrapped, touched, skipped = _clone_wrapping(model, recipe, decide, annotate, kernels_only=False)
     try:
         with quant.quantize_scope():
-            quantized = quant.quantize_apply(annotated, scheme)
+            quantized = quant.quantize_apply(wrapped, scheme)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise EdgeKitError(f"tfmot cannot apply {recipe.technique.value} to this model: {exc}") from None
     return Prepared(quantized, lambda m: m, touched, skipped,
                     details={"scheme": type(scheme).__name__, "weights": "int8 per-channel",
-                             "activations": "int8 per-tensor"})
+                             "activations": "int8 per-tensor", "batchnorm": "folded into its convolution"})
 
 
 PREPARE = {"prune": prepare_prune, "cluster": prepare_cluster, "qat": prepare_qat, "pqat": prepare_qat,

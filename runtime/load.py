@@ -462,6 +462,24 @@ def load(path: str | Path, threads: int | None = None) -> Model:
     return cls(path, threads, sidecar)
 
 
+def tflite_census(model: bytes | str | Path) -> dict:
+    """What a .tflite file is made of, as LiteRT reads it: {"ops": {name: count}, "dtypes": {dtype: tensors},
+    "float_ops": [names of ops with a float32 input or output]}. A fully integer file has no float op."""
+    from collections import Counter
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    interpreter = Interpreter(model_content=data)
+    tensors = interpreter.get_tensor_details()
+    dtype = {t["index"]: np.dtype(t["dtype"]).name for t in tensors}
+    ops = interpreter._get_ops_details()  # LiteRT has no public per-op listing
+    return {"ops": dict(Counter(op["op_name"] for op in ops)),
+            "dtypes": dict(Counter(dtype.values())),
+            "float_ops": [op["op_name"] for op in ops
+                          if any(dtype.get(i) == "float32" for i in [*op["inputs"], *op["outputs"]] if i >= 0)]}
+
+
 def read_npy(path: Path) -> np.ndarray:
     """A .npy array, its header checked against the file before anything is allocated: a header that
     promises more bytes than the file holds (or none at all) is refused, pickled objects are never loaded."""

@@ -1,0 +1,46 @@
+"""Are the int8 files of QAT, PQAT and CQAT fully integer? Op and tensor-type census of each, per model.
+
+    python scripts/int8_census.py [--models fashion_cnn,resnet,resnet20,mobilenet] [--techniques qat,pqat,cqat]
+
+For every registered model (trained one epoch on 96 digits images), converts the post-training int8
+file and each technique's int8 file, and prints: file size, size against post-training int8, the
+operators, tensor dtypes and float operators (a fully integer file has none). CQAT on the deeper
+models takes minutes (tfmot's cluster-preserving graph is slow to fine-tune and convert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="fashion_cnn,resnet,resnet20,mobilenet")
+    parser.add_argument("--techniques", default="qat,pqat,cqat")
+    args = parser.parse_args()
+    from runtime.datasets import load_dataset
+    from runtime.load import tflite_census
+    from test_qat_int8 import int8_files
+
+    digits = load_dataset("digits")
+    small = dataclasses.replace(digits, x_train=digits.x_train[:96], y_train=digits.y_train[:96],
+                                x_val=digits.x_val[:32], y_val=digits.y_val[:32])
+    print("| model | file | bytes | vs int8 | float ops | dtypes | ops |\n|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        files = int8_files(name, small, args.techniques.split(","))
+        for technique, data in files.items():
+            census = tflite_census(data)
+            ops = ", ".join(f"{op} {n}" for op, n in sorted(census["ops"].items()))
+            print(f"| {name} | {technique} | {len(data):,} | {len(data) / len(files['plain']):.3f} | "
+                  f"{len(census['float_ops'])} | {census['dtypes']} | {ops} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

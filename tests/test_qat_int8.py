@@ -1,0 +1,97 @@
+"""QAT, PQAT and CQAT give fully integer TFLite files: BatchNorm folded into its convolution, no float
+island, and about the size of the post-training int8 file."""
+
+import dataclasses
+
+import pytest
+
+from optimize.api import optimize_model
+from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
+from runtime.load import tflite_census
+from train.models import list_models
+
+FAST = {"epochs": 1}
+# The techniques whose int8 file each model's test converts. PQAT and CQAT use the same layout transform as
+# QAT (BatchNorm folding is the scheme's, not the quantizer's), and CQAT's tfmot graph takes minutes to
+# convert on the deeper models (mobilenet: 115 s to fine-tune, 85 s to convert), so the suite checks them
+# on one plain and one residual architecture; scripts/int8_census.py checks every model and technique.
+TECHNIQUES = {"fashion_cnn": ("qat", "pqat", "cqat"), "resnet": ("qat", "pqat", "cqat"), "resnet20": ("qat",),
+              "mobilenet": ("qat", "pqat")}
+SMALL_ARGS = {"fashion_cnn": {"filters": [8, 16], "dense": 32}}
+
+
+@pytest.fixture(scope="session")
+def small(digits):
+    """96 training images: enough to fine-tune each technique for one real epoch in a second or two."""
+    return dataclasses.replace(digits, x_train=digits.x_train[:96], y_train=digits.y_train[:96],
+                               x_val=digits.x_val[:32], y_val=digits.y_val[:32])
+
+
+def int8_files(name: str, dataset, techniques) -> dict[str, bytes]:
+    """For one registered model: the int8 file of its float parent (trained one epoch; post-training,
+    calibrated) and of each technique (pqat on a pruned parent, cqat on a clustered one)."""
+    from export.convert import to_tflite
+    from train.backend import keras
+    from train.models import create_model
+    from train.trainer import compile_model, fit, seed_everything
+
+    def fresh(model):  # an independent copy, as each optimize run loads its parent from disk
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        return copy
+
+    seed_everything(0)
+    parent = create_model(name, dataset.input_shape, dataset.num_classes, **SMALL_ARGS.get(name, {}))
+    compile_model(parent, 1e-3)
+    fit(parent, dataset, epochs=1, batch_size=32, seed=0, quiet=True)
+    files = {"plain": to_tflite(parent, "int8", dataset.arrays("train")[0][:32], False)}
+    sources = {"qat": (QATRecipe(**FAST), lambda: (parent, None))}
+    if "pqat" in techniques:
+        def pruned():
+            result = optimize_model(fresh(parent), PruneRecipe(sparsity=0.5, **FAST), dataset, quiet=True)
+            return result.model, result.facts
+        sources["pqat"] = (PQATRecipe(**FAST), pruned)
+    if "cqat" in techniques:
+        def clustered():
+            result = optimize_model(fresh(parent), ClusterRecipe(clusters=8, **FAST), dataset, quiet=True)
+            return result.model, {**result.facts, "clusters": 8}
+        sources["cqat"] = (CQATRecipe(preserve_sparsity=False, **FAST), clustered)
+    for technique in techniques:
+        recipe, source = sources[technique]
+        model, facts = source()
+        result = optimize_model(fresh(model), recipe, dataset, quiet=True, parent_facts=facts)
+        files[technique] = to_tflite(result.model, "int8", None, True)
+    return files
+
+
+@pytest.fixture(scope="session", params=list_models())
+def quantization_aware(request, small):
+    return request.param, int8_files(request.param, small, TECHNIQUES[request.param])
+
+
+def test_quantization_aware_int8_files_are_fully_integer(quantization_aware):
+    name, files = quantization_aware
+    plain = tflite_census(files["plain"])
+    assert plain["float_ops"] == []
+    for technique in TECHNIQUES[name]:
+        census = tflite_census(files[technique])
+        assert census["float_ops"] == [], (name, technique, census)
+        assert set(census["dtypes"]) <= {"int8", "int32"}, (name, technique, census)  # int32: biases, shapes
+        assert census["ops"] == plain["ops"], (name, technique)  # the very graph of post-training int8
+
+
+def test_qat_int8_is_the_size_of_post_training_int8(quantization_aware):
+    name, files = quantization_aware
+    assert abs(len(files["qat"]) / len(files["plain"]) - 1) <= 0.03, (name, len(files["qat"]), len(files["plain"]))
+
+
+def test_excluded_layers_and_their_batchnorm_stay_float_in_the_keras_model(small):
+    from train.models import create_model
+
+    model = create_model("fashion_cnn", small.input_shape, small.num_classes, **SMALL_ARGS["fashion_cnn"])
+    result = optimize_model(model, QATRecipe(exclude=("block2_conv1",), **FAST), small, quiet=True)
+    assert result.facts["skipped"] == {"block2_conv1": "excluded by --exclude",
+                                       "block2_bn1": "BatchNormalization after a layer that stays float"}
+    wrapped = {layer.name for layer in result.model.layers if layer.name.startswith("quant_")}
+    assert "quant_block2_conv1" not in wrapped and "quant_block1_conv1" in wrapped
+    assert "quant_block1_bn1" in wrapped  # folded with its convolution by tfmot's transform
