@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.formats import (FORMATS, MAX_ABS_DIFF, MAX_ACCURACY_DROP, MIN_AGREEMENT, QAT_FORMATS, Format,
-                            check_options, get_format)
+from export.formats import (FORMATS, MAX_ACCURACY_DROP, QAT_FORMATS, Format, check_max_accuracy_drop,
+                            check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
@@ -101,26 +101,6 @@ def _metadata(source: Source) -> dict[str, str]:
             "edgekit.source": str(source.path.name)}
 
 
-def _figures(fmt: Format, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> tuple[dict, str]:
-    """Compare with Keras on the test split; return the figures and '' or why the check failed."""
-    keras_accuracy = float(np.mean(reference.argmax(1) == labels))
-    accuracy = float(np.mean(logits.argmax(1) == labels))
-    figures = {
-        "max_abs_diff": float(np.max(np.abs(logits - reference))),
-        "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
-        "accuracy": accuracy, "keras_accuracy": keras_accuracy, "accuracy_change": accuracy - keras_accuracy,
-        "test_samples": int(len(labels)), "criterion": fmt.check,
-    }
-    if fmt.check == "max_abs_diff" and figures["max_abs_diff"] > MAX_ABS_DIFF:
-        return figures, f"max |logit difference| {figures['max_abs_diff']:.2e} > {MAX_ABS_DIFF:g}"
-    if fmt.check == "agreement" and figures["agreement"] < MIN_AGREEMENT:
-        return figures, f"top-1 agreement {figures['agreement']:.2%} < {MIN_AGREEMENT:.1%}"
-    if fmt.check == "accuracy" and accuracy < keras_accuracy - MAX_ACCURACY_DROP:
-        return figures, (f"accuracy {accuracy:.2%} is {(keras_accuracy - accuracy) * 100:.2f} points below "
-                         f"Keras's {keras_accuracy:.2%} (limit {MAX_ACCURACY_DROP * 100:.1f})")
-    return figures, ""
-
-
 def _check_file(fmt: Format, data: bytes) -> None:
     """The file opens in the usual tools: onnx.checker for ONNX (LiteRT loads TFLite in verification)."""
     if fmt.backend == "onnx":
@@ -133,7 +113,7 @@ def _check_file(fmt: Format, data: bytes) -> None:
 
 
 def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, opset=None,
-                   calibration_method=None) -> list[Format]:
+                   calibration_method=None, max_accuracy_drop=MAX_ACCURACY_DROP) -> list[Format]:
     """Every option checked against what is possible, before TensorFlow loads or anything is read."""
     fmts = [get_format(key) for key in formats]
     if not fmts:
@@ -145,6 +125,7 @@ def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, 
                            f"got '{calibration_method}'.")
     if type(calibration_samples) is not int or calibration_samples < 1:
         raise EdgeKitError(f"--calibration-samples must be a positive integer; got {calibration_samples!r}.")
+    check_max_accuracy_drop(max_accuracy_drop)
     if opset is not None and (type(opset) is not int or opset not in OPSETS):
         raise EdgeKitError(f"--opset must be {OPSETS.start}..{OPSETS.stop - 1} (per-channel int8 needs 13; tf2onnx "
                            f"writes up to {OPSETS.stop - 1}); got {opset!r}.")
@@ -154,7 +135,7 @@ def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, 
 def export(source: str | Path, formats: list[str], out: str | Path | None = None, *,
            calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, opset: int | None = None,
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
-           progress=print, trust: bool = False) -> list[Result]:
+           progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP) -> list[Result]:
     """Export `source` (artifact dir or bare model file) to `formats`; verify and record each.
 
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
@@ -162,7 +143,7 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     failure (a converter's refusal, a failed check) is returned in its Result, not raised.
     """
     fmts = check_settings(formats, calibration_samples=calibration_samples, opset=opset,
-                          calibration_method=calibration_method)
+                          calibration_method=calibration_method, max_accuracy_drop=max_accuracy_drop)
     path = Path(source)
     default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
     out = Path(out) if out else default
@@ -174,11 +155,11 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         check_out_apart(out, [path])
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust)
+                       trust, float(max_accuracy_drop))
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust) -> list[Result]:
+            trust, max_accuracy_drop) -> list[Result]:
     from export import convert
     from runtime.load import load
 
@@ -215,7 +196,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                         convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
             _check_file(fmt, data)
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
-                                               len(calibration), calibration_method, opset))
+                                               len(calibration), calibration_method, opset, max_accuracy_drop))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -225,7 +206,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     return results
 
 
-def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset) -> Result:
+def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
+                        max_accuracy_drop) -> Result:
     import gzip
 
     from runtime.errors import VerificationError
@@ -240,7 +222,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         except EdgeKitError as exc:
             raise VerificationError(f"EdgeKit's runtime cannot load the file the converter wrote: {exc}") from exc
         logits = model.logits(x_test)
-        figures, failure = _figures(fmt, logits, reference, y_test)
+        figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if failure:
             return Result(fmt.key, None, False, figures, f"{fmt.key}: {failure}")
@@ -255,7 +237,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
         "sha256": sha256_file(final), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
-        "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": "logits"},
+        "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": _output_kind(src.model, reference)},
         "preprocessing": src.dataset.preprocessing.to_dict(), "labels": list(src.dataset.labels),
         "source": {"path": str(src.path), "kind": src.kind, "model_file": src.model_file.name,
                    "sha256": sha256_file(src.model_file) if src.model_file.is_file() else None},
@@ -269,6 +251,17 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     }
     atomic_write_json(out / fmt.sidecar, sidecar)
     return Result(fmt.key, final, True, figures)
+
+
+def _output_kind(model, reference: np.ndarray) -> str:
+    """'probabilities' when the Keras model ends in softmax (its last layer's activation, or a Softmax layer)
+    and its outputs on the test split are probabilities (non-negative, rows summing to 1); else 'logits'."""
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    declared = activation == "softmax" or type(last).__name__ == "Softmax"
+    confirmed = bool(len(reference)) and bool((reference >= 0).all()) and \
+        bool(np.allclose(reference.sum(axis=1), 1.0, atol=1e-3))
+    return "probabilities" if declared and confirmed else "logits"
 
 
 def _default_opset() -> int:

@@ -94,6 +94,10 @@ class Model:
         self._check_sidecar()
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
         self._out_table = self._out_exp = None
+        # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
+        # then returns them as they are, never normalized twice
+        recorded = ((sidecar or {}).get("output") or {}).get("kind")
+        self.output_kind = recorded if recorded in ("logits", "probabilities") else self._graph_output_kind()
         if output_info.scale and output_info.dtype in ("int8", "uint8"):
             raw = np.arange(256, dtype=np.uint8).view(output_info.dtype)
             self._out_table = dequantize(raw, output_info)  # raw byte -> logit
@@ -250,12 +254,19 @@ class Model:
 
     # --- inference -----------------------------------------------------------------------
     def logits(self, x, batch_size: int = 256) -> np.ndarray:
-        """Float logits (N, classes) for uint8 pixels or preprocessed float input."""
+        """The model's float output (N, classes) for uint8 pixels or preprocessed float input: logits, or
+        probabilities for a model that ends in softmax (`output_kind`)."""
         return self._fetch(self._outputs(x, batch_size))
 
+    def _graph_output_kind(self) -> str:
+        return "logits"
+
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (softmax of the logits), (N, classes)."""
+        """Class probabilities, (N, classes): the softmax of the logits, or the model's own output when it
+        ends in softmax (`output_kind`)."""
         raw = self._outputs(x, batch_size)
+        if self.output_kind == "probabilities":
+            return self._fetch(raw)
         if self._out_exp is None:
             return softmax(self._fetch(raw))
         e = self._out_exp.take(raw.view(np.uint8))  # exp of the dequantized logits, by table lookup
@@ -332,6 +343,15 @@ class _TFLiteModel(Model):
         self._fixed = self.batch
         self.batch = None  # try resizing first; _run falls back to looping
 
+    def _graph_output_kind(self) -> str:
+        """'probabilities' when the op that makes the output tensor is SOFTMAX."""
+        try:
+            ops = self._interpreter._get_ops_details()  # LiteRT has no public per-op listing
+        except (AttributeError, RuntimeError, ValueError):
+            return "logits"
+        makers = [op["op_name"] for op in ops if self._out in list(op["outputs"])]
+        return "probabilities" if makers == ["SOFTMAX"] else "logits"
+
     @staticmethod
     def _info(detail) -> TensorInfo:
         scale, zero_point = detail["quantization"]
@@ -339,35 +359,57 @@ class _TFLiteModel(Model):
         return TensorInfo(detail["name"], shape, np.dtype(detail["dtype"]).name, float(scale), int(zero_point))
 
     def _resize(self, n: int) -> bool:
-        interpreter = self._interpreter
+        """Resize the input to a batch of n; False (and loop from now on) when the graph will not take it.
+
+        Whether it did is only certain after an invoke: some graphs (EfficientNet's) know their output
+        shape only then, and a graph that pins its batch in a reshape still allocates. `_run` checks.
+        """
         if self._resized == n:
             return True
         try:
-            interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
-            interpreter.allocate_tensors()
-            ok = int(interpreter.get_output_details()[0]["shape"][0]) == n
+            self._interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
+            self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError):
-            ok = False
-        if not ok:  # restore the graph's own batch size and loop over it from now on
-            interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
-            interpreter.allocate_tensors()
-            self._resized, self._loop, self.batch = self._fixed, True, self._fixed
-            return False
+            return self._stop_resizing(n)
         self._resized = n
         return True
 
-    def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        if not self._loop and not self._resize(len(x)):
-            step = self.batch
-            return np.concatenate([self._run_padded(x[i:i + step], pixels) for i in range(0, len(x), step)])
+    def _stop_resizing(self, n: int) -> bool:
+        """Go back to the graph's own batch size and run chunk by chunk from now on."""
+        if self._fixed is None:
+            raise ArtifactError(f"{self.path.name} declares a dynamic batch, but LiteRT cannot run it on a batch of "
+                                f"{n}; export the model again, or pass one image at a time.")
+        self._interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
+        self._interpreter.allocate_tensors()
+        self._resized, self._loop, self.batch = self._fixed, True, self._fixed
+        return False
+
+    def _looped(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        step = self.batch
+        return np.concatenate([self._run_padded(x[i:i + step], pixels) for i in range(0, len(x), step)])
+
+    def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         interpreter = self._interpreter
         interpreter.set_tensor(self._in, self._feed(x, pixels))
         interpreter.invoke()
         return interpreter.get_tensor(self._out)
 
+    def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        if self._loop:
+            return self._invoke(x, pixels)
+        if not self._resize(len(x)):
+            return self._looped(x, pixels)
+        y = self._invoke(x, pixels)
+        if len(y) != len(x):  # the graph pins its batch size (a reshape to a constant shape)
+            self._stop_resizing(len(x))
+            return self._looped(x, pixels)
+        return y
+
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
-        if (not self._loop and not self._resize(len(x))) or (self._loop and len(x) != self.batch):
+        if not self._loop and (not self._resize(len(x)) or len(self._invoke(x, pixels)) != len(x)):
+            self._stop_resizing(len(x))
+        if self._loop and len(x) != self.batch:
             raise self._fixed_batch_error()
         self._interpreter.set_tensor(self._in, self._feed(x, pixels))
         return self._interpreter.invoke

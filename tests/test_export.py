@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_module
 from export import FORMATS, export
-from export.formats import MAX_ABS_DIFF, MAX_ACCURACY_DROP, MIN_AGREEMENT
+from export.formats import FLOAT_ATOL, FLOAT_RTOL, MAX_ACCURACY_DROP, MIN_AGREEMENT, get_format, verify
 from runtime.errors import EdgeKitError
 from runtime.load import load
 from runtime.manifest import read_manifest, verify_files
@@ -24,13 +24,15 @@ def test_every_format_matches_keras_through_the_runtime(exported, keras_referenc
     x, y, reference = keras_reference
     logits = load(artifact / fmt.filename).logits(x)  # the TensorFlow-free runtime, not the converter
     agreement = np.mean(logits.argmax(1) == reference.argmax(1))
-    if fmt.check == "max_abs_diff":
-        assert np.max(np.abs(logits - reference)) <= MAX_ABS_DIFF
-    elif fmt.check == "agreement":
-        assert agreement >= MIN_AGREEMENT
+    if fmt.kind == "float":
+        assert np.all(np.abs(logits - reference) <= FLOAT_ATOL + FLOAT_RTOL * np.abs(reference))
+        assert result.figures["sqnr_db"] > 60
     else:
-        assert np.mean(logits.argmax(1) == y) >= np.mean(reference.argmax(1) == y) - MAX_ACCURACY_DROP
+        assert agreement >= MIN_AGREEMENT
+        assert np.mean(logits.argmax(1) == y) >= np.mean(reference.argmax(1) == y) - MAX_ACCURACY_DROP / 100
+        assert 10 < result.figures["sqnr_db"] and result.figures["cosine"] > 0.99
     assert result.figures["agreement"] == pytest.approx(agreement)
+    assert result.figures["rule"]["kind"] == fmt.kind
 
 
 @pytest.mark.parametrize("key", list(FORMATS))
@@ -80,7 +82,7 @@ def test_qat_artifact_exports_a_true_int8_model(tiny, tmp_path):
     assert result.passed, result.message
     model = load(result.file)
     assert model.input.dtype == "int8" and model.output.dtype == "int8"
-    assert result.figures["accuracy"] >= result.figures["keras_accuracy"] - MAX_ACCURACY_DROP
+    assert result.figures["accuracy"] >= result.figures["keras_accuracy"] - MAX_ACCURACY_DROP / 100
     assert json.loads((tmp_path / "qat" / "model.int8.json").read_text())["calibration"] is None  # learned ranges
     with pytest.raises(EdgeKitError, match="quantization-aware .* exports to int8 only"):
         export(tmp_path / "qat", ["float32"], progress=lambda s: None)
@@ -95,13 +97,14 @@ def test_bare_keras_file_exports_with_a_dataset(tiny, tmp_path):
 
 
 def test_a_failed_check_leaves_no_file_that_looks_valid(tiny, tmp_path, monkeypatch):
-    import export.api as api
-
     artifact = tmp_path / "tiny"
     shutil.copytree(tiny, artifact)
-    monkeypatch.setattr(api, "MAX_ABS_DIFF", 0.0)  # no float model is bit-exact: the check must fail
+    import export.formats as formats
+
+    monkeypatch.setattr(formats, "FLOAT_ATOL", 0.0)  # no float model is bit-exact: the check must fail
+    monkeypatch.setattr(formats, "FLOAT_RTOL", 0.0)
     (result,) = export(artifact, ["float32"], progress=lambda s: None)
-    assert not result.passed and "max |logit difference|" in result.message
+    assert not result.passed and "outputs differ from Keras by more than" in result.message
     assert not (artifact / "model.float32.tflite").exists() and not (artifact / "model.float32.json").exists()
     assert [p.name for p in artifact.iterdir() if p.name.startswith(".")] == []
     assert read_manifest(artifact)["exports"]["float32"]["passed"] is False
@@ -115,6 +118,7 @@ def test_a_failed_check_leaves_no_file_that_looks_valid(tiny, tmp_path, monkeypa
     (["--tflite", "ART/model.keras"], "bare model file.*--dataset"),
     (["--tflite", "ART", "--out", "ART/model.keras/sub"], "is inside .*which this command reads from"),
     (["--onnx", "--opset", "1", "ART"], "--opset must be 13..18"),
+    (["--tflite", "--quantize", "int8", "--max-accuracy-drop", "nan", "ART"], "in points of accuracy, 0 to 100"),
     (["--tflite", "--quantize", "int8", "--calibration-samples", "0", "ART"], "must be a positive integer"),
     (["ART"], "nothing to export"),
 ])
@@ -138,3 +142,22 @@ def test_a_model_the_converter_rejects_gets_a_clear_error():
     with pytest.raises(EdgeKitError, match="TFLite converter rejected the model for float32.*MatrixDeterminant") as info:
         to_tflite(model, "float32", None, quantization_aware=False)
     assert info.value.exit_code == 1 and info.value.__cause__ is not None  # the work failed; --verbose shows why
+
+
+def test_one_rule_fails_broken_and_untrained_models_and_passes_large_logits(keras_reference):
+    x, y, reference = keras_reference
+    int8, float32 = get_format("int8"), get_format("float32")
+    rng = np.random.default_rng(0)
+    assert verify(int8, reference + rng.normal(0, 0.01, reference.shape), reference, y)[1] == ""
+    shuffled = reference[rng.permutation(len(reference))]  # a broken file: right scores, wrong images
+    assert verify(int8, shuffled, reference, y)[1] != ""
+    # An untrained model: chance accuracy in both files, so accuracy alone would pass; agreement does not.
+    untrained = rng.normal(0, 1, reference.shape)
+    noisy = untrained + rng.normal(0, 1, reference.shape)
+    figures, failure = verify(int8, noisy, untrained, y, max_accuracy_drop=5)
+    assert abs(figures["accuracy_change"]) < 0.05 and figures["agreement"] < 0.5
+    assert "top-1 agreement" in failure  # within even a 5-point budget; agreement catches it
+    large = reference * 1e4  # logits in the tens of thousands: 1e-4 alone would fail float32's rounding
+    figures, failure = verify(float32, large * (1 + 1e-6), large, y)
+    assert failure == "" and figures["max_abs_diff"] > 1e-4 and figures["sqnr_db"] > 100
+    assert "outputs differ" in verify(float32, large * 1.01, large, y)[1]
