@@ -12,6 +12,7 @@ check is deleted; every failure is reported at once.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 from pathlib import Path
@@ -28,7 +29,8 @@ from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, cor
 
 DEFAULT_CALIBRATION_SAMPLES = 300
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-OPSETS = range(13, 19)  # per-channel QDQ needs 13; tf2onnx 1.17 writes up to 18
+OPSETS = range(13, 19)
+VERIFY_BATCH = 32  # images per runtime call when verifying: bounds the interpreter's arena on large models  # per-channel QDQ needs 13; tf2onnx 1.17 writes up to 18
 
 
 @dataclasses.dataclass
@@ -195,6 +197,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 data = (onnx_proto.SerializeToString() if fmt.key == "onnx" else
                         convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
             _check_file(fmt, data)
+            gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
@@ -221,7 +224,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             model = load(tmp)
         except EdgeKitError as exc:
             raise VerificationError(f"EdgeKit's runtime cannot load the file the converter wrote: {exc}") from exc
-        logits = model.logits(x_test)
+        logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if failure:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import tempfile
@@ -48,14 +49,28 @@ def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_awar
         raise ConversionError(f"the TFLite converter rejected the model for {key}: {_reason(exc)}") from exc
 
 
+def _collecting(factory):
+    """A tf2onnx optimizer factory that first collects garbage. tf2onnx deep-copies the whole graph (weights
+    included) before every optimizer pass, and the copies sit in reference cycles that Python frees only
+    when its collector runs: ResNet50 at 64x64 peaked at 6.9 GB converting, 2.6 GB with this."""
+    def make():
+        gc.collect()
+        return factory()
+    return make
+
+
 def to_onnx(model, opset: int, metadata: dict[str, str]):
     """A float ONNX ModelProto with a dynamic batch dimension and EdgeKit metadata_props."""
+    from collections import OrderedDict
+
     import tf2onnx
 
     spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
+    optimizers = OrderedDict((name, _collecting(factory))
+                             for name, factory in tf2onnx.optimizer._get_optimizers().items())
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,
-                                              output_path=None)
+                                              output_path=None, optimizers=optimizers)
     except Exception as exc:
         raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {_reason(exc)}") from exc
     for key, value in metadata.items():
@@ -90,7 +105,10 @@ def onnx_int8(float_proto, calibration: np.ndarray, method: str, metadata: dict[
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=methods[method])
+                                calibrate_method=methods[method],
+                                # min/max merged every 16 samples instead of every intermediate output of
+                                # every sample held at once (ResNet50 at 64x64: 9.9 GB without)
+                                extra_options={"CalibMaxIntermediateOutputs": 16})
             quantized = onnx.load(target)
         except OSError:
             raise
@@ -113,5 +131,5 @@ def _reason(exc: BaseException) -> str:
 
 
 def keras_logits(model, x: np.ndarray) -> np.ndarray:
-    return model.predict(x, batch_size=256, verbose=0)
+    return model.predict(x, batch_size=32, verbose=0)
 

@@ -172,7 +172,7 @@ def _bench(args) -> int:
         raise EdgeKitError("give --runs or --seconds, not both.")
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
     results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
-                    progress)
+                    progress, inputs=args.input)
     if args.json:
         print(json.dumps(results, indent=1))
     elif args.csv:
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="K",
                        help=f"untimed calls first (default {DEFAULT_WARMUP})")
     bench.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default 1)")
+    bench.add_argument("--input", choices=("pixels", "float"), default="pixels",
+                       help="what predict is given: uint8 pixels it preprocesses itself (default), or float input "
+                            "already preprocessed (a model without a sidecar always takes float)")
     output = bench.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print every figure as JSON")
     output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")

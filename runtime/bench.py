@@ -97,7 +97,8 @@ def _peak_rss_mb() -> float:
 
 
 def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, seconds: float | None = None,
-            warmup: int = DEFAULT_WARMUP, seed: int = 0, spawned: float | None = None) -> dict:
+            warmup: int = DEFAULT_WARMUP, seed: int = 0, spawned: float | None = None,
+            inputs: str = "pixels") -> dict:
     """Measure one model at one thread count in this process (the worker's job).
 
     `spawned`: the wall-clock time the process was started, so the cold start covers
@@ -114,6 +115,8 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     h, w, c = model.input_shape
     if model.preprocessing is not None:  # what a camera gives: uint8 pixels, preprocessed by predict itself
         x = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
+        if inputs == "float":  # input the caller preprocessed already
+            x = model.preprocessing.apply(x)
     else:
         x = rng.standard_normal((batch, h, w, c)).astype(np.float32)
     t0 = time.perf_counter()
@@ -141,7 +144,8 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     return {
         "model": str(path), "name": Path(path).name, "format": model.format,
         "variant": (model.sidecar or {}).get("format"), "size_bytes": model.size_bytes,
-        "input_dtype": model.input.dtype, "threads": threads, "batch": batch, "warmup": warmup,
+        "input_dtype": model.input.dtype, "inputs": "float" if x.dtype != np.uint8 else "pixels",
+        "threads": threads, "batch": batch, "warmup": warmup,
         "load_ms": load_s * 1e3, "first_ms": first_s * 1e3,
         "invoke_ms": invoke, "call_ms": call,
         "overhead": call["median"] / invoke["median"] - 1.0,
@@ -150,9 +154,10 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     }
 
 
-def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600) -> dict:
+def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600,
+               inputs: str = "pixels") -> dict:
     """Measure in a fresh Python process; errors come back as EdgeKitError."""
-    spec = json.dumps({"path": str(path), "threads": threads, "batch": batch, "runs": runs,
+    spec = json.dumps({"path": str(path), "threads": threads, "batch": batch, "runs": runs, "inputs": inputs,
                        "seconds": seconds, "warmup": warmup, "spawned": time.time()})
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
@@ -184,7 +189,7 @@ def compare(results: list[dict]) -> list[dict]:
 
 
 def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds: float | None = None,
-          warmup: int = DEFAULT_WARMUP, progress=None) -> list[dict]:
+          warmup: int = DEFAULT_WARMUP, progress=None, inputs: str = "pixels") -> list[dict]:
     """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
     if runs is not None and runs < 1:
         raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
@@ -206,7 +211,7 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
         for n in threads:
             if progress:
                 progress(f"[{len(results) + 1}/{total}] {path.name}, {n} thread(s), batch {batch} ...")
-            result = run_worker(path, n, batch, runs, seconds, warmup)
+            result = run_worker(path, n, batch, runs, seconds, warmup, inputs=inputs)
             results.append(result)
             if progress:
                 progress(f"    median {result['call_ms']['median']:.3f} ms per call "
@@ -286,7 +291,7 @@ def _worker(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     try:
         result = measure(spec["path"], spec["threads"], spec["batch"], spec["runs"], spec["seconds"],
-                         spec["warmup"], spawned=spec.get("spawned"))
+                         spec["warmup"], spawned=spec.get("spawned"), inputs=spec.get("inputs", "pixels"))
     except EdgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

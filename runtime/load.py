@@ -17,6 +17,7 @@ fixed-batch model is resized when its graph allows it and looped otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ class Model:
         self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
         self._check_sidecar()
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
+        self._float_range = None
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
@@ -163,8 +165,12 @@ class Model:
         if type(x) is np.ndarray and x.ndim == 4 and x.shape[1:] == self.input_shape:  # the fast path
             if x.dtype == np.uint8 and self.preprocessing is not None:
                 return x, True
-            if x.dtype == np.float32 and np.isfinite(x).all():
-                return self._in_range(x), False
+            if x.dtype == np.float32 and x.size:
+                low, high = float(x.min()), float(x.max())  # NaN makes them NaN: one pass checks both
+                bounds = self.float_range()
+                if math.isfinite(low) and math.isfinite(high) and (
+                        bounds is None or (bounds[0] - bounds[2] <= low and high <= bounds[1] + bounds[2])):
+                    return x, False
         x = np.asarray(x)
         h, w, c = self.input_shape
         if x.dtype == np.uint8:
@@ -210,12 +216,16 @@ class Model:
                 f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
         return self._in_range(x), False
 
-    def float_range(self) -> tuple[float, float] | None:
-        """The (low, high) that preprocessing gives pixels 0..255; None without a sidecar."""
+    def float_range(self) -> tuple[float, float, float] | None:
+        """(low, high, slack): preprocessing gives pixels 0..255 values in [low, high]; float input more than
+        `slack` outside is refused. None without a sidecar."""
         if self.preprocessing is None:
             return None
-        ends = self._pixel_table(False)[[0, 255]]
-        return float(ends.min()), float(ends.max())
+        if self._float_range is None:
+            ends = self._pixel_table(False)[[0, 255]]
+            low, high = float(ends.min()), float(ends.max())
+            self._float_range = (low, high, (high - low) / 2)
+        return self._float_range
 
     def _in_range(self, x: np.ndarray) -> np.ndarray:
         """Float input far outside what preprocessing gives any pixel is a mistake (raw 0..255 floats for a
@@ -223,8 +233,7 @@ class Model:
         bounds = self.float_range()
         if bounds is None or not x.size:
             return x
-        low, high = bounds
-        slack = (high - low) / 2
+        low, high, slack = bounds
         lo, hi = float(x.min()), float(x.max())
         if lo < low - slack or hi > high + slack:
             raise EdgeKitError(

@@ -1,0 +1,78 @@
+"""Models EdgeKit did not build: tf_keras.applications networks (weights=None, small inputs) and a
+SeparableConv2D model, through `export --all` and `runtime.load(...).predict` on a batch. Each format is
+verified or fails with its reason, nothing raises, and a model that ends in softmax is never normalized
+twice."""
+
+import numpy as np
+import pytest
+
+from export import FORMATS, export
+from runtime.load import load
+
+
+def _separable(keras):
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for i, width in enumerate((16, 32)):
+        x = keras.layers.SeparableConv2D(width, 3, padding="same", name=f"sep{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"sep{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"sep{i}_relu")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="predictions")(x), name="separable")
+
+
+MODELS = {
+    "mobilenet_v2_0.35": lambda keras: keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                                                      weights=None, classes=10),
+    "efficientnet_b0": lambda keras: keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None,
+                                                                       classes=10),
+    "separable": _separable,
+}
+
+
+@pytest.fixture(scope="session", params=list(MODELS))
+def foreign(request, tmp_path_factory, digits):
+    """A foreign model trained one epoch on digits at 32x32x3, saved as a bare .keras file and exported to
+    every format with 32 calibration images; (name, keras model, results by format)."""
+    from runtime.datasets import resized
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+    model = MODELS[request.param](keras)
+    data = resized(digits, (32, 32), 3)
+    x, y = data.arrays("train")
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    path = tmp_path_factory.mktemp(request.param) / "model.keras"
+    model.save(path)
+    results = {r.format: r for r in export(path, list(FORMATS), dataset="digits", calibration_samples=32,
+                                           progress=lambda s: None)}
+    return request.param, model, results, data
+
+
+def test_every_format_is_verified_or_fails_with_a_reason(foreign):
+    name, _, results, _ = foreign
+    assert set(results) == set(FORMATS)
+    for key, result in results.items():
+        assert result.passed or result.message.startswith(f"{key}: "), (name, key, result.message)
+    assert results["float32"].passed and results["onnx"].passed, (name, results["float32"].message,
+                                                                  results["onnx"].message)
+
+
+def test_softmax_outputs_are_recorded_and_not_normalized_again(foreign):
+    name, model, results, data = foreign
+    pixels = data.x_test[:5]
+    expected = model.predict(data.preprocessing.apply(pixels), verbose=0)
+    for key, result in results.items():
+        if not result.passed:
+            continue
+        runtime_model = load(result.file)
+        assert runtime_model.output_kind == "probabilities", (name, key)
+        probabilities = runtime_model.predict(pixels)  # a batch of 5 through the runtime, as on the device
+        assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02), (name, key)
+        if FORMATS[key].kind == "float":
+            assert np.allclose(probabilities, expected, atol=1e-4), (name, key)
