@@ -186,7 +186,9 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
         progress(f"note: --calibration-samples {calibration_samples} asked, but the training split holds "
                  f"{len(calibration)} images; calibrating on all {len(calibration)} (recorded in each sidecar)")
     onnx_proto, results = None, []
-    for fmt in fmts:
+    # ONNX first: tf2onnx's peak comes on top of what TFLite conversions leave behind otherwise
+    # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
+    for fmt in sorted(fmts, key=lambda f: f.backend != "onnx"):
         progress(f"{fmt.key}: converting ...")
         try:
             if fmt.backend == "tflite":
@@ -204,6 +206,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             if exc.exit_code != 1:
                 raise
             results.append(Result(fmt.key, None, False, {}, f"{fmt.key}: {exc}", exc))
+    results.sort(key=lambda r: [f.key for f in fmts].index(r.format))  # as asked
     if src.manifest is not None or results:
         _record(out, src, results)
     return results

@@ -64,6 +64,8 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
     from collections import OrderedDict
 
     import tf2onnx
+    import tf2onnx.convert
+    import tf2onnx.optimizer
 
     spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
     optimizers = OrderedDict((name, _collecting(factory))

@@ -94,7 +94,7 @@ class Model:
         self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
         self._check_sidecar()
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
-        self._float_range = None
+        self._float_range = self._quantizer = None
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
@@ -320,7 +320,18 @@ class Model:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
             return _lookup(self._pixel_table(bool(self.input.scale)), x)
-        return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype, copy=False)
+        if not self.input.scale:
+            return x.astype(self.input.dtype, copy=False)
+        if self._quantizer is None:  # quantize()'s arithmetic, its constants made once (np.iinfo alone is slow)
+            limits = np.iinfo(self.input.dtype)
+            self._quantizer = (np.float32(self.input.scale), np.float32(self.input.zero_point),
+                               np.float32(limits.min), np.float32(limits.max), np.dtype(self.input.dtype))
+        scale, zero_point, low, high, dtype = self._quantizer
+        q = np.divide(x, scale, dtype=np.float32)
+        np.rint(q, out=q)
+        q += zero_point
+        np.clip(q, low, high, out=q)
+        return q.astype(dtype)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes

@@ -33,10 +33,15 @@ MODELS = {
 }
 
 
+# EfficientNetB0's 240 layers take minutes per format to convert on 2 cores: the suite exports it to one file
+# per backend and kind (the TFLite float file is the one whose dynamic shapes once broke the runtime).
+FORMATS_OF = {"efficientnet_b0": ["float32", "int8", "onnx"]}
+
+
 @pytest.fixture(scope="session", params=list(MODELS))
 def foreign(request, tmp_path_factory, digits):
-    """A foreign model trained one epoch on digits at 32x32x3, saved as a bare .keras file and exported to
-    every format with 32 calibration images; (name, keras model, results by format)."""
+    """A foreign model trained one epoch on 256 digits at 32x32x3, saved as a bare .keras file and exported to
+    every format (EfficientNetB0: see FORMATS_OF) with 32 calibration images; (name, model, results, data)."""
     from runtime.datasets import resized
     from train.backend import keras
     from train.trainer import seed_everything
@@ -45,18 +50,20 @@ def foreign(request, tmp_path_factory, digits):
     model = MODELS[request.param](keras)
     data = resized(digits, (32, 32), 3)
     x, y = data.arrays("train")
+    x, y = x[:256], y[:256]
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
     path = tmp_path_factory.mktemp(request.param) / "model.keras"
     model.save(path)
-    results = {r.format: r for r in export(path, list(FORMATS), dataset="digits", calibration_samples=32,
+    formats = FORMATS_OF.get(request.param, list(FORMATS))
+    results = {r.format: r for r in export(path, formats, dataset="digits", calibration_samples=32,
                                            progress=lambda s: None)}
     return request.param, model, results, data
 
 
 def test_every_format_is_verified_or_fails_with_a_reason(foreign):
     name, _, results, _ = foreign
-    assert set(results) == set(FORMATS)
+    assert set(results) == set(FORMATS_OF.get(name, FORMATS))
     for key, result in results.items():
         assert result.passed or result.message.startswith(f"{key}: "), (name, key, result.message)
     assert results["float32"].passed and results["onnx"].passed, (name, results["float32"].message,
