@@ -185,6 +185,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             and not quantization_aware:
         progress(f"note: --calibration-samples {calibration_samples} asked, but the training split holds "
                  f"{len(calibration)} images; calibrating on all {len(calibration)} (recorded in each sidecar)")
+    large = src.model.count_params() > convert.LARGE_MODEL_PARAMS
     onnx_proto, results = None, []
     # ONNX first: tf2onnx's peak comes on top of what TFLite conversions leave behind otherwise
     # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
@@ -199,7 +200,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 data = (onnx_proto.SerializeToString() if fmt.key == "onnx" else
                         convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
             _check_file(fmt, data)
-            gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
+            if large:
+                gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others

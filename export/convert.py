@@ -16,6 +16,7 @@ from runtime.fsutil import held_output
 from train.backend import tf
 
 DEFAULT_OPSET = 17  # a current opset onnxruntime 1.31 runs fully
+LARGE_MODEL_PARAMS = 5_000_000  # above this, tf2onnx's graph copies are collected between passes
 
 
 def _representative(calibration: np.ndarray):
@@ -68,7 +69,8 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
     import tf2onnx.optimizer
 
     spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input")]
-    optimizers = OrderedDict((name, _collecting(factory))
+    large = model.count_params() > LARGE_MODEL_PARAMS  # a collection per pass costs seconds on small models
+    optimizers = OrderedDict((name, _collecting(factory) if large else factory)
                              for name, factory in tf2onnx.optimizer._get_optimizers().items())
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset,

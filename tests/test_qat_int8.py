@@ -16,7 +16,7 @@ FAST = {"epochs": 1}
 # convert on the deeper models (mobilenet: 115 s to fine-tune, 85 s to convert), so the suite checks them
 # on one plain and one residual architecture; scripts/int8_census.py checks every model and technique.
 TECHNIQUES = {"fashion_cnn": ("qat", "pqat", "cqat"), "resnet": ("qat", "pqat", "cqat"), "resnet20": ("qat",),
-              "mobilenet": ("qat", "pqat")}
+              "mobilenet": ("qat",)}
 SMALL_ARGS = {"fashion_cnn": {"filters": [8, 16], "dense": 32}}
 
 
