@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,13 +25,13 @@ from export.formats import (FORMATS, MAX_ACCURACY_DROP, QAT_FORMATS, Format, che
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
-from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, core_names, lineage_paths,
-                              library_versions, model_file, read_manifest, utc_now, verify_artifact, write_manifest)
+from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
+                              model_file, model_sha256, read_manifest, utc_now, write_manifest)
 
 DEFAULT_CALIBRATION_SAMPLES = 300
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-OPSETS = range(13, 19)
-VERIFY_BATCH = 32  # images per runtime call when verifying: bounds the interpreter's arena on large models  # per-channel QDQ needs 13; tf2onnx 1.17 writes up to 18
+OPSETS = range(13, 19)  # per-channel QDQ needs 13; tf2onnx 1.17 writes up to 18
+VERIFY_BATCH = 32  # images per runtime call when verifying: bounds the interpreter's arena on large models
 
 
 @dataclasses.dataclass
@@ -41,6 +42,8 @@ class Source:
     manifest: dict | None  # None for a bare model file
     model_file: Path
     kind: str
+    model_sha256: str | None = None  # of model_file: the source every sidecar names (set once per export)
+    output_kind: str = "logits"  # or "probabilities" for a model ending in softmax (set once per export)
 
 
 @dataclasses.dataclass
@@ -60,8 +63,7 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
     if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
         from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
 
-        manifest = read_manifest(path)
-        verify_artifact(path, manifest, core_names(manifest))  # exports being redone may differ
+        manifest = read_manifest(path)  # load_model checks its files (not the exports, which may be redone)
         return Source(path, load_model(path, trust, manifest), load_for_manifest(manifest, data_dir), manifest,
                       model_file(path, manifest), manifest["kind"])
     if not (is_saved_model(path) or path.suffix in KERAS_SUFFIXES):
@@ -180,6 +182,9 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
 
     x_test, y_test = src.dataset.arrays("test")
     reference = convert.keras_logits(src.model, x_test)
+    src.output_kind = _output_kind(src.model, reference)
+    src.model_sha256 = (model_sha256(src.manifest) if src.manifest else
+                        sha256_file(src.model_file) if src.model_file.is_file() else None)
     calibration = _calibration(src.dataset, calibration_samples)
     if len(calibration) < calibration_samples and any(f.options & {"calibration_samples"} for f in fmts) \
             and not quantization_aware:
@@ -244,11 +249,11 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     calibrated = fmt.key in ("int8", "int16x8", "onnx-int8") and src.kind not in QUANTIZATION_AWARE
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
-        "sha256": sha256_file(final), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
-        "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": _output_kind(src.model, reference)},
+        "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
+        "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": src.output_kind},
         "preprocessing": src.dataset.preprocessing.to_dict(), "labels": list(src.dataset.labels),
         "source": {"path": str(src.path), "kind": src.kind, "model_file": src.model_file.name,
-                   "sha256": sha256_file(src.model_file) if src.model_file.is_file() else None},
+                   "sha256": src.model_sha256},
         "calibration": ({"samples": samples, "split": "train", "seed": SPLIT_SEED,
                          "method": (method or "minmax") if fmt.backend == "onnx" else "tflite-minmax"}
                         if calibrated else None),

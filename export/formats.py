@@ -20,7 +20,7 @@ The verification rule (`verify`), on the whole test split, against the Keras mod
 Why an agreement floor of 95%: within a 1-point accuracy budget, a faithful quantized file flips only
 images the float model is itself unsure of, and agrees on 98-100% of a test split (EdgeKit's own files:
 98.6-100%); accuracy alone cannot tell such a file from a broken one whose errors happen to cancel, or
-from an untrained model whose accuracy is chance either way (an untrained ResNet50's onnx-int8 file
+from an untrained model whose accuracy is chance either way (issue 11 reports an untrained ResNet50 onnx-int8 file that
 agreed on 4.5% of the images). 95% fails those and leaves room for the few flips a small test split
 magnifies (on 359 images one flip is 0.28 points).
 

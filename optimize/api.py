@@ -32,11 +32,12 @@ KIND = {Technique.PRUNE: "pruned", Technique.CLUSTER: "clustered", Technique.QAT
 TOLERANCE = 0.005  # measured sparsity may fall this far below the target (rounding per kernel)
 
 
-def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None = None):
+def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None = None, verified: bool = False):
     """Load an artifact's Keras model, rebuilding quantization-aware ones, after checking its files.
 
     The model file (and base model) must match the sha256 the manifest records, and is loaded as
-    data (`train.safe_load`: no Lambda layers or custom objects unless `trust`).
+    data (`train.safe_load`: no Lambda layers or custom objects unless `trust`). `verified`: the caller has
+    just checked them against `manifest` (each file is hashed once).
     A qat/pqat/cqat artifact holds the float model QAT was applied to (`base.keras`)
     and the quantization-aware weights (`model.weights.h5`): tfmot's own serialization
     loses the prune- and cluster-preserving quantizers (their configs save as the plain
@@ -47,7 +48,8 @@ def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None 
 
     manifest = manifest if manifest is not None else read_manifest(artifact)
     path = model_file(artifact, manifest)
-    verify_artifact(artifact, manifest, core_names(manifest))
+    if not verified:
+        verify_artifact(artifact, manifest, core_names(manifest))
     if manifest["kind"] not in QUANTIZATION_AWARE:
         return load_model_file(path, trust)
     from optimize.recipes import recipe_from_dict
@@ -173,7 +175,7 @@ def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
     check_output_dir(out, force)
     parent_file = model_file(parent, manifest)
     dataset = load_for_manifest(manifest, data_dir)
-    model = load_model(parent, trust, manifest)
+    model = load_model(parent, trust, manifest, verified=True)
     technique = recipe.technique.value
     if not quiet:
         print(f"{technique}: {manifest['name']} ({manifest['model']}, test accuracy "

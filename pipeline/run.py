@@ -94,12 +94,9 @@ class Plan:
 
             for key in self.formats:
                 get_format(key)  # an unknown name gets the registry's error, with a suggestion
-        import math
+        from runtime.bench import check_seconds
 
-        if not (type(self.bench_seconds) in (int, float) and math.isfinite(self.bench_seconds)
-                and 0 < self.bench_seconds <= 3600):
-            raise EdgeKitError(f"--bench-seconds must be a number of seconds above 0 and at most 3600; got "
-                               f"{self.bench_seconds!r}.")
+        check_seconds(self.bench_seconds, "--bench-seconds")
         for name in ("epochs", "finetune_epochs", "bench_runs"):
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value < 1):
@@ -204,10 +201,9 @@ class Pipeline:
         """The manifest, if the artifact's own files (not its exports) are all intact."""
         try:
             manifest = read_manifest(directory)
-            if verify_files(directory, manifest, core_names(manifest)):
-                return None
-            model_sha256(manifest)
-        except (EdgeKitError, KeyError):
+        except EdgeKitError:
+            return None
+        if model_sha256(manifest) is None or verify_files(directory, manifest, core_names(manifest)):
             return None
         return manifest
 

@@ -153,16 +153,13 @@ def _eval(args) -> int:
 
 
 def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds above 0 (nan and inf would never end)."""
-    import math
+    """An argparse type for runtime.bench.check_seconds."""
+    from runtime.bench import check_seconds
 
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and 0 < value <= 3600):
-        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most 3600; got {text!r}")
-    return value
+        return check_seconds(float(text))
+    except (ValueError, EdgeKitError):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most 3600; got {text!r}") from None
 
 
 def _bench(args) -> int:

@@ -31,6 +31,16 @@ DEFAULT_SECONDS = 2.0
 DEFAULT_WARMUP = 10
 
 
+MAX_SECONDS = 3600
+
+
+def check_seconds(value, flag: str = "--seconds") -> float:
+    """A benchmark time budget: finite, above 0, at most an hour (nan and inf would never end)."""
+    if not (type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise EdgeKitError(f"{flag} must be a number of seconds above 0 and at most {MAX_SECONDS}; got {value!r}.")
+    return float(value)
+
+
 def model_files(paths) -> list[Path]:
     """Model files named on the command line; a directory gives its exported models, float32 first."""
     from runtime.load import FORMATS
@@ -193,8 +203,8 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
     """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
     if runs is not None and runs < 1:
         raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
-    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= 3600):
-        raise EdgeKitError(f"--seconds must be above 0 and at most 3600; got {seconds}.")
+    if seconds is not None:
+        check_seconds(seconds)
     if batch < 1:
         raise EdgeKitError(f"--batch must be 1 or more; got {batch}.")
     if warmup < 0:

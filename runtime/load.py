@@ -17,6 +17,7 @@ fixed-batch model is resized when its graph allows it and looped otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -43,13 +44,21 @@ class TensorInfo:
         return {**dataclasses.asdict(self), "shape": [(-1 if d is None else d) for d in self.shape]}
 
 
+@functools.lru_cache(maxsize=None)
+def _limits(dtype: str) -> tuple[np.float32, np.float32]:
+    """The integer type's range as float32 (np.iinfo costs microseconds: per call it was the float path's
+    largest overhead)."""
+    info = np.iinfo(dtype)
+    return np.float32(info.min), np.float32(info.max)
+
+
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
     """round(x / scale) + zero_point, saturated to the integer type (as TFLite and ONNX quantize)."""
-    limits = np.iinfo(info.dtype)
+    low, high = _limits(info.dtype)
     q = np.divide(x, np.float32(info.scale), dtype=np.float32)
     np.rint(q, out=q)
     q += np.float32(info.zero_point)
-    np.clip(q, limits.min, limits.max, out=q)
+    np.clip(q, low, high, out=q)
     return q.astype(info.dtype)
 
 
@@ -94,7 +103,7 @@ class Model:
         self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
         self._check_sidecar()
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
-        self._float_range = self._quantizer = None
+        self._float_range = None
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
@@ -167,9 +176,7 @@ class Model:
                 return x, True
             if x.dtype == np.float32 and x.size:
                 low, high = float(x.min()), float(x.max())  # NaN makes them NaN: one pass checks both
-                bounds = self.float_range()
-                if math.isfinite(low) and math.isfinite(high) and (
-                        bounds is None or (bounds[0] - bounds[2] <= low and high <= bounds[1] + bounds[2])):
+                if math.isfinite(low) and math.isfinite(high) and self._plausible(low, high):
                     return x, False
         x = np.asarray(x)
         h, w, c = self.input_shape
@@ -227,15 +234,19 @@ class Model:
             self._float_range = (low, high, (high - low) / 2)
         return self._float_range
 
+    def _plausible(self, lo: float, hi: float) -> bool:
+        """Whether float input spanning [lo, hi] is within `slack` of what preprocessing gives pixels."""
+        bounds = self.float_range()
+        return bounds is None or (bounds[0] - bounds[2] <= lo and hi <= bounds[1] + bounds[2])
+
     def _in_range(self, x: np.ndarray) -> np.ndarray:
         """Float input far outside what preprocessing gives any pixel is a mistake (raw 0..255 floats for a
         [0, 1] model, say), not an image: refuse it instead of answering wrongly."""
-        bounds = self.float_range()
-        if bounds is None or not x.size:
+        if not x.size:
             return x
-        low, high, slack = bounds
         lo, hi = float(x.min()), float(x.max())
-        if lo < low - slack or hi > high + slack:
+        if not self._plausible(lo, hi):
+            low, high, _ = self.float_range()
             raise EdgeKitError(
                 f"float input ranges over [{lo:.4g}, {hi:.4g}], but {self.path.name} takes input preprocessed to "
                 f"[{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw pixels as "
@@ -320,18 +331,7 @@ class Model:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
             return _lookup(self._pixel_table(bool(self.input.scale)), x)
-        if not self.input.scale:
-            return x.astype(self.input.dtype, copy=False)
-        if self._quantizer is None:  # quantize()'s arithmetic, its constants made once (np.iinfo alone is slow)
-            limits = np.iinfo(self.input.dtype)
-            self._quantizer = (np.float32(self.input.scale), np.float32(self.input.zero_point),
-                               np.float32(limits.min), np.float32(limits.max), np.dtype(self.input.dtype))
-        scale, zero_point, low, high, dtype = self._quantizer
-        q = np.divide(x, scale, dtype=np.float32)
-        np.rint(q, out=q)
-        q += zero_point
-        np.clip(q, low, high, out=q)
-        return q.astype(dtype)
+        return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype, copy=False)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
@@ -476,17 +476,17 @@ class _ONNXModel(Model):
 _REDO = "Export the model again, or delete {name} to run it without labels and preprocessing."
 
 
-def _check_file(path: Path, size: int, sidecar: dict | None) -> None:
+def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | None) -> None:
     """The size and sha256 recorded at export (sidecar) and in the artifact's manifest beside the model,
     checked before the interpreter ever reads the file."""
-    from runtime.manifest import MANIFEST, read_manifest
+    from runtime.manifest import MANIFEST
 
     expected = []
     if sidecar is not None:
         expected.append((f"sidecar {sidecar_path(path)}", sidecar["size_bytes"], sidecar["sha256"],
                          _REDO.format(name=sidecar_path(path).name)))
-    if (path.parent / MANIFEST).is_file():
-        entry = read_manifest(path.parent)["files"].get(path.name)
+    if manifest is not None:
+        entry = manifest["files"].get(path.name)
         if entry is not None:
             expected.append((str(path.parent / MANIFEST), entry["bytes"], entry["sha256"], "Export the model again."))
     digest = None
@@ -518,8 +518,11 @@ def load(path: str | Path, threads: int | None = None) -> Model:
     size = check_readable_file(path, "model file").st_size
     if size == 0:
         raise ArtifactError(f"model file {path} is empty; export it again.")
-    sidecar = read_sidecar(path)
-    _check_file(path, size, sidecar)
+    from runtime.manifest import MANIFEST, read_manifest
+
+    manifest = read_manifest(path.parent) if (path.parent / MANIFEST).is_file() else None  # read once, for both
+    sidecar = read_sidecar(path, manifest)
+    _check_file(path, size, sidecar, manifest)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar)
 
@@ -550,7 +553,7 @@ def read_npy(path: Path) -> np.ndarray:
         with open(path, "rb") as fh:
             version = fmt.read_magic(fh)
             reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran, dtype = reader(fh, max_header_size=10_000)
+            shape, _, dtype = reader(fh, max_header_size=10_000)
             offset = fh.tell()
         size = path.stat().st_size
     except (ValueError, OSError, EOFError) as exc:
@@ -559,7 +562,7 @@ def read_npy(path: Path) -> np.ndarray:
     if dtype.hasobject:
         raise EdgeKitError(f"{path} holds Python objects (dtype {dtype}), which would need pickle to load; "
                            "expected uint8 pixels or float32 input.")
-    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    count = math.prod(shape)
     if count == 0:
         raise EdgeKitError(f"{path} holds an empty array of shape {list(shape)}; expected at least one image.")
     promised = count * dtype.itemsize

@@ -280,9 +280,10 @@ def base_file(directory: str | Path, manifest: dict) -> Path:
     return path
 
 
-def model_sha256(manifest: dict) -> str:
-    """The sha256 the manifest records for its model file (check it with verify_artifact first)."""
-    return manifest["files"][manifest.get("model_file", MODEL_FILE)]["sha256"]
+def model_sha256(manifest: dict) -> str | None:
+    """The sha256 the manifest records for its model file (check it with verify_artifact first); None for an
+    artifact that holds no model (the exports of a bare model file)."""
+    return manifest["files"].get(manifest.get("model_file", MODEL_FILE), {}).get("sha256")
 
 
 def lineage_paths(directory: str | Path, manifest: dict | None = None, limit: int = 64) -> list[Path]:
@@ -383,11 +384,12 @@ def validate_sidecar(data, path: Path) -> dict:
     return data
 
 
-def read_sidecar(model: str | Path) -> dict | None:
+def read_sidecar(model: str | Path, manifest: dict | None = None) -> dict | None:
     """The validated sidecar of a model file, or None when it has none.
 
-    When the artifact's manifest.json is beside the model and lists the sidecar, the sidecar
-    must match the sha256 recorded there (a sidecar edited after export is refused).
+    When the artifact's manifest.json is beside the model (`manifest`, read from there when not given)
+    and lists the sidecar, the sidecar must match the sha256 recorded there (one edited after export is
+    refused).
     """
     model = Path(model)
     path = sidecar_path(model)
@@ -396,8 +398,9 @@ def read_sidecar(model: str | Path) -> dict | None:
     check_readable_file(path, "sidecar")
     raw = path.read_bytes()
     manifest_path = model.parent / MANIFEST
-    if manifest_path.is_file():
+    if manifest is None and manifest_path.is_file():
         manifest = read_manifest(model.parent)
+    if manifest is not None:
         entry = manifest["files"].get(path.name)
         if entry is not None:
             import hashlib

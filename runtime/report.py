@@ -76,15 +76,13 @@ def _variant_name(manifest: dict, base_name: str | None) -> str:
 def collect(root: Path) -> list[dict]:
     """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
     against its manifest and must have been made from the artifact's current model."""
-    from runtime.manifest import MODEL_FILE, export_problem
+    from runtime.manifest import export_problem, model_sha256
 
     rows = []
     found = artifacts(root)
     base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
     for d, manifest in found:
         exports = manifest.get("exports", {})
-        model_name = manifest.get("model_file", MODEL_FILE)
-        model_sha = manifest["files"][model_name]["sha256"] if model_name in manifest["files"] else None
         for key in sorted(exports, key=lambda k: FORMAT_ORDER.index(k) if k in FORMAT_ORDER else 99):
             record = exports[key]
             file = d / record["file"] if record.get("file") else None
@@ -92,7 +90,7 @@ def collect(root: Path) -> list[dict]:
                    "kind": manifest["kind"], "parent": (manifest.get("parent") or {}).get("name"),
                    "file": str(file) if file else None, "keras_accuracy": manifest["metrics"].get("accuracy"),
                    "status": "verified", "reason": None}
-            problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha)
+            problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha256(manifest))
             if problem:
                 row.update(status="failed", reason=problem)
             else:
