@@ -44,7 +44,7 @@ class TensorInfo:
         return {**dataclasses.asdict(self), "shape": [(-1 if d is None else d) for d in self.shape]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _limits(dtype: str) -> tuple[np.float32, np.float32]:
     """The integer type's range as float32 (np.iinfo costs microseconds: per call it was the float path's
     largest overhead)."""
@@ -71,6 +71,9 @@ def softmax(z: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum() if len(z) == 1 else z.sum(axis=-1, keepdims=True)
     return z
+
+
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
 
 
 def _lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -103,7 +106,7 @@ class Model:
         self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
         self._check_sidecar()
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
-        self._float_range = None
+        self._float_range = self._quant = None
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
@@ -167,17 +170,18 @@ class Model:
         A single image (H, W, C), or (H, W) for a one-channel model, becomes a batch of one.
         """
         x, pixels = self._checked(x)
-        return _lookup(self._pixel_table(False), x) if pixels else x
+        return _lookup(self._pixel_table(False), x) if pixels else self._check_float(x)
 
     def _checked(self, x) -> tuple[np.ndarray, bool]:
-        """(input as an (N, H, W, C) batch, whether it is uint8 pixels), or a clear error."""
+        """(input as an (N, H, W, C) batch, whether it is uint8 pixels), or a clear error.
+
+        Float values are checked where they are fed (`_feed`), in the same pass that quantizes them.
+        """
         if type(x) is np.ndarray and x.ndim == 4 and x.shape[1:] == self.input_shape:  # the fast path
             if x.dtype == np.uint8 and self.preprocessing is not None:
                 return x, True
-            if x.dtype == np.float32 and x.size:
-                low, high = float(x.min()), float(x.max())  # NaN makes them NaN: one pass checks both
-                if math.isfinite(low) and math.isfinite(high) and self._plausible(low, high):
-                    return x, False
+            if x.dtype == np.float32:
+                return x, False
         x = np.asarray(x)
         h, w, c = self.input_shape
         if x.dtype == np.uint8:
@@ -208,20 +212,11 @@ class Model:
                 f"shape {list(x.shape)}. Convert the images to {names.get(c, str(c) + ' channels')} first.")
         if x.shape[1:3] != (h, w):
             raise EdgeKitError(f"{self.path.name} takes {h}x{w}x{c} images; got {list(x.shape[1:])}.")
-        if pixels:
-            if self.preprocessing is None:
-                raise EdgeKitError(
-                    f"uint8 pixels need the preprocessing in the sidecar {sidecar_path(self.path).name}, which is "
-                    f"missing; keep it next to {self.path.name}, or pass float32 input preprocessed as in training.")
-            return x, True
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
-            bad = ~np.isfinite(x)
-            first = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
+        if pixels and self.preprocessing is None:
             raise EdgeKitError(
-                f"input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} infinite value(s) "
-                f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
-        return self._in_range(x), False
+                f"uint8 pixels need the preprocessing in the sidecar {sidecar_path(self.path).name}, which is "
+                f"missing; keep it next to {self.path.name}, or pass float32 input preprocessed as in training.")
+        return (x, True) if pixels else (np.ascontiguousarray(x, dtype=np.float32), False)
 
     def float_range(self) -> tuple[float, float, float] | None:
         """(low, high, slack): preprocessing gives pixels 0..255 values in [low, high]; float input more than
@@ -234,24 +229,62 @@ class Model:
             self._float_range = (low, high, (high - low) / 2)
         return self._float_range
 
-    def _plausible(self, lo: float, hi: float) -> bool:
-        """Whether float input spanning [lo, hi] is within `slack` of what preprocessing gives pixels."""
+    def _window(self) -> tuple[float, float]:
+        """The float input values taken: within `slack` of what preprocessing gives pixels, or any finite
+        float32 without a sidecar. Comparisons with NaN are false, so NaN falls outside too."""
         bounds = self.float_range()
-        return bounds is None or (bounds[0] - bounds[2] <= lo and hi <= bounds[1] + bounds[2])
+        if bounds is None:
+            biggest = float(np.finfo(np.float32).max)
+            return -biggest, biggest
+        low, high, slack = bounds
+        return low - slack, high + slack
 
-    def _in_range(self, x: np.ndarray) -> np.ndarray:
-        """Float input far outside what preprocessing gives any pixel is a mistake (raw 0..255 floats for a
-        [0, 1] model, say), not an image: refuse it instead of answering wrongly."""
-        if not x.size:
-            return x
-        lo, hi = float(x.min()), float(x.max())
-        if not self._plausible(lo, hi):
-            low, high, _ = self.float_range()
-            raise EdgeKitError(
-                f"float input ranges over [{lo:.4g}, {hi:.4g}], but {self.path.name} takes input preprocessed to "
-                f"[{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw pixels as "
-                "uint8 instead (x.astype(np.uint8)), and the model preprocesses them itself.")
+    def _check_float(self, x: np.ndarray) -> np.ndarray:
+        """x, if it is finite and within `_window`: float input far outside what preprocessing gives any
+        pixel is a mistake (raw 0..255 floats for a [0, 1] model, say), not an image."""
+        if x.size:
+            low, high = self._window()
+            if not (low <= _MIN(x, axis=None) and _MAX(x, axis=None) <= high):
+                self._refuse(x)
         return x
+
+    def _quantize_checked(self, x: np.ndarray) -> np.ndarray:
+        """quantize(x, self.input) with `_check_float` in the same pass: dividing by (scale, -scale) at once
+        gives both ends of x in one reduction, and the quotient is then rounded straight into the integer
+        tensor (values that need saturating take quantize's clip)."""
+        if self._quant is None:
+            info, (low, high) = self.input, self._window()
+            scale = np.float32(info.scale)
+            int_low, int_high = (float(v) for v in _limits(info.dtype))
+            self._quant = (np.array([[scale], [-scale]], np.float32), low / info.scale, high / info.scale,
+                           int_low - info.zero_point, int_high - info.zero_point, np.float32(info.zero_point))
+        divisor, low, high, free_low, free_high, zero_point = self._quant
+        if not x.size:
+            return quantize(x, self.input)
+        y = np.divide(x.reshape(1, -1), divisor)  # row 0: x / scale, row 1: -x / scale
+        lo, neg_hi = _MIN(y, axis=1).tolist()
+        if not (low <= lo and -neg_hi <= high):
+            self._refuse(x)
+        if not (free_low <= lo and -neg_hi <= free_high):
+            return quantize(x, self.input)
+        q = y[0]
+        np.rint(q, out=q)
+        q += zero_point
+        return q.astype(self.input.dtype).reshape(x.shape)
+
+    def _refuse(self, x: np.ndarray):
+        """The error for float input that `_check_float` refuses."""
+        if not np.isfinite(x).all():
+            bad = ~np.isfinite(x)
+            first = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
+            raise EdgeKitError(
+                f"input holds {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} infinite value(s) "
+                f"(first in image {first}); expected finite preprocessed values. Check how the input was made.")
+        low, high, _ = self.float_range()
+        raise EdgeKitError(
+            f"float input ranges over [{float(x.min()):.4g}, {float(x.max()):.4g}], but {self.path.name} takes input "
+            f"preprocessed to [{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw "
+            "pixels as uint8 instead (x.astype(np.uint8)), and the model preprocesses them itself.")
 
     def _pixel_table(self, quantized: bool) -> np.ndarray:
         """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
@@ -299,6 +332,8 @@ class Model:
         step = self.batch or batch_size
         if len(x) == step or (0 < len(x) < step and not self.batch):  # one call, the common case
             return self._run(x, pixels)
+        if not pixels:  # checked whole, so that an error names the image, not its place in a chunk
+            self._check_float(x)
         outputs = [self._run_padded(x[i:i + step], pixels) for i in range(0, len(x), step)]
         return np.concatenate(outputs) if outputs else np.empty((0, self.num_classes), self.output.dtype)
 
@@ -315,8 +350,8 @@ class Model:
         return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
 
     def _run_padded(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        if self.batch and len(x) < self.batch:  # a fixed-batch model: pad the last chunk
-            pad = np.zeros((self.batch - len(x), *x.shape[1:]), x.dtype)
+        if self.batch and len(x) < self.batch:  # a fixed-batch model: pad the last chunk with its last image
+            pad = np.repeat(x[-1:], self.batch - len(x), axis=0)
             return self._run(np.concatenate([x, pad]), pixels)[: len(x)]
         return self._run(x, pixels)
 
@@ -331,7 +366,9 @@ class Model:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
             return _lookup(self._pixel_table(bool(self.input.scale)), x)
-        return quantize(x, self.input) if self.input.scale else x.astype(self.input.dtype, copy=False)
+        if self.input.scale:
+            return self._quantize_checked(x)
+        return self._check_float(x).astype(self.input.dtype, copy=False)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes

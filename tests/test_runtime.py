@@ -152,6 +152,27 @@ def test_bad_input_arrays_get_clear_errors(exported, digits, name):
     assert model.predict(x.astype(np.float64)).shape == (2, 10)  # float64 is converted, not refused
 
 
+def test_int8_float_input_is_quantized_exactly_as_pixels_are(exported, digits):
+    """Float input to an int8 model is checked and quantized in one pass; it must give the bits that the
+    pixel path (a lookup table of quantized preprocessing) gives, in one call, in chunks and saturated."""
+    model = load(exported[0] / "model.int8.tflite")
+    pixels = digits.x_test[:5]
+    floats = model.prepare(pixels)
+    assert floats.dtype == np.float32
+    for n in (1, 5):
+        assert np.array_equal(model.logits(floats[:n]), model.logits(pixels[:n]))
+    assert np.array_equal(model.logits(floats, batch_size=2), model.logits(pixels))
+    low, high, slack = model.float_range()
+    edge = floats.copy()
+    edge[0, 0, 0, 0], edge[1, 0, 0, 0] = low - slack / 2, high + slack / 2  # beyond int8, inside the window
+    clipped = np.clip(edge, low, high)
+    assert np.array_equal(model.logits(edge), model.logits(clipped))
+    nan = floats.copy()
+    nan[3, 5, 5, 0] = np.nan
+    _expect("(first in image 3)", model.logits, nan, batch_size=2)
+    _expect("ranges over", model.predict, floats * 255)
+
+
 def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
     bare = tmp_path / "bare.tflite"
     shutil.copy(exported[0] / "model.float32.tflite", bare)
