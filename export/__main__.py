@@ -9,7 +9,7 @@ from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, s
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
-ONNX_QUANTIZE = {None: "onnx", "float32": "onnx", "int8": "onnx-int8"}
+ONNX_QUANTIZE = {None: "onnx-float32", "float32": "onnx-float32", "int8": "onnx-int8"}
 EPILOG = """\
 examples:
   python -m export --tflite artifacts/cnn                      # model.float32.tflite
@@ -19,7 +19,7 @@ examples:
   python -m export --all artifacts/cnn                         # all seven formats
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
 
-formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx, onnx-int8.
+formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8.
 Every file is loaded with EdgeKit's runtime and compared with the Keras model on the whole test
 split, by one rule. Float (float32, onnx): every output within 1e-4 + 1e-3 x |Keras output|.
 Quantized (float16, dynamic, int8, int16x8, onnx-int8): accuracy at most --max-accuracy-drop
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop)
-    float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx") and r.passed),
+    float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     print(f"\n{'format':<10} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'SQNR dB':>8} "
           f"{'agree':>7} {'accuracy':>9}  status")

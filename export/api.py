@@ -1,7 +1,7 @@
 """Exporting a model to every deployable format, each file verified before it counts.
 
     from export import export
-    results = export("artifacts/cnn", ["float32", "int8", "onnx"])
+    results = export("artifacts/cnn", ["float32", "int8", "onnx-float32"])
 
 Each file is written under a temporary name, loaded with EdgeKit's own TensorFlow-free
 runtime, compared with the Keras model on the fixed test split, and only then renamed
@@ -202,7 +202,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             else:
                 if onnx_proto is None:
                     onnx_proto = convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, _metadata(src))
-                data = (onnx_proto.SerializeToString() if fmt.key == "onnx" else
+                data = (onnx_proto.SerializeToString() if fmt.key == "onnx-float32" else
                         convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
             _check_file(fmt, data)
             if large:

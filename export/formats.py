@@ -6,7 +6,7 @@
     dynamic     model.dynamic.tflite        TFLite (int8 weights)   quantized
     int8        model.int8.tflite           TFLite full integer     quantized
     int16x8     model.int16x8.tflite        TFLite 16-bit acts      quantized
-    onnx        model.onnx-float32.onnx     tf2onnx                 float
+    onnx-float32 model.onnx-float32.onnx    tf2onnx                 float  (`onnx` is accepted too)
     onnx-int8   model.onnx-int8.onnx        onnxruntime QDQ static  quantized
 
 The verification rule (`verify`), on the whole test split, against the Keras model:
@@ -36,18 +36,17 @@ import math
 import numpy as np
 
 from runtime.errors import EdgeKitError, suggest
+from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, check_max_accuracy_drop  # noqa: F401
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3
-MAX_ACCURACY_DROP = 1.0  # quantized formats: default accuracy budget, in points below Keras
 MIN_AGREEMENT = 0.95  # quantized formats: top-1 agreement with Keras (see the module docstring)
 SQNR_CAP_DB = 200.0  # an exact file has infinite SQNR; JSON has no infinity
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    key: str
-    variant: str  # file name part: model.<variant>.<suffix>, sidecar model.<variant>.json
+    key: str  # also the file's name: model.<key><suffix> (runtime.formats)
     suffix: str
     backend: str  # "tflite" or "onnx"
     kind: str  # "float" or "quantized": which half of the verification rule applies
@@ -56,35 +55,32 @@ class Format:
 
     @property
     def filename(self) -> str:
-        return f"model.{self.variant}{self.suffix}"
+        return f"model.{self.key}{self.suffix}"
 
     @property
     def sidecar(self) -> str:
-        return f"model.{self.variant}.json"
+        return f"model.{self.key}.json"
 
 
 _CALIBRATED = frozenset({"calibration_samples"})
-FORMATS = {f.key: f for f in (
-    Format("float32", "float32", ".tflite", "tflite", "float", description="TFLite float32"),
-    Format("float16", "float16", ".tflite", "tflite", "quantized", description="TFLite with float16 weights"),
-    Format("dynamic", "dynamic", ".tflite", "tflite", "quantized",
-           description="TFLite dynamic range: int8 weights, float activations"),
-    Format("int8", "int8", ".tflite", "tflite", "quantized", _CALIBRATED,
-           "TFLite full integer: int8 weights, activations, input and output"),
-    Format("int16x8", "int16x8", ".tflite", "tflite", "quantized", _CALIBRATED,
-           "TFLite 16-bit activations, 8-bit weights"),
-    Format("onnx", "onnx-float32", ".onnx", "onnx", "float", frozenset({"opset"}),
-           "ONNX float32 via tf2onnx, dynamic batch"),
-    Format("onnx-int8", "onnx-int8", ".onnx", "onnx", "quantized",
-           frozenset({"opset", "calibration_samples", "calibration_method"}),
-           "ONNX int8 (QDQ, per-channel weights) via onnxruntime static quantization"),
-)}
+_HOW = {  # what export adds to runtime.formats' table: options and a description
+    "float32": (frozenset(), "TFLite float32"),
+    "float16": (frozenset(), "TFLite with float16 weights"),
+    "dynamic": (frozenset(), "TFLite dynamic range: int8 weights, float activations"),
+    "int8": (_CALIBRATED, "TFLite full integer: int8 weights, activations, input and output"),
+    "int16x8": (_CALIBRATED, "TFLite 16-bit activations, 8-bit weights"),
+    "onnx-float32": (frozenset({"opset"}), "ONNX float32 via tf2onnx, dynamic batch"),
+    "onnx-int8": (frozenset({"opset", "calibration_samples", "calibration_method"}),
+                  "ONNX int8 (QDQ, per-channel weights) via onnxruntime static quantization"),
+}
+FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_HOW[f.key]) for f in FILE_FORMATS.values()}
 QAT_FORMATS = ("int8",)
 
 
 def get_format(key: str) -> Format:
+    key = ALIASES.get(key, key)
     if key not in FORMATS:
-        raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(FORMATS)}.{suggest(key, FORMATS)}")
+        raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(FORMATS)}.{suggest(key, [*FORMATS, *ALIASES])}")
     return FORMATS[key]
 
 
@@ -96,13 +92,6 @@ def check_options(fmt: Format, options: dict) -> None:
             raise EdgeKitError(
                 f"format {fmt.key} does not take --{name.replace('_', '-')}; formats that do: {', '.join(takers)}."
             )
-
-
-def check_max_accuracy_drop(points) -> float:
-    if type(points) not in (int, float) or not math.isfinite(points) or not 0 <= points <= 100:
-        raise EdgeKitError(f"--max-accuracy-drop is in points of accuracy, 0 to 100 (default {MAX_ACCURACY_DROP}); "
-                           f"got {points!r}.")
-    return float(points)
 
 
 def fidelity(outputs: np.ndarray, reference: np.ndarray) -> dict:

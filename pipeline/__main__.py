@@ -17,6 +17,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
+    from runtime.formats import MAX_ACCURACY_DROP
 
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
     parser = ArgumentParser(
@@ -28,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "whose artifacts are complete and valid, and redoes the rest.",
         epilog=f"variants (default: {','.join(DEFAULT_VARIANTS)}):\n{variants}\n\n"
                f"formats (default: {','.join(FLOAT_FORMATS)}; int8 only for the QAT variants)\n\n"
-               f"--quick: {QUICK['epochs']} training epochs, {QUICK['finetune_epochs']} fine-tuning epoch, variants "
-               f"{','.join(QUICK['variants'])}, formats {','.join(QUICK['formats'])}, {QUICK['runs']} benchmark runs, "
-               "a smaller fashion_cnn; into runs/<model>-<dataset>-quick.\n\n"
+               f"--quick: {QUICK['epochs']} training epochs, {QUICK['finetune_epochs']} fine-tuning epochs, variants "
+               f"{','.join(QUICK['variants'])}, formats {','.join(QUICK['formats'])}, {QUICK['runs']} timed calls per "
+               "file and round; into runs/<model>-<dataset>-quick.\n\n"
                "examples:\n"
                "  python -m pipeline                                  # fashion_cnn on digits, offline\n"
                "  python -m pipeline --quick                          # a smoke run in about a minute\n"
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",
                         help="benchmark time per file and thread count, above 0 and at most 3600 (default 0.5)")
     parser.add_argument("--no-bench", action="store_true", help="skip latency measurements")
+    parser.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
+                        help="the accuracy budget in points below the float model: export fails a quantized file "
+                             "further below its Keras model, and the report marks a file further below the float "
+                             f"baseline as over budget, never recommended (default {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--force", action="store_true", help="start over: delete the output directory's results")
     parser.add_argument("--verbose", action="store_true", help="show every epoch and every export step")
     return parser
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 formats=args.formats, out=args.out, quick=args.quick, epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
                 threads=parse_threads(args.threads) if args.threads else None,
-                bench_seconds=args.bench_seconds, bench=not args.no_bench)
+                bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop)
     report = run(plan, force=args.force, verbose=args.verbose)
     return 1 if report["failed_stages"] else 0
 

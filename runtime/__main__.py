@@ -123,7 +123,8 @@ def _eval(args) -> int:
 
     summary = classification_summary(y, predicted, dataset.labels)
     recorded = ((model.sidecar or {}).get("verification") or {}).get("accuracy")
-    result = {"model": str(model.path), "format": model.format, "dataset": dataset.name, "split": args.split,
+    result = {"model": str(model.path), "format": model.format, "backend": model.backend, "dataset": dataset.name,
+              "split": args.split,
               "labels": list(dataset.labels), **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if args.json:
@@ -181,18 +182,22 @@ def _bench(args) -> int:
 
 def _report(args) -> int:
     from runtime.bench import parse_threads
-    from runtime.report import build
-
     from runtime.fsutil import output_lock
+    from runtime.report import build
+    from runtime.report.latency import check_rounds
 
-    progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    threads, rounds = parse_threads(args.threads), check_rounds(args.rounds)
     with output_lock(args.directory):  # the report's files are written into DIRECTORY
-        report = build(args.directory, parse_threads(args.threads), args.seconds, args.runs,
-                       bench=not args.no_bench, rebench=args.rebench, data_dir=args.data_dir, progress=progress)
+        report = build(args.directory, threads, args.seconds, args.runs, bench=not args.no_bench,
+                       rebench=args.rebench, data_dir=args.data_dir, progress=not args.quiet,
+                       budget=args.max_accuracy_drop, rounds=rounds)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
         print(f"- {note}")
+    print(f"to ship, within the {report['budget']:g}-point budget:")
+    for line in report["summary"]:
+        print(f"  {line}")
     written = ["report.md", "report.csv", "report.json", *report["plots"]]
     print(f"wrote {', '.join(f'{args.directory}/{name}' for name in written)}")
     return 0
@@ -205,6 +210,8 @@ def _add_threads(parser, default):
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
+    from runtime.formats import MAX_ACCURACY_DROP
+    from runtime.report.latency import ROUNDS
 
     parser = ArgumentParser(
         prog="python -m runtime",
@@ -282,18 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="the accuracy-vs-size-vs-latency report of a pipeline's artifacts",
-        description="Evaluate every exported file under DIRECTORY on its test split, compare it with the float "
-                    "baseline (the trained model's float32 TFLite file), benchmark it at 1 thread and at all "
-                    "threads (cached in bench.json by checksum), and write report.md, report.csv, report.json, "
-                    "accuracy_vs_size.png and accuracy_vs_latency.png into DIRECTORY.",
+        description="Evaluate every exported file under DIRECTORY on its test split (accuracy with its 95% Wilson "
+                    "interval), compare it with the float baseline (the trained model's float32 TFLite file) by "
+                    "the exact McNemar test on the same images, mark files over the accuracy budget, benchmark "
+                    "every file at 1 thread and at all threads in interleaved rounds (median with a 95% "
+                    "interval; cached in bench.json), and recommend the file to ship for each objective "
+                    "(smallest, smallest download, fastest). Writes report.md (recommendation first), "
+                    "report.csv, report.json, accuracy_vs_size.png and accuracy_vs_latency.png into DIRECTORY.",
         epilog="example: python -m runtime report artifacts/fashion_cnn-digits")
     report.add_argument("directory", help="a pipeline's output directory (one artifact per sub-directory), "
                                           "or one exported artifact")
+    report.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
+                        help="the accuracy budget: a file more than POINTS below the float baseline is over budget, "
+                             f"never Pareto-optimal and never recommended (default {MAX_ACCURACY_DROP:g}, as export)")
     report.add_argument("--threads", default="1,all", metavar="LIST",
                         help="thread counts to benchmark; the first and the last are reported (default 1,all)")
     report.add_argument("--seconds", type=_seconds, default=0.5, metavar="S",
-                        help="benchmark time per file and thread count (default 0.5)")
-    report.add_argument("--runs", type=int, metavar="N", help="a fixed number of timed runs instead of --seconds")
+                        help="benchmark time per file and thread count, over all rounds (default 0.5)")
+    report.add_argument("--runs", type=int, metavar="N",
+                        help="a fixed number of timed calls per file and round instead of --seconds")
+    report.add_argument("--rounds", type=int, default=ROUNDS, metavar="R",
+                        help=f"interleaved rounds over all files (default {ROUNDS}): a file's latency is the median "
+                             "of its round medians, with a 95%% interval from them")
     report.add_argument("--no-bench", action="store_true", help="sizes and accuracy only, no latency")
     report.add_argument("--rebench", action="store_true", help="ignore the cached benchmarks in bench.json")
     report.add_argument("--data-dir", help="where the dataset files are, if not where the manifests say")

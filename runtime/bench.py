@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed
+from runtime.formats import format_of, format_rank
 
-# Display order of an artifact directory's exported files; the first is the baseline.
-VARIANT_ORDER = ("float32", "float16", "dynamic", "int8", "int16x8", "onnx-float32", "onnx-int8")
 DEFAULT_SECONDS = 2.0
 DEFAULT_WARMUP = 10
+REWARM_SECONDS = 0.005  # untimed calls of a model before its turn in each round of `measure_rounds`
 
 
 MAX_SECONDS = 3600
@@ -43,13 +43,13 @@ def check_seconds(value, flag: str = "--seconds") -> float:
 
 def model_files(paths) -> list[Path]:
     """Model files named on the command line; a directory gives its exported models, float32 first."""
-    from runtime.load import FORMATS
+    from runtime.load import BACKENDS
 
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted((p for p in path.iterdir() if p.suffix in FORMATS and not p.name.startswith(".")),
-                           key=_variant_rank)
+            found = sorted((p for p in path.iterdir() if p.suffix in BACKENDS and not p.name.startswith(".")),
+                           key=lambda p: (format_rank(format_of(p)), p.name))
             if not found:
                 raise EdgeKitError(f"{path} holds no .tflite or .onnx file; export the artifact first "
                                    f"(python -m export --all {path}).")
@@ -57,11 +57,6 @@ def model_files(paths) -> list[Path]:
         else:
             files.append(path)
     return files
-
-
-def _variant_rank(path: Path):
-    variant = path.name.split(".", 1)[-1].rsplit(".", 1)[0]  # model.int8.tflite -> int8
-    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), path.name)
 
 
 def parse_threads(text: str) -> list[int]:
@@ -121,14 +116,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     t0 = time.perf_counter()
     model = load(path, threads=threads)
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    h, w, c = model.input_shape
-    if model.preprocessing is not None:  # what a camera gives: uint8 pixels, preprocessed by predict itself
-        x = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
-        if inputs == "float":  # input the caller preprocessed already
-            x = model.preprocessing.apply(x)
-    else:
-        x = rng.standard_normal((batch, h, w, c)).astype(np.float32)
+    x = _input(model, batch, seed, inputs)
     t0 = time.perf_counter()
     model.predict(x)
     first_s = time.perf_counter() - t0
@@ -152,8 +140,8 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
             break
     invoke, call = stats_ms(bare), stats_ms(whole)
     return {
-        "model": str(path), "name": Path(path).name, "format": model.format,
-        "variant": (model.sidecar or {}).get("format"), "size_bytes": model.size_bytes,
+        "model": str(path), "name": Path(path).name, "backend": model.backend,
+        "format": model.format, "size_bytes": model.size_bytes,
         "input_dtype": model.input.dtype, "inputs": "float" if x.dtype != np.uint8 else "pixels",
         "threads": threads, "batch": batch, "warmup": warmup,
         "load_ms": load_s * 1e3, "first_ms": first_s * 1e3,
@@ -164,24 +152,107 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     }
 
 
-def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600,
-               inputs: str = "pixels") -> dict:
-    """Measure in a fresh Python process; errors come back as EdgeKitError."""
-    spec = json.dumps({"path": str(path), "threads": threads, "batch": batch, "runs": runs, "inputs": inputs,
-                       "seconds": seconds, "warmup": warmup, "spawned": time.time()})
+def _input(model, batch: int, seed: int, inputs: str = "pixels"):
+    """What predict is given: uint8 pixels (what a camera gives, preprocessed by predict itself), float input
+    the caller preprocessed already, or normal noise for a model without a sidecar."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    h, w, c = model.input_shape
+    if model.preprocessing is None:
+        return rng.standard_normal((batch, h, w, c)).astype(np.float32)
+    x = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
+    return model.preprocessing.apply(x) if inputs == "float" else x
+
+
+def measure_rounds(paths: list[str], threads: int, rounds: int, runs: int | None = None,
+                   seconds: float | None = None, warmup: int = DEFAULT_WARMUP, seed: int = 0) -> dict:
+    """Latency of several models measured in interleaved rounds in this process (the report's worker).
+
+    Every model is loaded once; then, `rounds` times, each model in turn (in a new shuffled order each
+    round, so no file always follows the same one) gets untimed calls to warm its caches again and
+    then `runs` timed `predict` calls (or `seconds / rounds` of them). Drift of the machine over the
+    run hits every file alike, and each file's per-round medians give an interval for its median.
+    Returns {path: {"round_medians_ms", "p90_ms", "n"}} or {path: {"error": message}}.
+    """
+    import random
+
+    import numpy as np
+
+    from runtime.load import load
+
+    models, results = {}, {}
+    for i, path in enumerate(paths):
+        try:
+            model = load(path, threads=threads)
+            x = _input(model, 1, seed + i)
+            for _ in range(warmup):
+                model.predict(x)
+            models[path] = (model, x)
+        except EdgeKitError as exc:
+            results[path] = {"error": str(exc)}
+    samples = {path: [] for path in models}
+    medians = {path: [] for path in models}
+    order, shuffle = list(models), random.Random(seed).shuffle
+    per_round = None if runs else seconds / rounds
+    clock = time.perf_counter
+    for _ in range(rounds):
+        shuffle(order)
+        for path in order:
+            model, x = models[path]
+            warm_until = clock() + REWARM_SECONDS  # at least two calls and REWARM_SECONDS: thread pools wake up
+            model.predict(x)
+            while clock() < warm_until:
+                model.predict(x)
+            times, deadline = [], clock() + (per_round or 0)
+            while True:
+                t0 = clock()
+                model.predict(x)
+                t1 = clock()
+                times.append(t1 - t0)
+                if (len(times) >= runs) if runs else (t1 >= deadline and len(times) >= 3):
+                    break
+            medians[path].append(float(np.median(times)) * 1e3)
+            samples[path].extend(times)
+    for path in models:
+        ms = np.asarray(samples[path]) * 1e3
+        results[path] = {"round_medians_ms": medians[path], "p90_ms": float(np.percentile(ms, 90)),
+                         "n": int(len(ms))}
+    return results
+
+
+def _spawn(spec: dict, what: str, timeout: float) -> dict:
+    """Run the worker (`python -m runtime.bench SPEC`) in a fresh process; errors come back as EdgeKitError."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
-        done = subprocess.run([sys.executable, "-m", "runtime.bench", spec], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        done = subprocess.run([sys.executable, "-m", "runtime.bench", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise WorkFailed(f"benchmarking {path} took longer than {timeout:.0f} s; use fewer --runs "
-                           "or --seconds.") from None
+        raise WorkFailed(f"benchmarking {what} took longer than {timeout:.0f} s; use fewer --runs "
+                         "or --seconds.") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise (WorkFailed if done.returncode == 1 else EdgeKitError)(
-            f"benchmarking {path} failed: {last.removeprefix('error: ')}")
+            f"benchmarking {what} failed: {last.removeprefix('error: ')}")
     return json.loads(lines[-1])
+
+
+def run_rounds_worker(paths: list[Path], threads: int, rounds: int, runs: int | None, seconds: float | None,
+                      warmup: int = DEFAULT_WARMUP) -> dict:
+    """`measure_rounds` in a fresh process, with a time limit that grows with the work."""
+    spec = {"mode": "rounds", "paths": [str(p) for p in paths], "threads": threads, "rounds": rounds,
+            "runs": runs, "seconds": seconds, "warmup": warmup}
+    expected = len(paths) * (seconds or rounds * runs * 0.05)
+    return _spawn(spec, f"{len(paths)} files at {threads} thread(s)", 300 + 10 * expected)
+
+
+def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600,
+               inputs: str = "pixels") -> dict:
+    """`measure` in a fresh Python process; errors come back as EdgeKitError."""
+    spec = {"path": str(path), "threads": threads, "batch": batch, "runs": runs, "inputs": inputs,
+            "seconds": seconds, "warmup": warmup, "spawned": time.time()}
+    return _spawn(spec, str(path), timeout)
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -229,7 +300,7 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
     return compare(results)
 
 
-CSV_COLUMNS = ("name", "format", "variant", "size_bytes", "threads", "batch", "load_ms", "first_ms",
+CSV_COLUMNS = ("name", "format", "backend", "size_bytes", "threads", "batch", "load_ms", "first_ms",
                "invoke_median_ms", "invoke_p90_ms", "invoke_p99_ms", "invoke_mean_ms", "invoke_std_ms",
                "call_median_ms", "call_p90_ms", "call_p99_ms", "call_mean_ms", "call_std_ms", "runs",
                "overhead", "throughput_ips", "peak_rss_mb", "cold_start_s", "cold_rss_mb", "size_ratio",
@@ -300,6 +371,10 @@ def to_table(results: list[dict]) -> str:
 def _worker(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     try:
+        if spec.get("mode") == "rounds":
+            print(json.dumps(measure_rounds(spec["paths"], spec["threads"], spec["rounds"], spec["runs"],
+                                            spec["seconds"], spec["warmup"])))
+            return 0
         result = measure(spec["path"], spec["threads"], spec["batch"], spec["runs"], spec["seconds"],
                          spec["warmup"], spawned=spec.get("spawned"), inputs=spec.get("inputs", "pixels"))
     except EdgeKitError as exc:

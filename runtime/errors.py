@@ -110,7 +110,12 @@ def _print_cause(exc: BaseException) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: an EdgeKitError becomes one line and its exit code, Ctrl-C exits 130."""
+    """Run a CLI entry point: an EdgeKitError becomes one line and its exit code, Ctrl-C exits 130; libraries'
+    start-up chatter is kept off the console unless --verbose (runtime.console)."""
+    if not verbose_requested(argv):
+        from runtime.console import filter_native_stderr
+
+        filter_native_stderr()
     try:
         return main(argv)
     except EdgeKitError as exc:

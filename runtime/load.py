@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError, first_line
+from runtime.formats import ALIASES, format_of
 from runtime.fsutil import sha256_file
 from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
 from runtime.preprocessing import Preprocessing
 
-FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
+BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
 NUMPY_SUFFIX = ".npy"
 
 
@@ -88,10 +89,12 @@ def _dim(d) -> int | None:
 class Model:
     """A loaded .tflite or .onnx classifier (see the module docstring)."""
 
-    def __init__(self, path: Path, fmt: str, input_info: TensorInfo, output_info: TensorInfo,
+    def __init__(self, path: Path, backend: str, input_info: TensorInfo, output_info: TensorInfo,
                  sidecar: dict | None, threads: int | None):
-        self.path, self.format, self.input, self.output = path, fmt, input_info, output_info
+        self.path, self.backend, self.input, self.output = path, backend, input_info, output_info
         self.sidecar, self.threads = sidecar, threads
+        # the format key (runtime.formats): the sidecar's, else the file's name
+        self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
             raise EdgeKitError(
                 f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
@@ -139,7 +142,7 @@ class Model:
         return self.path.stat().st_size
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
+        return {"path": str(self.path), "format": self.format, "backend": self.backend, "size_bytes": self.size_bytes,
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "threads": self.threads,
                 "labels": self.labels, "sidecar": self.sidecar is not None,
                 "variant": (self.sidecar or {}).get("format")}
@@ -376,7 +379,7 @@ class Model:
         return dequantize(y, self.output) if self.output.scale else y.astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
-        return f"<runtime.Model {self.format} {self.path.name} input={list(self.input.shape)} {self.input.dtype}>"
+        return f"<runtime.Model {self.backend} {self.path.name} input={list(self.input.shape)} {self.input.dtype}>"
 
 
 class _TFLiteModel(Model):
@@ -549,7 +552,7 @@ def load(path: str | Path, threads: int | None = None) -> Model:
         raise EdgeKitError(f"threads must be a whole number of 1 or more, or None for the backend's default; "
                            f"got {type(threads).__name__} {threads!r}.")
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = BACKENDS.get(path.suffix.lower())
     if fmt is None:
         raise EdgeKitError(f"{path}: expected a .tflite or .onnx model file; got '{path.suffix or 'no suffix'}'.")
     size = check_readable_file(path, "model file").st_size

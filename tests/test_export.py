@@ -56,7 +56,7 @@ def test_integer_tflite_is_much_smaller_and_onnx_is_valid(exported):
     # ~4x fewer weight bytes; on this tiny model the flatbuffer's fixed overhead keeps the ratio
     # a little above the 0.30x the full digits CNN reaches (0.26x, measured by `python -m export --all`).
     assert results["int8"].figures["size_bytes"] <= 0.35 * results["float32"].figures["size_bytes"]
-    for key in ("onnx", "onnx-int8"):
+    for key in ("onnx-float32", "onnx-int8"):
         proto = onnx.load(artifact / FORMATS[key].filename)
         onnx.checker.check_model(proto)
         meta = {p.key: p.value for p in proto.metadata_props}
@@ -113,8 +113,8 @@ def test_a_failed_check_leaves_no_file_that_looks_valid(tiny, tmp_path, monkeypa
 @pytest.mark.parametrize("args, message", [
     (["--format", "onx", "ART"], "unknown format 'onx'.*Did you mean 'onnx'"),
     (["--tflite", "--quantize", "int4", "ART"], "Did you mean 'int8'"),
-    (["--tflite", "--opset", "13", "ART"], "float32 does not take --opset; formats that do: onnx, onnx-int8"),
-    (["--onnx", "--calibration-method", "entropy", "ART"], "onnx does not take --calibration-method"),
+    (["--tflite", "--opset", "13", "ART"], "float32 does not take --opset; formats that do: onnx-float32, onnx-int8"),
+    (["--onnx", "--calibration-method", "entropy", "ART"], "onnx-float32 does not take --calibration-method"),
     (["--tflite", "ART/model.keras"], "bare model file.*--dataset"),
     (["--tflite", "ART", "--out", "ART/model.keras/sub"], "is inside .*which this command reads from"),
     (["--onnx", "--opset", "1", "ART"], "--opset must be 13..18"),

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_module
 from pipeline.run import PLAN_FILE, Plan, resolve_variants, run
-from runtime.report import CSV_COLUMNS, pareto
+from runtime.report import CSV_COLUMNS
 
 
 def _quiet(*_):
@@ -47,54 +47,74 @@ def test_quick_pipeline_end_to_end(quick_run):
         assert (out / name).is_file(), name
     rows = report["rows"]
     assert [(r["variant"], r["format"]) for r in rows] == [
-        ("base", "float32"), ("base", "int8"), ("base", "onnx"),
-        ("pruned80", "float32"), ("pruned80", "int8"), ("pruned80", "onnx"), ("qat", "int8")]
+        ("base", "float32"), ("base", "int8"), ("base", "onnx-float32"),
+        ("pruned80", "float32"), ("pruned80", "int8"), ("pruned80", "onnx-float32"), ("qat", "int8")]
     assert all(r["status"] == "verified" for r in rows)
     assert set(_stages(out).values()) == {"done"}
     assert (out / "accuracy_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_rows_compare_with_the_float_baseline(quick_run):
-    rows = {(r["variant"], r["format"]): r for r in quick_run[1]["rows"]}
+    out, report = quick_run
+    rows = {(r["variant"], r["format"]): r for r in report["rows"]}
     base = rows["base", "float32"]
-    assert quick_run[1]["baseline"] == "base float32"
-    assert base["accuracy_change"] == 0 and base["agreement"] == 1 and base["size_ratio"] == 1
-    assert base["speedup_1t"] == 1
+    assert report["baseline"] == "base float32" and report["budget"] == 1.0
+    assert base["accuracy_change_pts"] == 0 and base["agreement"] == 1 and base["size_ratio"] == 1
+    assert base["speedup_1t"] == 1 and base["vs_baseline_1t"] == "tied" and base["p_value"] == 1
     assert rows["base", "int8"]["size_ratio"] < 0.4
     assert rows["pruned80", "int8"]["gzip_bytes"] < 0.6 * rows["base", "int8"]["gzip_bytes"]  # zeros compress
     for row in rows.values():
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["agreement"] <= 1
-        assert row["latency_median_ms_1t"] <= row["latency_p90_ms_1t"]
+        assert row["test_images"] == 359 and row["correct"] == round(row["accuracy"] * 359)
+        assert 0 <= row["accuracy_low"] < row["accuracy"] < row["accuracy_high"] <= 1
+        assert row["latency_low_ms_1t"] <= row["latency_median_ms_1t"] <= row["latency_high_ms_1t"]
         assert row["size_bytes"] == Path(row["file"]).stat().st_size
-    # the Pareto flags are those of the pareto() computation on the rows themselves
-    ordered = list(rows.values())
-    assert [r["pareto_size"] for r in ordered] == pareto([(r["size_bytes"], r["accuracy"]) for r in ordered])
-    assert [r["pareto_latency"] for r in ordered] == pareto(
-        [(r["latency_median_ms_1t"], r["accuracy"]) for r in ordered])
+        assert row["over_budget"] == (row["accuracy_change_pts"] < -1.0)
+        if row["over_budget"]:
+            assert not any(row[f"pareto_{k}"] for k in ("size", "gzip", "latency_1t"))
+    chosen = [rec["choice"] for rec in report["recommendations"]]
+    assert [rec["objective"] for rec in report["recommendations"]] == ["size", "gzip", "latency_1t"]
+    assert all(c is not None and not c["over_budget"] and c[f"pareto_{rec['objective']}"]
+               for c, rec in zip(chosen, report["recommendations"]))
 
 
-def test_report_csv_and_json_schemas(quick_run):
+def test_report_files_for_people_and_for_tools(quick_run):
     out, report = quick_run
     with open(out / "report.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
     assert len(rows) == 7 and rows[0]["variant"] == "base" and float(rows[0]["size_ratio"]) == 1.0
+    assert {r["over_budget"] for r in rows} <= {"true", "false"} and {r["pareto_size"] for r in rows} <= {"true", "false"}
+    assert all((out / r["file"]).is_file() and not Path(r["file"]).is_absolute() for r in rows)  # relative paths
     saved = json.loads((out / "report.json").read_text())
-    assert {"created", "machine", "baseline", "notes", "plots", "rows", "bench_settings"} <= set(saved)
+    assert {"created", "machine", "baseline", "budget_points", "recommendations", "summary", "notes", "plots", "rows",
+            "bench_settings"} <= set(saved)
     assert {"cpu", "cores", "versions"} <= set(saved["machine"]) and "onnxruntime" in saved["machine"]["versions"]
-    assert saved["bench_settings"]["threads"] == [1]
-    assert all(set(CSV_COLUMNS) - {"threads_all", "latency_median_ms_all", "latency_p90_ms_all", "speedup_all",
-                                   "pareto_latency_all", "reason"} <= set(r) for r in saved["rows"])
+    assert saved["bench_settings"]["threads"] == [1] and saved["bench_settings"]["rounds"] == 10
+    assert all(not k.startswith("_") for r in saved["rows"] for k in r)
+    assert saved["recommendations"][0]["choice"]["file"] in {r["file"] for r in rows}
     md = (out / "report.md").read_text()
-    assert "| variant | format |" in md and "![accuracy vs size](accuracy_vs_size.png)" in md
-    assert "Pareto-optimal for accuracy vs file size" in md and "## Machine" in md
+    # the recommendation first, then the header a person reads, then every file
+    assert md.index("## Recommendation") < md.index("| dataset | digits, test split of 359 images |") < md.index(
+        "| variant | format |")
+    assert "**Smallest file: " in md and "python -m runtime eval " in md and "exact McNemar p = " in md
+    assert "| accuracy budget | 1 point below the baseline" in md and "![accuracy vs size](accuracy_vs_size.png)" in md
 
 
-def test_pareto_front():
-    points = [(100, 0.90), (50, 0.90), (200, 0.95), (50, 0.80), (300, 0.95), (10, 0.50)]
-    assert pareto(points) == [False, True, True, False, False, True]
-    assert pareto([(1, 0.5), (1, 0.5)]) == [True, True]  # equal points do not dominate each other
+def test_a_report_marks_files_over_budget_and_never_recommends_them(quick_copy):
+    from runtime.report import build
+
+    report = build(quick_copy, bench=False, budget=0.25)  # pruned80 loses more than a quarter point
+    over = {(r["variant"], r["format"]) for r in report["rows"] if r["over_budget"]}
+    assert {("pruned80", "float32"), ("pruned80", "int8"), ("pruned80", "onnx-float32")} <= over
+    assert all(rec["choice"] is None or (rec["choice"]["variant"], rec["choice"]["format"]) not in over
+               for rec in report["recommendations"])
+    md = (quick_copy / "report.md").read_text()
+    assert md.count("| **over** |") == len(over) and "Over the 0.25-point budget" in md
+    assert not (quick_copy / "accuracy_vs_latency.png").exists()  # --no-bench: no stale latency plot
+    with open(quick_copy / "report.csv", newline="") as fh:
+        flagged = {(r["variant"], r["format"]) for r in csv.DictReader(fh) if r["over_budget"] == "true"}
+    assert flagged == over
 
 
 def test_rerun_skips_everything_that_is_complete(quick_copy):

@@ -291,7 +291,7 @@ def test_command_errors_are_one_line_with_exit_code_2(exported, tmp_path, args, 
 
 def test_eval_command_reproduces_the_export_accuracy(exported):
     artifact, results = exported
-    for name, key in (("model.int8.tflite", "int8"), ("model.onnx-float32.onnx", "onnx")):
+    for name, key in (("model.int8.tflite", "int8"), ("model.onnx-float32.onnx", "onnx-float32")):
         result = run_module("runtime", "eval", str(artifact / name), "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)

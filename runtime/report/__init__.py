@@ -1,0 +1,61 @@
+"""`python -m runtime report DIR`: the report that decides which file to ship.
+
+    python -m runtime report runs/fashion_cnn-digits
+
+DIR holds one artifact per variant (the trained model and what `optimize` derived from it), each with
+the files `export` wrote. The parts, in the order `build` runs them:
+
+    rows.py     collect every exported file, check it against its manifest, evaluate it on its test split
+    decide.py   intervals, significance and the budget; ties, Pareto fronts and the recommendation
+    latency.py  latency in interleaved rounds, with intervals, cached in bench.json
+    plots.py    accuracy_vs_size.png and accuracy_vs_latency.png
+    render.py   report.md, report.csv, report.json and the console summary
+
+Everything here is TensorFlow-free, so the report also runs on a device. The statistics need scipy and
+the plots matplotlib and adjustText (`pip install 'edgekit[report]'`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from runtime.errors import EdgeKitError
+from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
+from runtime.manifest import utc_now
+from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
+from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
+from runtime.report.render import CSV_COLUMNS, console_summary, machine, notes, write
+from runtime.report.rows import collect, evaluate
+
+__all__ = ["BENCH_CACHE", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]
+
+
+def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0.5, runs: int | None = None,
+          bench: bool = True, rebench: bool = False, data_dir=None, progress: bool = False,
+          budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS) -> dict:
+    """Evaluate, judge, benchmark and write the report for every exported file under `root`."""
+    from runtime.report.plots import FIGURES, missing, plot
+
+    budget = check_max_accuracy_drop(budget)
+    root = Path(root)
+    if not root.is_dir():
+        raise EdgeKitError(f"{root} is not a directory; expected the output directory of `python -m pipeline`.")
+    threads = threads or sorted({1, os.cpu_count() or 1})
+    rows = collect(root)
+    evaluate(rows, data_dir, progress)
+    base = judge(rows, budget)
+    settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress) if bench else None
+    comparer = Comparer()
+    groups = fronts(rows, comparer)
+    recommendations = recommend(rows, comparer, budget)
+    plots = plot(rows, root, budget, base)
+    for stale in set(FIGURES) - set(plots):  # e.g. a latency plot from an earlier run with benchmarks
+        (root / stale).unlink(missing_ok=True)
+    first = next((r for r in rows if r.get("model")), {})
+    info = {"created": utc_now(), "machine": machine(), "model": first.get("model"), "dataset": first.get("dataset"),
+            "budget": budget, "baseline_row": base, "bench_settings": settings, "rows": rows,
+            "recommendations": recommendations, "notes": notes(rows, groups, budget),
+            "summary": console_summary(recommendations, root), "plots": plots, "plots_missing": missing()}
+    write(root, info)
+    return {**info, "baseline": f"{base['variant']} {base['format']}" if base else None}

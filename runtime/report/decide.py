@@ -1,0 +1,179 @@
+"""What the report concludes from the rows: each file's accuracy against the budget and the baseline,
+which files are tied, the Pareto fronts, and the file to ship for each objective.
+
+The rules, stated once:
+- over budget: accuracy more than `budget` points below the float baseline (the export verification's
+  `--max-accuracy-drop`, default 1.0). Such a file is reported, never Pareto-optimal, never recommended.
+- more accurate: only when the exact McNemar test on the same images says so (p < 0.05); on different
+  test sets, only when the Wilson intervals separate. Otherwise tied.
+- smaller: by more than SIZE_TIE (1%) of the larger file; faster: only when the latency intervals
+  separate. Otherwise tied.
+- Pareto-optimal (per objective): within budget and not dominated, where a file dominates another when it
+  is nowhere worse and somewhere better by the rules above. Optimal files tied on both axes form one group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from runtime.report.rows import agreement, baseline, label
+from runtime.stats import ALPHA, accuracy_interval, mcnemar
+
+SIZE_TIE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    key: str  # the Pareto flag is pareto_<key>
+    cost: str  # the row's field to minimize
+    goal: str  # what a person wants: "smallest file"
+    axis: str  # the plot's axis: "file size"
+    tag: str = ""  # latency: "1t" or "all"
+
+
+OBJECTIVES = (
+    Objective("size", "size_bytes", "smallest file", "file size"),
+    Objective("gzip", "gzip_bytes", "smallest download (gzip)", "gzip size"),
+    Objective("latency_1t", "latency_median_ms_1t", "fastest at 1 thread", "latency at 1 thread", "1t"),
+    Objective("latency_all", "latency_median_ms_all", "fastest at all threads", "latency at all threads", "all"),
+)
+
+
+def judge(rows: list[dict], budget: float) -> dict | None:
+    """Each evaluated row's interval, change against the baseline with its significance, and whether it is
+    over the budget. Returns the baseline row."""
+    base = baseline(rows)
+    for row in rows:
+        if row.get("accuracy") is None:
+            continue
+        row["accuracy_low"], row["accuracy_high"] = accuracy_interval(row["correct"], row["test_images"])
+        if base is None:
+            continue
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
+        row["accuracy_change_pts"] = (row["accuracy"] - base["accuracy"]) * 100
+        row["agreement"] = agreement(row, base)
+        if row is base:
+            row.update(p_value=1.0, significant=False, over_budget=False)
+            continue
+        if row["_images"] == base["_images"]:
+            test = mcnemar(row["_correct"], base["_correct"])
+            row.update(p_value=test["p_value"], significant=test["p_value"] < ALPHA,
+                       only_this_right=test["first_only"], only_baseline_right=test["second_only"])
+        else:  # judged on other images: only separated intervals count
+            row.update(p_value=None, significant=(row["accuracy_high"] < base["accuracy_low"]
+                                                  or base["accuracy_high"] < row["accuracy_low"]))
+        row["over_budget"] = row["accuracy_change_pts"] < -budget - 1e-9
+    return base
+
+
+class Comparer:
+    """Pairwise comparisons by the module's rules; McNemar tests are computed once per pair."""
+
+    def __init__(self):
+        self._tests = {}
+
+    def accuracy(self, a: dict, b: dict) -> int:
+        """1: a is significantly more accurate than b; -1: less; 0: tied."""
+        if a is b or a["correct"] == b["correct"] and a["test_images"] == b["test_images"]:
+            return 0
+        if a["_images"] == b["_images"]:
+            pair = (id(a), id(b))
+            if pair not in self._tests:
+                self._tests[pair] = mcnemar(a["_correct"], b["_correct"])["p_value"]
+            if self._tests[pair] >= ALPHA:
+                return 0
+            return 1 if a["accuracy"] > b["accuracy"] else -1
+        if a["accuracy_low"] > b["accuracy_high"]:
+            return 1
+        return -1 if a["accuracy_high"] < b["accuracy_low"] else 0
+
+    @staticmethod
+    def cost(a: dict, b: dict, objective: Objective) -> int:
+        """-1: a is cheaper (smaller, faster) than b; 1: dearer; 0: tied."""
+        x, y = a[objective.cost], b[objective.cost]
+        if objective.tag:  # latency: intervals must separate
+            if a[f"latency_high_ms_{objective.tag}"] < b[f"latency_low_ms_{objective.tag}"]:
+                return -1
+            return 1 if b[f"latency_high_ms_{objective.tag}"] < a[f"latency_low_ms_{objective.tag}"] else 0
+        if abs(x - y) <= SIZE_TIE * max(x, y):
+            return 0
+        return -1 if x < y else 1
+
+    def dominates(self, a: dict, b: dict, objective: Objective) -> bool:
+        cost, accuracy = self.cost(a, b, objective), self.accuracy(a, b)
+        return cost <= 0 and accuracy >= 0 and (cost < 0 or accuracy > 0)
+
+
+def candidates(rows: list[dict], objective: Objective) -> list[dict]:
+    """Evaluated files within the budget that have the objective's cost."""
+    return [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None
+            and not r.get("over_budget") and r.get(objective.cost) is not None]
+
+
+def fronts(rows: list[dict], comparer: Comparer) -> dict[str, list[list[dict]]]:
+    """Set each row's pareto_<objective> flag; return the front of each objective as groups of tied files,
+    cheapest first."""
+    out = {}
+    for objective in OBJECTIVES:
+        pool = candidates(rows, objective)
+        if not pool:
+            continue
+        for row in rows:
+            if row.get(objective.cost) is not None and row["status"] == "verified":
+                row[f"pareto_{objective.key}"] = False
+        optimal = [r for r in pool if not any(comparer.dominates(o, r, objective) for o in pool if o is not r)]
+        for row in optimal:
+            row[f"pareto_{objective.key}"] = True
+        out[objective.key] = tie_groups(optimal, comparer, objective)
+    return out
+
+
+def tie_groups(rows: list[dict], comparer: Comparer, objective: Objective) -> list[list[dict]]:
+    """Rows tied on both axes, merged (transitively) into groups; groups cheapest first."""
+    groups: list[list[dict]] = []
+    for row in sorted(rows, key=lambda r: r[objective.cost]):
+        joined = [g for g in groups if any(comparer.cost(row, o, objective) == 0 and comparer.accuracy(row, o) == 0
+                                           for o in g)]
+        merged = [row] + [o for g in joined for o in g]
+        groups = [g for g in groups if g not in joined] + [merged]
+    for g in groups:
+        g.sort(key=lambda r: (r[objective.cost], -r["accuracy"]))
+    return sorted(groups, key=lambda g: g[0][objective.cost])
+
+
+def group_label(group: list[dict]) -> str:
+    """'base, pruned80, clustered16 dynamic' when they share a format, else 'base int8, qat int8'."""
+    formats = {r["format"] for r in group}
+    if len(formats) == 1 and len(group) > 1:
+        return f"{', '.join(r['variant'] for r in group)} {group[0]['format']}"
+    return ", ".join(label(r) for r in group)
+
+
+def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]:
+    """For each objective with figures: the file to ship within the budget, the files tied with it, the
+    runner-up it beat, and the baseline; or, when no file fits the budget, the closest one."""
+    base = baseline(rows)
+    out = []
+    for objective in OBJECTIVES:
+        measured = [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None
+                    and r.get(objective.cost) is not None]
+        if not measured:
+            continue
+        pool = candidates(rows, objective)
+        if not pool:
+            closest = max(measured, key=lambda r: (r.get("accuracy_change_pts", 0), -r[objective.cost]))
+            out.append({"objective": objective.key, "goal": objective.goal, "choice": None, "closest": closest,
+                        "budget": budget})
+            continue
+        optimal = [r for r in pool if r.get(f"pareto_{objective.key}")]  # set by `fronts`, when it ran
+        front = optimal or pool
+        cheapest = min(front, key=lambda r: r[objective.cost])
+        tied = [r for r in front if comparer.cost(r, cheapest, objective) == 0]
+        choice = max(tied, key=lambda r: (r["accuracy"], -r[objective.cost]))
+        beaten = [r for r in pool if comparer.cost(choice, r, objective) < 0]
+        runner_up = min(beaten, key=lambda r: r[objective.cost]) if beaten else None
+        out.append({"objective": objective.key, "goal": objective.goal, "choice": choice,
+                    "tied": [r for r in tied if r is not choice], "runner_up": runner_up, "baseline": base,
+                    "cost_vs_baseline": comparer.cost(choice, base, objective) if base is not None
+                    and base.get(objective.cost) is not None else None, "budget": budget})
+    return out

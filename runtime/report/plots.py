@@ -1,0 +1,170 @@
+"""The report's two plots: accuracy vs size (file and gzip) and accuracy vs latency (1 thread, all threads).
+
+What a reader can rely on in every report: one colour per format and one marker per variant
+(runtime.formats), ONNX files hollow so a TFLite file under them still shows; accuracy in % with its
+95% interval as a vertical bar, latency with its interval as a horizontal bar; the budget as a dashed
+line, over-budget files grey (below the axis, pinned to its floor with their accuracy written, when
+far below); the Pareto front of the files within budget as a step line (no marker means "optimal");
+labels placed by adjustText so they cover neither the points nor each other.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from runtime.formats import FILE_FORMATS, colour, format_rank, marker
+from runtime.report.decide import OBJECTIVES, candidates
+from runtime.report.rows import label, points
+
+FIGURES = {"accuracy_vs_size.png": ("size", "gzip"), "accuracy_vs_latency.png": ("latency_1t", "latency_all")}
+OVER = "#b0b0b0"
+
+
+def missing() -> str | None:
+    """Why plots cannot be drawn here, or None."""
+    try:
+        import adjustText  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"not drawn: {exc.name} is not installed (`pip install 'edgekit[report]'`)."
+    return None
+
+
+def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list[str]:
+    """Write the figures that have data; return their file names (none when matplotlib is missing)."""
+    if missing():
+        return []
+    from runtime.plots import _pyplot, _save
+
+    plt = _pyplot()
+    written = []
+    evaluated = [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None]
+    for name, keys in FIGURES.items():
+        objectives = [o for o in OBJECTIVES if o.key in keys and any(r.get(o.cost) is not None for r in evaluated)]
+        if not objectives:
+            continue
+        fig, axes = plt.subplots(1, len(objectives), figsize=(8 * len(objectives), 6.5), squeeze=False)
+        floor = _floor(evaluated, budget, base)
+        for ax, objective in zip(axes[0], objectives):
+            _panel(ax, objective, evaluated, budget, base, floor, rows)
+        axes[0][0].set_ylabel("test accuracy (%), 95% interval")
+        _legend(fig, evaluated, base is not None, len(objectives))
+        what = "size" if "size" in name else "latency"
+        fig.suptitle(f"accuracy vs {what}" + (f" (budget: {points(budget)} below {label(base)})" if base else ""))
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        _save(fig, root / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _floor(rows: list[dict], budget: float, base: dict | None) -> float | None:
+    """The lowest accuracy (%) the axis shows: the budget line and every file within budget fit above it."""
+    within = [r["accuracy_low"] * 100 for r in rows if not r.get("over_budget")]
+    if base is not None:
+        within.append(base["accuracy"] * 100 - budget)
+    if not within:
+        return None
+    top = max(r["accuracy_high"] * 100 for r in rows)
+    low = min(within)
+    return max(0.0, low - max(0.15 * (top - low), 0.5))
+
+
+def _panel(ax, objective, rows, budget, base, floor, all_rows):
+    from adjustText import adjust_text
+
+    points = [r for r in rows if r.get(objective.cost) is not None]
+    scale = 1 / 1024 if objective.cost.endswith("bytes") else 1.0
+    texts, xs, ys = [], [], []
+    clusters: list[list] = []  # [x, y, over, pinned, members]: points at one spot share one label
+    span = max((r["accuracy"] for r in points), default=1) * 100 - (floor or 0)
+    for r in points:
+        x, y = r[objective.cost] * scale, r["accuracy"] * 100
+        pinned = floor is not None and y < floor
+        shown_y = floor if pinned else y
+        over = bool(r.get("over_budget"))
+        fmt = FILE_FORMATS.get(r["format"])
+        hollow = fmt is not None and fmt.backend == "onnx"
+        c = OVER if over else colour(r["format"])
+        xerr = None
+        if objective.tag:
+            low, high = r[f"latency_low_ms_{objective.tag}"], r[f"latency_high_ms_{objective.tag}"]
+            xerr = [[x - low], [high - x]]
+        yerr = None if pinned else [[y - r["accuracy_low"] * 100], [r["accuracy_high"] * 100 - y]]
+        ax.errorbar(x, shown_y, xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=1, capsize=2,
+                    alpha=0.6, zorder=2)
+        # ONNX hollow and larger, drawn on top: a TFLite file at the same spot still shows inside the ring
+        ax.scatter(x, shown_y, s=130 if hollow else 60, marker=marker(r["variant"]), zorder=4 if hollow else 3,
+                   facecolors="none" if hollow else c, edgecolors=c, linewidths=1.8 if hollow else 0.8)
+        for cluster in clusters:
+            if (cluster[2:4] == [over, pinned] and abs(math.log10(x / cluster[0])) < 0.012
+                    and abs(shown_y - cluster[1]) < 0.02 * max(span, 1e-9)):
+                cluster[4].append(r)
+                break
+        else:
+            clusters.append([x, shown_y, over, pinned, [r]])
+    for x, y, over, pinned, members in clusters:
+        text = "\n".join(label(r) + (f" ({r['accuracy']:.1%})" if pinned else "") for r in members)
+        texts.append(ax.text(x, y, text, fontsize=7, color="#808080" if over else "#202020",
+                             fontweight="bold" if any(r.get(f"pareto_{objective.key}") for r in members) else None,
+                             zorder=5))
+        xs.append(x)
+        ys.append(y)
+    front = sorted((r[objective.cost] * scale, r["accuracy"] * 100) for r in candidates(all_rows, objective)
+                   if r.get(f"pareto_{objective.key}"))
+    if front:
+        fx, fy = zip(*front)
+        ax.step(fx, fy, where="post", color="black", linewidth=1, alpha=0.6, zorder=1)
+    if base is not None:
+        ax.axhline(base["accuracy"] * 100 - budget, color="#d62728", linestyle="--", linewidth=1, zorder=1)
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)
+    if floor is not None:
+        top = max(r["accuracy_high"] * 100 for r in points)
+        ax.set_ylim(floor - 0.03 * (top - floor), top + 0.08 * (top - floor))
+    _log_ticks(ax)
+    ax.set_xlabel(f"{objective.axis} ({'KiB' if scale != 1 else 'ms'}, log scale)"
+                  + (": what a download costs" if objective.key == "gzip" else ""))
+    ax.grid(True, which="major", alpha=0.3)
+    adjust_text(texts, x=xs, y=ys, ax=ax, expand=(1.2, 1.4), arrowprops={"arrowstyle": "-", "color": "grey",
+                                                                       "lw": 0.5})
+
+
+def _log_ticks(ax) -> None:
+    """At least three readable tick labels on a log axis, even when it spans less than a decade."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    low, high = ax.get_xlim()
+    ticks = []
+    for subs in ((1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9),
+                 tuple(1 + k / 10 for k in range(90))):
+        ticks = [m * 10 ** e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+                 for m in subs if low <= m * 10 ** e <= high]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) > 8:
+        ticks = ticks[:: math.ceil(len(ticks) / 8)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+
+
+def _legend(fig, rows, with_budget: bool, columns: int) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for key in sorted({r["format"] for r in rows}, key=format_rank):
+        fmt = FILE_FORMATS.get(key)
+        hollow = fmt is not None and fmt.backend == "onnx"
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=8, label=f"format {key}",
+                              markerfacecolor="white" if hollow else colour(key), markeredgecolor=colour(key)))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        handles.append(Line2D([], [], linestyle="none", marker=marker(variant), markersize=8, color="#505050",
+                              label=f"variant {variant}"))
+    handles.append(Line2D([], [], color="black", alpha=0.6, label="Pareto front (within budget)"))
+    if with_budget:
+        handles.append(Line2D([], [], color="#d62728", linestyle="--", label="accuracy budget"))
+    if any(r.get("over_budget") for r in rows):
+        handles.append(Line2D([], [], linestyle="none", marker="o", color=OVER, label="over budget"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(4 * columns, len(handles)), fontsize=8, frameon=False)

@@ -1,0 +1,298 @@
+"""The report's files: report.md (recommendation first, then a header, the table, notes and plots),
+report.csv (one row per file) and report.json (everything), with paths relative to the report's
+directory and booleans as true/false."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+from pathlib import Path
+
+from runtime.fsutil import atomic_write_json, atomic_write_text
+from runtime.manifest import library_versions
+from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label
+from runtime.report.rows import label, points
+from runtime.stats import ALPHA, CONFIDENCE
+
+CSV_COLUMNS = (
+    "variant", "format", "file", "status", "reason", "test_images", "accuracy", "accuracy_low", "accuracy_high",
+    "accuracy_change_pts", "p_value", "significant", "over_budget", "agreement", "size_bytes", "gzip_bytes",
+    "size_ratio", "latency_median_ms_1t", "latency_low_ms_1t", "latency_high_ms_1t", "latency_p90_ms_1t",
+    "speedup_1t", "vs_baseline_1t", "threads_all", "latency_median_ms_all", "latency_low_ms_all",
+    "latency_high_ms_all", "latency_p90_ms_all", "speedup_all", "vs_baseline_all", "pareto_size", "pareto_gzip",
+    "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+        # x86: "model name"; a Raspberry Pi: "Model" (the board) and "Hardware"
+        cpu = next((fields[k] for k in ("model name", "model", "hardware") if fields.get(k)
+                    and not fields[k].isdigit()), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.platform(),
+            "versions": library_versions()}
+
+
+# --- figures as text ---------------------------------------------------------------------------------
+
+def kib(value) -> str:
+    return f"{value / 1024:,.0f} KiB" if value >= 10 * 1024 else f"{value / 1024:,.1f} KiB"
+
+
+def ms(value) -> str:
+    from runtime.bench import format_ms
+
+    return f"{format_ms(value)} ms"
+
+
+def accuracy_text(row: dict) -> str:
+    return (f"{row['accuracy']:.2%} ({CONFIDENCE:.0%} CI {row['accuracy_low']:.1%} to {row['accuracy_high']:.1%}, "
+            f"{row['test_images']} images)")
+
+
+def change_text(row: dict) -> str:
+    if row.get("accuracy_change_pts") is None:
+        return "no baseline to compare with"
+    change = f"{row['accuracy_change_pts']:+.2f} points"
+    if row.get("p_value") is None:
+        return f"{change}, {'significant' if row.get('significant') else 'not significant'} (intervals, other images)"
+    verdict = "significant" if row["significant"] else "not significant"
+    return f"{change}, {verdict} (exact McNemar p = {row['p_value']:.3g})"
+
+
+def cost_text(row: dict, objective) -> str:
+    value = row[objective.cost]
+    if objective.tag:
+        return (f"{ms(value)} median at {row.get('threads_all', 1) if objective.tag == 'all' else 1} thread(s) "
+                f"(95% CI {ms(row[f'latency_low_ms_{objective.tag}'])} to {ms(row[f'latency_high_ms_{objective.tag}'])})")
+    return kib(value) + (" gzip" if objective.key == "gzip" else "")
+
+
+def _versus(a: dict, b: dict, objective, verdict: int) -> str:
+    """'4.02x smaller' / '1.31x faster, intervals separate' / 'tied'."""
+    x, y = a[objective.cost], b[objective.cost]
+    if objective.tag:
+        if verdict == 0:
+            return f"tied ({y / x:.2f}x, intervals overlap)"
+        return f"{y / x:.2f}x {'faster' if verdict < 0 else 'slower'} (intervals separate)"
+    if verdict == 0:
+        return f"tied (within {SIZE_TIE:.0%})"
+    return f"{y / x:.2f}x {'smaller' if verdict < 0 else 'larger'}"
+
+
+def relative(path, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def recommendation_lines(recommendations: list[dict], root: Path, markdown: bool) -> list[str]:
+    """One entry per objective: what to ship and why, with the commands."""
+    from runtime.report.decide import Comparer
+
+    bold = (lambda s: f"**{s}**") if markdown else (lambda s: s)
+    code = (lambda s: f"`{s}`") if markdown else (lambda s: s)
+    lines = []
+    for rec in recommendations:
+        objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
+        goal = rec["goal"].capitalize()
+        if rec["choice"] is None:
+            c = rec["closest"]
+            lines.append(f"- {bold(goal)}: no file is within the budget of {points(rec['budget'])}; the closest "
+                         f"is {label(c)} at {accuracy_text(c)}, {change_text(c)}.")
+            continue
+        choice, path = rec["choice"], relative(rec["choice"]["file"], root)
+        line = (f"- {bold(goal + ': ' + label(choice))} ({code(path)}): {cost_text(choice, objective)}, "
+                f"{accuracy_text(choice)}.")
+        base = rec.get("baseline")
+        why = []
+        if base is not None and base is not choice and rec.get("cost_vs_baseline") is not None:
+            why.append(f"Against the float baseline ({label(base)}, {cost_text(base, objective)}): "
+                       f"{_versus(choice, base, objective, rec['cost_vs_baseline'])}; accuracy {change_text(choice)}.")
+        elif base is choice:
+            why.append("It is the float baseline itself: no optimized file within the budget beats it here.")
+        if rec.get("runner_up") is not None and rec["runner_up"] is not base:
+            r = rec["runner_up"]
+            why.append(f"Next best: {label(r)} ({cost_text(r, objective)}, {r['accuracy']:.2%}): "
+                       f"{_versus(choice, r, objective, Comparer.cost(choice, r, objective))}.")
+        if rec.get("tied"):
+            why.append(f"Tied with {', '.join(label(r) for r in rec['tied'])} on {objective.axis}; chosen as the "
+                       "most accurate of them.")
+        sidecar = Path(path).with_suffix(".json").name
+        why.append(f"Evaluate: {code('python -m runtime eval ' + path)}. Deploy: copy {code(Path(path).name)} and "
+                   f"{code(sidecar)} to the device (`pip install edgekit` there), then "
+                   f"{code('python -m runtime predict ' + Path(path).name + ' IMAGE.png')}.")
+        lines.append(line + ("\n  " if markdown else "\n    ") + ("\n  " if markdown else "\n    ").join(why))
+    return lines
+
+
+def console_summary(recommendations: list[dict], root: Path) -> list[str]:
+    """The last lines the pipeline and `runtime report` print: one line per objective."""
+    out = []
+    for rec in recommendations:
+        objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
+        if rec["choice"] is None:
+            c = rec["closest"]
+            out.append(f"{rec['goal']}: nothing within the {rec['budget']:g}-point budget; closest {label(c)} "
+                       f"({c['accuracy_change_pts']:+.2f} points)")
+            continue
+        c = rec["choice"]
+        verdict = "n.s." if not c.get("significant") else f"p = {c['p_value']:.3g}" if c.get("p_value") else "sig."
+        change = f", {c['accuracy_change_pts']:+.2f} pts {verdict}" if c.get("accuracy_change_pts") is not None else ""
+        out.append(f"{rec['goal']}: {label(c)}, {cost_text(c, objective)}, {c['accuracy']:.2%}{change} -> "
+                   f"{relative(c['file'], root)}")
+    return out
+
+
+def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
+    out = []
+    over = [f"{label(r)} ({r['accuracy_change_pts']:+.2f})" for r in rows if r.get("over_budget")]
+    out.append(f"Over the {budget:g}-point budget (never on a Pareto front, never recommended): "
+               + (", ".join(over) if over else "none") + ".")
+    for objective in OBJECTIVES:
+        front = groups.get(objective.key)
+        if front:
+            parts = [f"{group_label(g)}" + (" (tied)" if len(g) > 1 else "") for g in front]
+            out.append(f"Pareto front, accuracy vs {objective.axis} (cheapest first, tied files grouped): "
+                       f"{'; '.join(parts)}.")
+    failed = [f"{label(r)}: {r['reason']}" for r in rows if r["status"] != "verified"]
+    out.append("Failed: " + ("; ".join(failed) if failed else "none") + ".")
+    return out
+
+
+# --- report.md ----------------------------------------------------------------------------------------
+
+def _cell(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "kib":
+        return f"{value / 1024:,.1f}"
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    if kind == "bool":
+        return "yes" if value else ""
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    n_all = next((r["threads_all"] for r in rows if r.get("threads_all")), None)
+    head = ["variant", "format", "size KiB", "gzip KiB", "size vs float", "accuracy (95% CI)", "change (pts)",
+            "McNemar p", "agreement", "p50 ms 1t (95% CI)", f"p50 ms {n_all}t (95% CI)", "speed vs float 1t",
+            "Pareto", "budget", "status"]
+    keep = [i for i, h in enumerate(head) if n_all or f"{n_all}t" not in h]
+    lines = ["| " + " | ".join(head[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    for r in rows:
+        fronts = ", ".join(tag for tag, key in (("size", "pareto_size"), ("gzip", "pareto_gzip"),
+                                                ("1t", "pareto_latency_1t"), (f"{n_all}t", "pareto_latency_all"))
+                           if r.get(key))
+        acc = (f"{r['accuracy']:.2%} ({r['accuracy_low']:.1%}-{r['accuracy_high']:.1%})"
+               if r.get("accuracy") is not None else "-")
+        change = "-" if r.get("accuracy_change_pts") is None else (
+            f"{r['accuracy_change_pts']:+.2f}" + ("" if r.get("significant") or r.get("p_value") == 1.0
+                                                   and r["accuracy_change_pts"] == 0 else " (n.s.)"))
+        latency = {tag: ("-" if r.get(f"latency_median_ms_{tag}") is None else
+                         f"{r[f'latency_median_ms_{tag}']:.3f} ({r[f'latency_low_ms_{tag}']:.3f}-"
+                         f"{r[f'latency_high_ms_{tag}']:.3f})") for tag in ("1t", "all")}
+        speed = "-" if r.get("speedup_1t") is None else f"{r['speedup_1t']:.2f}x ({r['vs_baseline_1t']})"
+        cells = [r["variant"], r["format"], _cell(r.get("size_bytes"), "kib"), _cell(r.get("gzip_bytes"), "kib"),
+                 _cell(r.get("size_ratio"), "ratio"), acc, change,
+                 "-" if r.get("p_value") is None else f"{r['p_value']:.3g}",
+                 "-" if r.get("agreement") is None else f"{r['agreement']:.2%}", latency["1t"], latency["all"],
+                 speed, fronts, "**over**" if r.get("over_budget") else ("within" if "over_budget" in r else "-"),
+                 "verified" if r["status"] == "verified" else f"failed: {r['reason']}"]
+        lines.append("| " + " | ".join(str(cells[i]).replace("|", "/") for i in keep) + " |")
+    return "\n".join(lines)
+
+
+def header(info: dict) -> list[str]:
+    m, base, settings = info["machine"], info.get("baseline_row"), info.get("bench_settings")
+    images = sorted({r["test_images"] for r in info["rows"] if r.get("test_images")})
+    rows = [
+        ("model", info.get("model") or "-"),
+        ("dataset", f"{info.get('dataset') or '-'}, test split of {' / '.join(map(str, images)) or '-'} images"),
+        ("float baseline", f"{label(base)}: {accuracy_text(base)}" if base else "none"),
+        ("accuracy budget", f"{points(info['budget'])} below the baseline" +
+         (f" (files under {base['accuracy'] * 100 - info['budget']:.2f}% are over budget)" if base else "")),
+        ("significance", f"exact McNemar test on the same images, p < {ALPHA:g}; intervals {CONFIDENCE:.0%} "
+                         "(Wilson score for accuracy, order statistics of round medians for latency)"),
+        ("latency", "not measured (--no-bench)" if not settings else
+         f"whole `predict` on one image of uint8 pixels (batch 1), threads {', '.join(map(str, settings['threads']))}; "
+         f"{settings['rounds']} interleaved rounds of "
+         + (f"{settings['runs']} calls" if settings.get("runs") else f"{settings['seconds'] / settings['rounds']:.3g} s")
+         + " per file"),
+        ("machine", f"{m['cpu']}, {m['cores']} cores ({m['machine']}), {m['system']}"),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in m["versions"].items())),
+        ("created", info["created"]),
+    ]
+    return ["| | |", "|---|---|", *(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)]
+
+
+def write(root: Path, info: dict) -> None:
+    """report.json, report.csv and report.md, each written atomically."""
+    rows = info["rows"]
+    atomic_write_json(root / "report.json", to_json(root, info))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _csv_value(k, r.get(k), root) for k in CSV_COLUMNS})
+    atomic_write_text(root / "report.csv", buffer.getvalue())
+    verified = sum(r["status"] == "verified" for r in rows)
+    md = [f"# EdgeKit report: {info['model'] or root.name} on {info['dataset'] or '?'}", "", "## Recommendation", ""]
+    if info["recommendations"]:
+        md += [f"Within the accuracy budget ({points(info['budget'])} below the float baseline):", ""]
+        md += recommendation_lines(info["recommendations"], root, markdown=True)
+    else:
+        md += ["No file was evaluated, so there is nothing to recommend."]
+    md += ["", *header(info), "", f"## All files ({verified} of {len(rows)} verified)", "",
+           "Accuracy on the fixed test split through EdgeKit's TensorFlow-free runtime. A change is significant only "
+           "by the exact McNemar test on the same images; one file is faster than another only when the latency "
+           "intervals separate. `--rounds` and `--seconds` measure longer; `--rebench` measures again.", "",
+           markdown_table(rows), "", "## Notes", ""]
+    md += [f"- {n}" for n in info["notes"]]
+    if info["plots"]:
+        md += ["", "## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in info["plots"]]
+    elif info.get("plots_missing"):
+        md += ["", f"Plots: {info['plots_missing']}"]
+    atomic_write_text(root / "report.md", "\n".join(md) + "\n")
+
+
+def _csv_value(key: str, value, root: Path):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key in ("file", "artifact"):
+        return relative(value, root)
+    return value
+
+
+def public(row: dict, root: Path) -> dict:
+    """A row as written: no working fields (those starting with _), paths relative to the report."""
+    out = {k: v for k, v in row.items() if not k.startswith("_")}
+    for key in ("file", "artifact"):
+        out[key] = relative(out.get(key), root)
+    return out
+
+
+def to_json(root: Path, info: dict) -> dict:
+    def brief(row):
+        return None if row is None else {"label": label(row), "file": relative(row["file"], root)}
+
+    recs = [{"objective": r["objective"], "goal": r["goal"], "budget": r["budget"], "choice": brief(r["choice"]),
+             "closest": brief(r.get("closest")), "tied": [brief(t) for t in r.get("tied", [])],
+             "runner_up": brief(r.get("runner_up"))} for r in info["recommendations"]]
+    return {"created": info["created"], "directory": ".", "model": info["model"], "dataset": info["dataset"],
+            "machine": info["machine"], "budget_points": info["budget"],
+            "baseline": label(info["baseline_row"]) if info["baseline_row"] else None,
+            "bench_settings": info["bench_settings"], "recommendations": recs, "summary": info["summary"],
+            "notes": info["notes"], "plots": info["plots"], "rows": [public(r, root) for r in info["rows"]]}

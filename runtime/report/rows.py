@@ -1,0 +1,143 @@
+"""The report's rows: one per exported file under the directory, checked against its manifest, then
+evaluated on its artifact's test split through the TensorFlow-free runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import EdgeKitError
+from runtime.formats import ALIASES, format_rank
+from runtime.manifest import MANIFEST, read_manifest
+from runtime.progress import bar
+
+
+def artifacts(root: Path) -> list[tuple[Path, dict]]:
+    """(directory, manifest) of the artifacts under `root` (itself, and its sub-directories): the trained
+    model first, then the variants in the pipeline's order when root holds its pipeline.json, else by
+    lineage and name."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))  # not staging dirs
+    found = [d for d in [root, *subdirs] if (d / MANIFEST).is_file()]
+    if not found:
+        raise EdgeKitError(f"{root} holds no artifact (no manifest.json in it or its sub-directories); expected "
+                           "the output directory of `python -m pipeline`, or an artifact exported with "
+                           "`python -m export`.")
+    order = []
+    try:
+        plan = json.loads((root / "pipeline.json").read_text("utf-8"))["plan"]
+        order = [plan["model"], *(f"{plan['model']}-{v}" for v in plan["variants"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a pipeline's directory, or its plan file is damaged: lineage order
+
+    def rank(item):
+        d, m = item
+        return (m.get("parent") is not None, order.index(d.name) if d.name in order else len(order),
+                len(m.get("lineage", [])), d.name)
+
+    return sorted(((d, read_manifest(d)) for d in found), key=rank)
+
+
+def _variant_name(manifest: dict, base_name: str | None) -> str:
+    name = manifest["name"]
+    if manifest.get("parent") is None:
+        return "base"
+    if base_name and name.startswith(base_name + "-"):
+        return name[len(base_name) + 1:]
+    return name
+
+
+def collect(root: Path) -> list[dict]:
+    """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
+    against its manifest and must have been made from the artifact's current model."""
+    from runtime.manifest import export_problem, model_sha256
+
+    rows = []
+    found = artifacts(root)
+    base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
+    for d, manifest in found:
+        exports = manifest.get("exports", {})
+        for key in sorted(exports, key=lambda k: format_rank(ALIASES.get(k, k))):
+            record = exports[key]
+            file = d / record["file"] if record.get("file") else None
+            row = {"variant": _variant_name(manifest, base_name), "format": ALIASES.get(key, key),
+                   "artifact": str(d), "kind": manifest["kind"], "model": manifest.get("model"),
+                   "dataset": (manifest.get("dataset") or {}).get("name"),
+                   "parent": (manifest.get("parent") or {}).get("name"), "file": str(file) if file else None,
+                   "status": "verified", "reason": None}
+            problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha256(manifest))
+            if problem:
+                row.update(status="failed", reason=problem)
+            else:
+                row["sha256"] = manifest["files"][record["file"]]["sha256"]  # checked: the key of cached benchmarks
+            rows.append(row)
+    if not rows:
+        raise EdgeKitError(f"no exported file under {root}; run `python -m export --all` on its artifacts first.")
+    return rows
+
+
+def _dataset_for(artifact: str, cache: dict, data_dir):
+    """The artifact's test split, and a key that is equal for artifacts judged on the same images."""
+    from runtime.datasets import load_for_manifest
+
+    if artifact not in cache:  # one manifest read per artifact, one dataset load per dataset
+        manifest = read_manifest(artifact)
+        key = json.dumps([manifest["dataset"], manifest["preprocessing"]], sort_keys=True)
+        if key not in cache:
+            cache[key] = load_for_manifest(manifest, data_dir)
+        cache[artifact] = (cache[key], key)
+    return cache[artifact]
+
+
+def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
+    """Accuracy of every verified file on its test split. Each row keeps which images it got right
+    (`_correct`, for the significance tests) and which test set they are (`_images`)."""
+    from runtime.load import load
+
+    datasets = {}
+    todo = [r for r in rows if r["status"] == "verified"]
+    for row in bar(todo, len(todo), "evaluate", progress):
+        try:
+            model = load(row["file"])
+            dataset, key = _dataset_for(row["artifact"], datasets, data_dir)
+            predicted = model.logits(dataset.x_test).argmax(axis=1)
+        except EdgeKitError as exc:
+            row.update(status="failed", reason=str(exc))
+            continue
+        correct = predicted == dataset.y_test
+        row.update(test_images=int(len(correct)), correct=int(correct.sum()), accuracy=float(correct.mean()),
+                   size_bytes=model.size_bytes, _correct=correct, _predicted=predicted, _images=key,
+                   gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
+
+
+def _gzip_bytes(path: Path) -> int:
+    import gzip
+
+    return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+
+
+def baseline(rows: list[dict]) -> dict | None:
+    """The trained model's float32 TFLite file, else the first evaluated float file, else the first evaluated."""
+    evaluated = [r for r in rows if r["status"] == "verified" and "accuracy" in r]
+    for candidates in ([r for r in evaluated if r["variant"] == "base" and r["format"] == "float32"],
+                       [r for r in evaluated if r["format"] in ("float32", "onnx-float32")], evaluated):
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def agreement(row: dict, base: dict) -> float | None:
+    """Top-1 agreement of two files on the same images."""
+    if row.get("_images") is None or row.get("_images") != base.get("_images"):
+        return None
+    return float(np.mean(row["_predicted"] == base["_predicted"]))
+
+
+def label(row: dict) -> str:
+    return f"{row['variant']} {row['format']}"
+
+
+def points(value: float) -> str:
+    """'1 point', '0.5 points'."""
+    return f"{value:g} point" + ("" if value == 1 else "s")

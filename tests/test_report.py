@@ -1,0 +1,137 @@
+"""The report's statistics and decisions: intervals and p-values against published reference values, the
+accuracy budget, ties, Pareto fronts and the recommendation, on rows whose figures are known exactly."""
+
+import numpy as np
+import pytest
+
+from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
+from runtime.stats import accuracy_interval, mcnemar, median_interval
+
+SIZE, LATENCY = OBJECTIVES[0], OBJECTIVES[2]
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("correct, total, low, high", [
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3 (Wilson)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0000, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_intervals_match_newcombe(correct, total, low, high):
+    assert accuracy_interval(correct, total) == pytest.approx((low, high), abs=5e-5)
+
+
+def _pairs(first_only, second_only, both=50, neither=10):
+    """Correctness of two classifiers on the same images with the given discordant counts."""
+    first = [1] * first_only + [0] * second_only + [1] * both + [0] * neither
+    second = [0] * first_only + [1] * second_only + [1] * both + [0] * neither
+    return np.array(first, bool), np.array(second, bool)
+
+
+def test_exact_mcnemar_matches_the_reference_values():
+    # Fagerland, Lydersen & Laake (2013), BMC Med Res Methodol 13:91: 1 vs 7 discordant pairs, exact p = 0.070
+    test = mcnemar(*_pairs(1, 7))
+    assert (test["first_only"], test["second_only"]) == (1, 7)
+    assert test["p_value"] == pytest.approx(0.0703125)  # 2 * (1 + 8) / 2**8
+    assert mcnemar(*_pairs(7, 1))["p_value"] == pytest.approx(0.0703125)  # symmetric
+    assert mcnemar(*_pairs(0, 5))["p_value"] == pytest.approx(0.0625)  # 2 / 2**5: five flips are not enough
+    assert mcnemar(*_pairs(0, 6))["p_value"] == pytest.approx(0.03125)  # ... six are
+    assert mcnemar(*_pairs(0, 0))["p_value"] == 1.0  # identical predictions
+    assert mcnemar(*_pairs(4, 4))["p_value"] == 1.0
+
+
+def test_median_interval_is_the_order_statistics_of_the_rounds():
+    median, low, high = median_interval([9, 2, 7, 4, 5, 6, 3, 8, 1, 10])
+    assert (median, low, high) == (5.5, 2, 9)  # n = 10: the 2nd and 9th smallest cover the median at 97.9%
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few rounds for 95%: the whole range
+
+
+# --- decisions on synthetic rows --------------------------------------------------------------------------
+
+IMAGES = 400
+
+
+def _row(variant, fmt, size, correct, latency=None):
+    """A verified, evaluated row: `correct` images right out of IMAGES (the first ones), or a boolean array."""
+    flags = np.arange(IMAGES) < correct if np.isscalar(correct) else np.asarray(correct, bool)
+    row = {"variant": variant, "format": fmt, "status": "verified", "file": f"/r/{variant}/model.{fmt}.tflite",
+           "size_bytes": size, "gzip_bytes": size, "test_images": IMAGES, "correct": int(flags.sum()),
+           "accuracy": float(flags.mean()), "_correct": flags, "_predicted": flags.astype(int), "_images": "digits"}
+    if latency is not None:
+        median, low, high = latency
+        row.update(latency_median_ms_1t=median, latency_low_ms_1t=low, latency_high_ms_1t=high)
+    return row
+
+
+def _decide(rows, budget=1.0):
+    judge(rows, budget)
+    comparer = Comparer()
+    return fronts(rows, comparer), recommend(rows, comparer, budget), comparer
+
+
+def test_a_file_over_budget_is_marked_and_never_optimal_or_recommended():
+    base = _row("base", "float32", 400_000, 396)  # 99.00%
+    int8 = _row("base", "int8", 100_000, 394)  # 98.50%: -0.5 points, within a 1-point budget
+    broken = _row("pruned80", "int8", 30_000, 166)  # 41.50%: the smallest file, and useless
+    groups, recs, _ = _decide([base, int8, broken])
+    assert broken["over_budget"] and not int8["over_budget"] and not base["over_budget"]
+    assert broken["significant"] and broken["p_value"] < 1e-10
+    assert not int8["significant"] and int8["p_value"] == pytest.approx(0.5)  # 2 discordant images: p = 2 / 4
+    assert broken["pareto_size"] is False and int8["pareto_size"] is True
+    assert [[r["format"] for r in g] for g in groups["size"]] == [["int8"]]  # base is dominated: bigger, tied
+    smallest = next(r for r in recs if r["objective"] == "size")
+    assert smallest["choice"] is int8 and smallest["cost_vs_baseline"] == -1
+    # with a budget that admits it, the broken file is what the smallest-file objective ships
+    groups, recs, _ = _decide([base, int8, broken], budget=60)
+    assert not broken["over_budget"] and next(r for r in recs if r["objective"] == "size")["choice"] is broken
+
+
+def test_the_budget_is_measured_from_the_float_baseline_in_points():
+    base = _row("base", "float32", 400_000, 400)  # 100%
+    edge = _row("base", "int8", 100_000, 396)  # exactly 1.00 point below
+    beyond = _row("base", "dynamic", 150_000, 395)  # 1.25 points below
+    judge([base, edge, beyond], 1.0)
+    assert edge["accuracy_change_pts"] == pytest.approx(-1.0) and not edge["over_budget"]
+    assert beyond["over_budget"]
+
+
+def test_tied_files_are_merged_into_one_group():
+    base = _row("base", "float32", 1_000_000, 396)
+    tied = [_row(v, "dynamic", size, 396) for v, size in (("base", 467_000), ("pruned80", 467_300),
+                                                         ("clustered16", 467_500))]
+    bigger = _row("qat", "int8", 480_000, 396)  # 2.8% bigger than the group, same accuracy: dominated
+    groups, recs, comparer = _decide([base, *tied, bigger])
+    assert [[r["variant"] for r in g] for g in groups["size"]] == [["base", "pruned80", "clustered16"]]
+    assert not bigger["pareto_size"] and not base["pareto_size"]
+    smallest = next(r for r in recs if r["objective"] == "size")
+    assert smallest["choice"] is tied[0] and smallest["tied"] == tied[1:]
+
+
+def test_a_significantly_more_accurate_file_stays_on_the_front():
+    base = _row("base", "float32", 400_000, 396)
+    small = _row("pruned80", "int8", 100_000, 390)  # -1.5 points: McNemar on 6 flips, p = 0.03: significant
+    medium = _row("base", "int8", 110_000, 396)
+    groups, _, _ = _decide([base, small, medium], budget=2.0)
+    assert small["significant"] and small["p_value"] == pytest.approx(0.03125)
+    assert [[r["variant"] for r in g] for g in groups["size"]] == [["pruned80"], ["base"]]
+    assert medium["pareto_size"] and small["pareto_size"]
+
+
+def test_faster_only_when_the_latency_intervals_separate():
+    base = _row("base", "float32", 400_000, 396, latency=(0.116, 0.110, 0.125))
+    overlapping = _row("base", "int8", 100_000, 396, latency=(0.113, 0.108, 0.119))
+    separate = _row("qat", "int8", 100_000, 396, latency=(0.080, 0.078, 0.083))
+    comparer = Comparer()
+    assert comparer.cost(overlapping, base, LATENCY) == 0  # 0.113 vs 0.116 ms: tied, not "faster"
+    assert comparer.cost(separate, base, LATENCY) == -1 and comparer.cost(base, separate, LATENCY) == 1
+    groups, recs, _ = _decide([base, overlapping, separate])
+    assert [[r["variant"] for r in g] for g in groups["latency_1t"]] == [["qat"]]
+    fastest = next(r for r in recs if r["objective"] == "latency_1t")
+    assert fastest["choice"] is separate and fastest["cost_vs_baseline"] == -1
+
+
+def test_sizes_within_one_percent_are_tied():
+    a, b, c = _row("a", "int8", 100_000, 396), _row("b", "int8", 100_900, 396), _row("c", "int8", 102_000, 396)
+    assert Comparer.cost(a, b, SIZE) == 0 and Comparer.cost(a, c, SIZE) == -1 and Comparer.cost(c, a, SIZE) == 1
