@@ -25,6 +25,7 @@ from export.formats import (FORMATS, MAX_ACCURACY_DROP, QAT_FORMATS, Format, che
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
+from runtime.preprocessing import pixel_statistics
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
                               model_file, model_sha256, read_manifest, utc_now, write_manifest)
 
@@ -252,6 +253,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
         "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": src.output_kind},
         "preprocessing": src.dataset.preprocessing.to_dict(), "labels": list(src.dataset.labels),
+        "input_statistics": pixel_statistics(src.dataset.x_train),
         "source": {"path": str(src.path), "kind": src.kind, "model_file": src.model_file.name,
                    "sha256": src.model_sha256},
         "calibration": ({"samples": samples, "split": "train", "seed": SPLIT_SEED,

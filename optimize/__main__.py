@@ -129,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
              f"max unique values per kernel {m['max_unique']}" if args.technique in ("cluster", "cqat") else None]
     print(f"test accuracy {m['accuracy']:.2%} ({m['accuracy_change'] * 100:+.2f} points vs parent); "
           + "; ".join(f for f in facts if f) + ("; " if any(facts) else "")
-          + f"gzip {m['gzip_bytes'] / 1024:.0f} KiB ({m['gzip_ratio_vs_parent']:.2f}x parent)")
+          + (f"gzip {m['gzip_bytes'] / 1024:.0f} KiB ({m['gzip_ratio_vs_parent']:.2f}x parent)"
+             if "qat_weights_bytes" not in m else "quantization-aware: its int8 export is the file to ship"))
     skipped = manifest["facts"]["skipped"]
     if skipped:
         print("left as they were: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     print(f"wrote {out}/")
-    print(f"next: python -m runtime info {out}")
+    export = "--tflite --quantize int8" if "qat_weights_bytes" in m else "--all"
+    print(f"next: python -m export {export} {out}")
+    print(f"      python -m runtime info {out}")
     return 0
 
 

@@ -196,7 +196,10 @@ def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
             result.model.save_weights(stage / name)
         else:
             save_model(result.model, stage / name)
-        size, gzipped, parent_gzipped = ((stage / name).stat().st_size, measure.gzip_bytes(stage / name),
+        # the model's size: for a quantization-aware artifact the float model it is (base.keras), not the
+        # weights file that also holds its quantizers' training state
+        sized = stage / (BASE_FILE if quantization_aware else name)
+        size, gzipped, parent_gzipped = (sized.stat().st_size, measure.gzip_bytes(sized),
                                          measure.gzip_bytes(parent_file))
         child = {
             "name": out.name,
@@ -222,6 +225,7 @@ def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
                 "gzip_bytes": gzipped,
                 "parent_gzip_bytes": parent_gzipped,
                 "gzip_ratio_vs_parent": gzipped / parent_gzipped,
+                **({"qat_weights_bytes": (stage / name).stat().st_size} if quantization_aware else {}),
                 "params": int(result.model.count_params()),
                 "sparsity": result.facts["sparsity"],
                 "model_sparsity": result.facts["model_sparsity"],

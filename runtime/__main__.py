@@ -14,27 +14,42 @@ def _number(value, spec: str, unit: str = "") -> str:
 
 
 def _info(args) -> int:
-    from runtime.errors import ArtifactError
-    from runtime.manifest import read_manifest, verify_files
+    from pathlib import Path
 
+    from runtime.errors import ArtifactError
+    from runtime.manifest import MANIFEST, read_manifest, verify_files
+
+    directory = Path(args.artifact)
+    if (directory / "pipeline.json").is_file() and not (directory / MANIFEST).exists():
+        return _run_info(directory, args.json)
     manifest = read_manifest(args.artifact)
     problems = verify_files(args.artifact, manifest)
     if args.json:
         print(json.dumps({"manifest": manifest, "intact": not problems, "problems": problems}, indent=2))
     else:
         metrics = manifest["metrics"]
+        parent = manifest.get("parent") or {}
         lines = [
             ("name", manifest["name"]),
             ("kind", manifest["kind"]),
             ("model", manifest["model"]),
             ("dataset", manifest["dataset"].get("name") if isinstance(manifest["dataset"], dict)
              else manifest["dataset"]),
-            ("parent", (manifest["parent"] or {}).get("name") or (manifest["parent"] or {}).get("path") or "-"),
+            ("parent", "-" if not parent else
+             f"{parent.get('name') or parent.get('path')} ({parent.get('kind', '?')}, test accuracy "
+             f"{_number(parent.get('accuracy'), '.2%')}, model sha256 {parent.get('model_sha256', '-')})"),
+        ]
+        if manifest.get("recipe"):
+            lines.append(("recipe", _recipe(manifest["recipe"])))
+        if len(manifest.get("lineage") or []) > 1:
+            lines.append(("lineage", " -> ".join(step.get("technique", "?") for step in manifest["lineage"])))
+        lines += [
             ("created", manifest["created"]),
             ("input shape", "x".join(str(v) for v in manifest["input_shape"])),
             ("labels", ", ".join(manifest["labels"])),
             ("test accuracy", _number(metrics.get("accuracy"), ".2%")),
-            ("size", _number(metrics.get("size_bytes"), ",", " bytes")),
+            ("model size", _number(metrics.get("size_bytes"), ",", " bytes")
+             + (" (the float model; its int8 export is the file to ship)" if metrics.get("qat_weights_bytes") else "")),
         ]
         if "params" in metrics:
             lines.append(("parameters", _number(metrics["params"], ",")))
@@ -42,14 +57,69 @@ def _info(args) -> int:
         if exports:
             lines.append(("exports", ", ".join(f"{key} {'verified' if e.get('passed') else 'FAILED'}"
                                                for key, e in exports.items())))
-        lines.append(("files", ", ".join(manifest["files"]) or "-"))
         lines.append(("checksums", "all match" if not problems else "; ".join(problems)))
         width = max(len(k) for k, _ in lines)
         for key, value in lines:
             print(f"{key:<{width}}  {value}")
+        print("files:")
+        names = sorted(manifest["files"])
+        name_width = max((len(n) for n in names), default=0)
+        for name in names:
+            record = manifest["files"][name]
+            print(f"  {name:<{name_width}}  {_number(record.get('bytes'), ',', ' bytes'):>16}  "
+                  f"sha256 {record.get('sha256', '-')}")
     if problems:
         raise ArtifactError(f"{args.artifact} is damaged: {'; '.join(problems)}. Re-create it with the stage that "
                             "wrote it.")
+    return 0
+
+
+def _recipe(recipe: dict) -> str:
+    """'prune: sparsity 0.8; 2 epochs, lr 0.0003, batch 32, seed 0'."""
+    training = ("epochs", "lr", "batch_size", "seed", "exclude")
+    own = [f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()
+           if k != "technique" and k not in training and v not in (None, [], {})]
+    tuning = [f"{recipe['epochs']} epochs" if "epochs" in recipe else None,
+              f"lr {recipe['lr']:g}" if "lr" in recipe else None,
+              f"batch {recipe['batch_size']}" if "batch_size" in recipe else None,
+              f"seed {recipe['seed']}" if "seed" in recipe else None,
+              f"exclude {', '.join(recipe['exclude'])}" if recipe.get("exclude") else None]
+    return f"{recipe.get('technique', '?')}: " + "; ".join(
+        part for part in (", ".join(own), ", ".join(t for t in tuning if t)) if part)
+
+
+def _run_info(directory, as_json: bool) -> int:
+    """A pipeline's run directory: its plan, stages, artifacts and the report's recommendation."""
+    from runtime.errors import ArtifactError
+    from runtime.manifest import MANIFEST
+
+    try:
+        status = json.loads((directory / "pipeline.json").read_text("utf-8"))
+        plan, stages = status["plan"], status.get("stages", {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{directory}/pipeline.json is damaged ({exc}); rerun `python -m pipeline`.") from None
+    artifacts = sorted(p.name for p in directory.iterdir() if (p / MANIFEST).is_file())
+    report = None
+    try:
+        report = json.loads((directory / "report.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        pass
+    if as_json:
+        print(json.dumps({"run_directory": str(directory), "plan": plan, "stages": stages, "artifacts": artifacts,
+                          "report": report}, indent=2))
+        return 0
+    print(f"{directory} is a pipeline run directory ({plan.get('model')} on {plan.get('dataset')}), "
+          f"not an artifact: {len(artifacts)} artifacts ({', '.join(artifacts) or 'none'}).")
+    failed = [name for name, s in stages.items() if isinstance(s, dict) and s.get("status") == "failed"]
+    print("stages: " + (f"{len(failed)} failed ({', '.join(failed)})" if failed else "none failed"))
+    if report and report.get("summary"):
+        print(f"report: {directory / 'report.md'}; to ship, within the {report.get('budget_points', 1):g}-point "
+              "budget:")
+        for line in report["summary"]:
+            print(f"  {line}")
+    else:
+        print(f"no report yet: python -m runtime report {directory}")
+    print(f"one artifact: python -m runtime info {directory / (artifacts[0] if artifacts else '<artifact>')}")
     return 0
 
 
@@ -68,7 +138,10 @@ def _predict(args) -> int:
         raise EdgeKitError(f"--top-k must be 1 or more; got {args.top_k}.")
     model = _load(args)
     named = read_inputs(args.inputs, model)
-    probabilities = model.predict(np.concatenate([x for _, x in named]))
+    for name, _, warning in named:
+        if warning:
+            print(f"warning: {name} {warning}.", file=sys.stderr)
+    probabilities = model.predict(np.concatenate([x for _, x, _ in named]))
     k = min(args.top_k, model.num_classes)
     tops = model.top_k(probabilities, k)
     if args.json:
@@ -76,11 +149,11 @@ def _predict(args) -> int:
         records = [{"input": name, "top": [{"label": label, "index": labels.index(label), "probability": p}
                                            for label, p in top],
                     "probabilities": [float(v) for v in row]}
-                   for (name, _), top, row in zip(named, tops, probabilities)]
+                   for (name, _, _), top, row in zip(named, tops, probabilities)]
         print(json.dumps({"model": str(model.path), "predictions": records}, indent=1))
         return 0
-    width = max(len(name) for name, _ in named)
-    for (name, _), top in zip(named, tops):
+    width = max(len(name) for name, _, _ in named)
+    for (name, _, _), top in zip(named, tops):
         print(f"{name:<{width}}  " + "   ".join(f"{label} {p:7.2%}" for label, p in top))
     return 0
 
@@ -172,7 +245,9 @@ def _bench(args) -> int:
     results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
                     progress, inputs=args.input)
     if args.json:
-        print(json.dumps(results, indent=1))
+        from runtime.bench import machine
+
+        print(json.dumps({"machine": machine(), "results": results}, indent=1))
     elif args.csv:
         print(to_csv(results), end="")
     else:

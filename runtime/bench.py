@@ -255,6 +255,27 @@ def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, time
     return _spawn(spec, str(path), timeout)
 
 
+def machine() -> dict:
+    """The CPU, core count, platform and library versions: what a latency figure was measured on."""
+    import platform
+
+    from runtime.manifest import library_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+        # x86: "model name"; a Raspberry Pi: "Model" (the board) and "Hardware"
+        cpu = next((fields[k] for k in ("model name", "model", "hardware") if fields.get(k)
+                    and not fields[k].isdigit()), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.platform(),
+            "versions": library_versions()}
+
+
 def compare(results: list[dict]) -> list[dict]:
     """Add size and speed ratios against the first model (the baseline) at the same thread count."""
     if not results:

@@ -86,7 +86,15 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake on the command line reported like every other error: one line, exit 2."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}; see {self.prog} --help.\n")
+        import re
+
+        hint = ""
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:  # `runtime bnch`: name the command that was meant, as every other unknown name gets
+            close = difflib.get_close_matches(wrong.group(1), re.findall(r"'([^']*)'", wrong.group(2)), n=1,
+                                              cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'? See" if close else ""
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}{hint or '; see'} {self.prog} --help.\n")
 
 
 def first_line(exc: BaseException) -> str:

@@ -616,14 +616,17 @@ def read_npy(path: Path) -> np.ndarray:
         raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}).") from None
 
 
-def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
+def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]:
     """Read PNG/JPEG images (resized with the model's preprocessing) and .npy arrays.
 
-    Returns (name, input) pairs of checked float32 model input (1, H, W, C), one per
-    image; a .npy batch gives one pair per row, named file[i]. uint8 arrays are pixels
-    (preprocessed with the sidecar), float arrays are input already preprocessed.
+    Returns (name, input, warning) triples of checked float32 model input (1, H, W, C), one per
+    image; a .npy batch gives one per row, named file[i]. uint8 arrays are pixels
+    (preprocessed with the sidecar), float arrays are input already preprocessed. `warning` says
+    why an image of pixels is unlike the training images (`unusual_input`), or is None.
     """
-    from runtime.preprocessing import IMAGE_SUFFIXES, image_to_pixels
+    from runtime.preprocessing import IMAGE_SUFFIXES, image_to_pixels, unusual_input
+
+    statistics = (model.sidecar or {}).get("input_statistics")
 
     out = []
     h, w, c = model.input_shape
@@ -636,14 +639,16 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray]]:
                 batch = model.prepare(array)
             except EdgeKitError as exc:
                 raise type(exc)(f"{path}: {exc}") from None
+            pixels = array.reshape(batch.shape) if array.dtype == np.uint8 else None
             if array.ndim == 4 or (array.ndim == 3 and array.shape != (h, w, c) and len(batch) > 1):
-                out.extend((f"{path}[{i}]", batch[i:i + 1]) for i in range(len(batch)))
+                out.extend((f"{path}[{i}]", batch[i:i + 1],
+                            None if pixels is None else unusual_input(pixels[i], statistics)) for i in range(len(batch)))
             else:
-                out.append((str(path), batch))
+                out.append((str(path), batch, None if pixels is None else unusual_input(pixels[0], statistics)))
         elif suffix in IMAGE_SUFFIXES:
             pre = model.preprocessing
             pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear", pre.background if pre else 0)
-            out.append((str(path), model.prepare(pixels[None])))
+            out.append((str(path), model.prepare(pixels[None]), unusual_input(pixels, statistics)))
         else:
             raise EdgeKitError(
                 f"input {path}: expected a .png, .jpg, .jpeg or .npy file; got '{suffix or 'no suffix'}'.")

@@ -30,10 +30,11 @@ def plot_training(history: dict, path: Path, title: str, best_epoch: int | None 
     plt = _pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, label in ((axes[0], "loss", "loss (cross-entropy)"), (axes[1], "accuracy", "accuracy")):
-        ax.plot(epochs, history[metric], "o-", ms=3, label="train")
+    for ax, metric, label, scale in ((axes[0], "loss", "loss (cross-entropy)", 1),
+                                     (axes[1], "accuracy", "accuracy (%)", 100)):  # accuracy in % in every plot
+        ax.plot(epochs, np.asarray(history[metric]) * scale, "o-", ms=3, label="train")
         if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], "o-", ms=3, label="validation")
+            ax.plot(epochs, np.asarray(history[f"val_{metric}"]) * scale, "o-", ms=3, label="validation")
         if best_epoch:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"kept (epoch {best_epoch})")
         ax.set_xlabel("epoch")

@@ -178,3 +178,38 @@ def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "b
         image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, "L" if channels == 1 else "RGB")
         pixels = np.asarray(image.resize((width, height), _filters()[resize]), np.uint8)
     return pixels.reshape(height, width, channels)
+
+
+# --- how the training images look, so that predict can say when an input does not --------------------
+
+def pixel_statistics(pixels: np.ndarray) -> dict:
+    """Per-image mean intensity (0 black .. 1 white) of uint8 images (N, H, W, C): what the sidecar records
+    of the training split, so that `predict` can tell an input unlike every training image."""
+    means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255.0
+    return {"mean_intensity": {"mean": round(float(means.mean()), 4), "std": round(float(means.std()), 4),
+                               "p01": round(float(np.percentile(means, 1)), 4),
+                               "p99": round(float(np.percentile(means, 99)), 4)},
+            "images": int(len(pixels)), "split": "train"}
+
+
+def unusual_input(pixels: np.ndarray, statistics: dict | None) -> str | None:
+    """Why one uint8 image (H, W, C) is unlike the training images, or None.
+
+    An image whose mean intensity lies well outside the training images' (beyond their 1st..99th
+    percentile by more than three standard deviations, at least 0.1) is flagged; when its negative
+    would fall inside, it "looks inverted" (a black-on-white drawing for a model trained on white
+    strokes on black, as MNIST and digits are)."""
+    record = (statistics or {}).get("mean_intensity")
+    if not record:
+        return None
+    mean = float(pixels.mean()) / 255.0
+    margin = max(3 * record["std"], 0.1)
+    low, high = record["p01"] - margin, record["p99"] + margin
+    if low <= mean <= high:
+        return None
+    looks = "light strokes on a dark background" if record["mean"] < 0.5 else "dark strokes on a light background"
+    if low <= 1 - mean <= high:
+        return (f"looks inverted compared with the training images (mean intensity {mean:.2f} vs "
+                f"{record['mean']:.2f}); the model was trained on {looks}: invert the image first")
+    return (f"is unlike the training images (mean intensity {mean:.2f}; theirs {record['p01']:.2f} to "
+            f"{record['p99']:.2f}); the prediction may be wrong")

@@ -195,7 +195,7 @@ def test_cli_prunes_and_names_the_output(tiny, tmp_path):
     shutil.copytree(tiny, parent)
     result = run_module("optimize", "prune", "--sparsity", "0.5", "--epochs", "1", str(parent))
     assert result.returncode == 0, result.stderr
-    assert re.search(r"sparsity 0\.5\d\d", result.stdout) and "next: python -m runtime info" in result.stdout
+    assert re.search(r"sparsity 0\.5\d\d", result.stdout) and f"next: python -m export --all {tmp_path}" in result.stdout
     assert read_manifest(tmp_path / "cnn-pruned50")["recipe"]["sparsity"] == 0.5
 
 

@@ -262,6 +262,24 @@ def test_predict_command_on_images_and_arrays(exported, digits, tmp_path):
     assert predictions[0]["top"][0]["label"] == str(digits.y_test[0])
     text = run_module("runtime", "predict", str(artifact / "model.onnx-float32.onnx"), str(tmp_path / "digit.png"))
     assert text.returncode == 0 and text.stdout.split()[1] == str(digits.y_test[0])
+    assert "warning" not in text.stderr and "XNNPACK" not in text.stderr  # no chatter, nothing unusual
+
+
+def test_predict_warns_when_an_image_looks_inverted(exported, digits, tmp_path):
+    """digits (like MNIST) are light strokes on a dark background; a black-on-white drawing gets a warning
+    naming the two mean intensities, and is still answered."""
+    artifact = exported[0]
+    Image.fromarray(255 - digits.x_test[0, :, :, 0]).save(tmp_path / "drawing.png")
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "white.png")
+    result = run_module("runtime", "predict", str(artifact / "model.int8.tflite"), str(tmp_path / "drawing.png"),
+                        str(tmp_path / "white.png"))
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 2 and "drawing.png looks inverted compared with the training images" in warnings[0]
+    assert "trained on light strokes on a dark background" in warnings[0]
+    assert "white.png is unlike the training images" in warnings[1]
+    stats = json.loads((artifact / "model.int8.json").read_text())["input_statistics"]["mean_intensity"]
+    assert 0.05 < stats["mean"] < 0.4 and stats["p01"] <= stats["mean"] <= stats["p99"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -317,8 +335,11 @@ def test_bench_command_side_by_side(exported):
     result = run_module("runtime", "bench", str(artifact / "model.float32.tflite"), str(artifact / "model.int8.tflite"),
                         "--runs", "20", "--warmup", "2", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    printed = json.loads(result.stdout)
+    assert {"cpu", "cores", "versions"} <= set(printed["machine"]) and "ai-edge-litert" in printed["machine"]["versions"]
+    rows = printed["results"]
     assert [r["name"] for r in rows] == ["model.float32.tflite", "model.int8.tflite"]
+    assert [(r["format"], r["backend"]) for r in rows] == [("float32", "tflite"), ("int8", "tflite")]
     base, int8 = rows
     assert base["speedup"] == 1.0 and base["size_ratio"] == 1.0 and int8["size_ratio"] < 0.5
     for row in rows:
@@ -335,7 +356,7 @@ def test_bench_an_artifact_directory_as_csv_and_table(exported):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     header = lines[0].split(",")
-    assert header[:3] == ["name", "format", "variant"] and "call_p99_ms" in header and "peak_rss_mb" in header
+    assert header[:3] == ["name", "format", "backend"] and "call_p99_ms" in header and "peak_rss_mb" in header
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert len(rows) == 7 * 2 and rows[0]["name"] == "model.float32.tflite"  # the float baseline first
     assert {r["threads"] for r in rows} == {"1", "2"}

@@ -25,7 +25,8 @@ from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.manifest import utc_now
 from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
 from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
-from runtime.report.render import CSV_COLUMNS, console_summary, machine, notes, write
+from runtime.bench import machine
+from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
 from runtime.report.rows import collect, evaluate
 
 __all__ = ["BENCH_CACHE", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]

@@ -7,11 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-import platform
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
-from runtime.manifest import library_versions
 from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label
 from runtime.report.rows import label, points
 from runtime.stats import ALPHA, CONFIDENCE
@@ -23,22 +21,6 @@ CSV_COLUMNS = (
     "speedup_1t", "vs_baseline_1t", "threads_all", "latency_median_ms_all", "latency_low_ms_all",
     "latency_high_ms_all", "latency_p90_ms_all", "speedup_all", "vs_baseline_all", "pareto_size", "pareto_gzip",
     "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip().lower(), value.strip())
-        # x86: "model name"; a Raspberry Pi: "Model" (the board) and "Hardware"
-        cpu = next((fields[k] for k in ("model name", "model", "hardware") if fields.get(k)
-                    and not fields[k].isdigit()), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.platform(),
-            "versions": library_versions()}
 
 
 # --- figures as text ---------------------------------------------------------------------------------
