@@ -5,7 +5,7 @@ What a reader can rely on in every report: one colour per format and one marker 
 95% interval as a vertical bar, latency with its interval as a horizontal bar; the budget as a dashed
 line, over-budget files grey (below the axis, pinned to its floor with their accuracy written, when
 far below); the Pareto front of the files within budget as a step line (no marker means "optimal");
-labels placed by adjustText so they cover neither the points nor each other.
+labels placed (as adjustText would, but deterministic) so they cover neither the points nor each other.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from runtime.report.rows import label, points
 
 FIGURES = {"accuracy_vs_size.png": ("size", "gzip"), "accuracy_vs_latency.png": ("latency_1t", "latency_all")}
 OVER = "#b0b0b0"
+CLOSE_PX = 14  # points closer than this on the page share a label
 
 
 def missing() -> str | None:
     """Why plots cannot be drawn here, or None."""
     try:
-        import adjustText  # noqa: F401
         import matplotlib  # noqa: F401
     except ImportError as exc:
         return f"not drawn: {exc.name} is not installed (`pip install 'edgekit[report]'`)."
@@ -46,13 +46,15 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list
             continue
         fig, axes = plt.subplots(1, len(objectives), figsize=(8 * len(objectives), 6.5), squeeze=False)
         floor = _floor(evaluated, budget, base)
-        for ax, objective in zip(axes[0], objectives):
-            _panel(ax, objective, evaluated, budget, base, floor, rows)
+        labels = [_panel(ax, objective, evaluated, budget, base, floor, rows)
+                  for ax, objective in zip(axes[0], objectives)]
         axes[0][0].set_ylabel("test accuracy (%), 95% interval")
         _legend(fig, evaluated, base is not None, len(objectives))
         what = "size" if "size" in name else "latency"
         fig.suptitle(f"accuracy vs {what}" + (f" (budget: {points(budget)} below {label(base)})" if base else ""))
         fig.tight_layout(rect=(0, 0.1, 1, 1))
+        for ax, items in zip(axes[0], labels):  # once the layout is final: labels off points and each other
+            _place_labels(ax, items)
         _save(fig, root / name)
         plt.close(fig)
         written.append(name)
@@ -71,14 +73,11 @@ def _floor(rows: list[dict], budget: float, base: dict | None) -> float | None:
     return max(0.0, low - max(0.15 * (top - low), 0.5))
 
 
-def _panel(ax, objective, rows, budget, base, floor, all_rows):
-    from adjustText import adjust_text
-
+def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
+    """Draw one objective's points; return their labels (x, y, text, style), placed once the layout is final."""
     points = [r for r in rows if r.get(objective.cost) is not None]
     scale = 1 / 1024 if objective.cost.endswith("bytes") else 1.0
-    texts, xs, ys = [], [], []
-    clusters: list[list] = []  # [x, y, over, pinned, members]: points at one spot share one label
-    span = max((r["accuracy"] for r in points), default=1) * 100 - (floor or 0)
+    drawn = []  # (x, shown y, over budget, pinned to the floor, row)
     for r in points:
         x, y = r[objective.cost] * scale, r["accuracy"] * 100
         pinned = floor is not None and y < floor
@@ -97,20 +96,7 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows):
         # ONNX hollow and larger, drawn on top: a TFLite file at the same spot still shows inside the ring
         ax.scatter(x, shown_y, s=130 if hollow else 60, marker=marker(r["variant"]), zorder=4 if hollow else 3,
                    facecolors="none" if hollow else c, edgecolors=c, linewidths=1.8 if hollow else 0.8)
-        for cluster in clusters:
-            if (cluster[2:4] == [over, pinned] and abs(math.log10(x / cluster[0])) < 0.012
-                    and abs(shown_y - cluster[1]) < 0.02 * max(span, 1e-9)):
-                cluster[4].append(r)
-                break
-        else:
-            clusters.append([x, shown_y, over, pinned, [r]])
-    for x, y, over, pinned, members in clusters:
-        text = "\n".join(label(r) + (f" ({r['accuracy']:.1%})" if pinned else "") for r in members)
-        texts.append(ax.text(x, y, text, fontsize=7, color="#808080" if over else "#202020",
-                             fontweight="bold" if any(r.get(f"pareto_{objective.key}") for r in members) else None,
-                             zorder=5))
-        xs.append(x)
-        ys.append(y)
+        drawn.append((x, shown_y, over, pinned, r))
     front = sorted((r[objective.cost] * scale, r["accuracy"] * 100) for r in candidates(all_rows, objective)
                    if r.get(f"pareto_{objective.key}"))
     if front:
@@ -127,8 +113,63 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows):
     ax.set_xlabel(f"{objective.axis} ({'KiB' if scale != 1 else 'ms'}, log scale)"
                   + (": what a download costs" if objective.key == "gzip" else ""))
     ax.grid(True, which="major", alpha=0.3)
-    adjust_text(texts, x=xs, y=ys, ax=ax, expand=(1.2, 1.4), arrowprops={"arrowstyle": "-", "color": "grey",
-                                                                       "lw": 0.5})
+    # points closer than CLOSE_PX on the page share one label, a name per line
+    clusters: list[list] = []
+    for x, y, over, pinned, r in drawn:
+        px, py = ax.transData.transform((x, y))
+        for cluster in clusters:
+            if cluster[2:4] == [over, pinned] and math.hypot(px - cluster[5], py - cluster[6]) < CLOSE_PX:
+                cluster[4].append(r)
+                break
+        else:
+            clusters.append([x, y, over, pinned, [r], px, py])
+    return [(x, y, "\n".join(label(r) + (f" ({r['accuracy']:.1%})" if pinned else "") for r in members),
+             {"color": "#808080" if over else "#202020",
+              "fontweight": "bold" if any(r.get(f"pareto_{objective.key}") for r in members) else "normal"})
+            for x, y, over, pinned, members, _, _ in clusters]
+
+
+def _place_labels(ax, items) -> None:
+    """Label every point where the label covers no marker and no other label: right of its point if that is
+    free, else the nearest free spot up or down that side, else on the left; a moved label gets a leader line.
+    (What adjustText does, made deterministic: on log axes adjustText left same-height labels overlapping.)"""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_points = 72 / ax.figure.dpi
+    points = [ax.transData.transform((x, y)) for x, y, _, _ in items]
+    taken = [Bbox.from_extents(px - 6, py - 6, px + 6, py + 6) for px, py in points]  # the markers
+    order = sorted(range(len(items)), key=lambda i: (-points[i][1], points[i][0]))  # top to bottom
+    for i in order:
+        x, y, text, style = items[i]
+        probe = ax.annotate(text, (x, y), xytext=(8, 0), textcoords="offset points", va="center", fontsize=7)
+        box = probe.get_window_extent(renderer)
+        probe.remove()
+        width, height = box.width, box.height
+        px, py = points[i]
+        chosen = None
+        for side in (1, -1):
+            for step in [0, *[k * sign for k in range(1, 30) for sign in (1, -1)]]:
+                left = px + 9 if side > 0 else px - 9 - width
+                bottom = py - height / 2 + step * 0.6 * height
+                candidate = Bbox.from_extents(left, bottom, left + width, bottom + height)
+                inside = frame.x0 <= candidate.x0 and candidate.x1 <= frame.x1 and \
+                    frame.y0 <= candidate.y0 and candidate.y1 <= frame.y1
+                if inside and not any(candidate.overlaps(other) for other in taken):
+                    chosen = (side, step, candidate)
+                    break
+            if chosen:
+                break
+        side, step, candidate = chosen or (1, 0, Bbox.from_extents(px + 9, py - height / 2, px + 9 + width,
+                                                                  py + height / 2))
+        taken.append(candidate)
+        offset = ((candidate.x0 - px if side > 0 else candidate.x1 - px) * to_points,
+                  (candidate.y0 + height / 2 - py) * to_points)
+        ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", va="center",
+                    ha="left" if side > 0 else "right", fontsize=7, zorder=5, **style,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 4}
+                    if step or side < 0 else None)
 
 
 def _log_ticks(ax) -> None:
