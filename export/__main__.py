@@ -17,6 +17,8 @@ examples:
   python -m export --onnx artifacts/cnn                        # model.onnx-float32.onnx
   python -m export --onnx --quantize int8 artifacts/cnn        # QDQ int8 via onnxruntime
   python -m export --all artifacts/cnn                         # all seven formats
+  python -m export --tflite --quantize int8 --explain artifacts/cnn      # which layers int8 hurts
+  python -m export --tflite --quantize int8 --keep-float auto artifacts/cnn   # int8, or int8-mixed within budget
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
 
 formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8.
@@ -53,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, help="ONNX opset, 13 to 18 (default: 17)")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                         help="quantized formats: the accuracy budget, in points below the Keras model (default 1.0)")
+    selective = parser.add_argument_group("selective int8 (TFLite)")
+    selective.add_argument("--explain", action="store_true",
+                           help="rank the Keras layers by what int8 costs: validation accuracy gained when a layer "
+                                "and its consumers stay float, and its output's per-channel SQNR; printed, and "
+                                "saved as sensitivity.int8.json and .png beside the exports")
+    selective.add_argument("--keep-float", metavar="LAYERS|auto",
+                           help="keep these Keras layers (comma-separated) float in an int8 file, written as the "
+                                "format int8-mixed; 'auto': write plain int8 if it meets the budget, else keep the "
+                                "fewest most sensitive layers float until it does")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     parser.add_argument("--data-dir", help="where the dataset files are")
     parser.add_argument("--trust-model", action="store_true",
@@ -88,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     keys = _choose(args)
     from export.api import check_settings, export
 
+    keep_float = None if args.keep_float is None else "auto" if args.keep_float.strip() == "auto" else [
+        name.strip() for name in args.keep_float.split(",") if name.strip()]
     check_settings(keys, calibration_samples=args.calibration_samples, opset=args.opset,
-                   calibration_method=args.calibration_method,
-                   max_accuracy_drop=args.max_accuracy_drop)  # before TensorFlow loads
+                   calibration_method=args.calibration_method, max_accuracy_drop=args.max_accuracy_drop,
+                   keep_float=keep_float, explain=args.explain)  # before TensorFlow loads
     results = export(args.source, keys, args.out, calibration_samples=args.calibration_samples,
                      opset=args.opset, calibration_method=args.calibration_method, dataset=args.dataset,
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
-                     max_accuracy_drop=args.max_accuracy_drop)
+                     max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     print(f"\n{'format':<10} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'SQNR dB':>8} "

@@ -23,7 +23,7 @@ import numpy as np
 from export.formats import (FORMATS, MAX_ACCURACY_DROP, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
-from runtime.errors import EdgeKitError
+from runtime.errors import EdgeKitError, VerificationError
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
@@ -118,11 +118,24 @@ def _check_file(fmt: Format, data: bytes) -> None:
 
 
 def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, opset=None,
-                   calibration_method=None, max_accuracy_drop=MAX_ACCURACY_DROP) -> list[Format]:
+                   calibration_method=None, max_accuracy_drop=MAX_ACCURACY_DROP, keep_float=None,
+                   explain=False) -> list[Format]:
     """Every option checked against what is possible, before TensorFlow loads or anything is read."""
     fmts = [get_format(key) for key in formats]
     if not fmts:
         raise EdgeKitError("nothing to export; name at least one format.")
+    selective = {"int8", "int8-mixed"} & {f.key for f in fmts}
+    if keep_float is not None:
+        if keep_float != "auto" and not (isinstance(keep_float, list) and keep_float
+                                         and all(isinstance(n, str) and n for n in keep_float)):
+            raise EdgeKitError(f"--keep-float takes Keras layer names separated by commas, or auto; got {keep_float!r}.")
+        if not selective:
+            raise EdgeKitError("--keep-float applies to TFLite int8 (`--tflite --quantize int8`); no int8 format "
+                               "was asked for.")
+    if "int8-mixed" in {f.key for f in fmts} and keep_float is None:
+        raise EdgeKitError("int8-mixed needs --keep-float LAYER[,LAYER...] or --keep-float auto.")
+    if explain and not selective:
+        raise EdgeKitError("--explain ranks the layers TFLite int8 hurts; ask for it with `--tflite --quantize int8`.")
     for fmt in fmts:
         check_options(fmt, {"opset": opset, "calibration_method": calibration_method})
     if calibration_method is not None and calibration_method not in CALIBRATION_METHODS:
@@ -140,7 +153,8 @@ def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, 
 def export(source: str | Path, formats: list[str], out: str | Path | None = None, *,
            calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, opset: int | None = None,
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
-           progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP) -> list[Result]:
+           progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+           keep_float: list[str] | str | None = None, explain: bool = False) -> list[Result]:
     """Export `source` (artifact dir or bare model file) to `formats`; verify and record each.
 
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
@@ -148,7 +162,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     failure (a converter's refusal, a failed check) is returned in its Result, not raised.
     """
     fmts = check_settings(formats, calibration_samples=calibration_samples, opset=opset,
-                          calibration_method=calibration_method, max_accuracy_drop=max_accuracy_drop)
+                          calibration_method=calibration_method, max_accuracy_drop=max_accuracy_drop,
+                          keep_float=keep_float, explain=explain)
     path = Path(source)
     default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
     out = Path(out) if out else default
@@ -160,11 +175,11 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         check_out_apart(out, [path])
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust, float(max_accuracy_drop))
+                       trust, float(max_accuracy_drop), keep_float, explain)
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust, max_accuracy_drop) -> list[Result]:
+            trust, max_accuracy_drop, keep_float=None, explain=False) -> list[Result]:
     from export import convert
     from runtime.load import load
 
@@ -192,13 +207,24 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
         progress(f"note: --calibration-samples {calibration_samples} asked, but the training split holds "
                  f"{len(calibration)} images; calibrating on all {len(calibration)} (recorded in each sidecar)")
     large = src.model.count_params() > convert.LARGE_MODEL_PARAMS
+    mixed = None  # (kept layers, the sidecar's record of them) for int8-mixed
+    if keep_float is not None or explain:
+        if quantization_aware:
+            raise EdgeKitError(f"{src.path.name} is quantization-aware: its int8 file comes from its learned ranges, "
+                               "so --keep-float and --explain do not apply.")
+        fmts, mixed = _selective(src, fmts, out, calibration, keep_float, explain, max_accuracy_drop, progress)
     onnx_proto, results = None, []
     # ONNX first: tf2onnx's peak comes on top of what TFLite conversions leave behind otherwise
     # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
     for fmt in sorted(fmts, key=lambda f: f.backend != "onnx"):
         progress(f"{fmt.key}: converting ...")
         try:
-            if fmt.backend == "tflite":
+            if fmt.key == "int8-mixed":
+                if mixed is None:
+                    raise VerificationError("even with every layer float, the file misses the accuracy budget on "
+                                            "the validation split; nothing was written")
+                data = mixed[0]
+            elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
             else:
                 if onnx_proto is None:
@@ -209,7 +235,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             if large:
                 gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
-                                               len(calibration), calibration_method, opset, max_accuracy_drop))
+                                               len(calibration), calibration_method, opset, max_accuracy_drop,
+                                               mixed[1] if fmt.key == "int8-mixed" and mixed else None))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -220,8 +247,87 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     return results
 
 
+def _selective(src, fmts, out, calibration, keep_float, explain, budget, progress):
+    """--explain and --keep-float (export/selective.py): write the sensitivity table, and return the formats to
+    make with the int8-mixed file's bytes and record ((bytes, record), or None when nothing meets the budget)."""
+    from export import selective as sel
+
+    progress("int8: calibrating once for selective quantization ...")
+    chooser = sel.Selective(src.model, calibration)
+    if keep_float not in (None, "auto"):
+        chooser.check_names(keep_float)
+    x_val, y_val = src.dataset.arrays("val")
+    x_test, y_test = src.dataset.arrays("test")
+    table = None
+    if explain or keep_float == "auto":
+        table = sel.explain(chooser, x_val, y_val, x_test, y_test, calibration, progress)
+        if explain:
+            _write_sensitivity(out, table, progress)
+    if keep_float is None:
+        return fmts, None
+    keys = [f.key for f in fmts]
+    if keep_float == "auto":
+        kept = sel.choose(chooser, table, x_val, y_val, budget)
+        if kept == []:
+            progress(f"int8: full int8 is within the {budget:g}-point budget on the validation split "
+                     f"({table['int8_val_accuracy']:.2%} vs float {table['float_val_accuracy']:.2%}); written as int8")
+            return [f for f in fmts if f.key != "int8-mixed"] + ([] if "int8" in keys else [get_format("int8")]), None
+        how = "auto: the most sensitive keep sets, greedily, until the validation accuracy is within the budget"
+    else:
+        kept, how = list(keep_float), "by name (--keep-float)"
+    mixed = [get_format("int8-mixed") if f.key == "int8" else f for f in fmts]
+    mixed = list({f.key: f for f in [*mixed, get_format("int8-mixed")]}.values())
+    if kept is None:
+        progress(f"int8-mixed: even with every layer float the validation accuracy misses the {budget:g}-point budget")
+        return mixed, None
+    data = chooser.quantize(kept)
+    record = _kept_record(chooser, kept, how, table, data, x_val, y_val)
+    progress(f"int8-mixed: keeping {', '.join(kept)} float ({how}); validation accuracy "
+             f"{record['val_accuracy']:.2%} against full int8's {record['int8_val_accuracy']:.2%}")
+    return mixed, (data, record)
+
+
+def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
+    """What the sidecar and the manifest say of an int8-mixed file: the layers kept float and what each cost."""
+    from export.selective import _accuracy, timed_ratio
+
+    full = chooser.quantize()
+    full_val = table["int8_val_accuracy"] if table else _accuracy(full, x_val, y_val)
+    per_layer = []
+    for name in kept:
+        alone = chooser.quantize([name])
+        entry = (table or {}).get("layers") and next((e for e in table["layers"] if e["name"] == name), None)
+        per_layer.append({"layer": name, "kind": chooser.layers[name].kind,
+                          "size_cost_bytes": len(alone) - len(full),
+                          "val_gain_points_of_its_keep_set": entry["gain_points"] if entry else None,
+                          "sqnr_db_in_full_int8": entry["sqnr_db"] if entry else None})
+    return {"layers": list(kept), "chosen": how, "validation_images": int(len(y_val)),
+            "int8_val_accuracy": full_val, "val_accuracy": _accuracy(data, x_val, y_val),
+            "size_cost_bytes": len(data) - len(full), "int8_size_bytes": len(full),
+            "latency_ratio_vs_int8": timed_ratio(data, full, x_val[:1]), "per_layer": per_layer}
+
+
+def _write_sensitivity(out: Path, table: dict, progress) -> None:
+    """sensitivity.int8.json, sensitivity.int8.png and the table on the console."""
+    from export.selective import plot_sensitivity
+
+    atomic_write_json(out / "sensitivity.int8.json", table)
+    plot_sensitivity(table, out / "sensitivity.int8.png")
+    progress(f"int8 sensitivity: float {table['float_val_accuracy']:.2%}, full int8 {table['int8_val_accuracy']:.2%} "
+             f"on {table['validation_images']} validation images (full int8 on the test split: "
+             f"{table['int8_test_accuracy']:.2%})")
+    progress(f"  {'layer':<28} {'kind':<22} {'SQNR dB med/worst':>17} {'val, kept float':>15} {'gain':>7} "
+             f"{'test':>7}  keep set")
+    for row in table["layers"]:
+        sqnr = ("-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}/{row['worst_channel_db']:.1f}")
+        test = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}"
+        progress(f"  {row['name'][:28]:<28} {row['kind'][:22]:<22} {sqnr:>17} {row['val_accuracy']:>15.2%} "
+                 f"{row['gain_points']:>+7.2f} {test:>7}  {', '.join(row['keep'])}")
+    progress(f"  wrote {out / 'sensitivity.int8.json'} and {out / 'sensitivity.int8.png'}")
+
+
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
-                        max_accuracy_drop) -> Result:
+                        max_accuracy_drop, kept_float=None) -> Result:
     import gzip
 
     from runtime.errors import VerificationError
@@ -247,7 +353,9 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8") and src.kind not in QUANTIZATION_AWARE
+    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed") and src.kind not in QUANTIZATION_AWARE
+    if kept_float is not None:
+        figures["kept_float"] = kept_float
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
         "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
@@ -260,6 +368,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
                          "method": (method or "minmax") if fmt.backend == "onnx" else "tflite-minmax"}
                         if calibrated else None),
         "opset": (opset or _default_opset()) if fmt.backend == "onnx" else None,
+        **({"kept_float": kept_float} if kept_float is not None else {}),
         "verification": {**figures, "passed": True, "runtime": "ai-edge-litert" if fmt.backend == "tflite"
                          else "onnxruntime"},
         "versions": library_versions(), "created": utc_now(),
@@ -311,12 +420,12 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
     manifest["metrics"].setdefault("size_bytes", src.model_file.stat().st_size if src.model_file.is_file() else 0)
     known = dict(manifest.get("files", {}))
     for result in results:
-        fmt = FORMATS[result.format]
+        fmt = get_format(result.format)
         for name in (fmt.filename, fmt.sidecar):
             known.pop(name, None)
             if not result.passed and (out / name).exists():  # a failed export leaves nothing that looks valid
                 (out / name).unlink()
-    written = {name for r in results if r.passed for name in (FORMATS[r.format].filename, FORMATS[r.format].sidecar)}
+    written = {name for r in results if r.passed for name in (get_format(r.format).filename, get_format(r.format).sidecar)}
     if manifest.get("kind") == "export":
         manifest.pop("versions", None)  # refreshed by write_manifest
     names = sorted(name for name in set(known) | written if (out / name).is_file() or name in known)

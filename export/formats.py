@@ -73,22 +73,31 @@ _HOW = {  # what export adds to runtime.formats' table: options and a descriptio
     "onnx-int8": (frozenset({"opset", "calibration_samples", "calibration_method"}),
                   "ONNX int8 (QDQ, per-channel weights) via onnxruntime static quantization"),
 }
-FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_HOW[f.key]) for f in FILE_FORMATS.values()}
+_MIXED = {  # made only with --keep-float (export/selective.py): not part of --all
+    "int8-mixed": (_CALIBRATED | {"keep_float"},
+                   "TFLite int8 (int8 input and output) with the layers int8 hurts kept float"),
+}
+FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_HOW[f.key]) for f in FILE_FORMATS.values()
+           if f.key in _HOW}
+MIXED_FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_MIXED[f.key]) for f in FILE_FORMATS.values()
+                 if f.key in _MIXED}
 QAT_FORMATS = ("int8",)
 
 
 def get_format(key: str) -> Format:
     key = ALIASES.get(key, key)
-    if key not in FORMATS:
-        raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(FORMATS)}.{suggest(key, [*FORMATS, *ALIASES])}")
-    return FORMATS[key]
+    known = {**FORMATS, **MIXED_FORMATS}
+    if key not in known:
+        raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(known)}."
+                           f"{suggest(key, [*known, *ALIASES])}")
+    return known[key]
 
 
 def check_options(fmt: Format, options: dict) -> None:
     """Reject an option the format does not take (e.g. --opset for a TFLite file)."""
     for name, value in options.items():
         if value is not None and name not in fmt.options:
-            takers = [f.key for f in FORMATS.values() if name in f.options]
+            takers = [f.key for f in {**FORMATS, **MIXED_FORMATS}.values() if name in f.options]
             raise EdgeKitError(
                 f"format {fmt.key} does not take --{name.replace('_', '-')}; formats that do: {', '.join(takers)}."
             )

@@ -26,6 +26,7 @@ CHATTER = (
     b"This TensorFlow binary is optimized to use available CPU instructions",
     b"rebuild TensorFlow with the appropriate compiler flags",
     b"oneDNN custom operations are on",
+    b"Could not find cuda drivers on your machine",
 )
 _PREFIXES = (b"E0000", b"W0000", b"I0000", b"INFO: ", b"WARNING: All log", b"To enable the following")
 _installed = False

@@ -13,6 +13,7 @@ type, named by one key that is also the file's name: `model.<format><suffix>`, s
     int16x8       model.int16x8.tflite       tflite   quantized (16-bit activations)
     onnx-float32  model.onnx-float32.onnx    onnx     float
     onnx-int8     model.onnx-int8.onnx       onnx     quantized (QDQ)
+    int8-mixed    model.int8-mixed.tflite    tflite   quantized (int8, the layers int8 hurts kept float)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ FILE_FORMATS = {f.key: f for f in (  # in display order; the first is the float 
     FileFormat("int16x8", ".tflite", "tflite", "quantized", "#ff7f0e"),
     FileFormat("onnx-float32", ".onnx", "onnx", "float", "#9467bd"),
     FileFormat("onnx-int8", ".onnx", "onnx", "quantized", "#8c564b"),
+    FileFormat("int8-mixed", ".tflite", "tflite", "quantized", "#e377c2"),  # int8 with named layers float
 )}
 ALIASES = {"onnx": "onnx-float32"}  # accepted on the command line, never written
 

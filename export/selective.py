@@ -1,0 +1,293 @@
+"""Selective int8 for TFLite: which Keras layers int8 hurts, and a file that keeps exactly those float.
+
+The model is calibrated once (the TFLite converter's calibrate-only mode); every variant after that
+is one `mlir_quantize` call on the calibrated model with some graph nodes denylisted, which takes
+milliseconds, so trying each layer is cheap. Graph nodes are mapped back to Keras layers by the
+layer names in their (fused) names; the node that makes the model's output is the output layer's.
+
+What "keeping a layer float" must include: a tensor is quantized at both ends. A layer whose output
+range is hostile to per-tensor int8 (one channel a thousand times the others) damages its output
+tensor whether or not the layer itself runs float, for its consumer quantizes that tensor again. So a
+layer is always kept float together with the layers that consume its output (through reshapes and
+other layers that pass int8 through unchanged): its *keep set*.
+
+Sensitivity of a layer = validation accuracy with its keep set float, minus full int8's; layers are
+ranked by it (the measured effect, which a per-tensor error ratio such as TFLite's QuantizationDebugger
+`rmse/scale` misses: the hostile layer's error is small against its own huge range). Each layer's
+output error in full int8 is shown too: the median over channels of the per-channel SQNR (dB)
+against the float values of the calibrated model, which sees the channels a large one drowns.
+`auto` then keeps the most sensitive keep sets float, one at a time, until the validation accuracy
+is within the budget; the export's verification then judges the file on the test split as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from runtime.errors import ConversionError, EdgeKitError, suggest
+from runtime.fsutil import held_output
+from train.backend import keras, tf
+
+# Layers that pass an int8 tensor through with its quantization unchanged: the tensor's damage is done
+# where it was made, so a keep set reaches through them to the next layer that computes.
+PASS_THROUGH = ("Flatten", "Reshape", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise",
+                "GaussianDropout", "ActivityRegularization", "Permute", "ZeroPadding2D", "Cropping2D")
+TOP_FOR_TEST = 5  # --explain measures the test accuracy of this many of the most sensitive keep sets
+
+
+@dataclasses.dataclass
+class Layer:
+    name: str
+    kind: str  # the Keras class
+    nodes: list[str]  # the TFLite graph nodes made from it
+    keep: list[str]  # its keep set: itself and the layers that consume its output
+    sqnr_db: float | None = None  # median per-channel SQNR of its output in full int8
+    worst_channel_db: float | None = None
+    val_accuracy: float | None = None  # with its keep set float
+    gain_points: float | None = None  # over full int8, on the validation split
+    test_accuracy: float | None = None  # with its keep set float (the most sensitive only)
+
+
+def _all_layers(model) -> list:
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out.extend(_all_layers(layer))
+    return out
+
+
+def _consumers(layer) -> list:
+    return [node.outbound_layer for node in getattr(layer, "_outbound_nodes", [])]
+
+
+def keep_set(layer) -> list[str]:
+    """The layer and the layers that quantize its output again (through pass-through layers)."""
+    keep, todo = [layer.name], list(_consumers(layer))
+    seen = set()
+    while todo:
+        nxt = todo.pop(0)
+        if nxt.name in seen or isinstance(nxt, keras.Model):
+            continue
+        seen.add(nxt.name)
+        keep.append(nxt.name)
+        if type(nxt).__name__ in PASS_THROUGH:
+            todo.extend(_consumers(nxt))
+    return keep
+
+
+class Selective:
+    """A Keras model calibrated once for TFLite int8, quantized again with any set of layers kept float."""
+
+    def __init__(self, model, calibration: np.ndarray):
+        self.model = model
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        converter.experimental_mlir_quantizer = True
+        converter._experimental_calibrate_only = True  # noqa: SLF001 (what QuantizationDebugger does)
+        try:
+            with warnings.catch_warnings(), held_output():
+                warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+                self.calibrated = converter.convert()
+        except Exception as exc:  # the converter raises assorted types
+            raise ConversionError(f"the TFLite converter could not calibrate the model: {exc}") from exc
+        self.layers = self._map_layers()
+
+    def _map_layers(self) -> dict[str, Layer]:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_content=self.calibrated)
+        tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+        keras_layers = {layer.name: layer for layer in _all_layers(self.model)}
+        output_layers = set(getattr(self.model, "output_names", None) or [self.model.layers[-1].name])
+        graph_outputs = {d["index"] for d in interpreter.get_output_details()}
+        layers: dict[str, Layer] = {}
+        for op in interpreter._get_ops_details():  # noqa: SLF001 (LiteRT has no public per-op listing)
+            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "DELEGATE") or not len(op["outputs"]):
+                continue
+            node = tensors[op["outputs"][0]]
+            owners = [part for name in node.split(";") for part in name.split("/") if part in keras_layers]
+            owner = owners[-1] if owners else (next(iter(output_layers)) if graph_outputs & set(op["outputs"])
+                                              else None)
+            if owner is None or type(keras_layers[owner]).__name__ in PASS_THROUGH:
+                continue
+            entry = layers.setdefault(owner, Layer(owner, type(keras_layers[owner]).__name__, [],
+                                                   keep_set(keras_layers[owner])))
+            entry.nodes.append(node)
+        for entry in layers.values():  # a keep set names only layers with graph nodes
+            entry.keep = [name for name in entry.keep if name in layers]
+        return layers
+
+    def check_names(self, names: list[str]) -> list[str]:
+        """The names, or a clear error for one that is not a quantized layer of this model."""
+        for name in names:
+            if name not in self.layers:
+                raise EdgeKitError(f"--keep-float: the model has no quantized layer '{name}'; its layers are "
+                                   f"{', '.join(self.layers)}.{suggest(name, self.layers)}")
+        return names
+
+    def quantize(self, keep_float=()) -> bytes:
+        """The int8 file (int8 input and output, as the int8 format) with the named layers float."""
+        from tensorflow.lite.python import convert as lite_convert
+
+        nodes = [node for name in keep_float for node in self.layers[name].nodes]
+        try:
+            with held_output():
+                return lite_convert.mlir_quantize(self.calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                                  output_data_type=tf.int8, denylisted_nodes=nodes)
+        except Exception as exc:
+            raise ConversionError(f"the TFLite quantizer could not keep {', '.join(keep_float)} float: "
+                                  f"{exc}") from exc
+
+    def output_errors(self, calibration: np.ndarray, samples: int = 32) -> None:
+        """Each layer's output error in full int8: median and worst per-channel SQNR against the calibrated
+        (float) model, on the first `samples` calibration images."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        def run(content):
+            with warnings.catch_warnings():  # "intended for debugging purposes only": that is the purpose here
+                warnings.simplefilter("ignore")
+                interpreter = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+            interpreter.allocate_tensors()
+            detail = interpreter.get_input_details()[0]
+            scale, zero = detail["quantization"]
+            names = {t["name"]: t for t in interpreter.get_tensor_details()}
+            values = {}
+            for x in calibration[:samples]:
+                x = x[None]
+                if detail["dtype"] != np.float32:
+                    x = np.clip(np.rint(x / scale) + zero, -128, 127).astype(detail["dtype"])
+                interpreter.set_tensor(detail["index"], x)
+                interpreter.invoke()
+                for layer in self.layers.values():
+                    for node in layer.nodes:
+                        t = names.get(node)
+                        if t is None:
+                            continue
+                        v = interpreter.get_tensor(t["index"]).astype(np.float32)
+                        s, z = t["quantization"]
+                        if s:
+                            v = (v - z) * s
+                        values.setdefault(node, []).append(v)
+            return values
+
+        floats, quantized = run(self.calibrated), run(self.quantize())
+        for layer in self.layers.values():
+            node = layer.nodes[-1]
+            if node not in floats or node not in quantized:
+                continue
+            f = np.concatenate(floats[node]).reshape(-1, floats[node][0].shape[-1])
+            q = np.concatenate(quantized[node]).reshape(f.shape)
+            signal, noise = np.sum(f ** 2, axis=0), np.sum((f - q) ** 2, axis=0)
+            live = signal > 0
+            if not live.any():
+                continue
+            db = 10 * np.log10(signal[live] / np.maximum(noise[live], 1e-30))
+            layer.sqnr_db, layer.worst_channel_db = float(np.median(db)), float(db.min())
+
+
+def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    from runtime.load import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "candidate.tflite")
+        with open(path, "wb") as fh:
+            fh.write(content)
+        return float(np.mean(load(path).logits(x).argmax(axis=1) == y))
+
+
+def explain(selective: Selective, x_val, y_val, x_test, y_test, calibration, progress=None) -> dict:
+    """The sensitivity table: every quantized layer, most sensitive first (see the module docstring)."""
+    float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
+    full = selective.quantize()
+    full_val, full_test = _accuracy(full, x_val, y_val), _accuracy(full, x_test, y_test)
+    selective.output_errors(calibration)
+    for i, layer in enumerate(selective.layers.values()):
+        if progress:
+            progress(f"  [{i + 1}/{len(selective.layers)}] {layer.name}: keep {', '.join(layer.keep)} float")
+        layer.val_accuracy = _accuracy(selective.quantize(layer.keep), x_val, y_val)
+        layer.gain_points = (layer.val_accuracy - full_val) * 100
+    ranked = sorted(selective.layers.values(),
+                    key=lambda entry: (-entry.gain_points, entry.sqnr_db if entry.sqnr_db is not None else math.inf))
+    for layer in ranked[:TOP_FOR_TEST]:
+        layer.test_accuracy = _accuracy(selective.quantize(layer.keep), x_test, y_test)
+    return {"float_val_accuracy": float_val, "int8_val_accuracy": full_val, "int8_test_accuracy": full_test,
+            "validation_images": int(len(y_val)), "test_images": int(len(y_test)),
+            "layers": [dataclasses.asdict(layer) for layer in ranked], "ranked": [layer.name for layer in ranked]}
+
+
+def choose(selective: Selective, table: dict, x_val, y_val, budget_points: float) -> list[str] | None:
+    """`--keep-float auto`: the fewest most sensitive keep sets whose union keeps the validation accuracy within
+    the budget of the float model's (greedy, in the table's order); [] when full int8 already is; None when
+    even every layer float is not."""
+    target = table["float_val_accuracy"] - budget_points / 100
+    if table["int8_val_accuracy"] >= target:
+        return []
+    kept: list[str] = []
+    for name in table["ranked"]:
+        kept = list(dict.fromkeys([*kept, *selective.layers[name].keep]))
+        if _accuracy(selective.quantize(kept), x_val, y_val) >= target:
+            return kept
+    return None
+
+
+def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, rounds: int = 7, calls: int = 30) -> float:
+    """Median latency of `predict` on `x` (batch 1, 1 thread) of one file over another's, measured in
+    alternating rounds in this process: what keeping layers float costs in speed."""
+    import time
+
+    from runtime.load import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = []
+        for name, content in (("candidate", candidate), ("reference", reference)):
+            path = os.path.join(tmp, f"{name}.tflite")
+            with open(path, "wb") as fh:
+                fh.write(content)
+            models.append(load(path, threads=1))
+        medians = [[], []]
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                model.predict(x)
+                times = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    model.predict(x)
+                    times.append(time.perf_counter() - t0)
+                medians[i].append(float(np.median(times)))
+    return float(np.median(medians[0]) / np.median(medians[1]))
+
+
+def plot_sensitivity(table: dict, path) -> None:
+    """A bar per layer (most sensitive on top): validation accuracy gained over full int8 when its keep set
+    stays float; the label gives the output's median per-channel SQNR in full int8."""
+    from runtime.plots import _pyplot, _save
+
+    plt = _pyplot()
+    rows = table["layers"][:25]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.8))
+    names = [f"{r['name']} ({r['kind']})" for r in rows][::-1]
+    gains = [r["gain_points"] for r in rows][::-1]
+    ax.barh(names, gains, color=["#d62728" if g > 0 else "#9e9e9e" for g in gains])
+    for i, r in enumerate(rows[::-1]):
+        sqnr = "" if r["sqnr_db"] is None else f"  SQNR {r['sqnr_db']:.1f} dB"
+        ax.text(max(r["gain_points"], 0), i, sqnr, va="center", fontsize=7)
+    ax.set_xlabel(f"validation accuracy gained over full int8 (points) when the layer and its consumers stay float; "
+                  f"{table['validation_images']} images")
+    ax.set_title(f"int8 sensitivity: float {table['float_val_accuracy']:.1%}, full int8 "
+                 f"{table['int8_val_accuracy']:.1%}", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
