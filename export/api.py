@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.formats import (FORMATS, MAX_ACCURACY_DROP, QAT_FORMATS, Format, check_max_accuracy_drop,
+from export.formats import (MAX_ACCURACY_DROP, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError, VerificationError
