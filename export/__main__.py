@@ -19,6 +19,7 @@ examples:
   python -m export --all artifacts/cnn                         # all seven formats
   python -m export --tflite --quantize int8 --explain artifacts/cnn      # which layers int8 hurts
   python -m export --tflite --quantize int8 --keep-float auto artifacts/cnn   # int8, or int8-mixed within budget
+  python -m export --onnx --quantize int8 --keep-float dense_1 artifacts/cnn  # onnx-int8-mixed, dense_1 float
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
 
 formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8.
@@ -55,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, help="ONNX opset, 13 to 18 (default: 17)")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                         help="quantized formats: the accuracy budget, in points below the Keras model (default 1.0)")
-    selective = parser.add_argument_group("selective int8 (TFLite)")
+    selective = parser.add_argument_group("selective int8 (TFLite int8 and onnx-int8)")
     selective.add_argument("--explain", action="store_true",
                            help="rank the Keras layers by what int8 costs: validation accuracy gained when a layer "
-                                "and its consumers stay float, and its output's per-channel SQNR; printed, and "
-                                "saved as sensitivity.int8.json and .png beside the exports")
+                                "and its consumers stay float (and, TFLite, its output's per-channel SQNR); printed, "
+                                "and saved as sensitivity.<format>.json and .png beside the exports")
     selective.add_argument("--keep-float", metavar="LAYERS|auto",
                            help="keep these Keras layers (comma-separated) float in an int8 file, written as the "
-                                "format int8-mixed; 'auto': write plain int8 if it meets the budget, else keep the "
-                                "fewest most sensitive layers float until it does")
+                                "format int8-mixed (onnx-int8-mixed); 'auto': write plain int8 if it meets the "
+                                "budget, else keep the fewest most sensitive layers float until it does")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     parser.add_argument("--data-dir", help="where the dataset files are")
     parser.add_argument("--trust-model", action="store_true",
@@ -111,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
-    print(f"\n{'format':<10} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'SQNR dB':>8} "
+    width = max([10, *(len(r.format) for r in results)])
+    print(f"\n{'format':<{width}} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'SQNR dB':>8} "
           f"{'agree':>7} {'accuracy':>9}  status")
     for r in results:
         f = r.figures
         if not f:
-            print(f"{r.format:<10} {'-':>10} {'-':>10} {'-':>8} {'-':>9} {'-':>8} {'-':>7} {'-':>9}  FAILED: {r.message}")
+            print(f"{r.format:<{width}} {'-':>10} {'-':>10} {'-':>8} {'-':>9} {'-':>8} {'-':>7} {'-':>9}  FAILED: {r.message}")
             continue
         ratio = f"{f['size_bytes'] / float_size:.2f}x" if float_size else "-"
         status = "verified" if r.passed else f"FAILED: {r.message}"
-        print(f"{r.format:<10} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
+        print(f"{r.format:<{width}} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
               f"{f['sqnr_db']:>8.1f} {f['agreement']:>7.2%} {f['accuracy']:>9.2%}  {status}")
     if results and results[0].figures:
         print(f"(accuracy on {results[0].figures['test_samples']} test images; Keras: "

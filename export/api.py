@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.formats import (MAX_ACCURACY_DROP, QAT_FORMATS, Format, check_max_accuracy_drop,
+from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import EdgeKitError, VerificationError
@@ -124,18 +124,21 @@ def check_settings(formats, *, calibration_samples=DEFAULT_CALIBRATION_SAMPLES, 
     fmts = [get_format(key) for key in formats]
     if not fmts:
         raise EdgeKitError("nothing to export; name at least one format.")
-    selective = {"int8", "int8-mixed"} & {f.key for f in fmts}
+    keys = {f.key for f in fmts}
+    selective = keys & {*MIXED_OF, *MIXED_OF.values()}
     if keep_float is not None:
         if keep_float != "auto" and not (isinstance(keep_float, list) and keep_float
                                          and all(isinstance(n, str) and n for n in keep_float)):
             raise EdgeKitError(f"--keep-float takes Keras layer names separated by commas, or auto; got {keep_float!r}.")
         if not selective:
-            raise EdgeKitError("--keep-float applies to TFLite int8 (`--tflite --quantize int8`); no int8 format "
-                               "was asked for.")
-    if "int8-mixed" in {f.key for f in fmts} and keep_float is None:
-        raise EdgeKitError("int8-mixed needs --keep-float LAYER[,LAYER...] or --keep-float auto.")
+            raise EdgeKitError("--keep-float applies to int8 (`--tflite --quantize int8` or `--onnx --quantize int8`); "
+                               "no int8 format was asked for.")
+    for mixed in keys & set(MIXED_OF.values()):
+        if keep_float is None:
+            raise EdgeKitError(f"{mixed} needs --keep-float LAYER[,LAYER...] or --keep-float auto.")
     if explain and not selective:
-        raise EdgeKitError("--explain ranks the layers TFLite int8 hurts; ask for it with `--tflite --quantize int8`.")
+        raise EdgeKitError("--explain ranks the layers int8 hurts; ask for it with `--tflite --quantize int8` or "
+                           "`--onnx --quantize int8`.")
     for fmt in fmts:
         check_options(fmt, {"opset": opset, "calibration_method": calibration_method})
     if calibration_method is not None and calibration_method not in CALIBRATION_METHODS:
@@ -207,23 +210,26 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
         progress(f"note: --calibration-samples {calibration_samples} asked, but the training split holds "
                  f"{len(calibration)} images; calibrating on all {len(calibration)} (recorded in each sidecar)")
     large = src.model.count_params() > convert.LARGE_MODEL_PARAMS
-    mixed = None  # (kept layers, the sidecar's record of them) for int8-mixed
+    mixed, onnx_proto = {}, None  # format -> (bytes, the sidecar's record of the layers kept float) or None
     if keep_float is not None or explain:
         if quantization_aware:
             raise EdgeKitError(f"{src.path.name} is quantization-aware: its int8 file comes from its learned ranges, "
                                "so --keep-float and --explain do not apply.")
-        fmts, mixed = _selective(src, fmts, out, calibration, keep_float, explain, max_accuracy_drop, progress)
-    onnx_proto, results = None, []
+        if {"onnx-int8", "onnx-int8-mixed"} & {f.key for f in fmts}:
+            onnx_proto = convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, _metadata(src))
+        fmts, mixed = _selective(src, fmts, out, calibration, keep_float, explain, max_accuracy_drop, progress,
+                                 onnx_proto, calibration_method or "minmax")
+    results = []
     # ONNX first: tf2onnx's peak comes on top of what TFLite conversions leave behind otherwise
     # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
     for fmt in sorted(fmts, key=lambda f: f.backend != "onnx"):
         progress(f"{fmt.key}: converting ...")
         try:
-            if fmt.key == "int8-mixed":
-                if mixed is None:
+            if fmt.key in mixed:
+                if mixed[fmt.key] is None:
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
-                data = mixed[0]
+                data = mixed[fmt.key][0]
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
             else:
@@ -236,7 +242,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop,
-                                               mixed[1] if fmt.key == "int8-mixed" and mixed else None))
+                                               mixed[fmt.key][1] if mixed.get(fmt.key) else None))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -247,44 +253,53 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     return results
 
 
-def _selective(src, fmts, out, calibration, keep_float, explain, budget, progress):
-    """--explain and --keep-float (export/selective.py): write the sensitivity table, and return the formats to
-    make with the int8-mixed file's bytes and record ((bytes, record), or None when nothing meets the budget)."""
+def _selective(src, fmts, out, calibration, keep_float, explain, budget, progress, onnx_proto, method):
+    """--explain and --keep-float (export/selective.py), per backend asked for: write the sensitivity table, and
+    return the formats to make and {mixed format: (bytes, record), or None when nothing meets the budget}."""
     from export import selective as sel
 
-    progress("int8: calibrating once for selective quantization ...")
-    chooser = sel.Selective(src.model, calibration)
-    if keep_float not in (None, "auto"):
-        chooser.check_names(keep_float)
     x_val, y_val = src.dataset.arrays("val")
     x_test, y_test = src.dataset.arrays("test")
-    table = None
-    if explain or keep_float == "auto":
-        table = sel.explain(chooser, x_val, y_val, x_test, y_test, calibration, progress)
-        if explain:
-            _write_sensitivity(out, table, progress)
-    if keep_float is None:
-        return fmts, None
     keys = [f.key for f in fmts]
-    if keep_float == "auto":
-        kept = sel.choose(chooser, table, x_val, y_val, budget)
-        if kept == []:
-            progress(f"int8: full int8 is within the {budget:g}-point budget on the validation split "
-                     f"({table['int8_val_accuracy']:.2%} vs float {table['float_val_accuracy']:.2%}); written as int8")
-            return [f for f in fmts if f.key != "int8-mixed"] + ([] if "int8" in keys else [get_format("int8")]), None
-        how = "auto: the most sensitive keep sets, greedily, until the validation accuracy is within the budget"
-    else:
-        kept, how = list(keep_float), "by name (--keep-float)"
-    mixed = [get_format("int8-mixed") if f.key == "int8" else f for f in fmts]
-    mixed = list({f.key: f for f in [*mixed, get_format("int8-mixed")]}.values())
-    if kept is None:
-        progress(f"int8-mixed: even with every layer float the validation accuracy misses the {budget:g}-point budget")
-        return mixed, None
-    data = chooser.quantize(kept)
-    record = _kept_record(chooser, kept, how, table, data, x_val, y_val)
-    progress(f"int8-mixed: keeping {', '.join(kept)} float ({how}); validation accuracy "
-             f"{record['val_accuracy']:.2%} against full int8's {record['int8_val_accuracy']:.2%}")
-    return mixed, (data, record)
+    mixed = {}
+    for plain, mixed_key in MIXED_OF.items():
+        if plain not in keys and mixed_key not in keys:
+            continue
+        progress(f"{plain}: calibrating once for selective quantization ...")
+        chooser = (sel.Selective(src.model, calibration) if plain == "int8" else
+                   sel.ONNXSelective(src.model, onnx_proto, calibration, method, _metadata(src)))
+        if keep_float not in (None, "auto"):
+            chooser.check_names(keep_float)
+        table = None
+        if explain or keep_float == "auto":
+            table = sel.explain(chooser, x_val, y_val, x_test, y_test, calibration, progress)
+            if explain:
+                _write_sensitivity(out, table, progress)
+        if keep_float is None:
+            continue
+        if keep_float == "auto":
+            kept = sel.choose(chooser, table, x_val, y_val, budget)
+            if kept == []:
+                progress(f"{plain}: full int8 is within the {budget:g}-point budget on the validation split "
+                         f"({table['int8_val_accuracy']:.2%} vs float {table['float_val_accuracy']:.2%}); "
+                         f"written as {plain}")
+                keys = [k for k in keys if k != mixed_key] + ([] if plain in keys else [plain])
+                continue
+            how = "auto: the most sensitive keep sets, greedily, until the validation accuracy is within the budget"
+        else:
+            kept, how = list(keep_float), "by name (--keep-float)"
+        keys = list(dict.fromkeys(mixed_key if k == plain else k for k in [*keys, mixed_key]))
+        if kept is None:
+            progress(f"{mixed_key}: even with every layer float the validation accuracy misses the "
+                     f"{budget:g}-point budget")
+            mixed[mixed_key] = None
+            continue
+        data = chooser.quantize(kept)
+        record = _kept_record(chooser, kept, how, table, data, x_val, y_val)
+        progress(f"{mixed_key}: keeping {', '.join(kept)} float ({how}); validation accuracy "
+                 f"{record['val_accuracy']:.2%} against full int8's {record['int8_val_accuracy']:.2%}")
+        mixed[mixed_key] = (data, record)
+    return [get_format(k) for k in keys], mixed
 
 
 def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
@@ -292,7 +307,7 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
     from export.selective import _accuracy, timed_ratio
 
     full = chooser.quantize()
-    full_val = table["int8_val_accuracy"] if table else _accuracy(full, x_val, y_val)
+    full_val = table["int8_val_accuracy"] if table else _accuracy(full, x_val, y_val, chooser.suffix)
     per_layer = []
     for name in kept:
         alone = chooser.quantize([name])
@@ -302,18 +317,19 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
                           "val_gain_points_of_its_keep_set": entry["gain_points"] if entry else None,
                           "sqnr_db_in_full_int8": entry["sqnr_db"] if entry else None})
     return {"layers": list(kept), "chosen": how, "validation_images": int(len(y_val)),
-            "int8_val_accuracy": full_val, "val_accuracy": _accuracy(data, x_val, y_val),
+            "int8_val_accuracy": full_val, "val_accuracy": _accuracy(data, x_val, y_val, chooser.suffix),
             "size_cost_bytes": len(data) - len(full), "int8_size_bytes": len(full),
-            "latency_ratio_vs_int8": timed_ratio(data, full, x_val[:1]), "per_layer": per_layer}
+            "latency_ratio_vs_int8": timed_ratio(data, full, x_val[:1], chooser.suffix), "per_layer": per_layer}
 
 
 def _write_sensitivity(out: Path, table: dict, progress) -> None:
-    """sensitivity.int8.json, sensitivity.int8.png and the table on the console."""
+    """sensitivity.<format>.json, sensitivity.<format>.png and the table on the console."""
     from export.selective import plot_sensitivity
 
-    atomic_write_json(out / "sensitivity.int8.json", table)
-    plot_sensitivity(table, out / "sensitivity.int8.png")
-    progress(f"int8 sensitivity: float {table['float_val_accuracy']:.2%}, full int8 {table['int8_val_accuracy']:.2%} "
+    name = f"sensitivity.{table['format']}"
+    atomic_write_json(out / f"{name}.json", table)
+    plot_sensitivity(table, out / f"{name}.png")
+    progress(f"{table['format']} sensitivity: float {table['float_val_accuracy']:.2%}, full int8 {table['int8_val_accuracy']:.2%} "
              f"on {table['validation_images']} validation images (full int8 on the test split: "
              f"{table['int8_test_accuracy']:.2%})")
     progress(f"  {'layer':<28} {'kind':<22} {'SQNR dB med/worst':>17} {'val, kept float':>15} {'gain':>7} "
@@ -323,7 +339,7 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
         test = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}"
         progress(f"  {row['name'][:28]:<28} {row['kind'][:22]:<22} {sqnr:>17} {row['val_accuracy']:>15.2%} "
                  f"{row['gain_points']:>+7.2f} {test:>7}  {', '.join(row['keep'])}")
-    progress(f"  wrote {out / 'sensitivity.int8.json'} and {out / 'sensitivity.int8.png'}")
+    progress(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
 
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,

@@ -83,8 +83,14 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
     return proto
 
 
-def onnx_int8(float_proto, calibration: np.ndarray, method: str, metadata: dict[str, str]) -> bytes:
-    """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations."""
+def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, str], exclude=(),
+              cache: str | None = None) -> bytes:
+    """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations.
+
+    `model`: a float ModelProto, or the path of one already through `quant_pre_process`. `exclude`: graph nodes
+    left float (`nodes_to_exclude`). `cache`: a file for onnxruntime's calibration cache, so that quantizing the
+    same model again (other nodes excluded) does not calibrate again.
+    """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -92,24 +98,29 @@ def onnx_int8(float_proto, calibration: np.ndarray, method: str, metadata: dict[
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    input_name = float_proto.graph.input[0].name
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, input_name):
             self._items = iter({input_name: calibration[i:i + 1]} for i in range(len(calibration)))
 
         def get_next(self):
             return next(self._items, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        source, prepared, target = (os.path.join(tmp, n) for n in ("float.onnx", "prep.onnx", "int8.onnx"))
-        onnx.save(float_proto, source)
+        target = os.path.join(tmp, "int8.onnx")
         try:
-            quant_pre_process(source, prepared)
+            if isinstance(model, str):
+                prepared = model
+            else:
+                source, prepared = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "prep.onnx")
+                onnx.save(model, source)
+                quant_pre_process(source, prepared)
+            input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                quantize_static(prepared, target, Reader(input_name), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=methods[method],
+                                calibrate_method=methods[method], nodes_to_exclude=list(exclude) or None,
+                                calibration_cache_path=cache,
                                 # min/max merged every 16 samples instead of every intermediate output of
                                 # every sample held at once (ResNet50 at 64x64: 9.9 GB without)
                                 extra_options={"CalibMaxIntermediateOutputs": 16})

@@ -40,6 +40,7 @@ from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, check_max_
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3
+BUDGET_MISS = "points below Keras"  # the words of a budget failure (the pipeline then tries int8-mixed)
 MIN_AGREEMENT = 0.95  # quantized formats: top-1 agreement with Keras (see the module docstring)
 SQNR_CAP_DB = 200.0  # an exact file has infinite SQNR; JSON has no infinity
 
@@ -76,7 +77,10 @@ _HOW = {  # what export adds to runtime.formats' table: options and a descriptio
 _MIXED = {  # made only with --keep-float (export/selective.py): not part of --all
     "int8-mixed": (_CALIBRATED | {"keep_float"},
                    "TFLite int8 (int8 input and output) with the layers int8 hurts kept float"),
+    "onnx-int8-mixed": (frozenset({"opset", "calibration_samples", "calibration_method", "keep_float"}),
+                        "ONNX int8 (QDQ) with the layers int8 hurts kept float (nodes_to_exclude)"),
 }
+MIXED_OF = {"int8": "int8-mixed", "onnx-int8": "onnx-int8-mixed"}  # the format --keep-float turns each into
 FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_HOW[f.key]) for f in FILE_FORMATS.values()
            if f.key in _HOW}
 MIXED_FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_MIXED[f.key]) for f in FILE_FORMATS.values()
@@ -134,7 +138,7 @@ def verify(fmt: Format, outputs: np.ndarray, reference: np.ndarray, labels: np.n
         return figures, ""
     drop = (keras_accuracy - accuracy) * 100
     if drop > max_accuracy_drop + 1e-9:
-        return figures, (f"accuracy {accuracy:.2%} is {drop:.2f} points below Keras's {keras_accuracy:.2%} on "
+        return figures, (f"accuracy {accuracy:.2%} is {drop:.2f} {BUDGET_MISS}'s {keras_accuracy:.2%} on "
                          f"{len(labels)} images (budget {max_accuracy_drop:g} points)")
     if figures["agreement"] < MIN_AGREEMENT:
         return figures, (f"top-1 agreement with Keras {figures['agreement']:.2%} is below {MIN_AGREEMENT:.0%} on "

@@ -82,8 +82,52 @@ def keep_set(layer) -> list[str]:
     return keep
 
 
-class Selective:
+class _Selective:
+    """What both backends share: the layers that can be kept float, their graph nodes and keep sets."""
+
+    suffix = ""
+    format = ""
+
+    def _assign(self, nodes: list[tuple[str, bool]]) -> None:
+        """Map graph nodes to Keras layers by the layer names in their (fused, '/'-separated) names; a node
+        with no layer name that makes the model's output (True) is the output layer's."""
+        keras_layers = {layer.name: layer for layer in _all_layers(self.model)}
+        output_layer = (getattr(self.model, "output_names", None) or [self.model.layers[-1].name])[0]
+        self.nodes_of: dict[str, list[str]] = {}
+        for node, makes_output in nodes:
+            owners = [part for name in node.split(";") for part in name.split("/") if part in keras_layers]
+            owner = owners[-1] if owners else (output_layer if makes_output else None)
+            if owner is not None:
+                self.nodes_of.setdefault(owner, []).append(node)
+        self.layers: dict[str, Layer] = {}
+        for name, nodes_ in self.nodes_of.items():
+            kind = type(keras_layers[name]).__name__
+            if kind not in PASS_THROUGH and not isinstance(keras_layers[name], keras.Model):
+                keep = [n for n in keep_set(keras_layers[name]) if n in self.nodes_of]
+                self.layers[name] = Layer(name, kind, nodes_, keep)
+
+    def excluded(self, keep_float) -> list[str]:
+        return [node for name in keep_float for node in self.nodes_of.get(name, [])]
+
+    def check_names(self, names: list[str]) -> list[str]:
+        """The names, or a clear error for one that is not a quantized layer of this model."""
+        for name in names:
+            if name not in self.layers:
+                raise EdgeKitError(f"--keep-float: the model has no quantized layer '{name}'; its layers are "
+                                   f"{', '.join(self.layers)}.{suggest(name, self.layers)}")
+        return names
+
+    def quantize(self, keep_float=()) -> bytes:
+        raise NotImplementedError
+
+    def output_errors(self, calibration: np.ndarray, samples: int = 32) -> None:
+        """Per-layer output SQNR in full int8 (TFLite only; ONNX leaves it unmeasured)."""
+
+
+class Selective(_Selective):
     """A Keras model calibrated once for TFLite int8, quantized again with any set of layers kept float."""
+
+    suffix, format = ".tflite", "int8"
 
     def __init__(self, model, calibration: np.ndarray):
         self.model = model
@@ -101,46 +145,20 @@ class Selective:
                 self.calibrated = converter.convert()
         except Exception as exc:  # the converter raises assorted types
             raise ConversionError(f"the TFLite converter could not calibrate the model: {exc}") from exc
-        self.layers = self._map_layers()
-
-    def _map_layers(self) -> dict[str, Layer]:
         from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_content=self.calibrated)
         tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-        keras_layers = {layer.name: layer for layer in _all_layers(self.model)}
-        output_layers = set(getattr(self.model, "output_names", None) or [self.model.layers[-1].name])
         graph_outputs = {d["index"] for d in interpreter.get_output_details()}
-        layers: dict[str, Layer] = {}
-        for op in interpreter._get_ops_details():  # noqa: SLF001 (LiteRT has no public per-op listing)
-            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "DELEGATE") or not len(op["outputs"]):
-                continue
-            node = tensors[op["outputs"][0]]
-            owners = [part for name in node.split(";") for part in name.split("/") if part in keras_layers]
-            owner = owners[-1] if owners else (next(iter(output_layers)) if graph_outputs & set(op["outputs"])
-                                              else None)
-            if owner is None or type(keras_layers[owner]).__name__ in PASS_THROUGH:
-                continue
-            entry = layers.setdefault(owner, Layer(owner, type(keras_layers[owner]).__name__, [],
-                                                   keep_set(keras_layers[owner])))
-            entry.nodes.append(node)
-        for entry in layers.values():  # a keep set names only layers with graph nodes
-            entry.keep = [name for name in entry.keep if name in layers]
-        return layers
-
-    def check_names(self, names: list[str]) -> list[str]:
-        """The names, or a clear error for one that is not a quantized layer of this model."""
-        for name in names:
-            if name not in self.layers:
-                raise EdgeKitError(f"--keep-float: the model has no quantized layer '{name}'; its layers are "
-                                   f"{', '.join(self.layers)}.{suggest(name, self.layers)}")
-        return names
+        self._assign([(tensors[op["outputs"][0]], bool(graph_outputs & set(op["outputs"])))
+                      for op in interpreter._get_ops_details()  # noqa: SLF001 (LiteRT lists ops no other way)
+                      if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "DELEGATE") and len(op["outputs"])])
 
     def quantize(self, keep_float=()) -> bytes:
         """The int8 file (int8 input and output, as the int8 format) with the named layers float."""
         from tensorflow.lite.python import convert as lite_convert
 
-        nodes = [node for name in keep_float for node in self.layers[name].nodes]
+        nodes = self.excluded(keep_float)
         try:
             with held_output():
                 return lite_convert.mlir_quantize(self.calibrated, fully_quantize=True, input_data_type=tf.int8,
@@ -196,11 +214,41 @@ class Selective:
             layer.sqnr_db, layer.worst_channel_db = float(np.median(db)), float(db.min())
 
 
-def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
+class ONNXSelective(_Selective):
+    """The float ONNX model calibrated once (onnxruntime's calibration cache), quantized again to QDQ int8 as
+    the onnx-int8 format is, with the nodes of the named layers in `nodes_to_exclude`."""
+
+    suffix, format = ".onnx", "onnx-int8"
+
+    def __init__(self, model, float_proto, calibration: np.ndarray, method: str, metadata: dict):
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        self.model, self._calibration, self._method, self._metadata = model, calibration, method, metadata
+        self._tmp = tempfile.TemporaryDirectory()
+        source, self._prepared = (os.path.join(self._tmp.name, n) for n in ("float.onnx", "prepared.onnx"))
+        self._cache = os.path.join(self._tmp.name, "ranges.json")
+        onnx.save(float_proto, source)
+        try:
+            quant_pre_process(source, self._prepared)
+        except Exception as exc:  # onnxruntime.quantization raises assorted types
+            raise ConversionError(f"onnxruntime could not prepare the model for int8: {exc}") from exc
+        graph = onnx.load(self._prepared).graph
+        outputs = {o.name for o in graph.output}
+        self._assign([(node.name, bool(outputs & set(node.output))) for node in graph.node if node.name])
+
+    def quantize(self, keep_float=()) -> bytes:
+        from export.convert import onnx_int8
+
+        return onnx_int8(self._prepared, self._calibration, self._method, self._metadata,
+                         exclude=self.excluded(keep_float), cache=self._cache)
+
+
+def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tflite") -> float:
     from runtime.load import load
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "candidate.tflite")
+        path = os.path.join(tmp, "candidate" + suffix)
         with open(path, "wb") as fh:
             fh.write(content)
         return float(np.mean(load(path).logits(x).argmax(axis=1) == y))
@@ -210,18 +258,19 @@ def explain(selective: Selective, x_val, y_val, x_test, y_test, calibration, pro
     """The sensitivity table: every quantized layer, most sensitive first (see the module docstring)."""
     float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
     full = selective.quantize()
-    full_val, full_test = _accuracy(full, x_val, y_val), _accuracy(full, x_test, y_test)
+    suffix = selective.suffix
+    full_val, full_test = _accuracy(full, x_val, y_val, suffix), _accuracy(full, x_test, y_test, suffix)
     selective.output_errors(calibration)
     for i, layer in enumerate(selective.layers.values()):
         if progress:
             progress(f"  [{i + 1}/{len(selective.layers)}] {layer.name}: keep {', '.join(layer.keep)} float")
-        layer.val_accuracy = _accuracy(selective.quantize(layer.keep), x_val, y_val)
+        layer.val_accuracy = _accuracy(selective.quantize(layer.keep), x_val, y_val, suffix)
         layer.gain_points = (layer.val_accuracy - full_val) * 100
     ranked = sorted(selective.layers.values(),
                     key=lambda entry: (-entry.gain_points, entry.sqnr_db if entry.sqnr_db is not None else math.inf))
     for layer in ranked[:TOP_FOR_TEST]:
-        layer.test_accuracy = _accuracy(selective.quantize(layer.keep), x_test, y_test)
-    return {"float_val_accuracy": float_val, "int8_val_accuracy": full_val, "int8_test_accuracy": full_test,
+        layer.test_accuracy = _accuracy(selective.quantize(layer.keep), x_test, y_test, suffix)
+    return {"format": selective.format, "float_val_accuracy": float_val, "int8_val_accuracy": full_val, "int8_test_accuracy": full_test,
             "validation_images": int(len(y_val)), "test_images": int(len(y_test)),
             "layers": [dataclasses.asdict(layer) for layer in ranked], "ranked": [layer.name for layer in ranked]}
 
@@ -236,12 +285,13 @@ def choose(selective: Selective, table: dict, x_val, y_val, budget_points: float
     kept: list[str] = []
     for name in table["ranked"]:
         kept = list(dict.fromkeys([*kept, *selective.layers[name].keep]))
-        if _accuracy(selective.quantize(kept), x_val, y_val) >= target:
+        if _accuracy(selective.quantize(kept), x_val, y_val, selective.suffix) >= target:
             return kept
     return None
 
 
-def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, rounds: int = 7, calls: int = 30) -> float:
+def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, suffix: str = ".tflite", rounds: int = 7,
+                calls: int = 30) -> float:
     """Median latency of `predict` on `x` (batch 1, 1 thread) of one file over another's, measured in
     alternating rounds in this process: what keeping layers float costs in speed."""
     import time
@@ -251,7 +301,7 @@ def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, rounds: int =
     with tempfile.TemporaryDirectory() as tmp:
         models = []
         for name, content in (("candidate", candidate), ("reference", reference)):
-            path = os.path.join(tmp, f"{name}.tflite")
+            path = os.path.join(tmp, f"{name}{suffix}")
             with open(path, "wb") as fh:
                 fh.write(content)
             models.append(load(path, threads=1))
@@ -284,7 +334,7 @@ def plot_sensitivity(table: dict, path) -> None:
         ax.text(max(r["gain_points"], 0), i, sqnr, va="center", fontsize=7)
     ax.set_xlabel(f"validation accuracy gained over full int8 (points) when the layer and its consumers stay float; "
                   f"{table['validation_images']} images")
-    ax.set_title(f"int8 sensitivity: float {table['float_val_accuracy']:.1%}, full int8 "
+    ax.set_title(f"{table['format']} sensitivity: float {table['float_val_accuracy']:.1%}, full int8 "
                  f"{table['int8_val_accuracy']:.1%}", fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)

@@ -23,10 +23,12 @@ import shutil
 import time
 from pathlib import Path
 
+from export.formats import BUDGET_MISS
 from runtime.errors import EdgeKitError, unknown
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.fsutil import atomic_write_json, output_lock
-from runtime.manifest import core_names, export_problem, model_sha256, read_manifest, utc_now, verify_files
+from runtime.manifest import (QUANTIZATION_AWARE, core_names, export_problem, model_sha256, read_manifest,
+                              utc_now, verify_files)
 
 PLAN_FILE = "pipeline.json"
 
@@ -279,20 +281,37 @@ class Pipeline:
             todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)]
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
+            progress = (lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None)
             results = export(directory, todo, data_dir=self.plan.data_dir, max_accuracy_drop=self.plan.max_accuracy_drop,
-                             progress=(lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None))
+                             progress=progress)
             failed = [r for r in results if not r.passed]
             note = f"{len(results) - len(failed)}/{len(results)} verified" + (
                 f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")
+            missed = next((r for r in failed if r.format == "int8" and BUDGET_MISS in r.message), None)
+            if missed is not None and manifest["kind"] not in QUANTIZATION_AWARE:
+                # plain int8 misses the budget: keep the layers it hurts float (export --keep-float auto)
+                mixed = export(directory, ["int8"], data_dir=self.plan.data_dir, keep_float="auto",
+                               max_accuracy_drop=self.plan.max_accuracy_drop, progress=progress)[0]
+                if mixed.passed and mixed.format == "int8-mixed":
+                    failed.remove(missed)
+                    note += (f"; int8 missed the budget, so int8-mixed keeps "
+                             f"{', '.join(mixed.figures['kept_float']['layers'])} float "
+                             f"({mixed.figures['accuracy']:.2%})")
+                else:
+                    note += f"; int8-mixed could not meet the budget either ({mixed.message or 'see the report'})"
             if failed:
                 return stage.fail(note + "; failed: " + "; ".join(r.message for r in failed))
             stage.done(note)
 
     @staticmethod
     def _export_valid(directory: Path, manifest: dict, key: str, model_sha: str) -> bool:
+        """A verified file for `key`; for int8, a verified int8-mixed made because plain int8 missed the budget."""
         from export.formats import get_format
 
-        return not export_problem(directory, manifest, key, get_format(key).filename, model_sha)
+        if not export_problem(directory, manifest, key, get_format(key).filename, model_sha):
+            return True
+        return key == "int8" and BUDGET_MISS in str((manifest.get("exports", {}).get("int8") or {}).get("message")) \
+            and not export_problem(directory, manifest, "int8-mixed", get_format("int8-mixed").filename, model_sha)
 
     def report(self) -> dict:
         from runtime.report import build
@@ -303,8 +322,9 @@ class Pipeline:
             report = build(self.out, plan.threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
                            data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop)
             verified = sum(r["status"] == "verified" for r in report["rows"])
+            replaced = {r["artifact"] for r in report["rows"] if r["format"] == "int8-mixed" and r["status"] == "verified"}
             failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]
-                      if r["status"] != "verified"]
+                      if r["status"] != "verified" and not (r["format"] == "int8" and r["artifact"] in replaced)]
             if failed:
                 stage.fail(f"{verified} of {len(report['rows'])} files verified; failed: {'; '.join(failed)}")
             else:

@@ -99,10 +99,31 @@ def test_keep_float_by_name(hostile, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--onnx", "--keep-float", "auto"], "--keep-float applies to TFLite int8"),
-    (["--tflite", "--explain"], "--explain ranks the layers TFLite int8 hurts"),
+    (["--tflite", "--quantize", "float16", "--keep-float", "auto"], "--keep-float applies to int8"),
+    (["--onnx", "--explain"], "--explain ranks the layers int8 hurts"),
     (["--format", "int8-mixed"], "int8-mixed needs --keep-float"),
 ])
 def test_selective_options_are_checked_before_anything_runs(tmp_path, args, message):
     result = run_module("export", *args, str(tmp_path / "none.keras"), "--dataset", "digits")
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_onnx_explain_and_auto_keep_the_hostile_layer_float(hostile, tmp_path):
+    from export import export
+    from runtime.datasets import load_dataset
+    from runtime.load import load
+
+    path, float_accuracy = hostile
+    out = tmp_path / "onnx"
+    plain, = export(path, ["onnx-int8"], tmp_path / "onnx-plain", dataset="digits", progress=lambda s: None)
+    assert not plain.passed and "points below Keras" in plain.message
+    result, = export(path, ["onnx-int8"], out, dataset="digits", keep_float="auto", explain=True,
+                     progress=lambda s: None)
+    table = json.loads((out / "sensitivity.onnx-int8.json").read_text())
+    assert table["ranked"][0] == "hostile" and table["layers"][0]["gain_points"] > 50
+    assert result.format == "onnx-int8-mixed" and result.passed, result.message
+    kept = json.loads((out / "model.onnx-int8-mixed.json").read_text())["kept_float"]
+    assert "hostile" in kept["layers"] and set(kept["layers"]) <= {"hostile", "logits"}
+    model = load(out / "model.onnx-int8-mixed.onnx")
+    test = load_dataset("digits")
+    assert float(np.mean(model.predict(test.x_test).argmax(1) == test.y_test)) >= float_accuracy - 0.01
