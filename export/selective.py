@@ -67,8 +67,10 @@ def _consumers(layer) -> list:
     return [node.outbound_layer for node in getattr(layer, "_outbound_nodes", [])]
 
 
-def keep_set(layer) -> list[str]:
-    """The layer and the layers that quantize its output again (through pass-through layers)."""
+def keep_set(layer, has_nodes=lambda name: True) -> list[str]:
+    """The layer and the layers that quantize its output again: its consumers, reached through pass-through
+    layers and through layers with no graph node of their own (a BatchNormalization or activation the
+    converter fused into the layer before it)."""
     keep, todo = [layer.name], list(_consumers(layer))
     seen = set()
     while todo:
@@ -76,8 +78,9 @@ def keep_set(layer) -> list[str]:
         if nxt.name in seen or isinstance(nxt, keras.Model):
             continue
         seen.add(nxt.name)
-        keep.append(nxt.name)
-        if type(nxt).__name__ in PASS_THROUGH:
+        if has_nodes(nxt.name):
+            keep.append(nxt.name)
+        if type(nxt).__name__ in PASS_THROUGH or not has_nodes(nxt.name):
             todo.extend(_consumers(nxt))
     return keep
 
@@ -103,7 +106,7 @@ class _Selective:
         for name, nodes_ in self.nodes_of.items():
             kind = type(keras_layers[name]).__name__
             if kind not in PASS_THROUGH and not isinstance(keras_layers[name], keras.Model):
-                keep = [n for n in keep_set(keras_layers[name]) if n in self.nodes_of]
+                keep = keep_set(keras_layers[name], lambda n: n in self.nodes_of)
                 self.layers[name] = Layer(name, kind, nodes_, keep)
 
     def excluded(self, keep_float) -> list[str]:
