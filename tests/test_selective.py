@@ -127,3 +127,30 @@ def test_onnx_explain_and_auto_keep_the_hostile_layer_float(hostile, tmp_path):
     model = load(out / "model.onnx-int8-mixed.onnx")
     test = load_dataset("digits")
     assert float(np.mean(model.predict(test.x_test).argmax(1) == test.y_test)) >= float_accuracy - 0.01
+
+
+def test_the_pipeline_writes_int8_mixed_when_plain_int8_misses_the_budget(hostile, tiny, tmp_path):
+    """A pipeline run whose trained model is the hostile one: its export stage writes int8-mixed in place of the
+    failed int8, the report recommends it and shows the int8 failure, and a rerun keeps it."""
+    import shutil
+
+    from pipeline.run import Pipeline, Plan
+    from runtime.manifest import write_manifest
+
+    base = tmp_path / "run" / "fashion_cnn"
+    shutil.copytree(tiny, base)
+    shutil.copy(hostile[0], base / "model.keras")  # the same input and classes; a model hostile to int8
+    manifest = json.loads((base / "manifest.json").read_text())
+    write_manifest(base, {k: v for k, v in manifest.items() if k != "files"}, list(manifest["files"]))
+    plan = Plan(out=tmp_path / "run", variants=(), formats=("float32", "int8"), bench=False)
+    pipeline = Pipeline(plan, say=lambda *_: None)
+    pipeline.export("base")
+    assert pipeline.status["export:base"]["status"] == "done"
+    assert "int8-mixed keeps hostile" in pipeline.status["export:base"]["note"]
+    report = pipeline.report()
+    rows = {r["format"]: r for r in report["rows"]}
+    assert rows["int8"]["status"] == "failed" and rows["int8-mixed"]["status"] == "verified"
+    assert pipeline.status["report"]["status"] == "done"  # int8's failure is answered by int8-mixed
+    assert report["recommendations"][0]["choice"]["format"] == "int8-mixed"
+    pipeline.export("base")
+    assert pipeline.status["export:base"]["status"] == "skipped"
