@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from runtime.errors import EdgeKitError, suggest
-from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, check_max_accuracy_drop  # noqa: F401
+from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat, check_max_accuracy_drop  # noqa: F401
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3
@@ -46,21 +46,12 @@ SQNR_CAP_DB = 200.0  # an exact file has infinite SQNR; JSON has no infinity
 
 
 @dataclasses.dataclass(frozen=True)
-class Format:
-    key: str  # also the file's name: model.<key><suffix> (runtime.formats)
-    suffix: str
-    backend: str  # "tflite" or "onnx"
-    kind: str  # "float" or "quantized": which half of the verification rule applies
-    options: frozenset = frozenset()  # options this format accepts
+class Format(FileFormat):
+    """runtime.formats' file format (key, suffix, backend, kind: which half of the verification rule applies),
+    and what export adds: the options it accepts and a description."""
+
+    options: frozenset = frozenset()
     description: str = ""
-
-    @property
-    def filename(self) -> str:
-        return f"model.{self.key}{self.suffix}"
-
-    @property
-    def sidecar(self) -> str:
-        return f"model.{self.key}.json"
 
 
 _CALIBRATED = frozenset({"calibration_samples"})
@@ -81,10 +72,10 @@ _MIXED = {  # made only with --keep-float (export/selective.py): not part of --a
                         "ONNX int8 (QDQ) with the layers int8 hurts kept float (nodes_to_exclude)"),
 }
 MIXED_OF = {"int8": "int8-mixed", "onnx-int8": "onnx-int8-mixed"}  # the format --keep-float turns each into
-FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_HOW[f.key]) for f in FILE_FORMATS.values()
-           if f.key in _HOW}
-MIXED_FORMATS = {f.key: Format(f.key, f.suffix, f.backend, f.kind, *_MIXED[f.key]) for f in FILE_FORMATS.values()
-                 if f.key in _MIXED}
+FORMATS = {f.key: Format(**dataclasses.asdict(f), options=_HOW[f.key][0], description=_HOW[f.key][1])
+           for f in FILE_FORMATS.values() if f.key in _HOW}
+MIXED_FORMATS = {f.key: Format(**dataclasses.asdict(f), options=_MIXED[f.key][0], description=_MIXED[f.key][1])
+                 for f in FILE_FORMATS.values() if f.key in _MIXED}
 QAT_FORMATS = ("int8",)
 
 
