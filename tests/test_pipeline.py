@@ -218,3 +218,18 @@ def test_a_failed_stage_is_recorded_and_the_others_still_run(quick_copy):
     assert "stages that failed: optimize:qat, export:qat" in result.stdout
     assert [p for p in quick_copy.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
     assert not (quick_copy / "fashion_cnn-qat" / "model.weights.h5").exists()
+
+
+def test_info_reads_a_run_directory_and_an_artifact(quick_run):
+    out, _ = quick_run
+    run = run_module("runtime", "info", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "is a pipeline run directory (fashion_cnn on digits), not an artifact: 3 artifacts" in run.stdout
+    assert "to ship, within the 1-point budget:" in run.stdout and "smallest file: " in run.stdout
+    art = run_module("runtime", "info", str(out / "fashion_cnn-pruned80"))
+    assert art.returncode == 0, art.stderr
+    assert "recipe         prune: sparsity 0.8; 2 epochs" in art.stdout
+    manifest = json.loads((out / "fashion_cnn-pruned80" / "manifest.json").read_text())
+    assert all(f"sha256 {record['sha256']}" in art.stdout for record in manifest["files"].values())
+    typo = run_module("runtime", "bnch", str(out))
+    assert typo.returncode == 2 and "did you mean 'bench'?" in typo.stderr
