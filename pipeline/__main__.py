@@ -59,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the accuracy budget in points below the float model: export fails a quantized file "
                              "further below its Keras model, and the report marks a file further below the float "
                              f"baseline as over budget, never recommended (default {MAX_ACCURACY_DROP:g})")
+    search = parser.add_argument_group("search (Optuna): the best file within the budget, beyond the fixed menu")
+    search.add_argument("--search", action="store_true",
+                        help="search the recipe space (technique, its settings, fine-tuning epochs, format) for the "
+                             "smallest or fastest file within --max-accuracy-drop, instead of the fixed variants")
+    search.add_argument("--objective", default="gzip", help="what to minimize: gzip (default), size or latency")
+    search.add_argument("--trials", type=int, default=16, metavar="N",
+                        help="finished trials of the whole study, all workers together (default 16)")
+    search.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    search.add_argument("--storage", metavar="URL",
+                        help="the study's storage: a SQLAlchemy URL (postgresql://..., mysql://...) shared by "
+                             "machines that run the same command with a shared --out (default: search.db, SQLite, "
+                             "in the run directory)")
+    search.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
+    search.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                        help="a worker silent for 3 x S seconds is taken for dead and its trial run again (default 10)")
+    search.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--force", action="store_true", help="start over: delete the output directory's results")
     parser.add_argument("--verbose", action="store_true", help="show every epoch and every export step")
     return parser
@@ -70,12 +86,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.run import Plan, run
 
-    variants = () if args.variants == ("none",) else args.variants
+    variants = () if args.variants == ("none",) or args.search else args.variants
     plan = Plan(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
-                formats=args.formats, out=args.out, quick=args.quick, epochs=args.epochs,
+                formats=args.formats or (("float32",) if args.search else None), out=args.out, quick=args.quick, epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
                 threads=parse_threads(args.threads) if args.threads else None,
                 bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop)
+    if args.search:
+        from pipeline.run import Pipeline
+        from pipeline.search import run_search
+
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
+        report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose),
+                            objective=args.objective, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                            jobs=args.jobs, heartbeat=args.heartbeat, argv=argv, worker=args.worker)
+        return 0
     report = run(plan, force=args.force, verbose=args.verbose)
     return 1 if report["failed_stages"] else 0
 

@@ -1,0 +1,98 @@
+"""The search (python -m pipeline --search): workers sharing one study in the run directory run every trial
+exactly once and lose none; a search killed mid-trial resumes with its finished trials kept and the
+interrupted one run again."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FAST = ["--epochs", "2", "--finetune-epochs", "1", "--no-bench", "--heartbeat", "1"]
+
+
+def _search(out, *args, **kwargs):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "--search", "--out", str(out), *FAST, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _trials(out):
+    from pipeline.search import DB_FILE, trials_table
+
+    try:
+        return trials_table(f"sqlite:///{out / DB_FILE}")
+    except KeyError:  # the study is not created yet
+        return []
+
+
+def _started(out):
+    from pipeline.search import LOG_FILE
+
+    path = out / LOG_FILE
+    return [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory):
+    """A search of 4 trials by two worker processes on one study in the run directory."""
+    out = tmp_path_factory.mktemp("search") / "run"
+    done = _search(out, "--trials", "4", "--jobs", "2")
+    stdout, stderr = done.communicate(timeout=900)
+    assert done.returncode == 0, stderr[-3000:]
+    return out, stdout, stderr
+
+
+def test_two_workers_run_every_trial_once_and_lose_none(searched):
+    out, stdout, stderr = searched
+    trials = _trials(out)
+    finished = [t for t in trials if t["state"] in ("complete", "pruned")]
+    assert len(finished) >= 4 and all(t["state"] in ("complete", "pruned", "waiting") for t in trials)
+    started = [int(line[2]) for line in _started(out)]
+    assert sorted(started) == sorted(set(started))  # no trial ran twice
+    assert set(started) == {t["number"] for t in finished}  # and every one that ran finished
+    assert len({t["worker"] for t in finished}) == 2  # both workers took trials
+    for t in finished:
+        if t["state"] == "complete":
+            assert (out / t["file"]).is_file() and t["accuracy"] > 0.5
+    assert "search: " in stdout and "to ship" not in stderr
+
+
+def test_a_killed_search_resumes_and_runs_the_interrupted_trial_again(searched, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(searched[0], out)  # 4 trials done; the study goes on to 7
+    first = _search(out, "--trials", "7")
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill -9 while a trial runs, after this run has finished one
+        trials = _trials(out)
+        if sum(t["state"] in ("complete", "pruned") for t in trials) > 4 and any(t["state"] == "running"
+                                                                              for t in trials):
+            break
+        time.sleep(0.5)
+    else:
+        first.kill()
+        pytest.fail("the search never had a finished and a running trial at once")
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    before = {t["number"]: t for t in _trials(out)}
+    interrupted = [t for t in before.values() if t["state"] == "running"]
+    assert len(interrupted) == 1
+    time.sleep(4)  # longer than 3 heartbeats: the interrupted trial is now stale
+    again = _search(out, "--trials", "7")
+    stdout, stderr = again.communicate(timeout=900)
+    assert again.returncode == 0, stderr[-3000:]
+    after = {t["number"]: t for t in _trials(out)}
+    for number, trial in before.items():  # finished trials are kept as they were
+        if trial["state"] == "complete":
+            assert after[number]["state"] == "complete" and after[number]["values"] == trial["values"]
+    lost = interrupted[0]
+    assert after[lost["number"]]["state"] == "fail"
+    retried = [t for t in after.values() if t["number"] > lost["number"] and t["params"] == lost["params"]]
+    assert retried and retried[0]["state"] in ("complete", "pruned")
+    assert sum(t["state"] in ("complete", "pruned") for t in after.values()) >= 7
