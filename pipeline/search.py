@@ -346,9 +346,24 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     finished = [r for r in rows if r["state"] in ("complete", "pruned")]
     pipeline.say(f"search: {len(finished)} trials finished ({sum(r['state'] == 'pruned' for r in rows)} pruned "
                  f"over budget) in {elapsed(started)}; study in {search.storage_url}")
+    from runtime.fsutil import atomic_write_json
+    from runtime.report.search import SEARCH_FILE
+
     with lock(pipeline.out):
+        atomic_write_json(pipeline.out / SEARCH_FILE, {"objective": objective, "budget_points": budget,
+                                                      "storage": _public(search.storage_url), "trials": rows})
         report = pipeline.report()
     report["search"] = rows
     for line in report.get("summary", []):
         pipeline.say(f"  {line}")
     return report
+
+
+def _public(url: str) -> str:
+    """A storage URL without its password, fit for a report."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: say nothing of it
+        return "(storage)"

@@ -273,7 +273,7 @@ def _report(args) -> int:
     print(f"to ship, within the {report['budget']:g}-point budget:")
     for line in report["summary"]:
         print(f"  {line}")
-    written = ["report.md", "report.csv", "report.json", *report["plots"]]
+    written = ["report.md", "report.csv", "report.json", *report["plots"], *report.get("search_plots", [])]
     print(f"wrote {', '.join(f'{args.directory}/{name}' for name in written)}")
     return 0
 

@@ -60,6 +60,9 @@ def test_two_workers_run_every_trial_once_and_lose_none(searched):
         if t["state"] == "complete":
             assert (out / t["file"]).is_file() and t["accuracy"] > 0.5
     assert "search: " in stdout and "to ship" not in stderr
+    md = (out / "report.md").read_text()  # the report's search section: every trial, judged like every file
+    assert "## Search" in md and md.count("\n| ") >= len(trials) and (out / "search.png").is_file()
+    assert all(f"| {t['number']} | {t['recipe']} |" in md for t in finished)
 
 
 def test_a_killed_search_resumes_and_runs_the_interrupted_trial_again(searched, tmp_path):

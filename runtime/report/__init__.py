@@ -7,6 +7,7 @@ the files `export` wrote. The parts, in the order `build` runs them:
 
     rows.py     collect every exported file, check it against its manifest, evaluate it on its test split
     decide.py   intervals, significance and the budget; ties, Pareto fronts and the recommendation
+    search.py   the search's trials (search.json from `pipeline --search`), its front, search.png
     latency.py  latency in interleaved rounds, with intervals, cached in bench.json
     plots.py    accuracy_vs_size.png and accuracy_vs_latency.png
     render.py   report.md, report.csv, report.json and the console summary
@@ -28,6 +29,8 @@ from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
 from runtime.bench import machine
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
 from runtime.report.rows import collect, evaluate
+from runtime.report.search import PLOT as SEARCH_PLOT
+from runtime.report.search import section as search_section
 
 __all__ = ["BENCH_CACHE", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]
 
@@ -51,12 +54,14 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     groups = fronts(rows, comparer)
     recommendations = recommend(rows, comparer, budget)
     plots = plot(rows, root, budget, base)
-    for stale in set(FIGURES) - set(plots):  # e.g. a latency plot from an earlier run with benchmarks
+    search_lines, search_plots = search_section(root, rows, recommendations, budget)
+    for stale in {*FIGURES, SEARCH_PLOT} - {*plots, *search_plots}:  # e.g. a latency plot from a run with benchmarks
         (root / stale).unlink(missing_ok=True)
     first = next((r for r in rows if r.get("model")), {})
     info = {"created": utc_now(), "machine": machine(), "model": first.get("model"), "dataset": first.get("dataset"),
             "budget": budget, "baseline_row": base, "bench_settings": settings, "rows": rows,
             "recommendations": recommendations, "notes": notes(rows, groups, budget),
-            "summary": console_summary(recommendations, root), "plots": plots, "plots_missing": missing()}
+            "summary": console_summary(recommendations, root), "plots": plots, "plots_missing": missing(),
+            "search_lines": search_lines, "search_plots": search_plots}
     write(root, info)
     return {**info, "baseline": f"{base['variant']} {base['format']}" if base else None}

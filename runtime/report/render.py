@@ -241,7 +241,10 @@ def write(root: Path, info: dict) -> None:
            "Accuracy on the fixed test split through EdgeKit's TensorFlow-free runtime. A change is significant only "
            "by the exact McNemar test on the same images; one file is faster than another only when the latency "
            "intervals separate. `--rounds` and `--seconds` measure longer; `--rebench` measures again.", "",
-           markdown_table(rows), "", "## Notes", ""]
+           markdown_table(rows), ""]
+    if info.get("search_lines"):
+        md += [*info["search_lines"], ""]
+    md += ["## Notes", ""]
     md += [f"- {n}" for n in info["notes"]]
     if info["plots"]:
         md += ["", "## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in info["plots"]]
@@ -277,4 +280,5 @@ def to_json(root: Path, info: dict) -> dict:
             "machine": info["machine"], "budget_points": info["budget"],
             "baseline": label(info["baseline_row"]) if info["baseline_row"] else None,
             "bench_settings": info["bench_settings"], "recommendations": recs, "summary": info["summary"],
-            "notes": info["notes"], "plots": info["plots"], "rows": [public(r, root) for r in info["rows"]]}
+            "notes": info["notes"], "plots": [*info["plots"], *info.get("search_plots", [])],
+            "rows": [public(r, root) for r in info["rows"]]}

@@ -1,0 +1,123 @@
+"""The report's search section, when the directory holds a search (`python -m pipeline --search` writes
+search.json beside the study): every trial with its recipe, file, accuracy and interval (from the report's
+own rows, judged like every file), objective value and budget; the study's Pareto front; and
+search.png, the trials against the default menu's files.
+
+search.json is read as untrusted data: anything but the expected shape is ignored with a note.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime.report.rows import label, points
+
+SEARCH_FILE = "search.json"
+PLOT = "search.png"
+MENU = ("base", "pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat", "cqat")  # pipeline.run.VARIANTS
+UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024), "size": ("size_bytes", "file size (KiB)", 1 / 1024),
+         "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0)}
+
+
+def read(root: Path) -> dict | None:
+    """search.json, or None (absent, or not what the search writes)."""
+    try:
+        data = json.loads((root / SEARCH_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("objective") in UNITS and isinstance(data.get("trials"), list)
+            and all(isinstance(t, dict) and type(t.get("number")) is int for t in data["trials"])):
+        return None
+    return data
+
+
+def section(root: Path, rows: list[dict], recommendations: list[dict], budget: float) -> tuple[list[str], list[str]]:
+    """(report.md lines, plots written) for the search, or ([], []) without one."""
+    data = read(root)
+    if data is None:
+        return [], []
+    by_file = {str(Path(r["file"]).resolve()): r for r in rows if r.get("file")}
+    key, axis, scale = UNITS[data["objective"]]
+    trials = []
+    for t in sorted(data["trials"], key=lambda t: t["number"]):
+        file = t.get("file") if isinstance(t.get("file"), str) else None
+        row = by_file.get(str((root / file).resolve())) if file else None
+        trials.append((t, row))
+    lines = ["## Search", "",
+             f"{len(trials)} trials of the study ({data.get('storage', 'search.db')}), minimizing {axis} within "
+             f"{points(budget)} of the float baseline. Accuracy and its interval are the report's own, on the "
+             "same test images as every file above.", "",
+             f"| trial | recipe | format | state | accuracy (95% CI) | change (pts) | {axis} | budget | worker |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t, row in trials:
+        acc = "-" if row is None or row.get("accuracy") is None else (
+            f"{row['accuracy']:.2%} ({row['accuracy_low']:.1%}-{row['accuracy_high']:.1%})")
+        change = "-" if row is None or row.get("accuracy_change_pts") is None else f"{row['accuracy_change_pts']:+.2f}"
+        value = "-" if row is None or row.get(key) is None else f"{row[key] * scale:,.1f}"
+        within = "-" if row is None or "over_budget" not in row else ("**over**" if row["over_budget"] else "within")
+        lines.append(f"| {t['number']} | {t.get('recipe', '-')} | {t.get('format', '-')} | {t.get('state', '-')} | "
+                     f"{acc} | {change} | {value} | {within} | {t.get('worker', '-')} |")
+    optimal = [row for _, row in trials if row is not None and row.get(f"pareto_{_objective(data)}")]
+    if optimal:
+        lines += ["", "Pareto front of the study (within budget, by the report's rules): "
+                  + "; ".join(f"{label(r)} ({r[key] * scale:,.1f}, {r['accuracy']:.2%})"
+                              for r in sorted(optimal, key=lambda r: r[key])) + "."]
+    chosen = next((rec for rec in recommendations if rec["objective"] == _objective(data)), None)
+    if chosen and chosen.get("choice") is not None:
+        menu_best = min((r for r in rows if r["variant"] in MENU and r.get(key) is not None
+                         and not r.get("over_budget") and r["status"] == "verified"), key=lambda r: r[key],
+                        default=None)
+        c = chosen["choice"]
+        versus = "" if menu_best is None else (
+            f"; the default menu's best within budget is {label(menu_best)} at {menu_best[key] * scale:,.1f}"
+            f" ({c[key] / menu_best[key]:.2f}x)")
+        lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {c[key] * scale:,.1f}, "
+                      f"{c['accuracy']:.2%}{versus}."]
+    plots = [PLOT] if _plot(root, trials, rows, key, axis, scale, budget) else []
+    if plots:
+        lines += ["", f"![search]({PLOT})"]
+    return lines, plots
+
+
+def _objective(data: dict) -> str:
+    return {"gzip": "gzip", "size": "size", "latency": "latency_1t"}[data["objective"]]
+
+
+def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
+    try:
+        from runtime.plots import _pyplot, _save
+        from runtime.report.plots import _log_ticks
+
+        plt = _pyplot()
+    except ImportError:
+        return False
+    points = [row for _, row in trials if row is not None and row.get(key) is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row in points:
+        over = row.get("over_budget")
+        ax.errorbar(row[key] * scale, row["accuracy"] * 100,
+                    yerr=[[(row["accuracy"] - row["accuracy_low"]) * 100], [(row["accuracy_high"] - row["accuracy"]) * 100]],
+                    fmt="o", color="#b0b0b0" if over else "#1f77b4", ms=6, elinewidth=0.8, alpha=0.8)
+    menu = [r for r in rows if r["variant"] in MENU and r.get(key) is not None and r.get("accuracy") is not None]
+    if menu:
+        ax.scatter([r[key] * scale for r in menu], [r["accuracy"] * 100 for r in menu], marker="x", color="black",
+                   s=40, zorder=4, label="default menu's files")
+    base = next((r for r in rows if r.get("accuracy_change_pts") == 0 and r["variant"] == "base"), None)
+    if base is not None:
+        ax.axhline(base["accuracy"] * 100 - budget, color="#d62728", linestyle="--", linewidth=1,
+                   label="accuracy budget")
+    ax.scatter([], [], color="#1f77b4", label="search trials (grey: over budget)")
+    ax.set_xscale("log")
+    _log_ticks(ax)
+    ax.set_xlabel(f"{axis}, log scale")
+    ax.set_ylabel("test accuracy (%), 95% interval")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("search trials against the default menu", fontsize=10)
+    fig.tight_layout()
+    _save(fig, root / PLOT)
+    plt.close(fig)
+    return True
