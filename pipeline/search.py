@@ -24,6 +24,7 @@ whole study, whoever ran them, so several workers stop together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -135,7 +136,7 @@ class Search:
         study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, load_if_exists=True,
                                     directions=["maximize", "minimize"])
         if not study.user_attrs.get("menu_enqueued"):
-            with output_lock(self.out / ".search"):  # one worker enqueues the menu
+            with waiting_lock(self.out / ".search"):  # one worker enqueues the menu
                 if not optuna.load_study(study_name=STUDY, storage=storage).user_attrs.get("menu_enqueued"):
                     for technique, settings, fmt in MENU:
                         params = {"technique": technique, **settings}
@@ -202,7 +203,7 @@ class Search:
             return self.pipeline.dir_of("base")
         parent = self._make(recipe.parent()) if recipe.parent() else self.pipeline.dir_of("base")
         directory = self.out / f"{self.plan.model}-{recipe.slug()}"
-        with output_lock(directory):
+        with waiting_lock(directory):  # two workers on one recipe: the second reuses what the first made
             manifest = self.pipeline._core_intact(directory)
             parent_sha = self.pipeline._core_intact(parent)
             if manifest is not None and parent_sha is not None and \
@@ -219,13 +220,14 @@ class Search:
         from runtime.manifest import read_manifest
 
         key = "int8" if fmt == "int8-mixed" else fmt
-        manifest = read_manifest(directory)
-        for made in ("int8-mixed", key) if fmt == "int8-mixed" else (key,):
-            record = manifest.get("exports", {}).get(made) or {}
-            if record.get("passed") and record.get("file") and (directory / record["file"]).is_file():
-                return directory / record["file"]
-        results = export(directory, [key], data_dir=self.plan.data_dir, max_accuracy_drop=100.0,
-                         keep_float="auto" if fmt == "int8-mixed" else None, progress=lambda s: None)
+        with waiting_lock(directory):  # another worker may be exporting another format of the same artifact
+            manifest = read_manifest(directory)
+            for made in ("int8-mixed", key) if fmt == "int8-mixed" else (key,):
+                record = manifest.get("exports", {}).get(made) or {}
+                if record.get("passed") and record.get("file") and (directory / record["file"]).is_file():
+                    return directory / record["file"]
+            results = export(directory, [key], data_dir=self.plan.data_dir, max_accuracy_drop=100.0,
+                             keep_float="auto" if fmt == "int8-mixed" else None, progress=lambda s: None)
         passed = [r for r in results if r.passed]
         if not passed:
             raise WorkFailed(f"{directory.name}: {fmt} failed: {results[0].message}")
@@ -311,8 +313,6 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     """The whole `--search` command: train and export the base model (once, under the run's lock), run this
     worker and `jobs - 1` more until the study has `trials` finished trials or `timeout` passes, then (unless
     this is a `--worker`) write the report. Returns the report, or None for a worker."""
-    from runtime.fsutil import output_lock as lock
-
     if objective not in OBJECTIVES:
         raise EdgeKitError(f"--objective must be one of {', '.join(OBJECTIVES)}; got '{objective}'.")
     for name, value, low in (("--trials", trials, 1), ("--jobs", jobs, 1), ("--heartbeat", heartbeat, 1)):
@@ -323,7 +323,7 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     started = time.perf_counter()
     budget = pipeline.plan.max_accuracy_drop
     if not worker:
-        with lock(pipeline.out):
+        with waiting_lock(pipeline.out, pipeline.say):
             pipeline._prepare_out()
             pipeline.say(f"EdgeKit search: {pipeline.plan.model} on {pipeline.plan.dataset} -> {pipeline.out}/  "
                          f"(minimize {objective} within {budget:g} points of the float baseline; {trials} trials, "
@@ -349,7 +349,7 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     from runtime.fsutil import atomic_write_json
     from runtime.report.search import SEARCH_FILE
 
-    with lock(pipeline.out):
+    with waiting_lock(pipeline.out, pipeline.say):
         atomic_write_json(pipeline.out / SEARCH_FILE, {"objective": objective, "budget_points": budget,
                                                       "storage": _public(search.storage_url), "trials": rows})
         report = pipeline.report()
@@ -367,3 +367,29 @@ def _public(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy parses: say nothing of it
         return "(storage)"
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, say=None, patience: float = 3600):
+    """`output_lock(path)`, waited for instead of refused: another worker of the same search may hold it
+    (training the base model, making the same recipe, writing the report); this one goes on when it is done,
+    and then finds that work made."""
+    from runtime.errors import Busy
+
+    deadline, told = time.monotonic() + patience, False
+    while True:
+        held = output_lock(path)
+        try:
+            held.__enter__()
+            break
+        except Busy:
+            if time.monotonic() > deadline:
+                raise
+            if say and not told:
+                say(f"waiting for another worker of this search to finish writing {path} ...")
+                told = True
+            time.sleep(1)
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)
