@@ -101,6 +101,10 @@ def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
         ax.errorbar(row[key] * scale, row["accuracy"] * 100,
                     yerr=[[(row["accuracy"] - row["accuracy_low"]) * 100], [(row["accuracy_high"] - row["accuracy"]) * 100]],
                     fmt="o", color="#b0b0b0" if over else "#1f77b4", ms=6, elinewidth=0.8, alpha=0.8)
+    front = sorted((row[key] * scale, row["accuracy"] * 100) for row in points
+                   if row.get(f"pareto_{_objective_of(key)}"))
+    if front:
+        ax.step(*zip(*front), where="post", color="#1f77b4", linewidth=1.2, label="the study's Pareto front")
     menu = [r for r in rows if r["variant"] in MENU and r.get(key) is not None and r.get("accuracy") is not None]
     if menu:
         ax.scatter([r[key] * scale for r in menu], [r["accuracy"] * 100 for r in menu], marker="x", color="black",
@@ -121,3 +125,7 @@ def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
     _save(fig, root / PLOT)
     plt.close(fig)
     return True
+
+
+def _objective_of(key: str) -> str:
+    return {"gzip_bytes": "gzip", "size_bytes": "size", "latency_median_ms_1t": "latency_1t"}[key]
