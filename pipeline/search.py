@@ -299,6 +299,7 @@ def trials_table(storage_url: str) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
+                     "menu": "fixed_params" in t.system_attrs,  # enqueued from the default menu
                      **{k: v for k, v in t.user_attrs.items()}, "values": list(t.values) if t.values else None})
     return rows
 

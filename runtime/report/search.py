@@ -63,18 +63,18 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
         lines += ["", "Pareto front of the study (within budget, by the report's rules): "
                   + "; ".join(f"{label(r)} ({r[key] * scale:,.1f}, {r['accuracy']:.2%})"
                               for r in sorted(optimal, key=lambda r: r[key])) + "."]
+    menu_rows = _menu(rows, trials)
     chosen = next((rec for rec in recommendations if rec["objective"] == _objective(data)), None)
     if chosen and chosen.get("choice") is not None:
-        menu_best = min((r for r in rows if r["variant"] in MENU and r.get(key) is not None
-                         and not r.get("over_budget") and r["status"] == "verified"), key=lambda r: r[key],
-                        default=None)
+        menu_best = min((r for r in menu_rows if r.get(key) is not None and not r.get("over_budget")
+                         and r["status"] == "verified"), key=lambda r: r[key], default=None)
         c = chosen["choice"]
         versus = "" if menu_best is None else (
             f"; the default menu's best within budget is {label(menu_best)} at {menu_best[key] * scale:,.1f}"
             f" ({c[key] / menu_best[key]:.2f}x)")
         lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {c[key] * scale:,.1f}, "
                       f"{c['accuracy']:.2%}{versus}."]
-    plots = [PLOT] if _plot(root, trials, rows, key, axis, scale, budget) else []
+    plots = [PLOT] if _plot(root, trials, rows, menu_rows, key, axis, scale, budget) else []
     if plots:
         lines += ["", f"![search]({PLOT})"]
     return lines, plots
@@ -84,7 +84,7 @@ def _objective(data: dict) -> str:
     return {"gzip": "gzip", "size": "size", "latency": "latency_1t"}[data["objective"]]
 
 
-def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
+def _plot(root, trials, rows, menu_rows, key, axis, scale, budget) -> bool:
     try:
         from runtime.plots import _pyplot, _save
         from runtime.report.plots import _log_ticks
@@ -105,7 +105,7 @@ def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
                    if row.get(f"pareto_{_objective_of(key)}"))
     if front:
         ax.step(*zip(*front), where="post", color="#1f77b4", linewidth=1.2, label="the study's Pareto front")
-    menu = [r for r in rows if r["variant"] in MENU and r.get(key) is not None and r.get("accuracy") is not None]
+    menu = [r for r in menu_rows if r.get(key) is not None and r.get("accuracy") is not None]
     if menu:
         ax.scatter([r[key] * scale for r in menu], [r["accuracy"] * 100 for r in menu], marker="x", color="black",
                    s=40, zorder=4, label="default menu's files")
@@ -129,3 +129,15 @@ def _plot(root, trials, rows, key, axis, scale, budget) -> bool:
 
 def _objective_of(key: str) -> str:
     return {"gzip_bytes": "gzip", "size_bytes": "size", "latency_median_ms_1t": "latency_1t"}[key]
+
+
+def _menu(rows: list[dict], trials) -> list[dict]:
+    """The default menu's files: the pipeline's own variants in this directory, and the trials the search
+    enqueued from the menu (marked `menu` in search.json)."""
+    menu = [r for r in rows if r["variant"] in MENU and r["variant"] != "base"]
+    seen = {id(r) for r in menu}
+    for t, row in trials:
+        if row is not None and t.get("menu") is True and id(row) not in seen:
+            menu.append(row)
+            seen.add(id(row))
+    return menu
