@@ -326,8 +326,9 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     if not worker:
         with waiting_lock(pipeline.out, pipeline.say):
             pipeline._prepare_out()
+            points = f"{budget:g} point{'' if budget == 1 else 's'}"
             pipeline.say(f"EdgeKit search: {pipeline.plan.model} on {pipeline.plan.dataset} -> {pipeline.out}/  "
-                         f"(minimize {objective} within {budget:g} points of the float baseline; {trials} trials, "
+                         f"(minimize {objective} within {points} of the float baseline; {trials} trials, "
                          f"{jobs} worker(s))")
             pipeline.train()
             pipeline.export("base")
