@@ -11,8 +11,8 @@ none), fine-tuning epochs, and the export format (float16, dynamic, int8, onnx-i
 a real artifact, `<model>-<recipe>/` in the run directory, made by the same optimize and export code as the
 pipeline (so it is cached: a recipe made before is reused, and the report shows it), evaluated on the test
 split by the TensorFlow-free runtime. A file more than the budget below the float baseline is infeasible
-(an Optuna constraint, `trial.set_constraint`); a model that is clearly over budget after fine-tuning (twice the budget) is
-pruned before export. The default menu's recipes are enqueued first, so the search starts where the
+(an Optuna constraint, `trial.set_constraint`); a model that is clearly over budget after fine-tuning
+(twice the budget) is pruned before export. The default menu's recipes are enqueued first, so the search starts where the
 pipeline stops.
 
 The study is stored in `search.db` in the run directory (SQLite through Optuna's RDBStorage) unless
