@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m pipeline                                  # fashion_cnn on digits, offline\n"
                "  python -m pipeline --quick                          # a smoke run in about a minute\n"
                "  python -m pipeline --model mobilenet --variants pruned80,qat\n"
-               "  python -m pipeline --dataset fashion_mnist --data-dir ~/data/fashion   # IDX files there")
+               "  python -m pipeline --dataset fashion_mnist --data-dir ~/data/fashion   # IDX files there\n"
+               "  python -m pipeline --search --objective gzip --trials 16   # the smallest file within 1 point")
     parser.add_argument("--model", default="fashion_cnn",
                         help="fashion_cnn (default), resnet, resnet20 or mobilenet")
     parser.add_argument("--dataset", default="digits",
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="finished trials of the whole study, all workers together (default 16)")
     search.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
     search.add_argument("--storage", metavar="URL",
-                        help="the study's storage: a SQLAlchemy URL (postgresql://..., mysql://...) shared by "
+                        help="the study's storage: a SQLAlchemy URL (postgresql+psycopg2://..., mysql://...) shared by "
                              "machines that run the same command with a shared --out (default: search.db, SQLite, "
                              "in the run directory)")
     search.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = () if args.variants == ("none",) or args.search else args.variants
     plan = Plan(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
-                formats=args.formats or (("float32",) if args.search else None), out=args.out, quick=args.quick, epochs=args.epochs,
+                formats=args.formats or (("float32",) if args.search else None), out=args.out, quick=args.quick,
+                epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
                 threads=parse_threads(args.threads) if args.threads else None,
                 bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop)
