@@ -35,6 +35,7 @@ from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed
 from runtime.fsutil import output_lock
+from runtime.manifest import model_sha256
 
 STUDY = "edgekit-search"
 DB_FILE = "search.db"
@@ -205,9 +206,9 @@ class Search:
         directory = self.out / f"{self.plan.model}-{recipe.slug()}"
         with waiting_lock(directory):  # two workers on one recipe: the second reuses what the first made
             manifest = self.pipeline._core_intact(directory)
-            parent_sha = self.pipeline._core_intact(parent)
-            if manifest is not None and parent_sha is not None and \
-                    (manifest.get("parent") or {}).get("model_sha256") == _model_sha(parent_sha):
+            parent_manifest = self.pipeline._core_intact(parent)
+            if manifest is not None and parent_manifest is not None and \
+                    (manifest.get("parent") or {}).get("model_sha256") == model_sha256(parent_manifest):
                 return directory
             settings = recipe.settings()
             verb = settings.pop("verb")
@@ -270,12 +271,6 @@ class Search:
         if self._baseline is None:
             self._baseline = self._measure(self._export(self.pipeline.dir_of("base"), "float32"))[0]
         return self._baseline
-
-
-def _model_sha(manifest: dict) -> str | None:
-    from runtime.manifest import model_sha256
-
-    return model_sha256(manifest)
 
 
 def _default_epochs(technique: str) -> int:

@@ -83,8 +83,7 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
         pinned = floor is not None and y < floor
         shown_y = floor if pinned else y
         over = bool(r.get("over_budget"))
-        fmt = FILE_FORMATS.get(r["format"])
-        hollow = fmt is not None and fmt.backend == "onnx"
+        hollow = _hollow(r["format"])
         c = OVER if over else colour(r["format"])
         xerr = None
         if objective.tag:
@@ -196,8 +195,7 @@ def _legend(fig, rows, with_budget: bool, columns: int) -> None:
 
     handles = []
     for key in sorted({r["format"] for r in rows}, key=format_rank):
-        fmt = FILE_FORMATS.get(key)
-        hollow = fmt is not None and fmt.backend == "onnx"
+        hollow = _hollow(key)
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=8, label=f"format {key}",
                               markerfacecolor="white" if hollow else colour(key), markeredgecolor=colour(key)))
     for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -209,3 +207,9 @@ def _legend(fig, rows, with_budget: bool, columns: int) -> None:
     if any(r.get("over_budget") for r in rows):
         handles.append(Line2D([], [], linestyle="none", marker="o", color=OVER, label="over budget"))
     fig.legend(handles=handles, loc="lower center", ncol=min(4 * columns, len(handles)), fontsize=8, frameon=False)
+
+
+def _hollow(key: str) -> bool:
+    """ONNX files are drawn hollow (and over the TFLite file of the same figures)."""
+    fmt = FILE_FORMATS.get(key)
+    return fmt is not None and fmt.backend == "onnx"

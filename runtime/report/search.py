@@ -16,8 +16,10 @@ from runtime.report.rows import label, points
 SEARCH_FILE = "search.json"
 PLOT = "search.png"
 MENU = ("base", "pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat", "cqat")  # pipeline.run.VARIANTS
-UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024), "size": ("size_bytes", "file size (KiB)", 1 / 1024),
-         "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0)}
+# the search's --objective -> (the row's field, axis label, scale, the report objective whose Pareto flag applies)
+UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024, "gzip"),
+         "size": ("size_bytes", "file size (KiB)", 1 / 1024, "size"),
+         "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0, "latency_1t")}
 
 
 def read(root: Path) -> dict | None:
@@ -38,7 +40,7 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
     if data is None:
         return [], []
     by_file = {str(Path(r["file"]).resolve()): r for r in rows if r.get("file")}
-    key, axis, scale = UNITS[data["objective"]]
+    key, axis, scale, objective = UNITS[data["objective"]]
     trials = []
     for t in sorted(data["trials"], key=lambda t: t["number"]):
         file = t.get("file") if isinstance(t.get("file"), str) else None
@@ -58,13 +60,13 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
         within = "-" if row is None or "over_budget" not in row else ("**over**" if row["over_budget"] else "within")
         lines.append(f"| {t['number']} | {t.get('recipe', '-')} | {t.get('format', '-')} | {t.get('state', '-')} | "
                      f"{acc} | {change} | {value} | {within} | {t.get('worker', '-')} |")
-    optimal = [row for _, row in trials if row is not None and row.get(f"pareto_{_objective(data)}")]
+    optimal = [row for _, row in trials if row is not None and row.get(f"pareto_{objective}")]
     if optimal:
         lines += ["", "Pareto front of the study (within budget, by the report's rules): "
                   + "; ".join(f"{label(r)} ({r[key] * scale:,.1f}, {r['accuracy']:.2%})"
                               for r in sorted(optimal, key=lambda r: r[key])) + "."]
     menu_rows = _menu(rows, trials)
-    chosen = next((rec for rec in recommendations if rec["objective"] == _objective(data)), None)
+    chosen = next((rec for rec in recommendations if rec["objective"] == objective), None)
     if chosen and chosen.get("choice") is not None:
         menu_best = min((r for r in menu_rows if r.get(key) is not None and not r.get("over_budget")
                          and r["status"] == "verified"), key=lambda r: r[key], default=None)
@@ -74,17 +76,13 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
             f" ({c[key] / menu_best[key]:.2f}x)")
         lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {c[key] * scale:,.1f}, "
                       f"{c['accuracy']:.2%}{versus}."]
-    plots = [PLOT] if _plot(root, trials, rows, menu_rows, key, axis, scale, budget) else []
+    plots = [PLOT] if _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) else []
     if plots:
         lines += ["", f"![search]({PLOT})"]
     return lines, plots
 
 
-def _objective(data: dict) -> str:
-    return {"gzip": "gzip", "size": "size", "latency": "latency_1t"}[data["objective"]]
-
-
-def _plot(root, trials, rows, menu_rows, key, axis, scale, budget) -> bool:
+def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
     try:
         from runtime.plots import _pyplot, _save
         from runtime.report.plots import _log_ticks
@@ -102,7 +100,7 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, budget) -> bool:
                     yerr=[[(row["accuracy"] - row["accuracy_low"]) * 100], [(row["accuracy_high"] - row["accuracy"]) * 100]],
                     fmt="o", color="#b0b0b0" if over else "#1f77b4", ms=6, elinewidth=0.8, alpha=0.8)
     front = sorted((row[key] * scale, row["accuracy"] * 100) for row in points
-                   if row.get(f"pareto_{_objective_of(key)}"))
+                   if row.get(f"pareto_{objective}"))
     if front:
         ax.step(*zip(*front), where="post", color="#1f77b4", linewidth=1.2, label="the study's Pareto front")
     menu = [r for r in menu_rows if r.get(key) is not None and r.get("accuracy") is not None]
@@ -125,10 +123,6 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, budget) -> bool:
     _save(fig, root / PLOT)
     plt.close(fig)
     return True
-
-
-def _objective_of(key: str) -> str:
-    return {"gzip_bytes": "gzip", "size_bytes": "size", "latency_median_ms_1t": "latency_1t"}[key]
 
 
 def _menu(rows: list[dict], trials) -> list[dict]:
