@@ -75,6 +75,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
+_F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)  # native dtypes are singletons: `is` is the cheap test
 
 
 def _lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -104,6 +105,8 @@ class Model:
                                "(batch, classes) logits from an image classifier.")
         self.batch = _dim(input_info.shape[0])  # None: any batch size
         self._shape = tuple(int(d) for d in input_info.shape[1:])
+        self._one = (1, *self._shape)  # one image as a batch: the camera loop's call, given the fewest steps
+        self._one_ready = False  # whether the backend runs a batch of one as it stands (`_run_one`)
         record = (sidecar or {}).get("preprocessing")
         # from the sidecar; None without one, and then only float input is taken
         self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
@@ -326,11 +329,17 @@ class Model:
         if self._out_exp is None:
             return softmax(self._fetch(raw))
         e = self._out_exp.take(raw.view(np.uint8))  # exp of the dequantized logits, by table lookup
-        e /= e.sum() if len(e) == 1 else e.sum(axis=-1, keepdims=True)
+        e /= sum(e[0].tolist()) if len(e) == 1 else e.sum(axis=-1, keepdims=True)  # one row: no numpy reduction
         return e
 
     def _outputs(self, x, batch_size: int) -> np.ndarray:
         """The output tensor as the backend gives it (integer for a quantized output), (N, classes)."""
+        if self._one_ready and type(x) is np.ndarray and x.shape == self._one:  # one image: fewest Python steps
+            dtype = x.dtype
+            if dtype is _F32:
+                return self._run_one(self._feed(x, False))
+            if dtype is _U8 and self.preprocessing is not None:
+                return self._run_one(self._feed(x, True))
         x, pixels = self._checked(x)
         step = self.batch or batch_size
         if len(x) == step or (0 < len(x) < step and not self.batch):  # one call, the common case
@@ -357,6 +366,10 @@ class Model:
             pad = np.repeat(x[-1:], self.batch - len(x), axis=0)
             return self._run(np.concatenate([x, pad]), pixels)[: len(x)]
         return self._run(x, pixels)
+
+    def _run_one(self, fed: np.ndarray) -> np.ndarray:
+        """The output for one image's fed input tensor (1, H, W, C)."""
+        raise NotImplementedError
 
     def invoker(self, x: np.ndarray):
         """A zero-argument function running only the backend's inference call on `x` (for bench)."""
@@ -402,6 +415,7 @@ class _TFLiteModel(Model):
         super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads)
         self._fixed = self.batch
         self.batch = None  # try resizing first; _run falls back to looping
+        self._one_ready = self._resized == 1  # allocated for one image: no resize, nothing to check
 
     def _graph_output_kind(self) -> str:
         """'probabilities' when the op that makes the output tensor is SOFTMAX."""
@@ -426,6 +440,7 @@ class _TFLiteModel(Model):
         """
         if self._resized == n:
             return True
+        self._one_ready = False  # until a batch of one has run through the resized graph (`_run`)
         try:
             self._interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
             self._interpreter.allocate_tensors()
@@ -442,6 +457,7 @@ class _TFLiteModel(Model):
         self._interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
         self._interpreter.allocate_tensors()
         self._resized, self._loop, self.batch = self._fixed, True, self._fixed
+        self._one_ready = self._fixed == 1
         return False
 
     def _looped(self, x: np.ndarray, pixels: bool) -> np.ndarray:
@@ -463,7 +479,14 @@ class _TFLiteModel(Model):
         if len(y) != len(x):  # the graph pins its batch size (a reshape to a constant shape)
             self._stop_resizing(len(x))
             return self._looped(x, pixels)
+        self._one_ready = len(x) == 1
         return y
+
+    def _run_one(self, fed: np.ndarray) -> np.ndarray:
+        interpreter = self._interpreter
+        interpreter.set_tensor(self._in, fed)
+        interpreter.invoke()
+        return interpreter.get_tensor(self._out)
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
@@ -497,6 +520,7 @@ class _ONNXModel(Model):
                                "expected an image classifier with one of each.")
         self._names = [outputs[0].name]
         super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads)
+        self._one_ready = self.batch in (None, 1)
 
     def _info(self, node) -> TensorInfo:
         shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node.shape)
@@ -504,6 +528,9 @@ class _ONNXModel(Model):
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         return self._session.run(self._names, {self.input.name: self._feed(x, pixels)})[0]
+
+    def _run_one(self, fed: np.ndarray) -> np.ndarray:
+        return self._session.run(self._names, {self.input.name: fed})[0]
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)

@@ -70,6 +70,10 @@ def test_a_batch_equals_single_images_and_batch_size_does_not_matter(exported, d
     batch = model.predict(pixels, batch_size=3)  # 3 + 3 + 1
     singles = np.concatenate([model.predict(p) for p in pixels])  # one (H, W, C) image at a time
     assert np.allclose(batch, singles, atol=1e-6)
+    floats = model.prepare(pixels)
+    for i in range(len(pixels)):  # a batch of one, pixels or float, takes the short path: the same answer
+        assert np.allclose(model.predict(pixels[i:i + 1]), batch[i:i + 1], atol=1e-6)
+        assert np.allclose(model.predict(floats[i:i + 1]), batch[i:i + 1], atol=1e-6)
     assert np.allclose(model.predict(pixels[:, :, :, 0]), batch, atol=1e-6)  # (N, H, W) grayscale
 
 
@@ -146,6 +150,8 @@ def test_bad_input_arrays_get_clear_errors(exported, digits, name):
     nan = x.copy()
     nan[1, 3, 4, 0] = np.nan
     _expect("1 NaN and 0 infinite value(s) (first in image 1)", model.predict, nan)
+    _expect("1 NaN and 0 infinite value(s) (first in image 0)", model.predict, nan[1:])  # one image: short path
+    _expect("ranges over", model.predict, x[:1] * 255)
     inf = x.copy()
     inf[0, 0, 0, 0] = np.inf
     _expect("0 NaN and 1 infinite", model.logits, inf)
@@ -223,6 +229,8 @@ def test_fixed_batch_models_run_any_batch(fixed_batch_models, kind):
     assert model.input.shape[0] == 1
     x = np.random.default_rng(1).normal(size=(5, 28, 28, 1)).astype(np.float32)
     assert np.allclose(model.logits(x), x.reshape(5, 784) @ w, atol=1e-3)
+    for n in (1, 5, 1, 2, 1):  # one image after a batch, and a batch after one image, as the graph allows
+        assert np.allclose(model.logits(x[:n]), x[:n].reshape(n, 784) @ w, atol=1e-3)
 
 
 def test_per_channel_preprocessing_matches_the_float_path(tmp_path):
