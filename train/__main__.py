@@ -20,8 +20,14 @@ examples:
 datasets: digits (embedded, offline), mnist, fashion_mnist (IDX files in --data-dir, the
 Keras cache, or downloaded), cifar10, folder:PATH (PATH/<class>/<image>.png|jpg).
 
-devices: all visible GPUs are used (MirroredStrategy); set TF_CONFIG on each machine for
-multi-machine training (MultiWorkerMirroredStrategy; the chief writes the artifact).
+devices: --devices auto (default) uses every visible GPU, else the CPU; cpu:N splits the CPU into
+N replicas (MirroredStrategy). Set TF_CONFIG on each machine for multi-machine training
+(MultiWorkerMirroredStrategy; only the chief writes --out); scripts/train-multiworker N starts N
+local workers to try it on one machine.
+
+checkpoints: every epoch is backed up in <out>.checkpoint/ until the artifact is written; after
+Ctrl-C, kill -9 or a lost worker, run the same command with --resume to continue from the last
+completed epoch.
 """
 
 
@@ -34,6 +40,16 @@ def _model_arg(text: str) -> tuple[str, object]:
     except json.JSONDecodeError:
         parsed = value
     return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _devices(text: str) -> str:
+    from runtime.errors import EdgeKitError
+    from train.devices import check_spec
+
+    try:
+        return check_spec(text)
+    except EdgeKitError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--devices takes ")) from exc
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -76,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=6,
                         help="epochs without validation-loss improvement before stopping (default: 6)")
     parser.add_argument("--augment", action="store_true", help="random shifts, zoom and rotation while training")
-    parser.add_argument("--mixed-precision", action="store_true", help="float16 compute on GPUs (saved in float32)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="bfloat16 compute on a CPU, float16 on GPUs (weights and saved model float32)")
+    parser.add_argument("--devices", default="auto", type=_devices, metavar="SPEC",
+                        help="auto, cpu, cpu:N (N replicas on the CPU), gpu or gpu:0,1 (default: auto)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted training from <out>.checkpoint/ (same options)")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="write TensorBoard logs (loss, accuracy, learning rate per epoch; the graph) to DIR")
     parser.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                         help="override a model argument, e.g. depth=20 or width=0.5 (repeatable)")
     parser.add_argument("--out", help="artifact directory to write (default: artifacts/<model>-<dataset>)")
@@ -96,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, patience=args.patience, augment=args.augment, mixed_precision=args.mixed_precision,
         model_args=dict(args.model_arg), data_dir=args.data_dir, image_size=args.image_size,
-        channels=args.channels, download=not args.no_download)
+        channels=args.channels, download=not args.no_download, devices=args.devices)
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):
@@ -105,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training
 
+    from train import resume
+
+    backup = resume.checkpoint_dir(out)
+    options = dict(quiet=args.quiet, checkpoint=backup, resume=args.resume, force=args.force,
+                   tensorboard=args.tensorboard)
     if not is_chief():  # other workers save to a scratch directory, as MultiWorkerMirroredStrategy requires
-        result = train(config, quiet=args.quiet)
+        result = train(config, **options)
         scratch = Path(tempfile.mkdtemp())
         write_artifact(result, scratch / "artifact")
         shutil.rmtree(scratch, ignore_errors=True)
@@ -115,9 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with output_lock(out):  # a second run on the same --out is refused at once, not after training
         check_output_dir(out, args.force)
-        result = train(config, quiet=args.quiet)
+        try:
+            result = train(config, **options)
+        except KeyboardInterrupt:
+            if resume.read_state(backup) if backup.exists() else False:
+                print(f"interrupted: the completed epochs are kept in {backup}; run the same command with --resume "
+                      "to continue", file=sys.stderr)
+            raise
         manifest = write_artifact(result, out, force=args.force)
+        resume.finish(backup, chief=True)
     metrics, training = manifest["metrics"], manifest["training"]
+    if training.get("resumed_from_epoch"):
+        print(f"resumed after epoch {training['resumed_from_epoch']} from {backup}")
     print(f"test accuracy {metrics['accuracy']:.2%} on {manifest['dataset']['split']['sizes']['test']} images; "
           f"{metrics['params']:,} parameters, {metrics['size_bytes'] / 1024:.0f} KiB; "
           f"{training['epochs_run']} epochs (best {training['best_epoch']}) in {training['train_seconds']:.0f}s")

@@ -4,18 +4,22 @@
     result = train(config)                     # keras model + metrics + history
     write_artifact(result, "artifacts/cnn")    # model.keras, manifest.json, plots
 
-Devices: every visible GPU through MirroredStrategy (optionally mixed float16);
-with TF_CONFIG set, MultiWorkerMirroredStrategy across machines; else the CPU.
-The saved model is always float32 so that optimization and export see one dtype.
+Devices (`train.devices`): every visible GPU through MirroredStrategy, else the CPU, or the CPU split
+into N logical devices (`cpu:N`) so that replicated training runs anywhere; with TF_CONFIG set,
+MultiWorkerMirroredStrategy across machines. Mixed precision computes in bfloat16 on a CPU and float16
+on GPUs; the saved model is always float32 so that optimization and export see one dtype. Every epoch
+can be checkpointed (`train.resume`) and logged for TensorBoard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +31,9 @@ from runtime.errors import EdgeKitError
 from runtime.fsutil import staged_dir
 from runtime.manifest import write_manifest
 from runtime.metrics import classification_summary
+from train import resume as checkpoints
+from train.devices import check_spec
+from train.devices import strategy as make_strategy
 from train.models import check_input_shape, get_spec, model_arguments
 
 MODEL_FILE = "model.keras"
@@ -42,7 +49,8 @@ class TrainConfig:
     seed: int = 0  # seeds Python, numpy and TensorFlow
     patience: int = 6  # epochs without validation-loss improvement before stopping
     augment: bool = False  # random shifts (10%), zoom (10%) and rotation (10 deg) on training images
-    mixed_precision: bool = False  # float16 compute on GPUs; ignored on CPU
+    mixed_precision: bool = False  # bfloat16 compute on a CPU, float16 on GPUs; weights and the saved model float32
+    devices: str = "auto"  # auto | cpu | cpu:N | gpu | gpu:0,1 (train.devices)
     model_args: dict = dataclasses.field(default_factory=dict)  # overrides of the model's defaults
     data_dir: str | None = None
     image_size: tuple[int, int] | None = None  # resize the dataset to this (height, width)
@@ -58,6 +66,7 @@ class TrainConfig:
             raise EdgeKitError(f"--lr must be a positive number below 10; got {self.lr!r}.")
         get_spec(self.model)
         model_arguments(self.model, self.model_args)
+        check_spec(self.devices)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -76,21 +85,7 @@ class TrainResult:
     train_seconds: float
     evaluation: dict  # classification_summary on the test split, plus loss
     devices: dict
-
-
-def _strategy(tf):
-    """The distribution strategy for the visible hardware, and a description of it."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if os.environ.get("TF_CONFIG"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif gpus:
-        strategy = tf.distribute.MirroredStrategy()
-    else:
-        strategy = tf.distribute.get_strategy()  # default: one device, the CPU
-    return strategy, {
-        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-        "gpus": [g.name for g in gpus], "cpu_threads": os.cpu_count(),
-    }
+    resumed_from: int | None = None  # epochs completed before an interruption, when resumed
 
 
 def _augmenter(keras, seed):
@@ -133,6 +128,17 @@ class _EpochLog:
 
         self.callback = Callback()
         self.start = 0.0
+
+
+def _tensorboard(keras, log_dir: Path):
+    """Keras's TensorBoard callback, writing per-epoch scalars and the graph. tf_keras writes the training
+    graph after the first batch, but calls batch hooks only when profiling: without this, no graph."""
+
+    class TensorBoard(keras.callbacks.TensorBoard):
+        def _implements_train_batch_hooks(self):
+            return True
+
+    return TensorBoard(str(log_dir), write_graph=True, update_freq="epoch", profile_batch=0)
 
 
 def compile_model(model, lr: float) -> None:
@@ -222,8 +228,16 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None) -> TrainResult:
-    """Train `config.model` on `config.dataset`; returns the float32 model with the best validation loss."""
+def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = None, *,
+          checkpoint: Path | None = None, resume: bool = False, force: bool = False,
+          tensorboard: str | Path | None = None) -> TrainResult:
+    """Train `config.model` on `config.dataset`; returns the float32 model with the best validation loss.
+
+    checkpoint: a directory to back every epoch up into (`train.resume`); with `resume`, an interrupted
+    training there continues from its last completed epoch (`force` discards one instead).
+    tensorboard: a directory for TensorBoard's event files (loss, accuracy and learning rate per epoch,
+    and the graph).
+    """
     dataset = dataset or load_dataset(config.dataset, config.data_dir, config.image_size, config.channels,
                                       download=config.download)
     check_input_shape(config.model, dataset.input_shape)
@@ -231,42 +245,74 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     from train.backend import keras, tf
     from train.models import create_model
 
+    if tensorboard is not None:
+        try:
+            import tensorboard as _  # noqa: F401  (tf.summary writes nothing without it)
+        except ImportError as exc:
+            raise EdgeKitError("--tensorboard needs the tensorboard package, which is not installed; "
+                               "pip install 'edgekit[train]' (or pip install tensorboard).") from exc
+    chief = is_chief()
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    resuming = checkpoint is not None and checkpoints.prepare(Path(checkpoint), config.to_dict(), resume, force,
+                                                              chief, say)
+    strategy, devices = make_strategy(tf, config.devices)  # first: devices can only be split before TF starts
     seed_everything(config.seed)
-    strategy, devices = _strategy(tf)
-    use_mixed = config.mixed_precision and bool(devices["gpus"])
-    if config.mixed_precision and not use_mixed and not quiet:
-        print("note: --mixed-precision needs a GPU; training in float32 on the CPU", file=sys.stderr)
-    devices["mixed_precision"] = use_mixed
+    on_gpu = any(name.startswith("/gpu") for name in devices["devices"])
+    policy = ("mixed_float16" if on_gpu else "mixed_bfloat16") if config.mixed_precision else None
+    devices["mixed_precision"] = policy
 
-    def build():
-        return create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+    def build(mixed: bool):
+        model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+        if mixed:  # the loss sees float32 logits, as Keras's mixed-precision guide has it
+            logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(model.output)
+            model = keras.Model(model.input, logits, name=model.name)
+        return model
 
-    if use_mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
+    scratch = contextlib.ExitStack()  # other workers' TensorBoard files, which nobody reads
     try:
         with strategy.scope():
-            model = build()
+            model = build(bool(policy))
             compile_model(model, config.lr)
         stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
         plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5)
+        callbacks = [stopper, plateau]
+        backup = None
+        if checkpoint is not None:
+            checkpoints.start(Path(checkpoint), config.to_dict(), chief)
+            backup = checkpoints.callback(keras, Path(checkpoint), stopper, plateau, chief)
+            callbacks.append(backup)
+        if tensorboard is not None:  # after the plateau callback, which puts the learning rate in the logs
+            log_dir = Path(tensorboard) if chief else scratch.enter_context(tempfile.TemporaryDirectory())
+            callbacks.append(_tensorboard(keras, log_dir))
         if not quiet:
             sizes = dataset.describe()["split"]["sizes"]
             print(f"training {config.model} on {dataset.name}: {sizes['train']} train / {sizes['val']} val / "
                   f"{sizes['test']} test images {dataset.input_shape}, {model.count_params():,} parameters, "
-                  f"{devices['strategy']} x{devices['replicas']}", flush=True)
+                  f"{devices['strategy']} x{devices['replicas']} ({', '.join(devices['devices'])}"
+                  f"{', ' + policy if policy else ''})", flush=True)
+            if resuming:
+                print(f"resuming from the checkpoint in {checkpoint}", flush=True)
         start = time.perf_counter()
         history = fit(model, dataset, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                      quiet=quiet, callbacks=[stopper, plateau], augment=config.augment)
+                      quiet=quiet, callbacks=callbacks, augment=config.augment)
         train_seconds = time.perf_counter() - start
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    if use_mixed:  # save one dtype: rebuild in float32 and carry the trained weights over
-        float_model = build()
+        scratch.close()
+    resumed_from = None
+    if backup is not None and backup.resumed_from is not None:
+        resumed_from = backup.resumed_from
+        history = {k: backup.history_before.get(k, []) + history.get(k, [])
+                   for k in {*backup.history_before, *history}}
+    if policy:  # save one dtype: rebuild in float32 and carry the trained weights over
+        float_model = build(False)
         float_model.set_weights(model.get_weights())
         model = float_model
     return TrainResult(config, dataset, model, history, best_epoch=stopper.best_epoch + 1,
                        epochs_run=len(history["loss"]), train_seconds=train_seconds,
-                       evaluation=evaluate(model, dataset), devices=devices)
+                       evaluation=evaluate(model, dataset), devices=devices, resumed_from=resumed_from)
 
 
 def is_chief() -> bool:
@@ -318,6 +364,7 @@ def write_artifact(result: TrainResult, out: str | Path, force: bool = False) ->
                 "best_epoch": result.best_epoch,
                 "train_seconds": round(result.train_seconds, 2),
                 "devices": result.devices,
+                "resumed_from_epoch": result.resumed_from,
                 "history": result.history,
             },
         }
