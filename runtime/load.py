@@ -34,6 +34,67 @@ NUMPY_SUFFIX = ".npy"
 
 
 @dataclasses.dataclass(frozen=True)
+class Options:
+    """What a model without a sidecar needs told, or a user overrides (`load`'s keyword arguments)."""
+    mean: tuple[float, ...] | None = None  # pixel units, one value or one per channel: (pixel - mean) / std
+    std: tuple[float, ...] | None = None
+    resize: str | None = None  # runtime.preprocessing.RESIZE_METHODS
+    labels: str | Path | list | tuple | None = None  # a labels file, or the labels themselves
+
+    def __post_init__(self):
+        from runtime.preprocessing import RESIZE_METHODS
+
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            values = (value,) if isinstance(value, (int, float)) else tuple(value)
+            if not values or len(values) > 4 or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+                raise EdgeKitError(f"{name} takes one number or one per channel (pixel units, e.g. 127.5 or "
+                                   f"123.7,116.3,103.5); got {value!r}.")
+            if name == "std" and min(values) <= 0:
+                raise EdgeKitError(f"std must be above 0 (it divides); got {value!r}.")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if self.resize is not None and self.resize not in RESIZE_METHODS:
+            raise EdgeKitError(f"resize takes one of {', '.join(RESIZE_METHODS)}; got {self.resize!r}.")
+
+
+MAX_LABELS_BYTES = 4 << 20
+
+
+def parse_labels(text: str, source: str) -> list[str]:
+    """One label a line, optionally after its index ("0 matured" or "0: matured", as model zoos write them);
+    blank lines are skipped. Indices, when every line has one, must run 0, 1, 2, ..."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    split = [line.split(None, 1) if line.split(None, 1)[0].rstrip(":").isdigit() and len(line.split(None, 1)) == 2
+             else None for line in lines]
+    if lines and all(split):
+        indices = [int(first.rstrip(":")) for first, _ in split]
+        if indices != list(range(len(lines))):
+            raise EdgeKitError(f"{source}: the leading indices run {indices[:5]}...; expected 0, 1, 2, ... one label "
+                               "a line, in output order.")
+        return [rest.strip() for _, rest in split]
+    return lines
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """A labels file (`parse_labels`), read with its size bounded and its encoding checked."""
+    size = check_readable_file(path, "labels file").st_size
+    if size > MAX_LABELS_BYTES:
+        raise EdgeKitError(f"labels file {path} has {size:,} bytes; expected a text file of one label a line "
+                           f"(at most {MAX_LABELS_BYTES >> 20} MB).")
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EdgeKitError(f"labels file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected one "
+                           "label a line.") from None
+    labels = parse_labels(text, f"labels file {path}")
+    if not labels:
+        raise EdgeKitError(f"labels file {path} holds no labels; expected one label a line.")
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple  # None (or -1) for a dynamic dimension
@@ -91,9 +152,10 @@ class Model:
     """A loaded .tflite or .onnx classifier (see the module docstring)."""
 
     def __init__(self, path: Path, backend: str, input_info: TensorInfo, output_info: TensorInfo,
-                 sidecar: dict | None, threads: int | None):
+                 sidecar: dict | None, threads: int | None, options: Options | None = None):
         self.path, self.backend, self.input, self.output = path, backend, input_info, output_info
         self.sidecar, self.threads = sidecar, threads
+        options = options or Options()
         # the format key (runtime.formats): the sidecar's, else the file's name
         self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
@@ -107,11 +169,13 @@ class Model:
         self._shape = tuple(int(d) for d in input_info.shape[1:])
         self._one = (1, *self._shape)  # one image as a batch: the camera loop's call, given the fewest steps
         self._one_ready = False  # whether the backend runs a batch of one as it stands (`_run_one`)
-        record = (sidecar or {}).get("preprocessing")
-        # from the sidecar; None without one, and then only float input is taken
-        self.preprocessing: Preprocessing | None = Preprocessing.from_dict(record) if record else None
+        # how pixels become input (`preprocessing_source`): the sidecar's, --mean/--std, or for a model without a
+        # sidecar that takes 8-bit input, its own quantization; None (float input only) otherwise
+        self.preprocessing, self.preprocessing_source = self._preprocessing(options)
         self._check_sidecar()
+        self._labels = self._read_labels(options.labels)
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
+        self._direct = None  # for 8-bit input taking pixels as they are: how to feed them without a lookup
         self._float_range = self._quant = None
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
@@ -137,8 +201,51 @@ class Model:
 
     @property
     def labels(self) -> list[str]:
-        """Class names from the sidecar, else the class indices as strings."""
-        return list((self.sidecar or {}).get("labels") or [str(i) for i in range(self.num_classes)])
+        """Class names: from `labels=` (--labels), the sidecar, or the label file packed in the model (TFLite
+        metadata), else the class indices as strings."""
+        return list(self._labels or [str(i) for i in range(self.num_classes)])
+
+    def _read_labels(self, given) -> list[str] | None:
+        if given is not None:
+            labels = read_labels(given) if isinstance(given, (str, Path)) else [str(v) for v in given]
+            source = f"--labels {given}" if isinstance(given, (str, Path)) else "labels"
+        elif (self.sidecar or {}).get("labels"):
+            return list(self.sidecar["labels"])
+        else:
+            labels, source = self._packed_labels(), f"the label file packed in {self.path.name}"
+            if labels is None:
+                return None
+        if len(labels) != self.num_classes:
+            raise EdgeKitError(f"{source} gives {len(labels)} labels, but {self.path.name} has {self.num_classes} "
+                               "outputs; expected one label per output, in output order.")
+        return labels
+
+    def _packed_labels(self) -> list[str] | None:
+        return None
+
+    def _preprocessing(self, options: Options) -> tuple[Preprocessing | None, str | None]:
+        record = (self.sidecar or {}).get("preprocessing")
+        h, w, c = self._shape
+        if options.mean is not None or options.std is not None:  # pixel units, as TFLite Support's NormalizeOp
+            base = Preprocessing.from_dict(record) if record else None
+            pre = Preprocessing((h, w), c if c in (1, 3) else 3, scale=1.0, mean=options.mean or (0.0,),
+                                std=options.std or (1.0,), resize=base.resize if base else "bilinear",
+                                background=base.background if base else 0)
+            source = "options"
+        elif record:
+            pre, source = Preprocessing.from_dict(record), "sidecar"
+        elif self.input.scale and self.input.dtype in ("uint8", "int8") and c in (1, 3):
+            # pixels are the quantized input as they are (uint8), or shifted by 128 into int8's range: the
+            # model's own scale and zero point say what float values they stand for
+            offset = 128 if self.input.dtype == "int8" else 0
+            pre = Preprocessing((h, w), c, scale=self.input.scale,
+                                mean=((offset + self.input.zero_point) * self.input.scale,), std=(1.0,))
+            source = "quantization"
+        else:
+            return None, None
+        if options.resize is not None:
+            pre = dataclasses.replace(pre, resize=options.resize)
+        return pre, source
 
     @property
     def size_bytes(self) -> int:
@@ -220,8 +327,10 @@ class Model:
             raise EdgeKitError(f"{self.path.name} takes {h}x{w}x{c} images; got {list(x.shape[1:])}.")
         if pixels and self.preprocessing is None:
             raise EdgeKitError(
-                f"uint8 pixels need the preprocessing in the sidecar {sidecar_path(self.path).name}, which is "
-                f"missing; keep it next to {self.path.name}, or pass float32 input preprocessed as in training.")
+                f"{self.path.name} takes {self.input.dtype} input and has no sidecar ({sidecar_path(self.path).name}) "
+                "saying how pixels become it; pass --mean and --std in pixel units (mean=, std= to runtime.load), "
+                "e.g. 127.5 and 127.5 for input in [-1, 1], 0 and 255 for [0, 1], or float32 input preprocessed "
+                "as in training.")
         return (x, True) if pixels else (np.ascontiguousarray(x, dtype=np.float32), False)
 
     def float_range(self) -> tuple[float, float, float] | None:
@@ -292,6 +401,19 @@ class Model:
             f"preprocessed to [{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw "
             "pixels as uint8 instead (x.astype(np.uint8)), and the model preprocesses them itself.")
 
+    def _direct_feed(self) -> str:
+        """'as is' when the quantized pixel table is the identity, 'shifted' when it is pixel - 128 into int8,
+        else 'lookup'."""
+        if not self.input.scale or self.input.dtype not in ("uint8", "int8"):
+            return "lookup"
+        table = self._pixel_table(True)
+        ramp = np.arange(256)
+        if table.ndim == 1 and self.input.dtype == "uint8" and np.array_equal(table.astype(int), ramp):
+            return "as is"
+        if table.ndim == 1 and self.input.dtype == "int8" and np.array_equal(table.astype(int), ramp - 128):
+            return "shifted"
+        return "lookup"
+
     def _pixel_table(self, quantized: bool) -> np.ndarray:
         """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
 
@@ -324,8 +446,11 @@ class Model:
         """Class probabilities, (N, classes): the softmax of the logits, or the model's own output when it
         ends in softmax (`output_kind`)."""
         raw = self._outputs(x, batch_size)
-        if self.output_kind == "probabilities":
-            return self._fetch(raw)
+        if self.output_kind == "probabilities":  # the model's own softmax; 8-bit ones renormalized to sum to 1
+            p = self._fetch(raw)
+            if self._out_table is not None:
+                p /= np.maximum(p.sum(axis=-1, keepdims=True), np.float32(1e-12))
+            return p
         if self._out_exp is None:
             return softmax(self._fetch(raw))
         e = self._out_exp.take(raw.view(np.uint8))  # exp of the dequantized logits, by table lookup
@@ -381,6 +506,12 @@ class Model:
     def _feed(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
+            if self._direct is None:
+                self._direct = self._direct_feed()
+            if self._direct == "as is":  # uint8 input that is the pixels: the interpreter's copy is all
+                return x
+            if self._direct == "shifted":  # int8 input that is the pixels - 128: one pass, no lookup
+                return np.bitwise_xor(x, np.uint8(128)).view(np.int8)
             return _lookup(self._pixel_table(bool(self.input.scale)), x)
         if self.input.scale:
             return self._quantize_checked(x)
@@ -396,7 +527,7 @@ class Model:
 
 
 class _TFLiteModel(Model):
-    def __init__(self, path, threads, sidecar):
+    def __init__(self, path, threads, sidecar, options=None):
         from ai_edge_litert.interpreter import Interpreter
 
         try:
@@ -412,7 +543,8 @@ class _TFLiteModel(Model):
         self._in, self._out = detail_in[0]["index"], detail_out[0]["index"]
         self._resized = int(detail_in[0]["shape"][0])
         self._loop = False  # a fixed-batch graph that cannot be resized runs chunk by chunk
-        super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads)
+        super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads,
+                         options)
         self._fixed = self.batch
         self.batch = None  # try resizing first; _run falls back to looping
         self._one_ready = self._resized == 1  # allocated for one image: no resize, nothing to check
@@ -425,6 +557,30 @@ class _TFLiteModel(Model):
             return "logits"
         makers = [op["op_name"] for op in ops if self._out in list(op["outputs"])]
         return "probabilities" if makers == ["SOFTMAX"] else "logits"
+
+    def _packed_labels(self) -> list[str] | None:
+        """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
+        archive appended to the flatbuffer. The label file is the text member with one line per output
+        (named like labels*.txt when there are several)."""
+        import zipfile
+
+        try:
+            if not zipfile.is_zipfile(self.path):
+                return None
+            with zipfile.ZipFile(self.path) as packed:
+                members = [m for m in packed.infolist()[:100]
+                           if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
+                members.sort(key=lambda m: "label" not in m.filename.lower())
+                for member in members:
+                    try:
+                        labels = parse_labels(packed.read(member).decode("utf-8-sig"), member.filename)
+                    except (EdgeKitError, UnicodeDecodeError):
+                        continue
+                    if len(labels) == self.num_classes:
+                        return labels
+        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError):
+            return None
+        return None
 
     @staticmethod
     def _info(detail) -> TensorInfo:
@@ -498,20 +654,75 @@ class _TFLiteModel(Model):
         return self._interpreter.invoke
 
 
+def _protobuf_fields(data: bytes, start: int, end: int):
+    """(field number, (start, end) of a length-delimited value or None) of each field in data[start:end], read
+    from protobuf's wire format with every length checked against the bounds."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            if i >= end or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    i = start
+    while i < end:
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            _, i = varint(i)
+            yield key >> 3, None
+        elif wire == 2:
+            n, i = varint(i)
+            if i + n > end:
+                raise ValueError("length beyond the message")
+            yield key >> 3, (i, i + n)
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            yield key >> 3, None
+        else:
+            raise ValueError(f"wire type {wire}")
+    if i != end:
+        raise ValueError("field beyond the message")
+
+
+def onnx_producers(data: bytes) -> dict[str, tuple[str, list[str]]]:
+    """output name -> (op_type, inputs) of every node in an ONNX ModelProto's main graph (ModelProto.graph = 7,
+    GraphProto.node = 1, NodeProto.input = 1, .output = 2, .op_type = 4), without the onnx package."""
+    producers = {}
+    for field, span in _protobuf_fields(data, 0, len(data)):
+        if field != 7 or span is None:
+            continue
+        for node_field, node in _protobuf_fields(data, *span):
+            if node_field != 1 or node is None:
+                continue
+            parts = {1: [], 2: [], 4: []}
+            for part, value in _protobuf_fields(data, *node):
+                if part in parts and value is not None:
+                    parts[part].append(bytes(data[value[0]:value[1]]).decode("utf-8", "replace"))
+            for output in parts[2]:
+                producers[output] = ((parts[4] or [""])[0], parts[1])
+    return producers
+
+
 class _ONNXModel(Model):
     _DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
                "tensor(float16)": "float16"}
 
-    def __init__(self, path, threads, sidecar):
+    def __init__(self, path, threads, sidecar, options=None):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        session = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+            session.intra_op_num_threads = threads
+            session.inter_op_num_threads = 1
+        session.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), session, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}); export it again.") from exc
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
@@ -519,8 +730,22 @@ class _ONNXModel(Model):
             raise EdgeKitError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
                                "expected an image classifier with one of each.")
         self._names = [outputs[0].name]
-        super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads)
+        super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads, options)
         self._one_ready = self.batch in (None, 1)
+
+    def _graph_output_kind(self) -> str:
+        """'probabilities' when the node that makes the output is Softmax (through Identity nodes)."""
+        try:
+            producers = onnx_producers(self.path.read_bytes())
+        except (OSError, ValueError, IndexError):
+            return "logits"
+        name = self._names[0]
+        for _ in range(8):
+            op, inputs = producers.get(name, ("", []))
+            if op != "Identity" or not inputs:
+                break
+            name = inputs[0]
+        return "probabilities" if op == "Softmax" else "logits"
 
     def _info(self, node) -> TensorInfo:
         shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node.shape)
@@ -567,11 +792,21 @@ def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | No
                                 f"match: the file changed after export or is corrupt. {redo}")
 
 
-def load(path: str | Path, threads: int | None = None) -> Model:
+def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, resize: str | None = None,
+         labels=None) -> Model:
     """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
 
     `threads`: the interpreter's thread count (None: the backend's default).
+    For a model from elsewhere (no sidecar), or to override the sidecar:
+    `mean`, `std`: how pixels become float input, in pixel units, one value or one per channel:
+        (pixel - mean) / std, as TFLite Support's normalization. Without them and a sidecar, a model with
+        8-bit input takes the pixels as its quantized input (int8: pixels - 128), and a float one only
+        float input.
+    `resize`: how images of another size are resized (runtime.preprocessing.RESIZE_METHODS).
+    `labels`: a labels file (one a line, optionally "0 name") or a list; else the sidecar's, else the label
+        file packed in a TFLite model's metadata, else the indices.
     """
+    options = Options(mean, std, resize, labels)
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
@@ -591,7 +826,7 @@ def load(path: str | Path, threads: int | None = None) -> Model:
     sidecar = read_sidecar(path, manifest)
     _check_file(path, size, sidecar, manifest)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
-    return cls(path, threads, sidecar)
+    return cls(path, threads, sidecar, options)
 
 
 def tflite_census(model: bytes | str | Path) -> dict:

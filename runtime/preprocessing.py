@@ -93,10 +93,12 @@ def _filters():
     from PIL import Image
 
     return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+            "area": Image.Resampling.BOX}  # BOX averages the source pixels each output pixel covers
 
 
-_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+_FILTERS = ("nearest", "bilinear", "area", "bicubic", "lanczos")
+RESIZE_METHODS = _FILTERS
 
 
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: any camera's photo; a decompression bomb is far beyond

@@ -184,9 +184,12 @@ def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
     shutil.copy(exported[0] / "model.float32.tflite", bare)
     model = load(bare)
     assert model.labels == [str(i) for i in range(10)] and model.preprocessing is None
-    _expect("uint8 pixels need the preprocessing in the sidecar bare.json", model.predict, digits.x_test[:1])
+    _expect("bare.tflite takes float32 input and has no sidecar (bare.json) saying how pixels become it; pass "
+            "--mean and --std", model.predict, digits.x_test[:1])
     x, _ = digits.arrays("test")
     assert model.predict(x[:1]).shape == (1, 10)
+    told = load(bare, mean=0, std=255)  # digits' own preprocessing, pixels / 255, told in pixel units
+    assert np.allclose(told.predict(digits.x_test[:5]), model.predict(x[:5]), atol=1e-6)
 
 
 # --- fixed-batch models and per-channel preprocessing -------------------------------------------

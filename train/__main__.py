@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bfloat16 compute on a CPU, float16 on GPUs (weights and saved model float32)")
     parser.add_argument("--devices", default="auto", type=_devices, metavar="SPEC",
                         help="auto, cpu, cpu:N (N replicas on the CPU), gpu or gpu:0,1 (default: auto)")
+    parser.add_argument("--steps-per-execution", type=int, default=16, metavar="N",
+                        help="batches per call into TensorFlow: less Python per step, same updates (default: 16)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted training from <out>.checkpoint/ (same options)")
     parser.add_argument("--tensorboard", metavar="DIR",
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, patience=args.patience, augment=args.augment, mixed_precision=args.mixed_precision,
         model_args=dict(args.model_arg), data_dir=args.data_dir, image_size=args.image_size,
-        channels=args.channels, download=not args.no_download, devices=args.devices)
+        channels=args.channels, download=not args.no_download, devices=args.devices,
+        steps_per_execution=args.steps_per_execution)
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train(config, **options)
         except KeyboardInterrupt:
-            if resume.read_state(backup) if backup.exists() else False:
+            if (backup / resume.STATE).exists():
                 print(f"interrupted: the completed epochs are kept in {backup}; run the same command with --resume "
                       "to continue", file=sys.stderr)
             raise

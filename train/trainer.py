@@ -51,6 +51,7 @@ class TrainConfig:
     augment: bool = False  # random shifts (10%), zoom (10%) and rotation (10 deg) on training images
     mixed_precision: bool = False  # bfloat16 compute on a CPU, float16 on GPUs; weights and the saved model float32
     devices: str = "auto"  # auto | cpu | cpu:N | gpu | gpu:0,1 (train.devices)
+    steps_per_execution: int = 16  # batches per call into TensorFlow: +14% images/s (scripts/bench_train.py)
     model_args: dict = dataclasses.field(default_factory=dict)  # overrides of the model's defaults
     data_dir: str | None = None
     image_size: tuple[int, int] | None = None  # resize the dataset to this (height, width)
@@ -58,7 +59,7 @@ class TrainConfig:
     download: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "steps_per_execution"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise EdgeKitError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}.")
@@ -141,10 +142,12 @@ def _tensorboard(keras, log_dir: Path):
     return TensorBoard(str(log_dir), write_graph=True, update_freq="epoch", profile_batch=0)
 
 
-def compile_model(model, lr: float) -> None:
+def compile_model(model, lr: float, steps_per_execution: int = 1) -> None:
+    """Adam, cross-entropy on logits, accuracy. `steps_per_execution` runs that many batches per call into
+    TensorFlow (less Python per step; the same updates)."""
     from train.backend import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(lr),
+    model.compile(optimizer=keras.optimizers.Adam(lr), steps_per_execution=steps_per_execution,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
 
@@ -274,7 +277,7 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     try:
         with strategy.scope():
             model = build(bool(policy))
-            compile_model(model, config.lr)
+            compile_model(model, config.lr, config.steps_per_execution)
         stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
         plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5)
         callbacks = [stopper, plateau]
