@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
@@ -126,7 +127,45 @@ def _run_info(directory, as_json: bool) -> int:
 def _load(args):
     from runtime.load import load
 
-    return load(args.model, threads=args.threads)
+    return load(args.model, threads=args.threads, **_model_options(args))
+
+
+def _model_options(args) -> dict:
+    """--mean, --std, --resize and --labels, as runtime.load takes them."""
+    return {"mean": args.mean, "std": args.std, "resize": args.resize,
+            "labels": getattr(args, "labels", None)}
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """An argparse type: one number or one per channel, separated by commas."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or len(values) > 4 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected one number or one per channel separated by commas, in pixel "
+                                         f"units (e.g. 127.5 or 123.7,116.3,103.5); got {text!r}")
+    return values
+
+
+def _add_model_options(parser, labels: bool = True) -> None:
+    from runtime.preprocessing import RESIZE_METHODS
+
+    group = parser.add_argument_group(
+        "models from elsewhere (no sidecar), or overriding the sidecar",
+        "A model with 8-bit input and no sidecar takes the resized pixels as its quantized input (int8: pixels - "
+        "128); its own scale and zero point say what they stand for. A float-input model without a sidecar "
+        "needs --mean and --std.")
+    group.add_argument("--mean", type=_numbers, metavar="M", help="subtracted from pixels 0..255, one value or one "
+                       "per channel: input = (pixel - mean) / std (e.g. 127.5)")
+    group.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean, one value or one per "
+                       "channel (e.g. 127.5; 0 and 255 give [0, 1])")
+    group.add_argument("--resize", choices=RESIZE_METHODS, help="how images of another size are resized "
+                       "(default: the sidecar's, else bilinear)")
+    if labels:
+        group.add_argument("--labels", metavar="FILE", help="class names, one a line, optionally after their index "
+                           "('0 matured'); default: the sidecar's, else the file packed in the model's TFLite "
+                           "metadata, else indices")
 
 
 def _predict(args) -> int:
@@ -179,26 +218,32 @@ def _eval_dataset(args, model):
 def _eval(args) -> int:
     import time
 
+    import numpy as np
+
     model = _load(args)
     dataset = _eval_dataset(args, model)
-    if dataset.num_classes != model.num_classes:
-        raise EdgeKitError(f"{dataset.name} has {dataset.num_classes} classes, but {model.path.name} has "
-                           f"{model.num_classes} outputs; evaluate it on the dataset it was trained for.")
-    pixels, y = getattr(dataset, f"x_{args.split}"), getattr(dataset, f"y_{args.split}")
+    if args.split == "all":
+        pixels = np.concatenate([dataset.x_train, dataset.x_val, dataset.x_test])
+        y = np.concatenate([dataset.y_train, dataset.y_val, dataset.y_test])
+    else:
+        pixels, y = getattr(dataset, f"x_{args.split}"), getattr(dataset, f"y_{args.split}")
+    to_dataset, labels = _class_mapping(dataset, model)
     if len(y) == 0:
         raise EdgeKitError(f"the {args.split} split of {dataset.name} is empty; choose another --split.")
     started = time.perf_counter()
     # the model's own preprocessing (from its sidecar) when it has one, else the dataset's
     x = pixels if model.preprocessing is not None else dataset.preprocessing.apply(pixels)
     predicted = model.logits(x, batch_size=args.batch_size).argmax(axis=1)
+    if to_dataset is not None:
+        predicted = to_dataset[predicted]
     seconds = time.perf_counter() - started
     from runtime.metrics import classification_summary
 
-    summary = classification_summary(y, predicted, dataset.labels)
+    summary = classification_summary(y, predicted, labels)
     recorded = ((model.sidecar or {}).get("verification") or {}).get("accuracy")
     result = {"model": str(model.path), "format": model.format, "backend": model.backend, "dataset": dataset.name,
               "split": args.split,
-              "labels": list(dataset.labels), **summary, "seconds": seconds,
+              "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if args.json:
         print(json.dumps(result, indent=1))
@@ -210,7 +255,6 @@ def _eval(args) -> int:
     if recorded is not None and args.split == "test":
         line += f"   recorded at export: {recorded:.2%}"
     print(line)
-    labels = list(dataset.labels)
     width = max(len(label) for label in labels)
     support = [sum(row) for row in summary["confusion"]]
     print("per class:")
@@ -224,6 +268,38 @@ def _eval(args) -> int:
         for label, row in zip(labels, summary["confusion"]):
             print(f"  {label:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
     return 0
+
+
+def _class_mapping(dataset, model):
+    """(model output index -> dataset class index, or None when they are the same; the labels to report).
+
+    A dataset whose class names are the model's labels in the same order needs nothing; otherwise classes
+    are matched by name (class folders named after the labels), and outputs of classes the dataset does not
+    have count as "(other)". Without names on either side, the classes must match in number and order.
+    """
+    import numpy as np
+
+    ours, theirs = list(dataset.labels), model.labels
+    if ours == theirs:
+        return None, ours
+    named = theirs != [str(i) for i in range(model.num_classes)]
+    if not named:
+        if len(ours) != model.num_classes:
+            raise EdgeKitError(f"{dataset.name} has {len(ours)} classes, but {model.path.name} has {model.num_classes} "
+                               "outputs and no labels to match them by name; evaluate it on the dataset it was "
+                               "trained for, or pass --labels FILE.")
+        return None, ours
+    index = {label: i for i, label in enumerate(theirs)}
+    missing = [label for label in ours if label not in index]
+    if missing:
+        raise EdgeKitError(f"{dataset.name} has classes {missing[:5]} that are not among {model.path.name}'s labels "
+                           f"({', '.join(theirs[:5])}{', ...' if len(theirs) > 5 else ''}); name the class folders "
+                           "after the labels, or pass the matching --labels FILE.")
+    other = len(ours) if len(ours) < model.num_classes else None
+    mapping = np.full(model.num_classes, other if other is not None else 0, np.int64)
+    for i, label in enumerate(ours):
+        mapping[index[label]] = i
+    return mapping, ours + (["(other)"] if other is not None else [])
 
 
 def _seconds(text: str) -> float:
@@ -243,7 +319,7 @@ def _bench(args) -> int:
         raise EdgeKitError("give --runs or --seconds, not both.")
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
     results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
-                    progress, inputs=args.input)
+                    progress, inputs=args.input, options=_model_options(args))
     if args.json:
         from runtime.bench import machine
 
@@ -313,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print every probability as JSON")
     _add_threads(predict, None)
+    _add_model_options(predict)
     predict.set_defaults(func=_predict)
 
     evaluate = commands.add_parser(
@@ -325,12 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10 or folder:PATH "
                                             "(default: the artifact's own, from its manifest)")
     evaluate.add_argument("--data-dir", help="directory holding the dataset's files (IDX, CIFAR batches)")
-    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test",
-                          help="which split to evaluate (default: test, fixed by the split seed)")
+    evaluate.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                          help="which split to evaluate (default: test, fixed by the split seed; all: every image, "
+                               "for a model that was not trained on this dataset)")
     evaluate.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per call (default 256)")
     evaluate.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_threads(evaluate, None)
+    _add_model_options(evaluate)
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser(
@@ -360,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print every figure as JSON")
     output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_model_options(bench, labels=False)
     bench.set_defaults(func=_bench)
 
     report = commands.add_parser(

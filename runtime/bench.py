@@ -103,7 +103,7 @@ def _peak_rss_mb() -> float:
 
 def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, seconds: float | None = None,
             warmup: int = DEFAULT_WARMUP, seed: int = 0, spawned: float | None = None,
-            inputs: str = "pixels") -> dict:
+            inputs: str = "pixels", options: dict | None = None) -> dict:
     """Measure one model at one thread count in this process (the worker's job).
 
     `spawned`: the wall-clock time the process was started, so the cold start covers
@@ -114,7 +114,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     from runtime.load import load
 
     t0 = time.perf_counter()
-    model = load(path, threads=threads)
+    model = load(path, threads=threads, **(options or {}))
     load_s = time.perf_counter() - t0
     x = _input(model, batch, seed, inputs)
     t0 = time.perf_counter()
@@ -248,10 +248,10 @@ def run_rounds_worker(paths: list[Path], threads: int, rounds: int, runs: int | 
 
 
 def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, timeout: float = 600,
-               inputs: str = "pixels") -> dict:
+               inputs: str = "pixels", options: dict | None = None) -> dict:
     """`measure` in a fresh Python process; errors come back as EdgeKitError."""
     spec = {"path": str(path), "threads": threads, "batch": batch, "runs": runs, "inputs": inputs,
-            "seconds": seconds, "warmup": warmup, "spawned": time.time()}
+            "seconds": seconds, "warmup": warmup, "spawned": time.time(), "options": options or {}}
     return _spawn(spec, str(path), timeout)
 
 
@@ -291,7 +291,8 @@ def compare(results: list[dict]) -> list[dict]:
 
 
 def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds: float | None = None,
-          warmup: int = DEFAULT_WARMUP, progress=None, inputs: str = "pixels") -> list[dict]:
+          warmup: int = DEFAULT_WARMUP, progress=None, inputs: str = "pixels", options: dict | None = None
+          ) -> list[dict]:
     """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
     if runs is not None and runs < 1:
         raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
@@ -306,14 +307,15 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
     files = model_files(paths)
     from runtime.load import load
 
+    options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
     for path in files:  # fail fast, with the loader's own message, before any long measurement
-        load(path)
+        load(path, **options)
     results, total, started = [], len(files) * len(threads), time.perf_counter()
     for path in files:
         for n in threads:
             if progress:
                 progress(f"[{len(results) + 1}/{total}] {path.name}, {n} thread(s), batch {batch} ...")
-            result = run_worker(path, n, batch, runs, seconds, warmup, inputs=inputs)
+            result = run_worker(path, n, batch, runs, seconds, warmup, inputs=inputs, options=options)
             results.append(result)
             if progress:
                 progress(f"    median {result['call_ms']['median']:.3f} ms per call "
@@ -397,7 +399,8 @@ def _worker(argv: list[str]) -> int:
                                             spec["seconds"], spec["warmup"])))
             return 0
         result = measure(spec["path"], spec["threads"], spec["batch"], spec["runs"], spec["seconds"],
-                         spec["warmup"], spawned=spec.get("spawned"), inputs=spec.get("inputs", "pixels"))
+                         spec["warmup"], spawned=spec.get("spawned"), inputs=spec.get("inputs", "pixels"),
+                         options=spec.get("options"))
     except EdgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

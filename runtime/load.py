@@ -550,13 +550,20 @@ class _TFLiteModel(Model):
         self._one_ready = self._resized == 1  # allocated for one image: no resize, nothing to check
 
     def _graph_output_kind(self) -> str:
-        """'probabilities' when the op that makes the output tensor is SOFTMAX."""
+        """'probabilities' when the op that makes the output tensor is SOFTMAX (through the QUANTIZE that a
+        uint8-output file puts after an int8 SOFTMAX, or a DEQUANTIZE)."""
         try:
             ops = self._interpreter._get_ops_details()  # LiteRT has no public per-op listing
         except (AttributeError, RuntimeError, ValueError):
             return "logits"
-        makers = [op["op_name"] for op in ops if self._out in list(op["outputs"])]
-        return "probabilities" if makers == ["SOFTMAX"] else "logits"
+        ops = [op for op in ops if op["op_name"] != "DELEGATE"]  # XNNPACK's node claims the outputs of the ops it runs
+        tensor = self._out
+        for _ in range(4):
+            makers = [op for op in ops if tensor in list(op["outputs"])]
+            if len(makers) != 1 or makers[0]["op_name"] not in ("QUANTIZE", "DEQUANTIZE"):
+                break
+            tensor = int(list(makers[0]["inputs"])[0])
+        return "probabilities" if [op["op_name"] for op in makers] == ["SOFTMAX"] else "logits"
 
     def _packed_labels(self) -> list[str] | None:
         """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
