@@ -23,7 +23,7 @@ import numpy as np
 from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
-from runtime.errors import EdgeKitError, VerificationError
+from runtime.errors import EdgeKitError, VerificationError, first_line
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
@@ -356,7 +356,10 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         try:
             model = load(tmp)
         except EdgeKitError as exc:
-            raise VerificationError(f"EdgeKit's runtime cannot load the file the converter wrote: {exc}") from exc
+            reason = first_line(exc.__cause__) if exc.__cause__ is not None else str(exc)
+            raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
+                                    f"run the file the converter wrote, so this format does not fit this model: "
+                                    f"{reason}") from exc
         logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))

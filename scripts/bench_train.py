@@ -78,7 +78,8 @@ def worker(model_name: str, devices: str, steps: int, epochs: int, images: int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="all", help="comma-separated registered models (default: all)")
+    parser.add_argument("--models", default="all",
+                        help="comma-separated registered models (default: all but the Keras applications backbones)")
     parser.add_argument("--devices", default="cpu,cpu:2", help="comma-separated --devices layouts (default: cpu,cpu:2)")
     parser.add_argument("--steps-per-execution", default="1", help="comma-separated values (default: 1)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
@@ -94,7 +95,9 @@ def main() -> int:
         return 0
     from train.models import list_models
 
-    models = list_models() if args.models == "all" else args.models.split(",")
+    from train.models import get_spec
+
+    models = [n for n in list_models() if not get_spec(n).backbone] if args.models == "all" else args.models.split(",")
     layouts = args.devices.split(",")
     steps_list = [int(s) for s in args.steps_per_execution.split(",")]
     results = []

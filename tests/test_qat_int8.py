@@ -8,7 +8,7 @@ import pytest
 from optimize.api import optimize_model
 from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
 from runtime.load import tflite_census
-from train.models import list_models
+from train.models import get_spec, list_models
 
 FAST = {"epochs": 1}
 # The techniques whose int8 file each model's test converts. PQAT and CQAT use the same layout transform as
@@ -64,7 +64,7 @@ def int8_files(name: str, dataset, techniques) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="session", params=list_models())
+@pytest.fixture(scope="session", params=[n for n in list_models() if not get_spec(n).backbone])  # test_backbones.py
 def quantization_aware(request, small):
     return request.param, int8_files(request.param, small, TECHNIQUES[request.param])
 

@@ -16,6 +16,8 @@ examples:
   python -m train --model fashion_cnn --dataset digits --out artifacts/fashion_cnn
   python -m train --model mobilenet --dataset fashion_mnist --data-dir ~/data/fashion --augment
   python -m train --model resnet --model-arg depth=20 --dataset folder:~/photos --image-size 32
+  python -m train --model mobilenet_v2 --model-arg alpha=0.35 --weights imagenet --dataset folder:~/photos \
+      --image-size 96 --freeze-backbone --fine-tune-from block_13_expand
 
 datasets: digits (embedded, offline), mnist, fashion_mnist (IDX files in --data-dir, the
 Keras cache, or downloaded), cifar10, folder:PATH (PATH/<class>/<image>.png|jpg).
@@ -73,7 +75,7 @@ def _image_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     from train.models import _REGISTRY  # names and descriptions only; no TensorFlow
 
-    models = "\n".join(f"  {name:<12} {spec.description}" for name, spec in _REGISTRY.items())
+    models = "\n".join(f"  {name:<18} {spec.description}" for name, spec in _REGISTRY.items())
     parser = ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an image classifier and write an EdgeKit artifact directory "
@@ -96,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bfloat16 compute on a CPU, float16 on GPUs (weights and saved model float32)")
     parser.add_argument("--devices", default="auto", type=_devices, metavar="SPEC",
                         help="auto, cpu, cpu:N (N replicas on the CPU), gpu or gpu:0,1 (default: auto)")
+    backbone = parser.add_argument_group("transfer learning (the Keras applications backbones)")
+    backbone.add_argument("--weights", default="none", metavar="none|imagenet|PATH",
+                          help="none (random, default), imagenet (Keras's download, cached in ~/.keras/models), or "
+                               "a weights file saved from the same backbone")
+    backbone.add_argument("--freeze-backbone", action="store_true",
+                          help="train the new head only, the backbone frozen")
+    backbone.add_argument("--fine-tune-from", metavar="LAYER",
+                          help="after the head, unfreeze the backbone from LAYER (e.g. block_13_expand) and train on "
+                               "at a tenth of the learning rate (BatchNorm stays frozen)")
     parser.add_argument("--steps-per-execution", type=int, default=16, metavar="N",
                         help="batches per call into TensorFlow: less Python per step, same updates (default: 16)")
     parser.add_argument("--resume", action="store_true",
@@ -122,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, patience=args.patience, augment=args.augment, mixed_precision=args.mixed_precision,
         model_args=dict(args.model_arg), data_dir=args.data_dir, image_size=args.image_size,
         channels=args.channels, download=not args.no_download, devices=args.devices,
-        steps_per_execution=args.steps_per_execution)
+        steps_per_execution=args.steps_per_execution, weights=args.weights, freeze_backbone=args.freeze_backbone,
+        fine_tune_from=args.fine_tune_from)
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):

@@ -34,16 +34,21 @@ class ModelSpec:
     defaults: dict  # keyword arguments of this variant
     min_size: int  # smallest input height/width the architecture handles
     description: str
+    backbone: bool = False  # a tf_keras.applications network with a new head (train.backbones)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, builder: Callable, *, min_size: int, description: str, **defaults) -> None:
-    accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
+_NOT_ARGUMENTS = {"input_shape", "num_classes", "weights", "download"}  # given at build time, not model args
+
+
+def register_model(name: str, builder: Callable, *, min_size: int, description: str, backbone: bool = False,
+                   **defaults) -> None:
+    accepted = set(inspect.signature(builder).parameters) - _NOT_ARGUMENTS
     if set(defaults) - accepted:
         raise ValueError(f"{name}: {sorted(set(defaults) - accepted)} are not arguments of {builder.__name__}")
-    _REGISTRY[name] = ModelSpec(name, builder, defaults, min_size, description)
+    _REGISTRY[name] = ModelSpec(name, builder, defaults, min_size, description, backbone)
 
 
 def list_models() -> list[str]:
@@ -60,7 +65,7 @@ def model_arguments(name: str, overrides: dict | None = None) -> dict:
     """The full keyword arguments a model is built with: builder defaults, variant, overrides."""
     spec = get_spec(name)
     params = inspect.signature(spec.builder).parameters
-    args = {k: p.default for k, p in params.items() if k not in ("input_shape", "num_classes")}
+    args = {k: p.default for k, p in params.items() if k not in _NOT_ARGUMENTS}
     bad = set(overrides or {}) - set(args)
     if bad:
         raise EdgeKitError(
@@ -82,12 +87,20 @@ def check_input_shape(name: str, input_shape) -> tuple[int, int, int]:
     return shape
 
 
-def create_model(name: str, input_shape, num_classes: int, **overrides):
-    """Build a registered model; overrides replace its default arguments."""
+def create_model(name: str, input_shape, num_classes: int, *, weights: str | None = None, download: bool = True,
+                 **overrides):
+    """Build a registered model; overrides replace its default arguments. `weights` (backbone models only):
+    None, 'imagenet' or a weights file (train.backbones)."""
     spec = get_spec(name)
     shape = check_input_shape(name, input_shape)
     if num_classes < 2:
         raise EdgeKitError(f"a classifier needs at least 2 classes; got {num_classes}.")
+    if spec.backbone:
+        return spec.builder(shape, num_classes, weights=weights, download=download, **model_arguments(name, overrides))
+    if weights is not None:
+        raise EdgeKitError(f"--weights applies to the models on Keras applications backbones "
+                           f"({', '.join(n for n, s in _REGISTRY.items() if s.backbone)}); '{name}' starts from "
+                           "random weights.")
     return spec.builder(shape, num_classes, **model_arguments(name, overrides))
 
 
@@ -237,3 +250,48 @@ register_model("resnet20", resnet, min_size=8, depth=20,
                description="ResNet-20: the resnet with 3 units per stage")
 register_model("mobilenet", mobilenet, min_size=16, width=1.0,
                description="MobileNetV2-style inverted residuals with ReLU6 and a width multiplier")
+
+
+# --- Keras applications backbones with a new head (train.backbones) ----------------------------------
+
+def mobilenet_v2(input_shape, num_classes, alpha=1.0, head_dropout=0.2, weights=None, download=True):
+    """Keras's MobileNetV2 (`alpha`: width multiplier; ImageNet weights exist for 0.35 to 1.4)."""
+    from train.backbones import build
+
+    return build("mobilenet_v2", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+                 download=download, alpha=alpha)
+
+
+def mobilenet_v3_small(input_shape, num_classes, alpha=1.0, minimalistic=False, head_dropout=0.2, weights=None,
+                       download=True):
+    """Keras's MobileNetV3Small (hard-swish, squeeze-excite; ImageNet weights for alpha 0.75 and 1.0)."""
+    from train.backbones import build
+
+    return build("mobilenet_v3_small", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+                 download=download, alpha=alpha, minimalistic=minimalistic)
+
+
+def efficientnet_b0(input_shape, num_classes, head_dropout=0.2, weights=None, download=True):
+    """Keras's EfficientNetB0 (MBConv blocks with squeeze-excite and swish)."""
+    from train.backbones import build
+
+    return build("efficientnet_b0", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+                 download=download)
+
+
+def resnet50(input_shape, num_classes, head_dropout=0.2, weights=None, download=True):
+    """Keras's ResNet50 (bottleneck residual blocks, 23.6 M parameters without the top)."""
+    from train.backbones import build
+
+    return build("resnet50", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+                 download=download)
+
+
+register_model("mobilenet_v2", mobilenet_v2, min_size=32, backbone=True,
+               description="Keras applications MobileNetV2 backbone + new head (--weights, --fine-tune-from)")
+register_model("mobilenet_v3_small", mobilenet_v3_small, min_size=32, backbone=True,
+               description="Keras applications MobileNetV3Small backbone + new head")
+register_model("efficientnet_b0", efficientnet_b0, min_size=32, backbone=True,
+               description="Keras applications EfficientNetB0 backbone + new head")
+register_model("resnet50", resnet50, min_size=32, backbone=True,
+               description="Keras applications ResNet50 backbone + new head")

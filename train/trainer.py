@@ -51,6 +51,9 @@ class TrainConfig:
     augment: bool = False  # random shifts (10%), zoom (10%) and rotation (10 deg) on training images
     mixed_precision: bool = False  # bfloat16 compute on a CPU, float16 on GPUs; weights and the saved model float32
     devices: str = "auto"  # auto | cpu | cpu:N | gpu | gpu:0,1 (train.devices)
+    weights: str = "none"  # backbone models: none | imagenet | a weights file (train.backbones)
+    freeze_backbone: bool = False  # backbone models: train the head with the backbone frozen
+    fine_tune_from: str | None = None  # then unfreeze the backbone from this layer, at a tenth of the lr
     steps_per_execution: int = 16  # batches per call into TensorFlow: +14% images/s (scripts/bench_train.py)
     model_args: dict = dataclasses.field(default_factory=dict)  # overrides of the model's defaults
     data_dir: str | None = None
@@ -65,9 +68,15 @@ class TrainConfig:
                 raise EdgeKitError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10 and math.isfinite(self.lr)):
             raise EdgeKitError(f"--lr must be a positive number below 10; got {self.lr!r}.")
-        get_spec(self.model)
+        spec = get_spec(self.model)
         model_arguments(self.model, self.model_args)
         check_spec(self.devices)
+        if not spec.backbone and (self.weights != "none" or self.freeze_backbone or self.fine_tune_from):
+            raise EdgeKitError(f"--weights, --freeze-backbone and --fine-tune-from apply to the models on Keras "
+                               f"applications backbones (mobilenet_v2, mobilenet_v3_small, efficientnet_b0, resnet50); "
+                               f"'{self.model}' is trained from scratch.")
+        if not isinstance(self.weights, str) or not self.weights:
+            raise EdgeKitError(f"--weights takes none, imagenet or the path of a weights file; got {self.weights!r}.")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -87,6 +96,7 @@ class TrainResult:
     evaluation: dict  # classification_summary on the test split, plus loss
     devices: dict
     resumed_from: int | None = None  # epochs completed before an interruption, when resumed
+    phases: list | None = None  # two-phase transfer learning: what each phase trained, its epochs and best epoch
 
 
 def _augmenter(keras, seed):
@@ -152,8 +162,9 @@ def compile_model(model, lr: float, steps_per_execution: int = 1) -> None:
 
 
 def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, seed: int, quiet: bool,
-        callbacks=(), augment: bool = False) -> dict:
-    """Fit a compiled model on the train split, validating on val; one line per epoch. Returns the history."""
+        callbacks=(), augment: bool = False, initial_epoch: int = 0) -> dict:
+    """Fit a compiled model on the train split, validating on val; one line per epoch. Returns the history.
+    `initial_epoch`: epochs already run (a second phase numbers its epochs on from the first's)."""
     from train.backend import keras, tf
 
     x_train, y_train = dataset.arrays("train")
@@ -161,7 +172,7 @@ def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, seed: int, qui
     augmenter = _augmenter(keras, seed) if augment else None
     train_data = _pipeline(tf, x_train, y_train, batch_size, seed, True, augmenter)
     val_data = _pipeline(tf, x_val, y_val, batch_size, seed, False)
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=0,
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=0, initial_epoch=initial_epoch,
                         callbacks=[*callbacks, _EpochLog(keras, epochs, quiet).callback])
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
@@ -241,13 +252,25 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     tensorboard: a directory for TensorBoard's event files (loss, accuracy and learning rate per epoch,
     and the graph).
     """
-    dataset = dataset or load_dataset(config.dataset, config.data_dir, config.image_size, config.channels,
-                                      download=config.download)
+    spec = get_spec(config.model)
+    dataset = dataset or _load_for(config, spec)
     check_input_shape(config.model, dataset.input_shape)
 
+    from train import backbones
     from train.backend import keras, tf
     from train.models import create_model
 
+    # phases: (layer to unfreeze the backbone from, or "" for none; learning rate). One phase trains everything.
+    phases = [(None, config.lr)]
+    if spec.backbone and (config.freeze_backbone or config.fine_tune_from):
+        phases = [("", config.lr)] + ([(config.fine_tune_from, config.lr / 10)] if config.fine_tune_from else [])
+    if len(phases) > 1 and resume:
+        raise EdgeKitError("--resume does not cover two-phase training (--fine-tune-from) yet; train again without "
+                           "--resume (add --force to discard the checkpoint).")
+    if len(phases) > 1:
+        checkpoint = None
+    if spec.backbone:  # the backbone's own preprocessing, as data: the runtime repeats it
+        dataset = dataclasses.replace(dataset, preprocessing=backbones.preprocessing(config.model, dataset.preprocessing))
     if tensorboard is not None:
         try:
             import tensorboard as _  # noqa: F401  (tf.summary writes nothing without it)
@@ -263,9 +286,11 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     on_gpu = any(name.startswith("/gpu") for name in devices["devices"])
     policy = ("mixed_float16" if on_gpu else "mixed_bfloat16") if config.mixed_precision else None
     devices["mixed_precision"] = policy
+    weights = None if config.weights == "none" else config.weights
 
-    def build(mixed: bool):
-        model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+    def build(mixed: bool, weights=None):
+        extra = {"weights": weights, "download": config.download} if spec.backbone else {}
+        model = create_model(config.model, dataset.input_shape, dataset.num_classes, **extra, **config.model_args)
         if mixed:  # the loss sees float32 logits, as Keras's mixed-precision guide has it
             logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(model.output)
             model = keras.Model(model.input, logits, name=model.name)
@@ -274,21 +299,14 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     if policy:
         keras.mixed_precision.set_global_policy(policy)
     scratch = contextlib.ExitStack()  # other workers' TensorBoard files, which nobody reads
+    history, record, backup, train_seconds = {}, [], None, 0.0
     try:
         with strategy.scope():
-            model = build(bool(policy))
-            compile_model(model, config.lr, config.steps_per_execution)
-        stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
-        plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5)
-        callbacks = [stopper, plateau]
-        backup = None
-        if checkpoint is not None:
-            checkpoints.start(Path(checkpoint), config.to_dict(), chief)
-            backup = checkpoints.callback(keras, Path(checkpoint), stopper, plateau, chief)
-            callbacks.append(backup)
-        if tensorboard is not None:  # after the plateau callback, which puts the learning rate in the logs
+            model = build(bool(policy), weights)
+        board = None
+        if tensorboard is not None:
             log_dir = Path(tensorboard) if chief else scratch.enter_context(tempfile.TemporaryDirectory())
-            callbacks.append(_tensorboard(keras, log_dir))
+            board = _tensorboard(keras, log_dir)
         if not quiet:
             sizes = dataset.describe()["split"]["sizes"]
             print(f"training {config.model} on {dataset.name}: {sizes['train']} train / {sizes['val']} val / "
@@ -297,25 +315,59 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                   f"{', ' + policy if policy else ''})", flush=True)
             if resuming:
                 print(f"resuming from the checkpoint in {checkpoint}", flush=True)
-        start = time.perf_counter()
-        history = fit(model, dataset, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                      quiet=quiet, callbacks=callbacks, augment=config.augment)
-        train_seconds = time.perf_counter() - start
+        for unfreeze_from, lr in phases:
+            trainable = None
+            if unfreeze_from is not None:
+                trainable = backbones.freeze(model, config.model, unfreeze_from or None)
+                if not quiet:
+                    what = f"the backbone from {unfreeze_from}" if unfreeze_from else "the head, backbone frozen"
+                    print(f"phase {len(record) + 1}/{len(phases)}: {what} ({trainable} backbone layers trainable), "
+                          f"lr {lr:g}", flush=True)
+            with strategy.scope():
+                compile_model(model, lr, config.steps_per_execution)
+            stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
+            plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5 * lr / config.lr)
+            callbacks = [stopper, plateau]
+            if checkpoint is not None:
+                checkpoints.start(Path(checkpoint), config.to_dict(), chief)
+                backup = checkpoints.callback(keras, Path(checkpoint), stopper, plateau, chief)
+                callbacks.append(backup)
+            if board is not None:  # after the plateau callback, which puts the learning rate in the logs
+                callbacks.append(board)
+            done = len(history.get("loss", []))
+            start = time.perf_counter()
+            part = fit(model, dataset, epochs=done + config.epochs, batch_size=config.batch_size, seed=config.seed,
+                       quiet=quiet, callbacks=callbacks, augment=config.augment, initial_epoch=done)
+            train_seconds += time.perf_counter() - start
+            if backup is not None and backup.resumed_from is not None:
+                part = {k: backup.history_before.get(k, []) + part.get(k, []) for k in {*backup.history_before, *part}}
+            history = {k: history.get(k, []) + part.get(k, []) for k in {*history, *part}}
+            record.append({"unfreeze_from": unfreeze_from, "lr": lr, "trainable_backbone_layers": trainable,
+                           "epochs_run": len(part.get("loss", [])), "best_epoch": stopper.best_epoch + 1})
     finally:
         keras.mixed_precision.set_global_policy("float32")
         scratch.close()
-    resumed_from = None
-    if backup is not None and backup.resumed_from is not None:
-        resumed_from = backup.resumed_from
-        history = {k: backup.history_before.get(k, []) + history.get(k, [])
-                   for k in {*backup.history_before, *history}}
+    if spec.backbone:
+        backbones.unfreeze(model)  # saved whole: optimize fine-tunes every layer
+    resumed_from = backup.resumed_from if backup is not None else None
     if policy:  # save one dtype: rebuild in float32 and carry the trained weights over
         float_model = build(False)
         float_model.set_weights(model.get_weights())
         model = float_model
-    return TrainResult(config, dataset, model, history, best_epoch=stopper.best_epoch + 1,
+    return TrainResult(config, dataset, model, history, best_epoch=stopper.best_epoch + 1,  # absolute: epochs run on
                        epochs_run=len(history["loss"]), train_seconds=train_seconds,
-                       evaluation=evaluate(model, dataset), devices=devices, resumed_from=resumed_from)
+                       evaluation=evaluate(model, dataset), devices=devices, resumed_from=resumed_from,
+                       phases=record if record[0]["unfreeze_from"] is not None else None)
+
+
+def _load_for(config: TrainConfig, spec) -> Dataset:
+    """The dataset; for a backbone model in RGB (grayscale repeated) and at least the backbone's input size."""
+    channels = config.channels or (3 if spec.backbone else None)
+    dataset = load_dataset(config.dataset, config.data_dir, config.image_size, channels, download=config.download)
+    if spec.backbone and config.image_size is None and min(dataset.input_shape[:2]) < spec.min_size:
+        dataset = load_dataset(config.dataset, config.data_dir, (spec.min_size, spec.min_size), channels,
+                               download=config.download)
+    return dataset
 
 
 def is_chief() -> bool:
@@ -368,6 +420,7 @@ def write_artifact(result: TrainResult, out: str | Path, force: bool = False) ->
                 "train_seconds": round(result.train_seconds, 2),
                 "devices": result.devices,
                 "resumed_from_epoch": result.resumed_from,
+                "phases": result.phases,
                 "history": result.history,
             },
         }

@@ -207,6 +207,7 @@ def load_for_manifest(manifest: dict, data_dir: str | Path | None = None, downlo
         data_dir = source
     pre = Preprocessing.from_dict(manifest["preprocessing"])
     dataset = load_dataset(name, data_dir, image_size=pre.size, channels=pre.channels, download=download)
+    dataset = dataclasses.replace(dataset, preprocessing=pre)  # the artifact's own (a backbone's, say)
     expected = record.get("split", {}).get("sizes")
     actual = dataset.describe()["split"]["sizes"]
     if expected and expected != actual:

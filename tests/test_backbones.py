@@ -1,0 +1,128 @@
+"""Transfer learning from tf_keras.applications backbones: build, freeze, weights files, the offline error,
+and a MobileNetV2 through training in two phases, QAT and every export format. Nothing downloads."""
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+from runtime.manifest import read_manifest
+from train.__main__ import main as train_main
+from train.backbones import BACKBONES, HEAD, freeze, unfreeze
+from train.models import create_model
+
+SMALL = (32, 32, 3)
+ARGS = {"mobilenet_v2": {"alpha": 0.35}, "mobilenet_v3_small": {"alpha": 0.75}, "efficientnet_b0": {},
+        "resnet50": {}}
+
+
+@pytest.fixture(scope="module")
+def keras():
+    from train.backend import keras
+
+    return keras
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_each_backbone_builds_trains_frozen_and_unfrozen_and_reloads(keras, tmp_path, name):
+    from train.safe_load import load_model_file
+    from train.trainer import compile_model, save_model
+
+    keras.utils.set_random_seed(0)
+    model = create_model(name, SMALL, 4, **ARGS[name])
+    assert [layer.name for layer in model.layers[-3:]] == list(HEAD)
+    assert model.get_layer(BACKBONES[name].first_conv) is not None  # Keras's own layer names
+    x = np.random.default_rng(0).uniform(0, 255, (8, *SMALL)).astype(np.float32)
+    y = np.array([0, 0, 0, 0, 0, 1, 2, 3])  # unbalanced: a bias gradient that cannot cancel out
+    for unfreeze_from in (None, BACKBONES[name].fine_tune_from):  # head only, then the top of the backbone
+        freeze(model, name, unfreeze_from)
+        compile_model(model, 1e-3)
+        trainable = {w.name for w in model.trainable_weights}
+        before = {w.name: w.numpy().copy() for w in model.weights}
+        assert np.isfinite(model.train_on_batch(x, y)).all()
+        changed = {w.name for w in model.weights if not np.array_equal(w.numpy(), before[w.name])}
+        moving = {n for n in changed if "moving_" in n}  # BatchNorm statistics of frozen layers do not move
+        assert not moving and changed <= trainable  # nothing frozen moves
+        assert len(changed) >= 0.75 * len(trainable)  # (squeeze-excite behind a saturated hard-sigmoid at random
+        # init passes no gradient: 4 of 17 in MobileNetV3Small)
+        first = model.get_layer(BACKBONES[name].first_conv).weights[0].name
+        assert first not in trainable  # the stem stays frozen in both phases
+        if unfreeze_from is not None:
+            assert any(w.name.startswith(unfreeze_from) for w in model.trainable_weights)
+    unfreeze(model)
+    path = tmp_path / "model.keras"
+    save_model(model, path)
+    again = load_model_file(path)
+    assert np.allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_weights_from_a_file_round_trip(keras, tmp_path):
+    keras.utils.set_random_seed(1)
+    first = create_model("mobilenet_v2", SMALL, 3, alpha=0.35)
+    path = tmp_path / "backbone.h5"
+    first.save_weights(path)
+    keras.utils.set_random_seed(2)  # another seed: only the file can make them equal
+    second = create_model("mobilenet_v2", SMALL, 3, weights=str(path), alpha=0.35)
+    features = [keras.Model(m.input, m.get_layer("out_relu").output) for m in (first, second)]
+    x = np.random.default_rng(0).uniform(0, 255, (4, *SMALL)).astype(np.float32)
+    assert np.array_equal(features[0].predict(x, verbose=0), features[1].predict(x, verbose=0))
+    from runtime.errors import EdgeKitError
+
+    other = tmp_path / "other.h5"
+    create_model("efficientnet_b0", SMALL, 3).save_weights(other)
+    with pytest.raises(EdgeKitError, match="has no weights for .* of the mobilenet_v2 backbone's"):
+        create_model("mobilenet_v2", SMALL, 3, weights=str(other), alpha=0.35)
+
+
+def test_imagenet_weights_offline_name_the_file_and_where(tmp_path):
+    result = run_module("train", "--model", "mobilenet_v2", "--model-arg", "alpha=0.35", "--weights", "imagenet",
+                        "--epochs", "1", "--out", str(tmp_path / "never"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(line) == 1
+    assert "needs Keras's file mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_" in line[0]
+    assert "_no_top.h5 in " in line[0] and ".keras/models" in line[0] and "--weights PATH" in line[0]
+    wrong = run_module("train", "--model", "fashion_cnn", "--weights", "imagenet", "--out", str(tmp_path / "never"))
+    assert wrong.returncode == 2 and "apply to the models on Keras applications backbones" in wrong.stderr
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2(tmp_path_factory):
+    """MobileNetV2 (alpha 0.35) on digits, grayscale repeated to RGB at 32x32: the head, then the top blocks."""
+    out = tmp_path_factory.mktemp("backbone") / "mobilenet_v2"
+    assert train_main(["--model", "mobilenet_v2", "--model-arg", "alpha=0.35", "--freeze-backbone",
+                       "--fine-tune-from", "block_13_expand", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_two_phase_training_records_the_backbones_preprocessing(mobilenet_v2):
+    manifest = read_manifest(mobilenet_v2)
+    assert manifest["input_shape"] == [32, 32, 3]
+    pre = manifest["preprocessing"]
+    assert pre["size"] == [32, 32] and pre["channels"] == 3
+    assert pre["scale"] == pytest.approx(1 / 127.5) and pre["mean"] == [1.0] and pre["std"] == [1.0]
+    phases = manifest["training"]["phases"]
+    assert [p["unfreeze_from"] for p in phases] == ["", "block_13_expand"]
+    assert phases[1]["lr"] == pytest.approx(phases[0]["lr"] / 10)
+    assert phases[0]["trainable_backbone_layers"] == 0 < phases[1]["trainable_backbone_layers"]
+    assert manifest["training"]["epochs_run"] == sum(p["epochs_run"] for p in phases)
+
+
+def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp_path, digits):
+    qat = tmp_path / "qat"
+    result = run_module("optimize", "qat", str(mobilenet_v2), "--out", str(qat), "--epochs", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    result = run_module("export", str(mobilenet_v2), "--all")
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr
+    exports = read_manifest(mobilenet_v2)["exports"]
+    assert {"float32", "int8", "onnx-float32"} <= {k for k, v in exports.items() if v["passed"]}
+    for name, record in exports.items():  # verified, or failed with its reason
+        assert record["passed"] or record["message"], (name, record)
+    from runtime.load import load
+
+    model = load(mobilenet_v2 / "model.int8.tflite")
+    assert model.input_shape == (32, 32, 3) and model.preprocessing.scale == pytest.approx(1 / 127.5)
+    pixels = np.repeat(digits.x_test[:4], 3, axis=-1)  # 28x28 gray: the runtime is given RGB pixels at 32x32
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.fromarray(p).resize((32, 32), Image.Resampling.BILINEAR)) for p in pixels])
+    assert model.predict(pixels).shape == (4, 10)
