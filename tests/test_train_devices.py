@@ -25,19 +25,24 @@ def _tensorboard_tags(directory):
     return events
 
 
+SMALL = ["--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32"]
+
+
 def test_two_cpu_replicas_train_to_the_accuracy_of_one_device_and_log_to_tensorboard(tmp_path):
-    """`--devices cpu:2` runs MirroredStrategy for real (two logical CPU devices); with every other default
-    it reaches the accuracy class of one device (98%+ on digits, test_train.py), and TensorBoard reads
-    the per-epoch scalars and the graph."""
-    out, logs = tmp_path / "cpu2", tmp_path / "tb"
-    result = run_module("train", "--model", "fashion_cnn", "--devices", "cpu:2", "--tensorboard", str(logs),
-                        "--out", str(out), "--quiet")
+    """`--devices cpu:2` runs MirroredStrategy for real (two logical CPU devices) and reaches the accuracy
+    class of one device with the same settings; TensorBoard reads the per-epoch scalars and the graph."""
+    one, two, logs = tmp_path / "one", tmp_path / "cpu2", tmp_path / "tb"
+    assert train_main([*SMALL, "--epochs", "8", "--out", str(one), "--quiet"]) == 0
+    result = run_module("train", *SMALL, "--epochs", "8", "--devices", "cpu:2", "--tensorboard", str(logs),
+                        "--out", str(two), "--quiet")
     assert result.returncode == 0, result.stderr
-    manifest = read_manifest(out)
+    manifest = read_manifest(two)
     devices = manifest["training"]["devices"]
     assert devices["strategy"] == "MirroredStrategy" and devices["replicas"] == 2
     assert devices["devices"] == ["/cpu:0", "/cpu:1"] and devices["requested"] == "cpu:2"
-    assert manifest["metrics"]["accuracy"] >= 0.97
+    assert read_manifest(one)["training"]["devices"]["replicas"] == 1
+    single = read_manifest(one)["metrics"]["accuracy"]
+    assert single >= 0.9 and abs(manifest["metrics"]["accuracy"] - single) <= 0.03  # 359 test images: ~11 of them
     epochs = manifest["training"]["epochs_run"]
     train = _tensorboard_tags(logs / "train")
     assert {"epoch_loss", "epoch_accuracy", "epoch_lr"} <= set(train.Tags()["tensors"]) and train.Tags()["graph"]
@@ -51,8 +56,7 @@ def test_two_cpu_replicas_train_to_the_accuracy_of_one_device_and_log_to_tensorb
 
 def test_two_workers_with_tf_config_train_and_only_the_chief_writes(tmp_path):
     out = tmp_path / "mw"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train-multiworker"), "2", "--model", "fashion_cnn",
-                             "--model-arg", "filters=[8,16]", "--model-arg", "dense=32", "--epochs", "3",
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train-multiworker"), "2", *SMALL, "--epochs", "3",
                              "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "2 workers on 127.0.0.1:" in result.stderr
