@@ -358,8 +358,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         except EdgeKitError as exc:
             reason = first_line(exc.__cause__) if exc.__cause__ is not None else str(exc)
             raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
-                                    f"run the file the converter wrote, so this format does not fit this model: "
-                                    f"{reason}") from exc
+                                    f"run the file the converter wrote: {reason}") from exc
         logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))

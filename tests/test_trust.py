@@ -505,7 +505,7 @@ def test_every_format_is_attempted_and_every_failure_reported(tiny, tmp_path, mo
     monkeypatch.setattr(convert, "to_tflite", broken_int16x8)
     results = {r.format: r for r in api.export(art, ["float32", "int16x8", "onnx"], progress=lambda s: None)}
     assert results["float32"].passed and results["onnx-float32"].passed and not results["int16x8"].passed
-    assert "runtime cannot load the file" in results["int16x8"].message
+    assert "cannot run the file the converter wrote" in results["int16x8"].message
     assert isinstance(results["int16x8"].error.__cause__, ArtifactError)
     assert read_manifest(art)["exports"]["int16x8"]["passed"] is False
     assert not (art / "model.int16x8.tflite").exists() and verify_files(art) == []
