@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     backbone.add_argument("--fine-tune-from", metavar="LAYER",
                           help="after the head, unfreeze the backbone from LAYER (e.g. block_13_expand) and train on "
                                "at a tenth of the learning rate (BatchNorm stays frozen)")
-    parser.add_argument("--steps-per-execution", type=int, default=16, metavar="N",
-                        help="batches per call into TensorFlow: less Python per step, same updates (default: 16)")
+    parser.add_argument("--steps-per-execution", type=int, default=1, metavar="N",
+                        help="batches per call into TensorFlow: less Python per step, same updates (default: 1)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted training from <out>.checkpoint/ (same options)")
     parser.add_argument("--tensorboard", metavar="DIR",

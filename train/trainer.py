@@ -54,7 +54,7 @@ class TrainConfig:
     weights: str = "none"  # backbone models: none | imagenet | a weights file (train.backbones)
     freeze_backbone: bool = False  # backbone models: train the head with the backbone frozen
     fine_tune_from: str | None = None  # then unfreeze the backbone from this layer, at a tenth of the lr
-    steps_per_execution: int = 16  # batches per call into TensorFlow: +14% images/s (scripts/bench_train.py)
+    steps_per_execution: int = 1  # batches per call into TensorFlow (scripts/bench_train.py measures it)
     model_args: dict = dataclasses.field(default_factory=dict)  # overrides of the model's defaults
     data_dir: str | None = None
     image_size: tuple[int, int] | None = None  # resize the dataset to this (height, width)
