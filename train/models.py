@@ -254,36 +254,37 @@ register_model("mobilenet", mobilenet, min_size=16, width=1.0,
 
 # --- Keras applications backbones with a new head (train.backbones) ----------------------------------
 
-def mobilenet_v2(input_shape, num_classes, alpha=1.0, head_dropout=0.2, weights=None, download=True):
+def mobilenet_v2(input_shape, num_classes, alpha=1.0, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's MobileNetV2 (`alpha`: width multiplier; ImageNet weights exist for 0.35 to 1.4)."""
     from train.backbones import build
 
-    return build("mobilenet_v2", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+    return build("mobilenet_v2", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download, alpha=alpha)
 
 
-def mobilenet_v3_small(input_shape, num_classes, alpha=1.0, minimalistic=False, head_dropout=0.2, weights=None,
+def mobilenet_v3_small(input_shape, num_classes, alpha=1.0, minimalistic=False, head_dropout=0.2, bn_momentum=0.9, weights=None,
                        download=True):
     """Keras's MobileNetV3Small (hard-swish, squeeze-excite; ImageNet weights for alpha 0.75 and 1.0)."""
     from train.backbones import build
 
-    return build("mobilenet_v3_small", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+    return build("mobilenet_v3_small", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum,
+                 weights=weights,
                  download=download, alpha=alpha, minimalistic=minimalistic)
 
 
-def efficientnet_b0(input_shape, num_classes, head_dropout=0.2, weights=None, download=True):
+def efficientnet_b0(input_shape, num_classes, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's EfficientNetB0 (MBConv blocks with squeeze-excite and swish)."""
     from train.backbones import build
 
-    return build("efficientnet_b0", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+    return build("efficientnet_b0", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download)
 
 
-def resnet50(input_shape, num_classes, head_dropout=0.2, weights=None, download=True):
+def resnet50(input_shape, num_classes, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's ResNet50 (bottleneck residual blocks, 23.6 M parameters without the top)."""
     from train.backbones import build
 
-    return build("resnet50", input_shape, num_classes, head_dropout=head_dropout, weights=weights,
+    return build("resnet50", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download)
 
 
