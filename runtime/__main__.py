@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
@@ -137,15 +136,12 @@ def _model_options(args) -> dict:
 
 
 def _numbers(text: str) -> tuple[float, ...]:
-    """An argparse type: one number or one per channel, separated by commas."""
+    """An argparse type: numbers separated by commas (runtime.load's Options checks how many and their values)."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        return tuple(float(v) for v in text.split(","))
     except ValueError:
-        values = ()
-    if not values or len(values) > 4 or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected one number or one per channel separated by commas, in pixel "
-                                         f"units (e.g. 127.5 or 123.7,116.3,103.5); got {text!r}")
-    return values
+                                         f"units (e.g. 127.5 or 123.7,116.3,103.5); got {text!r}") from None
 
 
 def _add_model_options(parser, labels: bool = True) -> None:

@@ -25,12 +25,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
-
 from runtime.errors import EdgeKitError, first_line
-
-MIN_SIZE = 32  # the smallest input Keras applications build
-
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -56,22 +51,20 @@ def preprocessing(name: str, dataset_preprocessing):
     return dataclasses.replace(dataset_preprocessing, scale=spec.scale, mean=spec.mean, std=(1.0,))
 
 
-def offline() -> bool:
-    return os.environ.get("EDGEKIT_OFFLINE", "") not in ("", "0")
-
-
 @contextlib.contextmanager
 def keras_download(allowed: bool):
     """Keras's own download and cache of application weights, with one clear line instead of a failed
     fetch: offline (or when `allowed` is false) a file not in the cache is refused at once, naming it."""
     from tf_keras.src.utils import data_utils
 
+    from runtime.datasets import downloads_allowed
+
     original = data_utils.get_file
 
     def get_file(fname=None, origin=None, *args, cache_subdir="datasets", cache_dir=None, **kwargs):
         where = Path(os.path.expanduser(cache_dir or os.path.join("~", ".keras"))) / cache_subdir
         if not (where / str(fname)).is_file():
-            if not allowed or offline():
+            if not downloads_allowed(allowed):
                 raise EdgeKitError(f"--weights imagenet needs Keras's file {fname} in {where}, and downloads are off "
                                    f"(offline); copy it there from a machine that has it ({origin}), or pass "
                                    "--weights PATH.")
@@ -172,14 +165,8 @@ def freeze(model, name: str, fine_tune_from: str | None = None) -> int:
     frozen (in inference mode), as Keras's transfer-learning guide does. Returns the trainable backbone layers."""
     from train.backend import keras
 
-    layers = [layer for layer in model.layers if layer.name not in HEAD and layer.name != "input"]
-    start = len(layers)
-    if fine_tune_from is not None:
-        names = [layer.name for layer in layers]
-        if fine_tune_from not in names:
-            raise EdgeKitError(f"--fine-tune-from {fine_tune_from!r} is not a layer of {name}; expected one of its "
-                               f"layer names, e.g. {BACKBONES[name].fine_tune_from!r} (the top blocks).")
-        start = names.index(fine_tune_from)
+    layers = _backbone_layers(model)
+    start = len(layers) if fine_tune_from is None else check_layer(model, name, fine_tune_from)
     count = 0
     for i, layer in enumerate(layers):
         layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
@@ -187,12 +174,20 @@ def freeze(model, name: str, fine_tune_from: str | None = None) -> int:
     return count
 
 
+def _backbone_layers(model) -> list:
+    return [layer for layer in model.layers if layer.name not in HEAD and layer.name != "input"]
+
+
+def check_layer(model, name: str, layer: str) -> int:
+    """The backbone position of `layer` (--fine-tune-from), or one clear line: checked before any training."""
+    names = [each.name for each in _backbone_layers(model)]
+    if layer not in names:
+        raise EdgeKitError(f"--fine-tune-from {layer!r} is not a layer of {name}; expected one of its layer names, "
+                           f"e.g. {BACKBONES[name].fine_tune_from!r} (the top blocks).")
+    return names.index(layer)
+
+
 def unfreeze(model) -> None:
     """Everything trainable again: what is saved (optimize fine-tunes the whole model)."""
     for layer in model.layers:
         layer.trainable = True
-
-
-def parameters(model) -> tuple[int, int]:
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    return trainable, int(model.count_params())

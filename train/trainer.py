@@ -303,6 +303,8 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     try:
         with strategy.scope():
             model = build(bool(policy), weights)
+        if spec.backbone and config.fine_tune_from:  # a wrong layer name fails now, not after the head's phase
+            backbones.check_layer(model, config.model, config.fine_tune_from)
         board = None
         if tensorboard is not None:
             log_dir = Path(tensorboard) if chief else scratch.enter_context(tempfile.TemporaryDirectory())
