@@ -137,6 +137,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)  # native dtypes are singletons: `is` is the cheap test
+_U32 = np.dtype(np.uint32)
+_ROUNDER = np.float32(1.5 * 2 ** 23)  # x + _ROUNDER rounds x to an integer held in the low mantissa bits
 
 
 def _lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -177,6 +179,7 @@ class Model:
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
         self._direct = None  # for 8-bit input taking pixels as they are: how to feed them without a lookup
         self._float_range = self._quant = None
+        self._quantized_input = bool(input_info.scale)  # float input is quantized (`_quantize_checked`)
         self._out_table = self._out_exp = None
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
@@ -364,28 +367,46 @@ class Model:
         return x
 
     def _quantize_checked(self, x: np.ndarray) -> np.ndarray:
-        """quantize(x, self.input) with `_check_float` in the same pass: dividing by (scale, -scale) at once
-        gives both ends of x in one reduction, and the quotient is then rounded straight into the integer
-        tensor (values that need saturating take quantize's clip)."""
+        """quantize(x, self.input) with `_check_float`, in four numpy calls for input inside the window.
+
+        x / scale + 1.5 * 2**23 holds rint(x / scale) in the low bits of its float32 mantissa (the addition
+        rounds half to even, as np.rint, for |x / scale| < 2**22); those bits less a constant index a table of
+        the quantized values, saturated, of every integer well inside the window, and `take` refuses any index
+        outside it. NaN, infinities and values outside the window have bits far outside, so they, and values
+        at the window's edges, go the slow way: refused with the reason, or saturated as quantize does.
+        One image is worked in a buffer kept for it (a Model is not for concurrent use: nor is its interpreter).
+        """
         if self._quant is None:
-            info, (low, high) = self.input, self._window()
-            scale = np.float32(info.scale)
-            int_low, int_high = (float(v) for v in _limits(info.dtype))
-            self._quant = (np.array([[scale], [-scale]], np.float32), low / info.scale, high / info.scale,
-                           int_low - info.zero_point, int_high - info.zero_point, np.float32(info.zero_point))
-        divisor, low, high, free_low, free_high, zero_point = self._quant
-        if not x.size:
-            return quantize(x, self.input)
-        y = np.divide(x.reshape(1, -1), divisor)  # row 0: x / scale, row 1: -x / scale
-        lo, neg_hi = _MIN(y, axis=1).tolist()
-        if not (low <= lo and -neg_hi <= high):
-            self._refuse(x)
-        if not (free_low <= lo and -neg_hi <= free_high):
-            return quantize(x, self.input)
-        q = y[0]
-        np.rint(q, out=q)
-        q += zero_point
-        return q.astype(self.input.dtype).reshape(x.shape)
+            self._quant = self._quantizer()
+        scale, offset, table, one, one_bits = self._quant
+        if table is not None:
+            if x.shape == self._one:
+                q, bits = one, one_bits
+                np.divide(x, scale, out=q)
+            else:
+                q = np.divide(x, scale)
+                bits = q.view(_U32)
+            q += _ROUNDER
+            try:
+                return table.take(np.subtract(bits, offset, out=bits))
+            except IndexError:
+                pass
+        return quantize(self._check_float(x), self.input)
+
+    def _quantizer(self) -> tuple:
+        """(scale, offset, table, buffer, its bits) of `_quantize_checked`: table[i] is the quantized value of
+        the integer quotient first + i, for first..last at least one step inside the window (so a quotient
+        rounded into the table is one the window takes), and at most 1,024 steps past what saturates."""
+        info, (low, high) = self.input, self._window()
+        int_low, int_high = (int(v) for v in _limits(info.dtype))
+        first = max(math.ceil(low / info.scale + 1), int_low - info.zero_point - 1024)
+        last = min(math.floor(high / info.scale - 1), int_high - info.zero_point + 1024)
+        table = None
+        if first <= last and -2 ** 21 < first and last < 2 ** 21:
+            table = np.clip(np.arange(first, last + 1) + info.zero_point, int_low, int_high).astype(info.dtype)
+        offset = np.uint32((int(_ROUNDER.view(np.int32)) + first) % 2 ** 32)
+        one = np.empty(self._one, np.float32)
+        return np.float32(info.scale), offset, table, one, one.view(_U32)
 
     def _refuse(self, x: np.ndarray):
         """The error for float input that `_check_float` refuses."""
@@ -445,7 +466,10 @@ class Model:
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class probabilities, (N, classes): the softmax of the logits, or the model's own output when it
         ends in softmax (`output_kind`)."""
-        raw = self._outputs(x, batch_size)
+        if self._one_ready and type(x) is np.ndarray and x.shape == self._one and x.dtype is _F32:
+            raw = self._run_one(self._quantize_checked(x) if self._quantized_input else self._feed(x, False))
+        else:  # `_outputs`, whose first case is the above: one frame less for a camera loop's float input
+            raw = self._outputs(x, batch_size)
         if self.output_kind == "probabilities":  # the model's own softmax; 8-bit ones renormalized to sum to 1
             p = self._fetch(raw)
             if self._out_table is not None:
@@ -453,7 +477,7 @@ class Model:
             return p
         if self._out_exp is None:
             return softmax(self._fetch(raw))
-        e = self._out_exp.take(raw.view(np.uint8))  # exp of the dequantized logits, by table lookup
+        e = self._out_exp.take(raw)  # exp of the dequantized logits, by table lookup (an int8 -k is byte 256 - k)
         e /= sum(e[0].tolist()) if len(e) == 1 else e.sum(axis=-1, keepdims=True)  # one row: no numpy reduction
         return e
 
@@ -462,7 +486,7 @@ class Model:
         if self._one_ready and type(x) is np.ndarray and x.shape == self._one:  # one image: fewest Python steps
             dtype = x.dtype
             if dtype is _F32:
-                return self._run_one(self._feed(x, False))
+                return self._run_one(self._quantize_checked(x) if self._quantized_input else self._feed(x, False))
             if dtype is _U8 and self.preprocessing is not None:
                 return self._run_one(self._feed(x, True))
         x, pixels = self._checked(x)
@@ -513,13 +537,13 @@ class Model:
             if self._direct == "shifted":  # int8 input that is the pixels - 128: one pass, no lookup
                 return np.bitwise_xor(x, np.uint8(128)).view(np.int8)
             return _lookup(self._pixel_table(bool(self.input.scale)), x)
-        if self.input.scale:
+        if self._quantized_input:
             return self._quantize_checked(x)
         return self._check_float(x).astype(self.input.dtype, copy=False)
 
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
-            return self._out_table.take(y.view(np.uint8))
+            return self._out_table.take(y)  # an int8 -k indexes byte 256 - k
         return dequantize(y, self.output) if self.output.scale else y.astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
@@ -646,10 +670,19 @@ class _TFLiteModel(Model):
         return y
 
     def _run_one(self, fed: np.ndarray) -> np.ndarray:
-        interpreter = self._interpreter
-        interpreter.set_tensor(self._in, fed)
-        interpreter.invoke()
-        return interpreter.get_tensor(self._out)
+        self._run_one = run = self._one_runner()  # from now on the instance's own closure, this method no more
+        return run(fed)
+
+    def _one_runner(self):
+        """`_run_one` with the interpreter's methods and tensor indices bound once, not looked up per call."""
+        set_tensor, invoke, get_tensor = self._interpreter.set_tensor, self._interpreter.invoke, self._interpreter.get_tensor
+        index_in, index_out = self._in, self._out
+
+        def run(fed: np.ndarray) -> np.ndarray:
+            set_tensor(index_in, fed)
+            invoke()
+            return get_tensor(index_out)
+        return run
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)

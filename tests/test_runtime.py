@@ -179,6 +179,44 @@ def test_int8_float_input_is_quantized_exactly_as_pixels_are(exported, digits):
     _expect("ranges over", model.predict, floats * 255)
 
 
+def test_float_input_is_quantized_by_definition_at_every_step_and_edge(exported):
+    """What the int8 interpreter is fed for float input: round(x / scale) half to even, plus the zero point,
+    saturated (ONNX's QuantizeLinear), at every half step of the window (ties included), a float32 step
+    either side of them, and for one image as for a batch; a value one float32 step outside the window is
+    refused, one inside it saturates."""
+    model = load(exported[0] / "model.int8.tflite")
+    info, image = model.input, int(np.prod(model.input_shape))
+    scale = np.float32(info.scale)
+    low, high, slack = model.float_range()
+    window = [np.float32(low - slack), np.float32(high + slack)]  # the float32 values at the window's ends
+    window[0] += np.float32(0) if window[0] >= low - slack else np.spacing(window[0])
+    window[1] -= np.float32(0) if window[1] <= high + slack else np.spacing(window[1])
+    half_steps = np.arange(np.ceil(window[0] / scale) - 1, np.floor(window[1] / scale) + 1, 0.5)
+    x = (half_steps * np.float64(scale)).astype(np.float32)
+    x = np.concatenate([x, np.nextafter(x, np.float32(-np.inf)), np.nextafter(x, np.float32(np.inf))])
+    x = x[(x >= window[0]) & (x <= window[1])]
+    assert (np.divide(x, scale) % 1 == 0.5).sum() > 500  # exact ties are among them
+    expected = np.clip(np.rint(np.divide(x, scale)) + info.zero_point, -128, 127).astype(np.int8)
+    # an image holding a value within two steps of the window's ends is all quantized the slow way: these
+    # images hold the values well inside (the table's), those the values near the ends
+    inside = (x > window[0] + 2 * scale) & (x < window[1] - 2 * scale)
+    for part in (inside, ~inside):
+        images = np.resize(x[part], (-(-part.sum() // image), *model.input_shape))  # the tail repeated
+        fed = model._quantize_checked(images)
+        assert fed.dtype == np.int8 and np.array_equal(fed.reshape(-1)[: part.sum()], expected[part])
+        for i in range(len(images)):  # one image at a time: the buffered path
+            assert np.array_equal(model._quantize_checked(images[i:i + 1]), fed[i:i + 1])
+    one = images[:1].copy()
+    for value, refused in ((window[0], False), (window[1], False), (np.nextafter(window[0], -np.inf), True),
+                           (np.nextafter(window[1], np.inf), True), (np.float32(1e30), True), (-np.inf, True)):
+        one[0, 0, 0, 0] = value
+        if refused:
+            _expect("float input ranges over" if np.isfinite(value) else "infinite value", model.predict, one)
+        else:
+            assert model._quantize_checked(one)[0, 0, 0, 0] == (-128 if value < 0 else 127)
+            assert model.predict(one).shape == (1, 10)
+
+
 def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
     bare = tmp_path / "bare.tflite"
     shutil.copy(exported[0] / "model.float32.tflite", bare)
