@@ -230,6 +230,9 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
                 data = mixed[fmt.key][0]
+            elif fmt.key == "int8" and quantization_aware and (excluded := _int8_keeping_excluded(
+                    src, calibration, trust, progress)) is not None:
+                data, mixed[fmt.key] = excluded[0], excluded
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
             else:
@@ -251,6 +254,30 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     if src.manifest is not None or results:
         _record(out, src, results)
     return results
+
+
+def _int8_keeping_excluded(src, calibration, trust, progress):
+    """(int8 file, its kept_float record) of a qat/pqat/cqat artifact whose recipe excludes layers: its float
+    twin (the weights QAT trained; `optimize.api.excluded_float_twin`) calibrated, then quantized with the
+    excluded layers' graph nodes left float, so those layers and no other are float. None when the recipe
+    excludes no layer that makes a graph node of its own: the int8 file then comes from the learned ranges."""
+    from export import selective as sel
+    from optimize.api import excluded_float_twin
+
+    twin, names = excluded_float_twin(src.path, src.manifest, src.model, trust)
+    if twin is None:
+        return None
+    chooser = sel.Selective(twin, calibration)
+    kept = [name for name in names if name in chooser.layers]
+    if not kept:
+        return None
+    progress(f"int8: keeping {', '.join(kept)} float (the recipe's --exclude): the trained weights, activation "
+             f"ranges calibrated on {len(calibration)} training images")
+    return chooser.quantize(kept), {
+        "layers": kept, "chosen": "by the quantization-aware recipe's --exclude",
+        "how": "the weights quantization-aware training gave, activation ranges calibrated, the layers' graph "
+               "nodes denylisted: the converter quantizes a layer whose neighbours carry learned ranges, "
+               "so the learned ranges cannot keep it float"}
 
 
 def _selective(src, fmts, out, calibration, keep_float, explain, budget, progress, onnx_proto, method):
@@ -371,7 +398,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed") and src.kind not in QUANTIZATION_AWARE
+    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed") and (
+        src.kind not in QUANTIZATION_AWARE or kept_float is not None)  # QAT keeping --exclude float: calibrated
     if kept_float is not None:
         figures["kept_float"] = kept_float
     sidecar = {

@@ -37,7 +37,8 @@ def _common(parser, epochs, lr):
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--exclude", action="append", default=[], metavar="LAYER",
-                        help="layer name or glob to leave untouched, e.g. 'logits' or 'block1_*' (repeatable)")
+                        help="layer name or glob to leave untouched, e.g. 'logits' or 'block1_*' (repeatable); "
+                             "after qat, pqat or cqat that layer alone is float in the int8 export")
     parser.add_argument("--data-dir", help="where the parent's dataset files are, if they moved")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out (never the parent or any "
                                                                  "of its ancestors)")

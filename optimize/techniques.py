@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 
 from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, _Recipe
-from runtime.errors import EdgeKitError
+from runtime.errors import ArtifactError, EdgeKitError
 from train.backend import keras
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after train.backend: Keras 2)
@@ -200,6 +200,34 @@ def prepare_qat(model, recipe: QATRecipe | PQATRecipe | CQATRecipe, steps_per_ep
     return Prepared(quantized, lambda m: m, touched, skipped,
                     details={"scheme": type(scheme).__name__, "weights": "int8 per-channel",
                              "activations": "int8 per-tensor", "batchnorm": "folded into its convolution"})
+
+
+def float_twin(quantized, base):
+    """`base` (the float model QAT was applied to) holding the weights QAT trained in `quantized`.
+
+    Each kernel is the one the layer's weight quantizer feeds to the forward pass (per-channel int8 values
+    times their scales, masked or clustered by PQAT and CQAT: the values the int8 file holds), every other
+    weight (biases, BatchNormalization's) as trained; layers and weights are matched by name.
+    """
+    from optimize.measure import KERNEL_NAMES, _short, effective_kernels
+
+    kernels = effective_kernels(quantized)
+    trained = {}  # layer name -> {weight name: value}; a QuantizeWrapper holds its layer's kernel itself
+    for layer in quantized.layers:
+        name = getattr(layer, "layer", layer).name
+        trained[name] = {_short(w.name): w for w in layer.weights if w.name.startswith(name + "/")}
+    twin = keras.models.clone_model(base)
+    for layer in twin.layers:
+        if not layer.weights:
+            continue
+        own = trained.get(layer.name, {})
+        names = [_short(w.name) for w in layer.weights]
+        if any(n not in own for n in names):
+            raise ArtifactError(f"the quantization-aware model has no weight {layer.name}/"
+                                f"{next(n for n in names if n not in own)}; run the optimize step again.")
+        layer.set_weights([kernels[layer.name][1] if n in KERNEL_NAMES and layer.name in kernels
+                           else own[n].numpy() for n in names])
+    return twin
 
 
 PREPARE = {"prune": prepare_prune, "cluster": prepare_cluster, "qat": prepare_qat, "pqat": prepare_qat,

@@ -12,7 +12,7 @@ from conftest import run_module
 from export import FORMATS, export
 from export.formats import FLOAT_ATOL, FLOAT_RTOL, MAX_ACCURACY_DROP, MIN_AGREEMENT, get_format, verify
 from runtime.errors import EdgeKitError
-from runtime.load import load
+from runtime.load import load, tflite_census
 from runtime.manifest import read_manifest, verify_files
 
 
@@ -86,6 +86,39 @@ def test_qat_artifact_exports_a_true_int8_model(tiny, tmp_path):
     assert json.loads((tmp_path / "qat" / "model.int8.json").read_text())["calibration"] is None  # learned ranges
     with pytest.raises(EdgeKitError, match="quantization-aware .* exports to int8 only"):
         export(tmp_path / "qat", ["float32"], progress=lambda s: None)
+
+
+@pytest.mark.parametrize("technique", ["qat", "pqat", "cqat"])
+def test_quantization_aware_exclude_keeps_that_layer_alone_float_in_int8(tiny, tmp_path, technique):
+    """--exclude LAYER on qat/pqat/cqat: in the int8 file that layer's convolution runs float between a DEQUANTIZE
+    and a QUANTIZE, and every other op is the integer op of post-training int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from optimize import cluster, cqat, pqat, prune, qat
+
+    parent = tiny
+    if technique == "pqat":
+        parent = tmp_path / "pruned"
+        prune(tiny, parent, sparsity=0.5, epochs=1, quiet=True)
+    elif technique == "cqat":
+        parent = tmp_path / "clustered"
+        cluster(tiny, parent, clusters=8, epochs=1, quiet=True)
+    optimize = {"qat": qat, "pqat": pqat, "cqat": cqat}[technique]
+    optimize(parent, tmp_path / "q", epochs=1, quiet=True, exclude=("block2_conv1",))
+    (result,) = export(tmp_path / "q", ["int8"], progress=lambda s: None)
+    assert result.passed, result.message
+    interpreter = Interpreter(model_path=str(result.file))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    float_ops = [(op["op_name"], tensors[op["outputs"][0]]["name"]) for op in interpreter._get_ops_details()
+                 if any(tensors[i]["dtype"] == np.float32 for i in [*op["inputs"], *op["outputs"]] if i >= 0)]
+    assert [name for name, _ in float_ops] == ["DEQUANTIZE", "CONV_2D", "QUANTIZE"], float_ops
+    assert "block2_conv1" in float_ops[1][1]
+    census = tflite_census(result.file)
+    assert census["ops"]["CONV_2D"] == 4 and census["ops"]["DEQUANTIZE"] == census["ops"]["QUANTIZE"] == 1
+    model = load(result.file)
+    assert model.input.dtype == "int8" and model.output.dtype == "int8"
+    sidecar = json.loads((tmp_path / "q" / "model.int8.json").read_text())
+    assert sidecar["kept_float"]["layers"] == ["block2_conv1"] and sidecar["calibration"]["samples"] > 0
 
 
 def test_bare_keras_file_exports_with_a_dataset(tiny, tmp_path):
