@@ -347,7 +347,10 @@ def _report(args) -> int:
         print(f"  {line}")
     written = ["report.md", "report.csv", "report.json", *report["plots"], *report.get("search_plots", [])]
     print(f"wrote {', '.join(f'{args.directory}/{name}' for name in written)}")
-    return 0
+    damaged = [r["reason"] for r in report["rows"] if r.get("damaged")]
+    for reason in damaged:  # the others are reported; these artifacts could not be
+        print(f"error: {reason}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _add_threads(parser, default):

@@ -178,6 +178,17 @@ def test_report_command_is_tensorflow_free_and_reads_existing_results(quick_copy
     assert "LOADED []" in done.stdout
 
 
+def test_a_damaged_manifest_is_reported_with_the_other_artifacts_and_fails_the_report(quick_copy):
+    (quick_copy / "fashion_cnn-qat" / "manifest.json").write_text('{"name": "fashion_cnn-qat"')  # cut short
+    result = run_module("runtime", "report", str(quick_copy), "--no-bench", "--quiet")
+    assert result.returncode == 1, result.stderr
+    assert "6 of 7 files verified" in result.stdout  # the qat artifact's file is not among them
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "fashion_cnn-qat/manifest.json" in error[0] and "Traceback" not in result.stderr
+    report = (quick_copy / "report.md").read_text()
+    assert "fashion_cnn-qat -: " in report and "pruned80 int8" in report
+
+
 def test_variants_bring_their_parents_and_bad_names_are_refused():
     assert resolve_variants(["pqat"]) == ("pruned80", "pqat")
     assert resolve_variants(["cqat", "qat"]) == ("clustered16", "cqat", "qat")

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import EdgeKitError
+from runtime.errors import ArtifactError, EdgeKitError
 from runtime.formats import ALIASES, format_rank
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.progress import bar
 
 
-def artifacts(root: Path) -> list[tuple[Path, dict]]:
+def artifacts(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
     """(directory, manifest) of the artifacts under `root` (itself, and its sub-directories): the trained
     model first, then the variants in the pipeline's order when root holds its pipeline.json, else by
-    lineage and name."""
+    lineage and name; and (directory, the reason) of those whose manifest is damaged, which are left out."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))  # not staging dirs
     found = [d for d in [root, *subdirs] if (d / MANIFEST).is_file()]
     if not found:
@@ -36,7 +36,15 @@ def artifacts(root: Path) -> list[tuple[Path, dict]]:
         return (m.get("parent") is not None, order.index(d.name) if d.name in order else len(order),
                 len(m.get("lineage", [])), d.name)
 
-    return sorted(((d, read_manifest(d)) for d in found), key=rank)
+    read, damaged = [], []
+    for d in found:
+        try:
+            read.append((d, read_manifest(d)))
+        except ArtifactError as exc:
+            damaged.append((d, str(exc)))
+    if not read:
+        raise ArtifactError(damaged[0][1])
+    return sorted(read, key=rank), damaged
 
 
 def _variant_name(manifest: dict, base_name: str | None) -> str:
@@ -53,8 +61,10 @@ def collect(root: Path) -> list[dict]:
     against its manifest and must have been made from the artifact's current model."""
     from runtime.manifest import export_problem, model_sha256
 
-    rows = []
-    found = artifacts(root)
+    found, damaged = artifacts(root)
+    rows = [{"variant": d.name, "format": "-", "artifact": str(d), "kind": None, "model": None, "dataset": None,
+             "parent": None, "file": str(d / MANIFEST), "status": "failed", "reason": reason, "damaged": True}
+            for d, reason in damaged]  # reported with the others, and the command fails (exit 1)
     base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
     for d, manifest in found:
         exports = manifest.get("exports", {})
@@ -72,7 +82,9 @@ def collect(root: Path) -> list[dict]:
             else:
                 row["sha256"] = manifest["files"][record["file"]]["sha256"]  # checked: the key of cached benchmarks
             rows.append(row)
-    if not rows:
+    if len(rows) == len(damaged):
+        if damaged:
+            raise ArtifactError(damaged[0][1])
         raise EdgeKitError(f"no exported file under {root}; run `python -m export --all` on its artifacts first.")
     return rows
 
