@@ -246,6 +246,10 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop,
                                                mixed[fmt.key][1] if mixed.get(fmt.key) else None))
+            if results[-1].figures.get("float_ops") and fmt.key not in mixed:
+                progress(f"note: {fmt.key}: the file holds {results[-1].figures['float_ops']} float ops, from the "
+                         f"layers tfmot's 8-bit scheme does not support ({_unsupported(src)}; facts.skipped in "
+                         "manifest.json): quantization-aware training left them float")
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -254,6 +258,16 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     if src.manifest is not None or results:
         _record(out, src, results)
     return results
+
+
+def _unsupported(src) -> str:
+    """The kinds of layer a quantization-aware artifact's technique skipped as unsupported, with counts."""
+    from collections import Counter
+
+    skipped = ((src.manifest or {}).get("facts") or {}).get("skipped") or {}
+    types = {layer.name: type(layer).__name__ for layer in src.model.layers}
+    kinds = Counter(types.get(name, name) for name, why in skipped.items() if "not supported" in str(why))
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none listed"
 
 
 def _int8_keeping_excluded(src, calibration, trust, progress):
@@ -389,6 +403,10 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
+        if fmt.key == "int8" and src.kind in QUANTIZATION_AWARE:  # fully integer unless tfmot left layers float
+            from runtime.load import tflite_census
+
+            figures["float_ops"] = len(tflite_census(data)["float_ops"])
         if failure:
             return Result(fmt.key, None, False, figures, f"{fmt.key}: {failure}")
         final = out / fmt.filename

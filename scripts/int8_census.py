@@ -1,8 +1,10 @@
 """Are the int8 files of QAT, PQAT and CQAT fully integer? Op and tensor-type census of each, per model.
 
     python scripts/int8_census.py [--models fashion_cnn,resnet,resnet20,mobilenet] [--techniques qat,pqat,cqat]
+    python scripts/int8_census.py --models mobilenet_v2,mobilenet_v3_small,efficientnet_b0 --techniques qat
 
-For every registered model (trained one epoch on 96 digits images), converts the post-training int8
+For every model named (trained one epoch on 96 digits images; a Keras applications backbone on them
+resized to 32x32 RGB, MobileNetV2 at alpha 0.35, MobileNetV3Small at 0.75), converts the post-training int8
 file and each technique's int8 file, and prints: file size, size against post-training int8, the
 operators, tensor dtypes and float operators (a fully integer file has none). CQAT on the deeper
 models takes minutes (tfmot's cluster-preserving graph is slow to fine-tune and convert).
@@ -26,14 +28,19 @@ def main() -> int:
     args = parser.parse_args()
     from runtime.datasets import load_dataset
     from runtime.load import tflite_census
-    from test_qat_int8 import int8_files
+    from test_qat_int8 import SMALL_ARGS, int8_files
+    from train.models import get_spec
 
-    digits = load_dataset("digits")
-    small = dataclasses.replace(digits, x_train=digits.x_train[:96], y_train=digits.y_train[:96],
-                                x_val=digits.x_val[:32], y_val=digits.y_val[:32])
+    SMALL_ARGS.update(mobilenet_v2={"alpha": 0.35}, mobilenet_v3_small={"alpha": 0.75})
+
+    def small(backbone):
+        digits = load_dataset("digits", **({"image_size": (32, 32), "channels": 3} if backbone else {}))
+        return dataclasses.replace(digits, x_train=digits.x_train[:96], y_train=digits.y_train[:96],
+                                   x_val=digits.x_val[:32], y_val=digits.y_val[:32])
+
     print("| model | file | bytes | vs int8 | float ops | dtypes | ops |\n|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        files = int8_files(name, small, args.techniques.split(","))
+        files = int8_files(name, small(bool(get_spec(name).backbone)), args.techniques.split(","))
         for technique, data in files.items():
             census = tflite_census(data)
             ops = ", ".join(f"{op} {n}" for op, n in sorted(census["ops"].items()))

@@ -84,6 +84,7 @@ def test_qat_artifact_exports_a_true_int8_model(tiny, tmp_path):
     assert model.input.dtype == "int8" and model.output.dtype == "int8"
     assert result.figures["accuracy"] >= result.figures["keras_accuracy"] - MAX_ACCURACY_DROP / 100
     assert json.loads((tmp_path / "qat" / "model.int8.json").read_text())["calibration"] is None  # learned ranges
+    assert result.figures["float_ops"] == 0  # counted in the file, recorded in the sidecar's verification
     with pytest.raises(EdgeKitError, match="quantization-aware .* exports to int8 only"):
         export(tmp_path / "qat", ["float32"], progress=lambda s: None)
 
@@ -115,6 +116,7 @@ def test_quantization_aware_exclude_keeps_that_layer_alone_float_in_int8(tiny, t
     assert "block2_conv1" in float_ops[1][1]
     census = tflite_census(result.file)
     assert census["ops"]["CONV_2D"] == 4 and census["ops"]["DEQUANTIZE"] == census["ops"]["QUANTIZE"] == 1
+    assert result.figures["float_ops"] == 3
     model = load(result.file)
     assert model.input.dtype == "int8" and model.output.dtype == "int8"
     sidecar = json.loads((tmp_path / "q" / "model.int8.json").read_text())
