@@ -224,15 +224,15 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
     for fmt in sorted(fmts, key=lambda f: f.backend != "onnx"):
         progress(f"{fmt.key}: converting ...")
+        record = None  # what the sidecar says of how a file not made the plain way was made
         try:
             if fmt.key in mixed:
                 if mixed[fmt.key] is None:
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
-                data = mixed[fmt.key][0]
-            elif fmt.key == "int8" and quantization_aware and (excluded := _int8_keeping_excluded(
-                    src, calibration, trust, progress)) is not None:
-                data, mixed[fmt.key] = excluded[0], excluded
+                data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1]}
+            elif fmt.key == "int8" and quantization_aware:
+                data, record = _qat_int8(src, calibration, trust, progress)
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
             else:
@@ -245,11 +245,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop,
-                                               mixed[fmt.key][1] if mixed.get(fmt.key) else None))
-            if results[-1].figures.get("float_ops") and fmt.key not in mixed:
-                progress(f"note: {fmt.key}: the file holds {results[-1].figures['float_ops']} float ops, from the "
-                         f"layers tfmot's 8-bit scheme does not support ({_unsupported(src)}; facts.skipped in "
-                         "manifest.json): quantization-aware training left them float")
+                                               record))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -270,28 +266,57 @@ def _unsupported(src) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none listed"
 
 
-def _int8_keeping_excluded(src, calibration, trust, progress):
-    """(int8 file, its kept_float record) of a qat/pqat/cqat artifact whose recipe excludes layers: its float
-    twin (the weights QAT trained; `optimize.api.excluded_float_twin`) calibrated, then quantized with the
-    excluded layers' graph nodes left float, so those layers and no other are float. None when the recipe
-    excludes no layer that makes a graph node of its own: the int8 file then comes from the learned ranges."""
-    from export import selective as sel
-    from optimize.api import excluded_float_twin
+def _qat_int8(src, calibration, trust, progress) -> tuple[bytes, dict | None]:
+    from optimize.api import qat_float_twin
 
-    twin, names = excluded_float_twin(src.path, src.manifest, src.model, trust)
-    if twin is None:
-        return None
-    chooser = sel.Selective(twin, calibration)
-    kept = [name for name in names if name in chooser.layers]
-    if not kept:
-        return None
-    progress(f"int8: keeping {', '.join(kept)} float (the recipe's --exclude): the trained weights, activation "
-             f"ranges calibrated on {len(calibration)} training images")
-    return chooser.quantize(kept), {
-        "layers": kept, "chosen": "by the quantization-aware recipe's --exclude",
-        "how": "the weights quantization-aware training gave, activation ranges calibrated, the layers' graph "
-               "nodes denylisted: the converter quantizes a layer whose neighbours carry learned ranges, "
-               "so the learned ranges cannot keep it float"}
+    return qat_int8_file(src.model, lambda: qat_float_twin(src.path, src.manifest, src.model, trust), calibration,
+                         excludes=bool(((src.manifest or {}).get("recipe") or {}).get("exclude")),
+                         unsupported=_unsupported(src), progress=progress)
+
+
+def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = False, unsupported: str = "",
+                  progress=print) -> tuple[bytes, dict | None]:
+    """The int8 file of a quantization-aware model, and None when it comes from the learned ranges, or the
+    sidecar's record of how it was made otherwise. `twin()` gives (the float twin: the base model with the
+    weights QAT trained, `optimize.api.qat_float_twin`; the layers the recipe's --exclude names).
+
+    From the learned ranges unless (1) the recipe excludes layers: the converter quantizes a layer whose
+    neighbours carry learned ranges, so the file is made from the float twin calibrated, the excluded layers'
+    graph nodes denylisted, so those layers and no other are float; or (2) the learned ranges leave float
+    operators (layers tfmot's 8-bit scheme does not support, such as TFOpLambda, Multiply, Rescaling:
+    MobileNetV3's hard-swish, EfficientNet's swish and squeeze-excite, which the converter leaves float):
+    the float twin calibrated makes a fully integer file."""
+    from export import convert
+    from export import selective as sel
+    from runtime.load import tflite_census
+
+    if excludes:
+        model, names = twin()
+        chooser = sel.Selective(model, calibration)
+        kept = [name for name in names if name in chooser.layers]
+        if kept:
+            progress(f"int8: keeping {', '.join(kept)} float (the recipe's --exclude): the trained weights, "
+                     f"activation ranges calibrated on {len(calibration)} training images")
+            return chooser.quantize(kept), {"kept_float": {
+                "layers": kept, "chosen": "by the quantization-aware recipe's --exclude",
+                "how": "the weights quantization-aware training gave, activation ranges calibrated, the layers' "
+                       "graph nodes denylisted: the converter quantizes a layer whose neighbours carry learned "
+                       "ranges, so the learned ranges cannot keep it float"}}
+    learned = convert.to_tflite(quantized, "int8", None, True)
+    float_ops = len(tflite_census(learned)["float_ops"])
+    if not float_ops:
+        return learned, None
+    del learned
+    progress(f"int8: the learned ranges leave {float_ops} float ops (layers tfmot's 8-bit scheme does not "
+             f"support: {unsupported or 'see facts.skipped'}); making the file from the trained weights with "
+             f"activation ranges calibrated on {len(calibration)} training images: fully integer")
+    return sel.Selective(twin()[0], calibration).quantize([]), {"activation_ranges": {
+        "source": "calibrated",
+        "why": f"from the learned ranges the file held {float_ops} float ops: tfmot's 8-bit scheme leaves layers "
+               f"it does not support ({unsupported or 'see facts.skipped'}) without ranges, and the converter "
+               "leaves them float",
+        "how": "the weights quantization-aware training gave (each kernel as its weight quantizer feeds it), "
+               "every activation range calibrated"}}
 
 
 def _selective(src, fmts, out, calibration, keep_float, explain, budget, progress, onnx_proto, method):
@@ -384,7 +409,7 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
 
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
-                        max_accuracy_drop, kept_float=None) -> Result:
+                        max_accuracy_drop, record=None) -> Result:
     import gzip
 
     from runtime.errors import VerificationError
@@ -417,9 +442,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed") and (
-        src.kind not in QUANTIZATION_AWARE or kept_float is not None)  # QAT keeping --exclude float: calibrated
-    if kept_float is not None:
-        figures["kept_float"] = kept_float
+        src.kind not in QUANTIZATION_AWARE or record is not None)  # a QAT file not from its learned ranges
+    figures.update(record or {})
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
         "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
@@ -432,7 +456,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
                          "method": (method or "minmax") if fmt.backend == "onnx" else "tflite-minmax"}
                         if calibrated else None),
         "opset": (opset or _default_opset()) if fmt.backend == "onnx" else None,
-        **({"kept_float": kept_float} if kept_float is not None else {}),
+        **(record or {}),
         "verification": {**figures, "passed": True, "runtime": "ai-edge-litert" if fmt.backend == "tflite"
                          else "onnxruntime"},
         "versions": library_versions(), "created": utc_now(),

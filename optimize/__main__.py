@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
           + (f"gzip {m['gzip_bytes'] / 1024:.0f} KiB ({m['gzip_ratio_vs_parent']:.2f}x parent)"
              if "qat_weights_bytes" not in m else "quantization-aware: its int8 export is the file to ship"))
     skipped = manifest["facts"]["skipped"]
-    if skipped:
-        print("left as they were: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    by_reason = {}
+    for layer, why in skipped.items():
+        by_reason.setdefault(why, []).append(layer)
+    for why, layers in by_reason.items():  # a backbone skips dozens of layers for one reason: a line per reason
+        named = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more (facts.skipped in {out}/manifest.json)"
+                                          if len(layers) > 4 else "")
+        print(f"left as they were ({why}): {named}")
     print(f"wrote {out}/")
     export = "--tflite --quantize int8" if "qat_weights_bytes" in m else "--all"
     print(f"next: python -m export {export} {out}")

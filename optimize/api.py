@@ -68,19 +68,19 @@ def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None 
     return model
 
 
-def excluded_float_twin(artifact: str | Path, manifest: dict, quantized, trust: bool = False):
-    """(float twin, the layers its recipe's --exclude names) of a qat/pqat/cqat artifact, or (None, []) when it
-    excludes nothing: its base model with the weights QAT trained (`techniques.float_twin`), for an int8 file
-    that keeps exactly those layers float, which the converter will not do from the fake-quantized model
-    (it quantizes a layer whenever the tensors on both sides carry ranges: tensorflow/tensorflow#46073)."""
+def qat_float_twin(artifact: str | Path, manifest: dict, quantized, trust: bool = False):
+    """(float twin, the layers its recipe's --exclude names) of a qat/pqat/cqat artifact: its base model with
+    the weights QAT trained (`techniques.float_twin`), to calibrate into an int8 file when the learned ranges
+    cannot make the right one: to keep exactly the excluded layers float, which the converter will not do from
+    the fake-quantized model (it quantizes a layer whenever the tensors on both sides carry ranges:
+    tensorflow/tensorflow#46073), or to make a fully integer file of a model with layers tfmot's scheme left
+    without ranges (the converter leaves those float)."""
     from optimize.techniques import _excluded, float_twin
     from train.safe_load import load_model_file
 
     patterns = (manifest.get("recipe") or {}).get("exclude") or []
-    if manifest["kind"] not in QUANTIZATION_AWARE or not patterns:
-        return None, []
     twin = float_twin(quantized, load_model_file(base_file(artifact, manifest), trust))
-    return twin, [layer.name for layer in twin.layers if _excluded(layer.name, patterns)]
+    return twin, [layer.name for layer in twin.layers if patterns and _excluded(layer.name, patterns)]
 
 
 @dataclasses.dataclass

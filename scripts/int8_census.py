@@ -5,8 +5,10 @@
 
 For every model named (trained one epoch on 96 digits images; a Keras applications backbone on them
 resized to 32x32 RGB, MobileNetV2 at alpha 0.35, MobileNetV3Small at 0.75), converts the post-training int8
-file and each technique's int8 file, and prints: file size, size against post-training int8, the
-operators, tensor dtypes and float operators (a fully integer file has none). CQAT on the deeper
+file and each technique's int8 file as export makes it (from the learned ranges; calibrated from the weights
+QAT trained when the learned ranges leave float operators), and prints: where the activation ranges came
+from, file size, size against post-training int8, the operators, tensor dtypes and float operators (a fully
+integer file has none). CQAT on the deeper
 models takes minutes (tfmot's cluster-preserving graph is slow to fine-tune and convert).
 """
 
@@ -38,13 +40,16 @@ def main() -> int:
         return dataclasses.replace(digits, x_train=digits.x_train[:96], y_train=digits.y_train[:96],
                                    x_val=digits.x_val[:32], y_val=digits.y_val[:32])
 
-    print("| model | file | bytes | vs int8 | float ops | dtypes | ops |\n|---|---|---|---|---|---|---|")
+    print("| model | file | activation ranges | bytes | vs int8 | float ops | dtypes | ops |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        files = int8_files(name, small(bool(get_spec(name).backbone)), args.techniques.split(","))
+        records = {}
+        files = int8_files(name, small(bool(get_spec(name).backbone)), args.techniques.split(","), records)
         for technique, data in files.items():
             census = tflite_census(data)
             ops = ", ".join(f"{op} {n}" for op, n in sorted(census["ops"].items()))
-            print(f"| {name} | {technique} | {len(data):,} | {len(data) / len(files['plain']):.3f} | "
+            ranges = ("calibrated" if technique == "plain" or records[technique] else "learned")
+            print(f"| {name} | {technique} | {ranges} | {len(data):,} | {len(data) / len(files['plain']):.3f} | "
                   f"{len(census['float_ops'])} | {census['dtypes']} | {ops} |", flush=True)
     return 0
 

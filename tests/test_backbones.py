@@ -1,6 +1,8 @@
 """Transfer learning from tf_keras.applications backbones: build, freeze, weights files, the offline error,
 and a MobileNetV2 through training in two phases, QAT and every export format. Nothing downloads."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,29 @@ def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp
     pixels = np.stack([np.asarray(Image.fromarray(p[..., 0]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
                        for p in digits.x_test[:4]])  # 28x28 gray digits as the camera would give them: RGB, 32x32
     assert model.predict(pixels).shape == (4, 10)
+
+
+def test_qat_of_a_backbone_with_layers_tfmot_cannot_annotate_exports_fully_integer(tmp_path):
+    """MobileNetV3Small's hard-swish and squeeze-excite (TFOpLambda, Multiply, Rescaling) get no learned ranges
+    from tfmot's 8-bit scheme, and the converter leaves them float (155 float ops here): export makes the int8
+    file from the weights QAT trained with every activation range calibrated, fully integer, and says so."""
+    from export import export
+    from optimize import qat
+    from runtime.load import tflite_census
+
+    parent = tmp_path / "mobilenet_v3_small"
+    assert train_main(["--model", "mobilenet_v3_small", "--model-arg", "alpha=0.75", "--epochs", "1",
+                       "--out", str(parent), "--quiet"]) == 0
+    qat(parent, tmp_path / "qat", epochs=1, quiet=True)
+    said = []
+    [plain] = export(parent, ["int8"], calibration_samples=32, progress=said.append)
+    [result] = export(tmp_path / "qat", ["int8"], calibration_samples=32, progress=said.append)
+    assert plain.passed and result.passed, result.message
+    census = tflite_census(result.file)
+    assert census["float_ops"] == [] and set(census["dtypes"]) <= {"int8", "int32"}, census
+    assert result.file.stat().st_size <= 1.03 * plain.file.stat().st_size
+    sidecar = json.loads(result.file.with_suffix(".json").read_text())
+    assert sidecar["verification"]["float_ops"] == 0 and sidecar["calibration"]["samples"] == 32
+    ranges = sidecar["activation_ranges"]
+    assert ranges["source"] == "calibrated" and "Multiply" in ranges["why"]
+    assert any("the learned ranges leave" in line and "fully integer" in line for line in said)

@@ -28,10 +28,13 @@ def small(digits):
                                x_val=digits.x_val[:32], y_val=digits.y_val[:32])
 
 
-def int8_files(name: str, dataset, techniques) -> dict[str, bytes]:
+def int8_files(name: str, dataset, techniques, records=None) -> dict[str, bytes]:
     """For one registered model: the int8 file of its float parent (trained one epoch; post-training,
-    calibrated) and of each technique (pqat on a pruned parent, cqat on a clustered one)."""
+    calibrated) and of each technique (pqat on a pruned parent, cqat on a clustered one), made as export makes
+    them (`records`, when given, gets how each was made: None from the learned ranges)."""
+    from export.api import qat_int8_file
     from export.convert import to_tflite
+    from optimize.techniques import float_twin
     from train.backend import keras
     from train.models import create_model
     from train.trainer import compile_model, fit, seed_everything
@@ -45,7 +48,8 @@ def int8_files(name: str, dataset, techniques) -> dict[str, bytes]:
     parent = create_model(name, dataset.input_shape, dataset.num_classes, **SMALL_ARGS.get(name, {}))
     compile_model(parent, 1e-3)
     fit(parent, dataset, epochs=1, batch_size=32, seed=0, quiet=True)
-    files = {"plain": to_tflite(parent, "int8", dataset.arrays("train")[0][:32], False)}
+    calibration = dataset.arrays("train")[0][:32]
+    files = {"plain": to_tflite(parent, "int8", calibration, False)}
     sources = {"qat": (QATRecipe(**FAST), lambda: (parent, None))}
     if "pqat" in techniques:
         def pruned():
@@ -61,7 +65,10 @@ def int8_files(name: str, dataset, techniques) -> dict[str, bytes]:
         recipe, source = sources[technique]
         model, facts = source()
         result = optimize_model(fresh(model), recipe, dataset, quiet=True, parent_facts=facts)
-        files[technique] = to_tflite(result.model, "int8", None, True)
+        files[technique], record = qat_int8_file(result.model, lambda: (float_twin(result.model, model), []),
+                                                 calibration, progress=lambda line: None)
+        if records is not None:
+            records[technique] = record
     return files
 
 
