@@ -29,6 +29,9 @@ Quantized (float16, dynamic, int8, int16x8, onnx-int8): accuracy at most --max-a
 points below Keras (default 1.0) and top-1 agreement with Keras at least 95%; the output fidelity
 (SQNR in dB, cosine) is recorded. Files go next to the model (or --out) with a sidecar
 model.<variant>.json that records the figures and the rule.
+A QAT/PQAT/CQAT artifact exports to int8 alone, fully integer: from its learned ranges, or, where
+they leave float operators (layers tfmot does not support) or its recipe has --exclude, from the
+weights QAT trained with calibrated activation ranges (recorded in the sidecar).
 An artifact's files are checked against its manifest first. A model file that would run code
 when loaded (a Lambda layer, a custom object, any SavedModel) is refused unless --trust-model.
 Exit codes: 0 all verified; 1 a format failed (every format is still attempted, each failure

@@ -25,7 +25,10 @@ agreed on 4.5% of the images). 95% fails those and leaves room for the few flips
 magnifies (on 359 images one flip is 0.28 points).
 
 A quantization-aware artifact (qat, pqat, cqat) exports to `int8` only: its learned
-ranges make the integer model, with no calibration.
+ranges make the integer model, with no calibration, unless they leave float operators (layers
+tfmot's scheme does not support, such as MobileNetV3's hard-swish) or its recipe excludes layers:
+then the file is made from the weights QAT trained, its activation ranges calibrated (the sidecar's
+`activation_ranges` or `kept_float`, and `calibration`, say so).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def int8_files(name: str, dataset, techniques, records=None) -> dict[str, bytes]
         recipe, source = sources[technique]
         model, facts = source()
         result = optimize_model(fresh(model), recipe, dataset, quiet=True, parent_facts=facts)
-        files[technique], record = qat_int8_file(result.model, lambda: (float_twin(result.model, model), []),
+        files[technique], record = qat_int8_file(result.model, lambda q=result.model, b=model: (float_twin(q, b), []),
                                                  calibration, progress=lambda line: None)
         if records is not None:
             records[technique] = record
