@@ -151,10 +151,34 @@ def prepare_cluster(model, recipe: ClusterRecipe, steps_per_epoch: int) -> Prepa
 def _scheme(recipe):
     quant = tfmot.quantization.keras
     if isinstance(recipe, PQATRecipe):
-        return quant.collab_opts.Default8BitPrunePreserveQuantizeScheme()
+        return _QuantizingOnly(quant.collab_opts.Default8BitPrunePreserveQuantizeScheme())
     if isinstance(recipe, CQATRecipe):
-        return tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(recipe.preserve_sparsity)
+        return _QuantizingOnly(tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+            recipe.preserve_sparsity))
     return quant.default_8bit.Default8BitQuantizeScheme()
+
+
+class _QuantizingOnly(tfmot.quantization.keras.QuantizeScheme):
+    """A PQAT or CQAT scheme whose registry supports only the layers the 8-bit scheme quantizes.
+
+    Their registries call every layer without trainable weights supported (they answer whether sparsity or
+    clusters are kept, not whether the layer quantizes), then ask the 8-bit registry for its config: a
+    Rescaling or TFOpLambda before an annotated layer (MobileNetV3's input and hard-swish) makes
+    quantize_apply fail where QAT goes through.
+    """
+
+    def __init__(self, scheme):
+        self.scheme = scheme
+
+    def get_layout_transformer(self):
+        return self.scheme.get_layout_transformer()
+
+    def get_quantize_registry(self):
+        registry = self.scheme.get_quantize_registry()
+        default = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme().get_quantize_registry()
+        own = registry.supports
+        registry.supports = lambda layer: own(layer) and default.supports(layer)  # shadows the classmethod
+        return registry
 
 
 def _producers(layer) -> list:
@@ -195,10 +219,10 @@ def prepare_qat(model, recipe: QATRecipe | PQATRecipe | CQATRecipe, steps_per_ep
     try:
         with quant.quantize_scope():
             quantized = quant.quantize_apply(wrapped, scheme)
-    except (ValueError, RuntimeError, TypeError) as exc:
+    except (ValueError, RuntimeError, TypeError, AttributeError) as exc:  # tfmot's own failures on a graph
         raise EdgeKitError(f"tfmot cannot apply {recipe.technique.value} to this model: {exc}") from None
     return Prepared(quantized, lambda m: m, touched, skipped,
-                    details={"scheme": type(scheme).__name__, "weights": "int8 per-channel",
+                    details={"scheme": type(getattr(scheme, "scheme", scheme)).__name__, "weights": "int8 per-channel",
                              "activations": "int8 per-tensor", "batchnorm": "folded into its convolution"})
 
 

@@ -134,21 +134,25 @@ def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp
     assert model.predict(pixels).shape == (4, 10)
 
 
-def test_qat_of_a_backbone_with_layers_tfmot_cannot_annotate_exports_fully_integer(tmp_path):
+def test_pqat_of_a_backbone_with_layers_tfmot_cannot_annotate_exports_fully_integer(tmp_path):
     """MobileNetV3Small's hard-swish and squeeze-excite (TFOpLambda, Multiply, Rescaling) get no learned ranges
-    from tfmot's 8-bit scheme, and the converter leaves them float (155 float ops here): export makes the int8
-    file from the weights QAT trained with every activation range calibrated, fully integer, and says so."""
+    from tfmot's 8-bit scheme, and the converter leaves them float (155 float ops from QAT): export makes the
+    int8 file from the weights PQAT trained with every activation range calibrated, fully integer, and says
+    so. PQAT, as it also proves that tfmot's prune-preserving scheme goes through such a model (its registry
+    calls any layer without weights supported, and quantize_apply then failed on the Rescaling)."""
     from export import export
-    from optimize import qat
+    from optimize import pqat, prune
     from runtime.load import tflite_census
 
     parent = tmp_path / "mobilenet_v3_small"
     assert train_main(["--model", "mobilenet_v3_small", "--model-arg", "alpha=0.75", "--epochs", "1",
                        "--out", str(parent), "--quiet"]) == 0
-    qat(parent, tmp_path / "qat", epochs=1, quiet=True)
+    prune(parent, tmp_path / "pruned", sparsity=0.5, epochs=1, quiet=True)
+    manifest = pqat(tmp_path / "pruned", tmp_path / "pqat", epochs=1, quiet=True)
+    assert manifest["facts"]["skipped"]["rescaling"] == "not supported by tfmot's 8-bit quantization"
     said = []
     [plain] = export(parent, ["int8"], calibration_samples=32, progress=said.append)
-    [result] = export(tmp_path / "qat", ["int8"], calibration_samples=32, progress=said.append)
+    [result] = export(tmp_path / "pqat", ["int8"], calibration_samples=32, progress=said.append)
     assert plain.passed and result.passed, result.message
     census = tflite_census(result.file)
     assert census["float_ops"] == [] and set(census["dtypes"]) <= {"int8", "int32"}, census
