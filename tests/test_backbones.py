@@ -149,7 +149,9 @@ def test_pqat_of_a_backbone_with_layers_tfmot_cannot_annotate_exports_fully_inte
                        "--out", str(parent), "--quiet"]) == 0
     prune(parent, tmp_path / "pruned", sparsity=0.5, epochs=1, quiet=True)
     manifest = pqat(tmp_path / "pruned", tmp_path / "pqat", epochs=1, quiet=True)
-    assert manifest["facts"]["skipped"]["rescaling"] == "not supported by tfmot's 8-bit quantization"
+    skipped = manifest["facts"]["skipped"]  # Keras numbers the names in a process that built others first
+    assert any(name.startswith("rescaling") and why == "not supported by tfmot's 8-bit quantization"
+               for name, why in skipped.items()), skipped
     said = []
     [plain] = export(parent, ["int8"], calibration_samples=32, progress=said.append)
     [result] = export(tmp_path / "pqat", ["int8"], calibration_samples=32, progress=said.append)
