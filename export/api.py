@@ -286,10 +286,13 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     operators (layers tfmot's 8-bit scheme does not support, such as TFOpLambda, Multiply, Rescaling:
     MobileNetV3's hard-swish, EfficientNet's swish and squeeze-excite, which the converter leaves float):
     the float twin calibrated makes a fully integer file."""
+    import functools
+
     from export import convert
     from export import selective as sel
     from runtime.load import tflite_census
 
+    twin = functools.cache(twin)  # built once: an --exclude that names no graph node falls through to below
     if excludes:
         model, names = twin()
         chooser = sel.Selective(model, calibration)

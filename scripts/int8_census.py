@@ -43,12 +43,11 @@ def main() -> int:
     print("| model | file | activation ranges | bytes | vs int8 | float ops | dtypes | ops |\n"
           "|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        records = {}
-        files = int8_files(name, small(bool(get_spec(name).backbone)), args.techniques.split(","), records)
+        files, records = int8_files(name, small(bool(get_spec(name).backbone)), args.techniques.split(","))
         for technique, data in files.items():
             census = tflite_census(data)
             ops = ", ".join(f"{op} {n}" for op, n in sorted(census["ops"].items()))
-            ranges = ("calibrated" if technique == "plain" or records[technique] else "learned")
+            ranges = "calibrated" if technique == "plain" or records[technique] else "learned"
             print(f"| {name} | {technique} | {ranges} | {len(data):,} | {len(data) / len(files['plain']):.3f} | "
                   f"{len(census['float_ops'])} | {census['dtypes']} | {ops} |", flush=True)
     return 0

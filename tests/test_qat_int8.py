@@ -27,10 +27,10 @@ def small(digits):
                                x_val=digits.x_val[:32], y_val=digits.y_val[:32])
 
 
-def int8_files(name: str, dataset, techniques, records=None) -> dict[str, bytes]:
+def int8_files(name: str, dataset, techniques) -> tuple[dict[str, bytes], dict[str, dict | None]]:
     """For one registered model: the int8 file of its float parent (trained one epoch; post-training,
     calibrated) and of each technique (pqat on a pruned parent, cqat on a clustered one), made as export makes
-    them (`records`, when given, gets how each was made: None from the learned ranges)."""
+    them, and how each technique's was made (None: from the learned ranges)."""
     from export.api import qat_int8_file
     from export.convert import to_tflite
     from optimize.techniques import float_twin
@@ -48,7 +48,7 @@ def int8_files(name: str, dataset, techniques, records=None) -> dict[str, bytes]
     compile_model(parent, 1e-3)
     fit(parent, dataset, epochs=1, batch_size=32, seed=0, quiet=True)
     calibration = dataset.arrays("train")[0][:32]
-    files = {"plain": to_tflite(parent, "int8", calibration, False)}
+    files, records = {"plain": to_tflite(parent, "int8", calibration, False)}, {}
     sources = {"qat": (QATRecipe(**FAST), lambda: (parent, None))}
     if "pqat" in techniques:
         def pruned():
@@ -64,18 +64,15 @@ def int8_files(name: str, dataset, techniques, records=None) -> dict[str, bytes]
         recipe, source = sources[technique]
         model, facts = source()
         result = optimize_model(fresh(model), recipe, dataset, quiet=True, parent_facts=facts)
-        files[technique], record = qat_int8_file(result.model, lambda q=result.model, b=model: (float_twin(q, b), []),
-                                                 calibration, progress=lambda line: None)
-        if records is not None:
-            records[technique] = record
-    return files
+        files[technique], records[technique] = qat_int8_file(
+            result.model, lambda q=result.model, b=model: (float_twin(q, b), []), calibration,
+            progress=lambda line: None)
+    return files, records
 
 
 @pytest.fixture(scope="session", params=[n for n in list_models() if not get_spec(n).backbone])  # test_backbones.py
 def quantization_aware(request, small):
-    records = {}
-    files = int8_files(request.param, small, TECHNIQUES[request.param], records)
-    return request.param, files, records
+    return (request.param, *int8_files(request.param, small, TECHNIQUES[request.param]))
 
 
 def test_quantization_aware_int8_files_are_fully_integer(quantization_aware):
