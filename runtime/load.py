@@ -135,6 +135,11 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return z
 
 
+try:  # the compiled one-pass kernels (runtime/_kernels.c), when the install built them; else numpy does the same
+    from runtime import _kernels
+except ImportError:
+    _kernels = None
+
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
 _F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)  # native dtypes are singletons: `is` is the cheap test
 _U32 = np.dtype(np.uint32)
@@ -178,6 +183,7 @@ class Model:
         self._labels = self._read_labels(options.labels)
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
         self._direct = None  # for 8-bit input taking pixels as they are: how to feed them without a lookup
+        self._pixel_kernel = None  # (8-bit pixel table, one image's buffer) for `_kernels.lookup`, set with _direct
         self._float_range = self._quant = None
         self._quantized_input = bool(input_info.scale)  # float input is quantized (`_quantize_checked`)
         self._out_table = self._out_exp = None
@@ -191,6 +197,7 @@ class Model:
             span = float(self._out_table.max() - self._out_table.min())
             if span < 80:  # exp(logit - max logit) cannot underflow to 0: softmax by table lookup
                 self._out_exp = np.exp(self._out_table - self._out_table.max()).astype(np.float32)
+                self._total = np.zeros((), np.float32)  # one image's sum of exps (`predict`)
 
     # --- what the model is -------------------------------------------------------------
     @property
@@ -374,19 +381,26 @@ class Model:
         the quantized values, saturated, of every integer well inside the window, and `take` refuses any index
         outside it. NaN, infinities and values outside the window have bits far outside, so they, and values
         at the window's edges, go the slow way: refused with the reason, or saturated as quantize does.
-        One image is worked in a buffer kept for it (a Model is not for concurrent use: nor is its interpreter).
+        One image is worked in a buffer kept for it (a Model is not for concurrent use: nor is its interpreter),
+        by the compiled kernel when the install built it (`runtime._kernels.quantize`: the same quotient, rounding
+        and table range, so the same values and the same inputs go the slow way).
         """
         if self._quant is None:
             self._quant = self._quantizer()
-        scale, offset, table, one, one_bits = self._quant
+        scale, rounder, offset, table, one, one_bits, kernel = self._quant
         if table is not None:
             if x.shape == self._one:
+                if kernel is not None:  # the same steps in one compiled pass, into a buffer kept for it
+                    constants, fed = kernel
+                    if _kernels.quantize(constants, x, fed):
+                        return fed
+                    return quantize(self._check_float(x), self.input)
                 q, bits = one, one_bits
                 np.divide(x, scale, out=q)
             else:
                 q = np.divide(x, scale)
                 bits = q.view(_U32)
-            q += _ROUNDER
+            q += rounder
             try:
                 return table.take(np.subtract(bits, offset, out=bits))
             except IndexError:
@@ -394,7 +408,9 @@ class Model:
         return quantize(self._check_float(x), self.input)
 
     def _quantizer(self) -> tuple:
-        """(scale, offset, table, buffer, its bits) of `_quantize_checked`: table[i] is the quantized value of
+        """(scale, rounder, offset, table, buffer, its bits, kernel) of `_quantize_checked`, the constants as 0-d
+        arrays (a ufunc takes one faster than a numpy scalar: 0.15 µs a call); kernel: the compiled kernel's
+        constants and output buffer, or None without it; table[i] is the quantized value of
         the integer quotient first + i, for first..last at least one step inside the window (so a quotient
         rounded into the table is one the window takes), and at most 1,024 steps past what saturates."""
         info, (low, high) = self.input, self._window()
@@ -406,7 +422,12 @@ class Model:
             table = np.clip(np.arange(first, last + 1) + info.zero_point, int_low, int_high).astype(info.dtype)
         offset = np.uint32((int(_ROUNDER.view(np.int32)) + first) % 2 ** 32)
         one = np.empty(self._one, np.float32)
-        return np.float32(info.scale), offset, table, one, one.view(_U32)
+        kernel = None
+        if table is not None and _kernels is not None:
+            constants = np.array([info.scale, first, last, info.zero_point, int_low, int_high], np.float32)
+            kernel = constants, np.empty(self._one, info.dtype)
+        return (np.array(info.scale, np.float32), np.array(_ROUNDER), np.array(offset), table, one,
+                one.view(_U32), kernel)
 
     def _refuse(self, x: np.ndarray):
         """The error for float input that `_check_float` refuses."""
@@ -428,6 +449,8 @@ class Model:
         if not self.input.scale or self.input.dtype not in ("uint8", "int8"):
             return "lookup"
         table = self._pixel_table(True)
+        if _kernels is not None and table.ndim == 1:
+            self._pixel_kernel = table, np.empty(self._one, table.dtype)
         ramp = np.arange(256)
         if table.ndim == 1 and self.input.dtype == "uint8" and np.array_equal(table.astype(int), ramp):
             return "as is"
@@ -477,8 +500,17 @@ class Model:
             return p
         if self._out_exp is None:
             return softmax(self._fetch(raw))
+        if len(raw) == 1 and _kernels is not None:  # the steps below in one compiled pass
+            p = np.empty(raw.shape, np.float32)
+            _kernels.softmax(self._out_exp, raw, p)
+            return p
         e = self._out_exp.take(raw)  # exp of the dequantized logits, by table lookup (an int8 -k is byte 256 - k)
-        e /= sum(e[0].tolist()) if len(e) == 1 else e.sum(axis=-1, keepdims=True)  # one row: no numpy reduction
+        if len(e) == 1:  # one row: summed without a numpy reduction, divided by a 0-d array (cheaper than a float)
+            total = self._total
+            total[()] = sum(e[0].tolist())
+            e /= total
+        else:
+            e /= e.sum(axis=-1, keepdims=True)
         return e
 
     def _outputs(self, x, batch_size: int) -> np.ndarray:
@@ -534,6 +566,10 @@ class Model:
                 self._direct = self._direct_feed()
             if self._direct == "as is":  # uint8 input that is the pixels: the interpreter's copy is all
                 return x
+            if self._pixel_kernel is not None and x.shape == self._one:  # one image, one compiled pass
+                table, fed = self._pixel_kernel
+                if _kernels.lookup(table, x, fed):
+                    return fed
             if self._direct == "shifted":  # int8 input that is the pixels - 128: one pass, no lookup
                 return np.bitwise_xor(x, np.uint8(128)).view(np.int8)
             return _lookup(self._pixel_table(bool(self.input.scale)), x)

@@ -2,6 +2,7 @@
 input named in the issue, fixed-batch models, and the predict / eval / bench commands
 (which must load no TensorFlow module)."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from runtime.errors import EdgeKitError
 from runtime.fsutil import sha256_file
 from runtime.load import load, softmax
 
+LOAD = importlib.import_module("runtime.load")  # the module (`runtime.load` the attribute is its function)
 FLOAT_TOLERANCE = 1e-4  # probabilities of float models vs Keras
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of int8 models with Keras
 INT8_MAX_DROP = 0.01  # accuracy of int8 models vs Keras
@@ -30,6 +32,17 @@ def _expect(message, fn, *args, **kwargs):
         fn(*args, **kwargs)
     assert message in str(info.value), str(info.value)
     return str(info.value)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """A test run with the compiled one-pass kernels (runtime/_kernels.c, which the install builds) and again
+    with numpy doing their work, as on an install without a C compiler."""
+    if request.param == "compiled":
+        assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    else:
+        monkeypatch.setattr(LOAD, "_kernels", None)
+    return request.param
 
 
 # --- parity with Keras, through predict() on raw pixels --------------------------------------
@@ -64,7 +77,7 @@ def test_int8_tflite_quantizes_input_and_dequantizes_output(exported, digits):
 
 
 @pytest.mark.parametrize("name", FLOAT_FILES + INT8_FILES)
-def test_a_batch_equals_single_images_and_batch_size_does_not_matter(exported, digits, name):
+def test_a_batch_equals_single_images_and_batch_size_does_not_matter(exported, digits, name, kernels):
     model = load(exported[0] / name, threads=1)
     pixels = digits.x_test[:7]
     batch = model.predict(pixels, batch_size=3)  # 3 + 3 + 1
@@ -158,7 +171,7 @@ def test_bad_input_arrays_get_clear_errors(exported, digits, name):
     assert model.predict(x.astype(np.float64)).shape == (2, 10)  # float64 is converted, not refused
 
 
-def test_int8_float_input_is_quantized_exactly_as_pixels_are(exported, digits):
+def test_int8_float_input_is_quantized_exactly_as_pixels_are(exported, digits, kernels):
     """Float input to an int8 model is checked and quantized in one pass; it must give the bits that the
     pixel path (a lookup table of quantized preprocessing) gives, in one call, in chunks and saturated."""
     model = load(exported[0] / "model.int8.tflite")
@@ -179,7 +192,7 @@ def test_int8_float_input_is_quantized_exactly_as_pixels_are(exported, digits):
     _expect("ranges over", model.predict, floats * 255)
 
 
-def test_float_input_is_quantized_by_definition_at_every_step_and_edge(exported):
+def test_float_input_is_quantized_by_definition_at_every_step_and_edge(exported, kernels):
     """What the int8 interpreter is fed for float input: round(x / scale) half to even, plus the zero point,
     saturated (ONNX's QuantizeLinear), at every half step of the window (ties included), a float32 step
     either side of them, and for one image as for a batch; a value one float32 step outside the window is
@@ -208,13 +221,82 @@ def test_float_input_is_quantized_by_definition_at_every_step_and_edge(exported)
             assert np.array_equal(model._quantize_checked(images[i:i + 1]), fed[i:i + 1])
     one = images[:1].copy()
     for value, refused in ((window[0], False), (window[1], False), (np.nextafter(window[0], -np.inf), True),
-                           (np.nextafter(window[1], np.inf), True), (np.float32(1e30), True), (-np.inf, True)):
+                           (np.nextafter(window[1], np.inf), True), (np.float32(1e30), True), (-np.inf, True),
+                           (np.nan, True)):
         one[0, 0, 0, 0] = value
         if refused:
-            _expect("float input ranges over" if np.isfinite(value) else "infinite value", model.predict, one)
+            _expect("float input ranges over" if np.isfinite(value) else "NaN and", model.predict, one)
         else:
             assert model._quantize_checked(one)[0, 0, 0, 0] == (-128 if value < 0 else 127)
             assert model.predict(one).shape == (1, 10)
+
+
+def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_array(exported, digits, monkeypatch):
+    """What a user gets from one image does not depend on whether the install built runtime._kernels: the same
+    quantized input, logits and probabilities to the bit, for float input and pixels; and a result is the
+    caller's own (the kernels work in buffers kept by the model: the next call must not change it)."""
+    assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    path = exported[0] / "model.int8.tflite"
+    floats = load(path).prepare(digits.x_test[:20])
+    floats[3] = np.nextafter(floats[3], np.float32(1))  # values a float32 step off the pixels' own
+    floats[4, 0, 0, 0] = floats.max() + 0.1  # saturates: the slow path, from either
+    strided = np.ascontiguousarray(floats[5, ::-1])[None, ::-1]  # the same image, laid out backwards
+    assert not strided.flags.c_contiguous and np.array_equal(strided, floats[5:6])
+    results = {}
+    for name in ("compiled", "numpy"):
+        if name == "numpy":
+            monkeypatch.setattr(LOAD, "_kernels", None)
+        model = load(path, threads=1)
+        results[name] = [np.concatenate([call(x[i:i + 1]) for i in range(len(x))])
+                         for call in (model.predict, model.logits) for x in (floats, digits.x_test[:20])]
+        results[name] += [model.predict(strided), model._quantize_checked(floats[:1]).copy()]
+        first = model.predict(floats[:1])
+        kept = first.copy()
+        model.predict(floats[1:2])
+        assert np.array_equal(first, kept)
+    for compiled, numpy_path in zip(results["compiled"], results["numpy"]):
+        assert compiled.dtype == numpy_path.dtype and np.array_equal(compiled, numpy_path)
+    assert np.array_equal(results["compiled"][4], results["compiled"][0][5:6])
+
+
+def test_the_compiled_kernels_check_their_arguments():
+    """runtime._kernels reads and writes raw memory: a wrong argument is an exception or a refusal, never a
+    read or write out of bounds."""
+    kernels = LOAD._kernels
+    assert kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    constants = np.array([0.5, -10, 10, 3, -128, 127], np.float32)
+    x, out = np.array([0.25, -0.25, 0.75, 4.9], np.float32), np.empty(4, np.int8)
+    assert kernels.quantize(constants, x, out) and out.tolist() == [3, 3, 5, 13]  # half to even, + zero point
+    assert not kernels.quantize(constants, np.array([0, 5.5, 0, 0], np.float32), out)  # 11: past `last`
+    assert not kernels.quantize(constants, np.array([0, np.nan, 0, 0], np.float32), out)
+    assert not kernels.quantize(constants, x.astype(np.float64), out)  # not float32: the caller's slow path
+    assert not kernels.quantize(constants, np.repeat(x, 2)[::2], out)  # not contiguous
+    for args, error in (((constants[:5], x, out), ValueError), ((constants, x, out[:3]), ValueError),
+                        ((constants, x, out.astype(np.int16)), TypeError), ((constants, x, b"abcd"), BufferError),
+                        ((constants, x), TypeError), ((constants.astype(np.float64), x, out), TypeError)):
+        with pytest.raises(error):
+            kernels.quantize(*args)
+    table = np.arange(256, dtype=np.float32)
+    probabilities = np.empty(3, np.float32)
+    kernels.softmax(table, np.array([1, 2, -1], np.int8), probabilities)  # -1 is byte 255
+    assert probabilities.tolist() == [np.float32(1 / 258), np.float32(2 / 258), np.float32(255 / 258)]
+    for args, error in (((table[:255], np.zeros(3, np.int8), probabilities), ValueError),
+                        ((table, np.zeros(4, np.int8), probabilities), ValueError),
+                        ((table, np.zeros(3, np.int16), probabilities), TypeError)):
+        with pytest.raises(error):
+            kernels.softmax(*args)
+    shifted = (np.arange(256) - 128).astype(np.int8)
+    fed = np.empty(3, np.int8)
+    assert kernels.lookup(shifted, np.array([0, 128, 255], np.uint8), fed) and fed.tolist() == [-128, 0, 127]
+    assert not kernels.lookup(shifted, np.array([0, 1, 2], np.int8), fed)  # pixels are uint8
+    for args, error in (((shifted[:200], np.zeros(3, np.uint8), fed), ValueError),
+                        ((shifted, np.zeros(4, np.uint8), fed), ValueError)):
+        with pytest.raises(error):
+            kernels.lookup(*args)
+    read_only = np.empty(3, np.int8)
+    read_only.flags.writeable = False
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        kernels.lookup(shifted, np.zeros(3, np.uint8), read_only)
 
 
 def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
