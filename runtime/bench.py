@@ -149,7 +149,16 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         "overhead": call["median"] / invoke["median"] - 1.0,
         "throughput_ips": batch / (call["median"] / 1e3),
         "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
+        # whether one image's 8-bit pre- and post-processing ran compiled (runtime/_kernels.c) or in numpy
+        "one_image_path": "compiled" if kernels_built() else "numpy",
     }
+
+
+def kernels_built() -> bool:
+    """Whether the install built runtime._kernels (the compiled one-image path of runtime/load.py)."""
+    import importlib
+
+    return importlib.import_module("runtime.load")._kernels is not None
 
 
 def _input(model, batch: int, seed: int, inputs: str = "pixels"):
@@ -327,7 +336,7 @@ CSV_COLUMNS = ("name", "format", "backend", "size_bytes", "threads", "batch", "l
                "invoke_median_ms", "invoke_p90_ms", "invoke_p99_ms", "invoke_mean_ms", "invoke_std_ms",
                "call_median_ms", "call_p90_ms", "call_p99_ms", "call_mean_ms", "call_std_ms", "runs",
                "overhead", "throughput_ips", "peak_rss_mb", "cold_start_s", "cold_rss_mb", "size_ratio",
-               "speedup", "model")
+               "speedup", "one_image_path", "model")
 
 
 def flat(result: dict) -> dict:
@@ -382,6 +391,9 @@ def to_table(results: list[dict]) -> str:
     lines.append("")
     lines.append(f"batch {batch}; times in ms. invoke: the backend's bare inference call; call: the whole "
                  "Model.predict (checks, quantize, copy, dequantize, softmax); overhead: call p50 / invoke p50 - 1.")
+    if results and results[0].get("one_image_path") == "numpy":
+        lines.append("runtime._kernels is not built (no C compiler or Python headers at install): one image's "
+                     "8-bit input and output went through numpy, a few µs slower; same results.")
     if results:
         lines.append(f"size x and speed x are against {Path(results[0]['model']).name} at the same thread "
                      "count (speed x > 1: faster). Each row ran in a fresh process; RSS is its peak.")

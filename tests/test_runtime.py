@@ -478,6 +478,7 @@ def test_bench_command_side_by_side(exported):
         assert 0 < row["invoke_ms"]["median"] <= row["invoke_ms"]["p90"] <= row["invoke_ms"]["p99"]
         assert row["load_ms"] > 0 and row["first_ms"] > 0 and row["peak_rss_mb"] > 10
         assert row["throughput_ips"] == pytest.approx(1000 / row["call_ms"]["median"])
+        assert row["one_image_path"] == "compiled"  # the dev install built runtime._kernels
 
 
 def test_bench_an_artifact_directory_as_csv_and_table(exported):
