@@ -3,9 +3,9 @@
  * the same work in numpy, with the same results.
  *
  * Every argument is checked (type, item format, contiguity, length): a wrong one raises TypeError or ValueError.
- * An input these kernels do not take (for quantize: outside the table's range, NaN; for both: not a C-contiguous
- * buffer of the expected items) makes quantize() and lookup() return False, and the caller takes the general
- * path, which refuses or saturates it with the reason.
+ * An input these kernels do not take (for quantize: outside the table's range, NaN; for each: not a C-contiguous
+ * buffer of the expected items) makes them return False, and the caller takes the general path, which refuses
+ * or saturates it with the reason.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -128,10 +128,11 @@ static PyObject *quantize(PyObject *self, PyObject *const *args, Py_ssize_t narg
 }
 
 PyDoc_STRVAR(softmax_doc,
-"softmax(table, raw, out) -> None\n\n"
+"softmax(table, raw, out) -> bool\n\n"
 "out[i] = table[raw[i]] / sum(table[raw]) for one row of 8-bit raw output (an int8 -k is byte 256 - k), the sum\n"
 "taken in float64 as Python's sum() takes it, then rounded to float32. table: 256 float32 exps of the\n"
-"dequantized values; out: float32 of raw's length.");
+"dequantized values; out: float32 of raw's length. False, with out untouched, when raw is not a C-contiguous\n"
+"buffer of 8-bit values.");
 
 static PyObject *softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -148,8 +149,12 @@ static PyObject *softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "table: expected 256 float32 values");
         return NULL;
     }
-    if (get_buffer(args[1], &raw, "8", 0, 0, "raw") < 0) {
+    int got = get_buffer(args[1], &raw, "8", 0, 1, "raw");
+    if (got < 0) {
         PyBuffer_Release(&t);
+        if (got == -2) {
+            Py_RETURN_FALSE;
+        }
         return NULL;
     }
     if (get_buffer(args[2], &out, "f", 1, 0, "out") < 0) {
@@ -194,7 +199,7 @@ static PyObject *softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyBuffer_Release(&out);
     PyBuffer_Release(&raw);
     PyBuffer_Release(&t);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(lookup_doc,

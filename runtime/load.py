@@ -502,8 +502,8 @@ class Model:
             return softmax(self._fetch(raw))
         if len(raw) == 1 and _kernels is not None:  # the steps below in one compiled pass
             p = np.empty(raw.shape, np.float32)
-            _kernels.softmax(self._out_exp, raw, p)
-            return p
+            if _kernels.softmax(self._out_exp, raw, p):
+                return p
         e = self._out_exp.take(raw)  # exp of the dequantized logits, by table lookup (an int8 -k is byte 256 - k)
         if len(e) == 1:  # one row: summed without a numpy reduction, divided by a 0-d array (cheaper than a float)
             total = self._total

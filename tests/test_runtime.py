@@ -278,8 +278,9 @@ def test_the_compiled_kernels_check_their_arguments():
             kernels.quantize(*args)
     table = np.arange(256, dtype=np.float32)
     probabilities = np.empty(3, np.float32)
-    kernels.softmax(table, np.array([1, 2, -1], np.int8), probabilities)  # -1 is byte 255
+    assert kernels.softmax(table, np.array([1, 2, -1], np.int8), probabilities)  # -1 is byte 255
     assert probabilities.tolist() == [np.float32(1 / 258), np.float32(2 / 258), np.float32(255 / 258)]
+    assert not kernels.softmax(table, np.zeros(6, np.int8)[::2], probabilities)  # not contiguous
     for args, error in (((table[:255], np.zeros(3, np.int8), probabilities), ValueError),
                         ((table, np.zeros(4, np.int8), probabilities), ValueError),
                         ((table, np.zeros(3, np.int16), probabilities), TypeError)):
