@@ -281,9 +281,10 @@ def test_the_compiled_kernels_check_their_arguments():
     assert kernels.softmax(table, np.array([1, 2, -1], np.int8), probabilities)  # -1 is byte 255
     assert probabilities.tolist() == [np.float32(1 / 258), np.float32(2 / 258), np.float32(255 / 258)]
     assert not kernels.softmax(table, np.zeros(6, np.int8)[::2], probabilities)  # not contiguous
+    assert not kernels.softmax(table, np.zeros(3, np.int16), probabilities)  # not 8-bit
     for args, error in (((table[:255], np.zeros(3, np.int8), probabilities), ValueError),
                         ((table, np.zeros(4, np.int8), probabilities), ValueError),
-                        ((table, np.zeros(3, np.int16), probabilities), TypeError)):
+                        ((table, np.zeros(3, np.int8), probabilities.astype(np.float64)), TypeError)):
         with pytest.raises(error):
             kernels.softmax(*args)
     shifted = (np.arange(256) - 128).astype(np.int8)
