@@ -106,8 +106,8 @@ static PyObject *quantize(PyObject *self, PyObject *const *args, Py_ssize_t narg
             float r = (v[i] / scale + rounder) - rounder;
             ok &= (r >= first) & (r <= last); /* false for NaN */
             float q = r + zero;
-            q = q < low ? low : q;
-            q = q > high ? high : q;
+            q = q >= low ? q : low; /* NaN becomes low: no NaN reaches the conversion to int */
+            q = q <= high ? q : high;
             o[i] = (int8_t)(int)q;
         }
     } else {
@@ -116,8 +116,8 @@ static PyObject *quantize(PyObject *self, PyObject *const *args, Py_ssize_t narg
             float r = (v[i] / scale + rounder) - rounder;
             ok &= (r >= first) & (r <= last);
             float q = r + zero;
-            q = q < low ? low : q;
-            q = q > high ? high : q;
+            q = q >= low ? q : low; /* NaN becomes low: no NaN reaches the conversion to int */
+            q = q <= high ? q : high;
             o[i] = (uint8_t)(int)q;
         }
     }
