@@ -1,11 +1,11 @@
 /* runtime._kernels: one image's float input quantized, its pixels looked up, and its 8-bit output turned into
- * probabilities, each in one pass (runtime/load.py). Optional: a plain install without a C compiler goes without it, and load.py does
- * the same work in numpy, with the same results.
+ * probabilities, each in one pass (runtime/load.py). Optional: a plain install without a C compiler goes
+ * without it, and load.py does the same work in numpy, with the same results.
  *
- * Every argument is checked (type, item format, contiguity, length): a wrong one raises TypeError or ValueError.
- * An input these kernels do not take (for quantize: outside the table's range, NaN; for each: not a C-contiguous
- * buffer of the expected items) makes them return False, and the caller takes the general path, which refuses
- * or saturates it with the reason.
+ * Each kernel takes (table, input, out). Every argument is checked (type, item format, contiguity, length): a
+ * wrong table or out raises TypeError, ValueError or BufferError. An input a kernel does not take (for
+ * quantize: a value outside the table's range, NaN; for each: not a C-contiguous buffer of the expected items)
+ * makes it return False, and the caller takes the general path, which refuses or saturates it with the reason.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,10 +22,10 @@ static char item_format(const Py_buffer *view)
     return (f[0] != '\0' && f[1] == '\0') ? f[0] : '?';
 }
 
-/* A C-contiguous buffer of float32 ("f") or 8-bit ("8": int8 or uint8) items; 0 on success, else -1 with an
- * exception set. With `soft`, an object that gives no such buffer (not C-contiguous, other items) gives -2 and no
- * exception: the caller's general path takes it. */
-static int get_buffer(PyObject *obj, Py_buffer *view, const char *kind, int writable, int soft, const char *what)
+/* A C-contiguous buffer of float32 (kind 'f') or 8-bit (kind '8': int8 or uint8) items; 0 on success, else -1
+ * with an exception set. With `soft`, an object that gives no such buffer (not C-contiguous, other items)
+ * gives -2 and no exception: the caller's general path takes it. */
+static int get_buffer(PyObject *obj, Py_buffer *view, char kind, int writable, int soft, const char *what)
 {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
@@ -36,19 +36,85 @@ static int get_buffer(PyObject *obj, Py_buffer *view, const char *kind, int writ
         return -1;
     }
     char f = item_format(view);
-    int ok = kind[0] == 'f' ? (f == 'f' && view->itemsize == 4) : ((f == 'b' || f == 'B') && view->itemsize == 1);
-    if (!ok && soft) {
-        PyBuffer_Release(view);
-        return -2;
+    int ok = kind == 'f' ? (f == 'f' && view->itemsize == 4) : ((f == 'b' || f == 'B') && view->itemsize == 1);
+    if (ok) {
+        return 0;
     }
-    if (!ok) {
+    if (!soft) {
         PyErr_Format(PyExc_TypeError, "%s: expected %s items, got format '%s' of %zd byte(s)", what,
-                     kind[0] == 'f' ? "float32" : "int8 or uint8", view->format ? view->format : "B",
+                     kind == 'f' ? "float32" : "int8 or uint8", view->format ? view->format : "B",
                      view->itemsize);
-        PyBuffer_Release(view);
+    }
+    PyBuffer_Release(view);
+    return soft ? -2 : -1;
+}
+
+static void release(Py_buffer *views, int n)
+{
+    while (n-- > 0) {
+        PyBuffer_Release(&views[n]);
+    }
+}
+
+/* The three buffers of a kernel call into b: the table (`kinds[0]`, exactly `table_items` items), the input
+ * (`kinds[1]`, and item format `input_format` unless it is 0) and out (`kinds[2]`, writable, as many items as
+ * the input). 1: all three held; 0: the input is not one the kernel takes (nothing held, no exception); -1: an
+ * exception is set (nothing held). */
+static int get_arguments(PyObject *const *args, Py_ssize_t nargs, const char *name, const char kinds[3],
+                         Py_ssize_t table_items, char input_format, Py_buffer b[3])
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s takes (table, input, out); got %zd argument(s)", name, nargs);
         return -1;
     }
-    return 0;
+    if (get_buffer(args[0], &b[0], kinds[0], 0, 0, "table") < 0) {
+        return -1;
+    }
+    if (b[0].len / b[0].itemsize != table_items) {
+        PyErr_Format(PyExc_ValueError, "%s: the table holds %zd values; expected %zd", name,
+                     b[0].len / b[0].itemsize, table_items);
+        release(b, 1);
+        return -1;
+    }
+    int got = get_buffer(args[1], &b[1], kinds[1], 0, 1, "input");
+    if (got == 0 && input_format && item_format(&b[1]) != input_format) {
+        PyBuffer_Release(&b[1]);
+        got = -2;
+    }
+    if (got < 0) {
+        release(b, 1);
+        return got == -2 ? 0 : -1;
+    }
+    if (get_buffer(args[2], &b[2], kinds[2], 1, 0, "out") < 0) {
+        release(b, 2);
+        return -1;
+    }
+    Py_ssize_t n = b[1].len / b[1].itemsize, m = b[2].len / b[2].itemsize;
+    if (m != n) {
+        PyErr_Format(PyExc_ValueError, "%s: out holds %zd values; the input holds %zd", name, m, n);
+        release(b, 3);
+        return -1;
+    }
+    return 1;
+}
+
+/* The constants of quantize, read once into locals (an 8-bit output may alias anything in C, so values read
+ * through a pointer would be read again after every store). */
+typedef struct {
+    float scale, first, last, zero, low, high;
+} Constants;
+
+/* round(v / scale) + zero saturated to [low, high], as a float holding an integer; NaN gives low (no NaN
+ * reaches a conversion to int); *ok cleared when the rounded quotient is outside [first, last]. Comparisons
+ * and selects only: the loops that call it vectorize. */
+static inline float quantized(float v, Constants c, int *ok)
+{
+    const float rounder = 12582912.0f; /* 1.5 * 2**23: q + rounder - rounder is q rounded half to even */
+    float r = (v / c.scale + rounder) - rounder;
+    *ok &= (r >= c.first) & (r <= c.last); /* false for NaN; |first|, |last| < 2**21, where rounding is exact */
+    float q = r + c.zero;
+    q = q >= c.low ? q : c.low;
+    return q <= c.high ? q : c.high;
 }
 
 PyDoc_STRVAR(quantize_doc,
@@ -60,70 +126,27 @@ PyDoc_STRVAR(quantize_doc,
 
 static PyObject *quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "quantize takes (constants, x, out)");
-        return NULL;
+    Py_buffer b[3];
+    int got = get_arguments(args, nargs, "quantize", "ff8", 6, 0, b);
+    if (got <= 0) {
+        return got == 0 ? Py_NewRef(Py_False) : NULL;
     }
-    Py_buffer c, x, out;
-    if (get_buffer(args[0], &c, "f", 0, 0, "constants") < 0) {
-        return NULL;
-    }
-    if (c.len != 6 * 4) {
-        PyBuffer_Release(&c);
-        PyErr_SetString(PyExc_ValueError, "constants: expected 6 float32 values");
-        return NULL;
-    }
-    int got = get_buffer(args[1], &x, "f", 0, 1, "x");
-    if (got < 0) {
-        PyBuffer_Release(&c);
-        if (got == -2) {
-            Py_RETURN_FALSE;
-        }
-        return NULL;
-    }
-    if (get_buffer(args[2], &out, "8", 1, 0, "out") < 0) {
-        PyBuffer_Release(&x);
-        PyBuffer_Release(&c);
-        return NULL;
-    }
-    if (out.len != x.len / 4) {
-        PyErr_Format(PyExc_ValueError, "out holds %zd values; x holds %zd", out.len, x.len / 4);
-        PyBuffer_Release(&out);
-        PyBuffer_Release(&x);
-        PyBuffer_Release(&c);
-        return NULL;
-    }
-    const float *k = (const float *)c.buf;
-    const float scale = k[0], first = k[1], last = k[2], zero = k[3], low = k[4], high = k[5];
-    const float *v = (const float *)x.buf;
-    const Py_ssize_t n = out.len;
-    const float rounder = 12582912.0f; /* 1.5 * 2**23: q + rounder - rounder is q rounded half to even, |q| < 2**22 */
+    const float *k = (const float *)b[0].buf, *x = (const float *)b[1].buf;
+    const Constants c = {k[0], k[1], k[2], k[3], k[4], k[5]};
+    const Py_ssize_t n = b[2].len;
     int ok = 1;
-    /* plain loops of comparisons and selects, which the compiler vectorizes; no libm call per value */
-    if (item_format(&out) == 'b') {
-        int8_t *o = (int8_t *)out.buf;
+    if (item_format(&b[2]) == 'b') {
+        int8_t *out = (int8_t *)b[2].buf;
         for (Py_ssize_t i = 0; i < n; i++) {
-            float r = (v[i] / scale + rounder) - rounder;
-            ok &= (r >= first) & (r <= last); /* false for NaN */
-            float q = r + zero;
-            q = q >= low ? q : low; /* NaN becomes low: no NaN reaches the conversion to int */
-            q = q <= high ? q : high;
-            o[i] = (int8_t)(int)q;
+            out[i] = (int8_t)(int)quantized(x[i], c, &ok);
         }
     } else {
-        uint8_t *o = (uint8_t *)out.buf;
+        uint8_t *out = (uint8_t *)b[2].buf;
         for (Py_ssize_t i = 0; i < n; i++) {
-            float r = (v[i] / scale + rounder) - rounder;
-            ok &= (r >= first) & (r <= last);
-            float q = r + zero;
-            q = q >= low ? q : low; /* NaN becomes low: no NaN reaches the conversion to int */
-            q = q <= high ? q : high;
-            o[i] = (uint8_t)(int)q;
+            out[i] = (uint8_t)(int)quantized(x[i], c, &ok);
         }
     }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&c);
+    release(b, 3);
     return PyBool_FromLong(ok);
 }
 
@@ -136,69 +159,40 @@ PyDoc_STRVAR(softmax_doc,
 
 static PyObject *softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "softmax takes (table, raw, out)");
-        return NULL;
+    Py_buffer b[3];
+    int got = get_arguments(args, nargs, "softmax", "f8f", 256, 0, b);
+    if (got <= 0) {
+        return got == 0 ? Py_NewRef(Py_False) : NULL;
     }
-    Py_buffer t, raw, out;
-    if (get_buffer(args[0], &t, "f", 0, 0, "table") < 0) {
-        return NULL;
-    }
-    if (t.len != 256 * 4) {
-        PyBuffer_Release(&t);
-        PyErr_SetString(PyExc_ValueError, "table: expected 256 float32 values");
-        return NULL;
-    }
-    int got = get_buffer(args[1], &raw, "8", 0, 1, "raw");
-    if (got < 0) {
-        PyBuffer_Release(&t);
-        if (got == -2) {
-            Py_RETURN_FALSE;
-        }
-        return NULL;
-    }
-    if (get_buffer(args[2], &out, "f", 1, 0, "out") < 0) {
-        PyBuffer_Release(&raw);
-        PyBuffer_Release(&t);
-        return NULL;
-    }
-    if (out.len / 4 != raw.len) {
-        PyErr_Format(PyExc_ValueError, "out holds %zd values; raw holds %zd", out.len / 4, raw.len);
-        PyBuffer_Release(&out);
-        PyBuffer_Release(&raw);
-        PyBuffer_Release(&t);
-        return NULL;
-    }
-    const float *table = (const float *)t.buf;
-    const uint8_t *r = (const uint8_t *)raw.buf;
-    float *o = (float *)out.buf;
+    const float *table = (const float *)b[0].buf;
+    const uint8_t *raw = (const uint8_t *)b[1].buf;
+    float *out = (float *)b[2].buf;
+    const Py_ssize_t n = b[1].len;
     /* the sum as Python's sum() of these floats takes it (load.py's numpy path does), so both paths give the same
      * bits: from 3.12 Neumaier's compensated sum, before it a plain one */
     double total = 0.0;
 #if PY_VERSION_HEX >= 0x030C0000
     double lost = 0.0;
-    for (Py_ssize_t i = 0; i < raw.len; i++) {
-        o[i] = table[r[i]];
-        double x = (double)o[i], t = total + x;
-        lost += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = table[raw[i]];
+        double v = (double)out[i], t = total + v;
+        lost += fabs(total) >= fabs(v) ? (total - t) + v : (v - t) + total;
         total = t;
     }
     if (lost != 0.0 && isfinite(lost)) {
         total += lost;
     }
 #else
-    for (Py_ssize_t i = 0; i < raw.len; i++) {
-        o[i] = table[r[i]];
-        total += (double)o[i];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = table[raw[i]];
+        total += (double)out[i];
     }
 #endif
     const float sum = (float)total;
-    for (Py_ssize_t i = 0; i < raw.len; i++) {
-        o[i] = o[i] / sum;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = out[i] / sum;
     }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&raw);
-    PyBuffer_Release(&t);
+    release(b, 3);
     Py_RETURN_TRUE;
 }
 
@@ -210,51 +204,17 @@ PyDoc_STRVAR(lookup_doc,
 
 static PyObject *lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "lookup takes (table, pixels, out)");
-        return NULL;
+    Py_buffer b[3];
+    int got = get_arguments(args, nargs, "lookup", "888", 256, 'B', b);
+    if (got <= 0) {
+        return got == 0 ? Py_NewRef(Py_False) : NULL;
     }
-    Py_buffer t, px, out;
-    if (get_buffer(args[0], &t, "8", 0, 0, "table") < 0) {
-        return NULL;
+    const uint8_t *table = (const uint8_t *)b[0].buf, *pixels = (const uint8_t *)b[1].buf;
+    uint8_t *out = (uint8_t *)b[2].buf;
+    for (Py_ssize_t i = 0; i < b[1].len; i++) {
+        out[i] = table[pixels[i]];
     }
-    if (t.len != 256) {
-        PyBuffer_Release(&t);
-        PyErr_SetString(PyExc_ValueError, "table: expected 256 values");
-        return NULL;
-    }
-    int got = get_buffer(args[1], &px, "8", 0, 1, "pixels");
-    if (got == 0 && item_format(&px) != 'B') {
-        PyBuffer_Release(&px);
-        got = -2;
-    }
-    if (got < 0) {
-        PyBuffer_Release(&t);
-        if (got == -2) {
-            Py_RETURN_FALSE;
-        }
-        return NULL;
-    }
-    if (get_buffer(args[2], &out, "8", 1, 0, "out") < 0) {
-        PyBuffer_Release(&px);
-        PyBuffer_Release(&t);
-        return NULL;
-    }
-    if (out.len != px.len) {
-        PyErr_Format(PyExc_ValueError, "out holds %zd values; pixels hold %zd", out.len, px.len);
-        PyBuffer_Release(&out);
-        PyBuffer_Release(&px);
-        PyBuffer_Release(&t);
-        return NULL;
-    }
-    const uint8_t *table = (const uint8_t *)t.buf, *p = (const uint8_t *)px.buf;
-    uint8_t *o = (uint8_t *)out.buf;
-    for (Py_ssize_t i = 0; i < px.len; i++) {
-        o[i] = table[p[i]];
-    }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&px);
-    PyBuffer_Release(&t);
+    release(b, 3);
     Py_RETURN_TRUE;
 }
 
@@ -267,7 +227,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "runtime._kernels",
-    "One image's float input quantized, its pixels looked up, its 8-bit output made probabilities: one pass each.", -1, methods,
+    "One image's float input quantized, its pixels looked up, its 8-bit output made probabilities: one pass each.", -1,
+    methods,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void)
