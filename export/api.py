@@ -12,6 +12,7 @@ check is deleted; every failure is reported at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -286,8 +287,6 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     operators (layers tfmot's 8-bit scheme does not support, such as TFOpLambda, Multiply, Rescaling:
     MobileNetV3's hard-swish, EfficientNet's swish and squeeze-excite, which the converter leaves float):
     the float twin calibrated makes a fully integer file."""
-    import functools
-
     from export import convert
     from export import selective as sel
     from runtime.load import tflite_census

@@ -183,7 +183,7 @@ class Model:
         self._labels = self._read_labels(options.labels)
         self._tables = {}  # quantized? -> pixel lookup table, built on first use
         self._direct = None  # for 8-bit input taking pixels as they are: how to feed them without a lookup
-        self._pixel_kernel = None  # (8-bit pixel table, one image's buffer) for `_kernels.lookup`, set with _direct
+        self._pixel_kernel = None  # (8-bit pixel table, one image's buffer) for `_kernels.lookup`: `_direct_feed`
         self._float_range = self._quant = None
         self._quantized_input = bool(input_info.scale)  # float input is quantized (`_quantize_checked`)
         self._out_table = self._out_exp = None
@@ -443,20 +443,20 @@ class Model:
             f"preprocessed to [{low:.4g}, {high:.4g}] (its sidecar's preprocessing of pixels 0..255). Pass the raw "
             "pixels as uint8 instead (x.astype(np.uint8)), and the model preprocesses them itself.")
 
-    def _direct_feed(self) -> str:
-        """'as is' when the quantized pixel table is the identity, 'shifted' when it is pixel - 128 into int8,
-        else 'lookup'."""
+    def _direct_feed(self) -> tuple[str, tuple | None]:
+        """How pixels are fed: 'as is' when the quantized pixel table is the identity, 'shifted' when it is
+        pixel - 128 into int8, else 'lookup'; and for an 8-bit input with one table for every channel, the
+        table and a buffer for one image that `_kernels.lookup` fills (None without the kernels)."""
         if not self.input.scale or self.input.dtype not in ("uint8", "int8"):
-            return "lookup"
+            return "lookup", None
         table = self._pixel_table(True)
-        if _kernels is not None and table.ndim == 1:
-            self._pixel_kernel = table, np.empty(self._one, table.dtype)
+        kernel = (table, np.empty(self._one, table.dtype)) if _kernels is not None and table.ndim == 1 else None
         ramp = np.arange(256)
         if table.ndim == 1 and self.input.dtype == "uint8" and np.array_equal(table.astype(int), ramp):
-            return "as is"
+            return "as is", kernel
         if table.ndim == 1 and self.input.dtype == "int8" and np.array_equal(table.astype(int), ramp - 128):
-            return "shifted"
-        return "lookup"
+            return "shifted", kernel
+        return "lookup", kernel
 
     def _pixel_table(self, quantized: bool) -> np.ndarray:
         """Lookup table pixel value -> model input (preprocessed, and quantized for an integer input).
@@ -563,7 +563,7 @@ class Model:
         """What the input tensor takes: quantized for an integer input, else float."""
         if pixels:
             if self._direct is None:
-                self._direct = self._direct_feed()
+                self._direct, self._pixel_kernel = self._direct_feed()
             if self._direct == "as is":  # uint8 input that is the pixels: the interpreter's copy is all
                 return x
             if self._pixel_kernel is not None and x.shape == self._one:  # one image, one compiled pass

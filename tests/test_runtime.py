@@ -34,12 +34,18 @@ def _expect(message, fn, *args, **kwargs):
     return str(info.value)
 
 
+def _compiled_kernels():
+    """runtime._kernels, which the install builds where there is a C compiler (the test command needs one)."""
+    assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    return LOAD._kernels
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def kernels(request, monkeypatch):
     """A test run with the compiled one-pass kernels (runtime/_kernels.c, which the install builds) and again
     with numpy doing their work, as on an install without a C compiler."""
     if request.param == "compiled":
-        assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+        _compiled_kernels()
     else:
         monkeypatch.setattr(LOAD, "_kernels", None)
     return request.param
@@ -235,7 +241,7 @@ def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_ar
     """What a user gets from one image does not depend on whether the install built runtime._kernels: the same
     quantized input, logits and probabilities to the bit, for float input and pixels; and a result is the
     caller's own (the kernels work in buffers kept by the model: the next call must not change it)."""
-    assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    _compiled_kernels()
     path = exported[0] / "model.int8.tflite"
     floats = load(path).prepare(digits.x_test[:20])
     floats[3] = np.nextafter(floats[3], np.float32(1))  # values a float32 step off the pixels' own
@@ -262,8 +268,7 @@ def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_ar
 def test_the_compiled_kernels_check_their_arguments():
     """runtime._kernels reads and writes raw memory: a wrong argument is an exception or a refusal, never a
     read or write out of bounds."""
-    kernels = LOAD._kernels
-    assert kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    kernels = _compiled_kernels()
     constants = np.array([0.5, -10, 10, 3, -128, 127], np.float32)
     x, out = np.array([0.25, -0.25, 0.75, 4.9], np.float32), np.empty(4, np.int8)
     assert kernels.quantize(constants, x, out) and out.tolist() == [3, 3, 5, 13]  # half to even, + zero point
