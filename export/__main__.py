@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'agree':>7} {'accuracy':>9}  status")
     for r in results:
         f = r.figures
-        if not f:
+        if not f or "max_abs_diff" not in f:
             print(f"{r.format:<{width}} {'-':>10} {'-':>10} {'-':>8} {'-':>9} {'-':>8} {'-':>7} {'-':>9}  FAILED: {r.message}")
             continue
         ratio = f"{f['size_bytes'] / float_size:.2f}x" if float_size else "-"

@@ -202,6 +202,13 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
 
     x_test, y_test = src.dataset.arrays("test")
     reference = convert.keras_logits(src.model, x_test)
+    bad = int(reference.size - np.count_nonzero(np.isfinite(reference)))
+    if bad:  # nothing made from it could be verified: NaN is never a result
+        from runtime.errors import VerificationError
+
+        raise VerificationError(f"{src.path.name} gives {bad:,} NaN or infinite outputs on the {len(x_test)} test "
+                                "images; a model whose outputs are not numbers cannot be exported. Train it again "
+                                "(check its weights and learning rate).")
     src.output_kind = _output_kind(src.model, reference)
     src.model_sha256 = (model_sha256(src.manifest) if src.manifest else
                         sha256_file(src.model_file) if src.model_file.is_file() else None)

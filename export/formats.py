@@ -104,6 +104,8 @@ def check_options(fmt: Format, options: dict) -> None:
 def fidelity(outputs: np.ndarray, reference: np.ndarray) -> dict:
     """SQNR in dB and cosine similarity of a file's outputs against the float model's."""
     outputs, reference = outputs.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
+    if not (np.isfinite(outputs).all() and np.isfinite(reference).all()):  # NaN is never a fidelity: the worst
+        return {"sqnr_db": -SQNR_CAP_DB, "cosine": 0.0}
     signal, noise = float(np.sum(reference ** 2)), float(np.sum((reference - outputs) ** 2))
     sqnr = SQNR_CAP_DB if noise == 0 else min(SQNR_CAP_DB, 10 * math.log10(signal / noise) if signal else -SQNR_CAP_DB)
     norms = float(np.linalg.norm(outputs) * np.linalg.norm(reference))
@@ -112,7 +114,15 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> dict:
 
 def verify(fmt: Format, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray,
            max_accuracy_drop: float = MAX_ACCURACY_DROP) -> tuple[dict, str]:
-    """The verification rule (module docstring): the figures, and '' or why the file fails."""
+    """The verification rule (module docstring): the figures, and '' or why the file fails. Every comparison
+    fails on NaN: a non-finite output, the file's or the float model's, fails the file."""
+    for name, values in (("the file's", outputs), ("the float model's", reference)):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            return ({"non_finite_outputs": bad, "test_samples": int(len(labels)), "rule": {"kind": fmt.kind}},
+                    f"{bad:,} of {np.size(values):,} of {name} outputs on {len(labels)} test images are NaN or "
+                    "infinite: a model whose outputs are not numbers is never verified (train it again; check its "
+                    "weights)")
     keras_accuracy = float(np.mean(reference.argmax(1) == labels))
     accuracy = float(np.mean(outputs.argmax(1) == labels))
     difference = np.abs(outputs - reference)
@@ -125,16 +135,16 @@ def verify(fmt: Format, outputs: np.ndarray, reference: np.ndarray, labels: np.n
                  {"kind": "quantized", "max_accuracy_drop": max_accuracy_drop, "min_agreement": MIN_AGREEMENT}),
     }
     if fmt.kind == "float":
-        over = difference > FLOAT_ATOL + FLOAT_RTOL * np.abs(reference)
+        over = ~(difference <= FLOAT_ATOL + FLOAT_RTOL * np.abs(reference))  # NaN is over
         if over.any():
             return figures, (f"{int(over.sum())} of {over.size} outputs differ from Keras by more than "
                              f"{FLOAT_ATOL:g} + {FLOAT_RTOL:g} x |output| (max |difference| {figures['max_abs_diff']:.2e})")
         return figures, ""
     drop = (keras_accuracy - accuracy) * 100
-    if drop > max_accuracy_drop + 1e-9:
+    if not drop <= max_accuracy_drop + 1e-9:
         return figures, (f"accuracy {accuracy:.2%} is {drop:.2f} {BUDGET_MISS}'s {keras_accuracy:.2%} on "
                          f"{len(labels)} images (budget {max_accuracy_drop:g} points)")
-    if figures["agreement"] < MIN_AGREEMENT:
+    if not figures["agreement"] >= MIN_AGREEMENT:
         return figures, (f"top-1 agreement with Keras {figures['agreement']:.2%} is below {MIN_AGREEMENT:.0%} on "
                          f"{len(labels)} images: the file does not make the float model's predictions")
     return figures, ""

@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import EdgeKitError, WorkFailed
+from runtime.errors import EdgeKitError, WorkFailed, first_line
 from runtime.fsutil import output_lock
 from runtime.manifest import model_sha256
+from runtime.text import public_url
 
 STUDY = "edgekit-search"
 DB_FILE = "search.db"
@@ -112,10 +113,31 @@ class Search:
         self.pipeline, self.plan, self.out = pipeline, pipeline.plan, pipeline.out
         self.objective, self.budget, self.heartbeat = objective, budget, heartbeat
         self.storage_url = storage or f"sqlite:///{(self.out / DB_FILE).resolve()}"
+        self.public_url = public_url(self.storage_url)  # what is printed and written: never the password
+        if storage is not None:
+            check_storage(storage, self.out)
         self._dataset = None
+        self._name = None
         self._baseline = None
 
     # --- the study -------------------------------------------------------------------------------
+    def definition(self) -> dict:
+        """What defines this run's study: the model, the dataset, the objective, the budget and the base model
+        the trials derive from. Runs that differ in any of them are different studies, even in one storage."""
+        from runtime.manifest import read_manifest
+
+        return {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
+                "budget_points": self.budget,
+                "base_model_sha256": model_sha256(read_manifest(self.pipeline.dir_of("base")))}
+
+    @property
+    def study_name(self) -> str:
+        if self._name is None:
+            d = self.definition()
+            self._name = (f"{STUDY}-{d['model']}-{d['dataset']}-{d['objective']}-{d['budget_points']:g}pts-"
+                          f"{d['base_model_sha256'][:12]}")
+        return self._name
+
     def study(self):
         import warnings
 
@@ -130,15 +152,28 @@ class Search:
                 storage = RDBStorage(self.storage_url, engine_kwargs=engine, heartbeat_interval=self.heartbeat,
                                      grace_period=3 * self.heartbeat,
                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-        except Exception as exc:  # SQLAlchemy's many errors: a bad URL, a server that is not there
-            raise EdgeKitError(f"cannot open the study's storage {self.storage_url}: {exc}") from None
+        except Exception as exc:  # SQLAlchemy's many errors: a bad URL, a server that is not there, a damaged file
+            raise WorkFailed(f"cannot open the study's storage {self.public_url}: "
+                             f"{_masked(first_line(exc), self.storage_url)}") from None
         # infeasible: more than the budget below the baseline (each trial sets its constraint)
         sampler = optuna.samplers.TPESampler(seed=self.plan.seed, n_startup_trials=len(MENU))
-        study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, load_if_exists=True,
-                                    directions=["maximize", "minimize"])
+        name, definition = self.study_name, self.definition()
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+                                        directions=["maximize", "minimize"])
+        except Exception as exc:  # a damaged database: the work failed, not the command line
+            raise WorkFailed(f"cannot use the study in {self.public_url}: {_masked(first_line(exc), self.storage_url)}"
+                             "; remove it (or pass another --storage) to start the search again.") from None
+        recorded = study.user_attrs.get("definition")
+        if recorded is not None and recorded != definition:
+            differ = ", ".join(f"{k} {recorded.get(k)!r} here, {v!r} asked" for k, v in definition.items()
+                               if recorded.get(k) != v)
+            raise EdgeKitError(f"the study {name} in {self.public_url} belongs to another run ({differ}); pass another "
+                               "--storage or --out.")
+        fail_orphans(storage, study, 3 * self.heartbeat)
         if not study.user_attrs.get("menu_enqueued"):
             with waiting_lock(self.out / ".search"):  # one worker enqueues the menu
-                if not optuna.load_study(study_name=STUDY, storage=storage).user_attrs.get("menu_enqueued"):
+                if not optuna.load_study(study_name=name, storage=storage).user_attrs.get("menu_enqueued"):
                     for technique, settings, fmt in MENU:
                         params = {"technique": technique, **settings}
                         if technique != "none":
@@ -146,11 +181,12 @@ class Search:
                         if technique not in QUANTIZATION_AWARE:
                             params["format"] = fmt
                         study.enqueue_trial(params, skip_if_exists=True)
+                    study.set_user_attr("definition", definition)
                     study.set_user_attr("menu_enqueued", True)
                     study.set_user_attr("objective", self.objective)
                     study.set_user_attr("budget_points", self.budget)
         if study.user_attrs.get("objective", self.objective) != self.objective:
-            raise EdgeKitError(f"the study in {self.storage_url} minimizes {study.user_attrs['objective']}, not "
+            raise EdgeKitError(f"the study in {self.public_url} minimizes {study.user_attrs['objective']}, not "
                                f"{self.objective}; pass --objective {study.user_attrs['objective']} or another --out.")
         return study
 
@@ -238,11 +274,11 @@ class Search:
         """Test accuracy through the runtime, and the objective's value."""
         import numpy as np
 
-        from runtime.load import load
+        from runtime.load import finite, load
 
         model = load(file)
         dataset = self._data()
-        accuracy = float(np.mean(model.logits(dataset.x_test).argmax(1) == dataset.y_test))
+        accuracy = float(np.mean(finite(model.logits(dataset.x_test), model).argmax(1) == dataset.y_test))
         if self.objective == "latency":
             from runtime.bench import run_worker
 
@@ -282,15 +318,34 @@ def _default_epochs(technique: str) -> int:
 
 def run_workers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
     """`jobs - 1` more workers of the same command, as child processes (`--worker`: no report of their own)."""
-    return [subprocess.Popen([sys.executable, "-m", "pipeline", *argv, "--worker"]) for _ in range(jobs - 1)]
+    return [subprocess.Popen([sys.executable, "-m", "pipeline", *argv, "--worker"], preexec_fn=_die_with_parent)
+            for _ in range(jobs - 1)]
 
 
-def trials_table(storage_url: str) -> list[dict]:
-    """Every trial of the study: its number, state, recipe, format, accuracy, objective and budget figures."""
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, however it dies (kill -9, the OOM killer), so that
+    no worker is left running as an orphan (Linux's PR_SET_PDEATHSIG; elsewhere the workers' heartbeats end)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def trials_table(storage_url: str, study_name: str | None = None) -> list[dict]:
+    """Every trial of the study (by default the storage's one EdgeKit study): its number, state, recipe, format,
+    accuracy, objective and budget figures."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY, storage=storage_url)
+    if study_name is None:
+        names = [n for n in optuna.get_all_study_names(storage_url) if n.startswith(STUDY)]
+        if len(names) != 1:
+            raise KeyError(f"{len(names)} EdgeKit studies in the storage; name one")
+        study_name = names[0]
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
@@ -311,9 +366,14 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     this is a `--worker`) write the report. Returns the report, or None for a worker."""
     if objective not in OBJECTIVES:
         raise EdgeKitError(f"--objective must be one of {', '.join(OBJECTIVES)}; got '{objective}'.")
-    for name, value, low in (("--trials", trials, 1), ("--jobs", jobs, 1), ("--heartbeat", heartbeat, 1)):
-        if type(value) is not int or value < low:
-            raise EdgeKitError(f"{name} must be a whole number of {low} or more; got {value!r}.")
+    from runtime.limits import cores, whole
+
+    whole(trials, "--trials", 1, 100_000)
+    whole(heartbeat, "--heartbeat", 1, 3600)
+    # each worker trains models in its own process (about 1 GB): more than the cores only shares them and
+    # multiplies the memory (100 were OOM-killed)
+    whole(jobs, "--jobs", 1, cores(), f" (the cores this process may use: {cores()}; more workers go on other "
+                                      "machines with --storage)")
     if timeout is not None and not (timeout > 0):
         raise EdgeKitError(f"--timeout is in seconds, above 0; got {timeout!r}.")
     started = time.perf_counter()
@@ -339,16 +399,17 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     if any(codes):
         pipeline.say(f"note: {sum(1 for c in codes if c)} worker(s) exited with an error; the study keeps what they "
                      "finished")
-    rows = trials_table(search.storage_url)
+    rows = trials_table(search.storage_url, search.study_name)
     finished = [r for r in rows if r["state"] in ("complete", "pruned")]
     pipeline.say(f"search: {len(finished)} trials finished ({sum(r['state'] == 'pruned' for r in rows)} pruned "
-                 f"over budget) in {elapsed(started)}; study in {search.storage_url}")
+                 f"over budget) in {elapsed(started)}; study {search.study_name} in {search.public_url}")
     from runtime.fsutil import atomic_write_json
     from runtime.report.search import SEARCH_FILE
 
     with waiting_lock(pipeline.out, pipeline.say):
         atomic_write_json(pipeline.out / SEARCH_FILE, {"objective": objective, "budget_points": budget,
-                                                      "storage": _public(search.storage_url), "trials": rows})
+                                                      "storage": search.public_url, "study": search.study_name,
+                                                      "trials": rows})
         report = pipeline.report()
     report["search"] = rows
     for line in report.get("summary", []):
@@ -356,14 +417,65 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     return report
 
 
-def _public(url: str) -> str:
-    """A storage URL without its password, fit for a report."""
+def _masked(text: str, url: str) -> str:
+    """`text` (a driver's error) with the URL's password masked wherever it appears."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: say nothing of it
-        return "(storage)"
+        password = make_url(url).password
+    except Exception:
+        password = None
+    text = text.replace(url, public_url(url))
+    return text.replace(str(password), "***") if password else text
+
+
+def check_storage(url: str, out: Path) -> None:
+    """A --storage that workers can share and that writes into no artifact: an in-memory SQLite database is
+    one process's alone (and Optuna's heartbeat thread fails on it), and a database file inside an artifact
+    directory (the run's base model, say) would change an artifact the report checks."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise EdgeKitError(f"--storage takes a SQLAlchemy URL (sqlite:////path/search.db, "
+                           f"postgresql+psycopg2://user@host/db); got {public_url(url)!r}.") from None
+    if not parsed.drivername.startswith("sqlite"):
+        return
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url:
+        raise EdgeKitError(f"--storage {public_url(url)} is an in-memory database, which no other worker can share "
+                           f"and which is gone when this process ends; name a file (sqlite:////path/{DB_FILE}) or "
+                           "leave --storage out for one in the run directory.")
+    from runtime.manifest import MANIFEST
+
+    path = Path(database).expanduser().resolve()
+    for parent in path.parents:
+        if (parent / MANIFEST).is_file():
+            raise EdgeKitError(f"--storage {public_url(url)} would write the study into the artifact {parent}; "
+                               f"name a file outside every artifact (the run directory {out} is one place).")
+
+
+def fail_orphans(storage, study, grace: float) -> int:
+    """Fail the study's running trials that never sent a heartbeat and started more than `grace` seconds ago:
+    their worker died before its first heartbeat, and Optuna's own stale-trial check (which needs one) would
+    leave them running forever. Returns how many."""
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    failed = 0
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if started is None or (now - started).total_seconds() <= grace:
+            continue
+        with storage.scoped_session() as session:
+            beat = models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session)
+        if beat is None and storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            failed += 1
+    return failed
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ def _info(args) -> int:
 
     from runtime.errors import ArtifactError
     from runtime.manifest import MANIFEST, read_manifest, verify_files
+    from runtime.text import terminal
 
     directory = Path(args.artifact)
     if (directory / "pipeline.json").is_file() and not (directory / MANIFEST).exists():
@@ -46,7 +47,7 @@ def _info(args) -> int:
         lines += [
             ("created", manifest["created"]),
             ("input shape", "x".join(str(v) for v in manifest["input_shape"])),
-            ("labels", ", ".join(manifest["labels"])),
+            ("labels", ", ".join(map(terminal, manifest["labels"]))),
             ("test accuracy", _number(metrics.get("accuracy"), ".2%")),
             ("model size", _number(metrics.get("size_bytes"), ",", " bytes")
              + (" (the float model; its int8 export is the file to ship)" if metrics.get("qat_weights_bytes") else "")),
@@ -167,7 +168,7 @@ def _add_model_options(parser, labels: bool = True) -> None:
 def _predict(args) -> int:
     import numpy as np
 
-    from runtime.load import read_inputs
+    from runtime.load import finite, read_inputs
 
     if args.top_k < 1:
         raise EdgeKitError(f"--top-k must be 1 or more; got {args.top_k}.")
@@ -176,7 +177,7 @@ def _predict(args) -> int:
     for name, _, warning in named:
         if warning:
             print(f"warning: {name} {warning}.", file=sys.stderr)
-    probabilities = model.predict(np.concatenate([x for _, x, _ in named]))
+    probabilities = finite(model.predict(np.concatenate([x for _, x, _ in named])), model)
     k = min(args.top_k, model.num_classes)
     tops = model.top_k(probabilities, k)
     if args.json:
@@ -187,9 +188,11 @@ def _predict(args) -> int:
                    for (name, _, _), top, row in zip(named, tops, probabilities)]
         print(json.dumps({"model": str(model.path), "predictions": records}, indent=1))
         return 0
-    width = max(len(name) for name, _, _ in named)
+    from runtime.text import terminal
+
+    width = max(len(terminal(name)) for name, _, _ in named)
     for (name, _, _), top in zip(named, tops):
-        print(f"{name:<{width}}  " + "   ".join(f"{label} {p:7.2%}" for label, p in top))
+        print(f"{terminal(name):<{width}}  " + "   ".join(f"{terminal(label)} {p:7.2%}" for label, p in top))
     return 0
 
 
@@ -229,7 +232,9 @@ def _eval(args) -> int:
     started = time.perf_counter()
     # the model's own preprocessing (from its sidecar) when it has one, else the dataset's
     x = pixels if model.preprocessing is not None else dataset.preprocessing.apply(pixels)
-    predicted = model.logits(x, batch_size=args.batch_size).argmax(axis=1)
+    from runtime.load import finite
+
+    predicted = finite(model.logits(x, batch_size=args.batch_size), model).argmax(axis=1)
     if to_dataset is not None:
         predicted = to_dataset[predicted]
     seconds = time.perf_counter() - started
@@ -251,11 +256,14 @@ def _eval(args) -> int:
     if recorded is not None and args.split == "test":
         line += f"   recorded at export: {recorded:.2%}"
     print(line)
+    from runtime.text import terminal
+
+    per_class = [summary["per_class_accuracy"][label] for label in labels]
+    labels = [terminal(label) for label in labels]  # a label's escape sequences never reach the terminal
     width = max(len(label) for label in labels)
     support = [sum(row) for row in summary["confusion"]]
     print("per class:")
-    for label, n in zip(labels, support):
-        value = summary["per_class_accuracy"][label]
+    for label, n, value in zip(labels, support, per_class):
         print(f"  {label:<{width}}  {'-' if value is None else f'{value:7.2%}'}  ({n} images)")
     if len(labels) <= 20:
         cell = max(3, len(str(max(support))) + 1, *(len(label) + 1 for label in labels))
@@ -353,9 +361,19 @@ def _report(args) -> int:
     return 1 if damaged else 0
 
 
+def _threads(text: str) -> int:
+    """An argparse type: a thread count from 1 to the cores (runtime.limits)."""
+    from runtime.limits import threads
+
+    try:
+        return threads(text)
+    except EdgeKitError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads ")) from None
+
+
 def _add_threads(parser, default):
-    parser.add_argument("--threads", type=int, default=default, metavar="N",
-                        help="interpreter threads (default: the backend's own choice)")
+    parser.add_argument("--threads", type=_threads, default=default, metavar="N",
+                        help="interpreter threads, at most the cores (default: the backend's own choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,16 +61,17 @@ def model_files(paths) -> list[Path]:
 
 def parse_threads(text: str) -> list[int]:
     """'1,2' -> [1, 2]; 'all' is the number of CPU cores."""
+    from runtime.limits import cores, threads
+
     values = []
     for part in str(text).split(","):
         part = part.strip()
         try:
-            value = os.cpu_count() or 1 if part == "all" else int(part)
+            value = cores() if part == "all" else int(part)
         except ValueError:
             raise EdgeKitError(f"--threads takes thread counts separated by commas, e.g. 1,2 or 1,all; "
                                f"got '{text}'.") from None
-        if value < 1:
-            raise EdgeKitError(f"--threads values must be 1 or more; got {value}.")
+        threads(value, "--threads")
         if value not in values:
             values.append(value)
     return values

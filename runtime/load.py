@@ -26,6 +26,7 @@ import numpy as np
 from runtime.errors import ArtifactError, EdgeKitError, first_line
 from runtime.formats import ALIASES, format_of
 from runtime.fsutil import sha256_file
+from runtime.limits import positive_normal
 from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
 from runtime.preprocessing import Preprocessing
 
@@ -52,20 +53,27 @@ class Options:
             if not values or len(values) > 4 or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
                 raise EdgeKitError(f"{name} takes one number or one per channel (pixel units, e.g. 127.5 or "
                                    f"123.7,116.3,103.5); got {value!r}.")
-            if name == "std" and min(values) <= 0:
-                raise EdgeKitError(f"std must be above 0 (it divides); got {value!r}.")
+            if name == "std":
+                positive_normal(values, "std")
             object.__setattr__(self, name, tuple(float(v) for v in values))
+        if (self.mean is None) != (self.std is None):  # neither has a default that is right for most models
+            given, missing = ("mean", "std") if self.std is None else ("std", "mean")
+            raise EdgeKitError(f"{given} was given without {missing}: they go together, input = (pixel - mean) / "
+                               f"std; pass both (e.g. mean 127.5 and std 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
         if self.resize is not None and self.resize not in RESIZE_METHODS:
             raise EdgeKitError(f"resize takes one of {', '.join(RESIZE_METHODS)}; got {self.resize!r}.")
 
 
 MAX_LABELS_BYTES = 4 << 20
+# a model's packed label files (TFLite metadata's zip): members listed, text members read, inflated bytes in all
+MAX_PACKED_MEMBERS, MAX_PACKED_TEXTS, MAX_PACKED_BYTES = 100, 8, 8 << 20
 
 
 def parse_labels(text: str, source: str) -> list[str]:
     """One label a line, optionally after its index ("0 matured" or "0: matured", as model zoos write them);
     blank lines are skipped. Indices, when every line has one, must run 0, 1, 2, ..."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # lines end at "\n" alone (str.splitlines would also split at U+2028, \x1c, \x85: one label in two)
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
     split = [line.split(None, 1) if line.split(None, 1)[0].rstrip(":").isdigit() and len(line.split(None, 1)) == 2
              else None for line in lines]
     if lines and all(split):
@@ -73,8 +81,26 @@ def parse_labels(text: str, source: str) -> list[str]:
         if indices != list(range(len(lines))):
             raise EdgeKitError(f"{source}: the leading indices run {indices[:5]}...; expected 0, 1, 2, ... one label "
                                "a line, in output order.")
-        return [rest.strip() for _, rest in split]
-    return lines
+        lines = [rest.strip() for _, rest in split]
+    return check_labels(lines, source)
+
+
+def check_labels(labels, source: str) -> list[str]:
+    """`labels` if they are distinct strings: a repeated name would give the first one's index for a later
+    class (a silently wrong answer), bytes would become their code points."""
+    if isinstance(labels, (str, bytes, bytearray)) or not isinstance(labels, (list, tuple)) \
+            or not all(isinstance(v, str) for v in labels):
+        raise EdgeKitError(f"{source}: expected a list of label strings, one per output; got "
+                           f"{type(labels).__name__}.")
+    seen = {}
+    for i, label in enumerate(labels):
+        if label in seen:
+            from runtime.text import terminal
+
+            raise EdgeKitError(f"{source}: label {terminal(label)!r} is given twice (outputs {seen[label]} and {i}); "
+                               "expected one distinct name per output.")
+        seen[label] = i
+    return list(labels)
 
 
 def read_labels(path: str | Path) -> list[str]:
@@ -217,10 +243,10 @@ class Model:
 
     def _read_labels(self, given) -> list[str] | None:
         if given is not None:
-            labels = read_labels(given) if isinstance(given, (str, Path)) else [str(v) for v in given]
+            labels = read_labels(given) if isinstance(given, (str, Path)) else check_labels(given, "labels")
             source = f"--labels {given}" if isinstance(given, (str, Path)) else "labels"
         elif (self.sidecar or {}).get("labels"):
-            return list(self.sidecar["labels"])
+            return check_labels(self.sidecar["labels"], f"sidecar {sidecar_path(self.path)}")
         else:
             labels, source = self._packed_labels(), f"the label file packed in {self.path.name}"
             if labels is None:
@@ -630,22 +656,31 @@ class _TFLiteModel(Model):
         archive appended to the flatbuffer. The label file is the text member with one line per output
         (named like labels*.txt when there are several)."""
         import zipfile
+        import zlib
 
         try:
             if not zipfile.is_zipfile(self.path):
                 return None
             with zipfile.ZipFile(self.path) as packed:
-                members = [m for m in packed.infolist()[:100]
+                members = [m for m in packed.infolist()[:MAX_PACKED_MEMBERS]
                            if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
                 members.sort(key=lambda m: "label" not in m.filename.lower())
-                for member in members:
+                budget = MAX_PACKED_BYTES  # inflated bytes read over all members: the sizes in a zip may lie
+                for member in members[:MAX_PACKED_TEXTS]:
+                    with packed.open(member) as fh:  # read(n) inflates at most n bytes, whatever the header says
+                        data = fh.read(min(MAX_LABELS_BYTES, budget) + 1)
+                    budget -= len(data)
+                    if len(data) > MAX_LABELS_BYTES or budget < 0:
+                        return None
+                    if data.count(b"\n") + 1 < self.num_classes:  # too few lines to be this model's labels
+                        continue
                     try:
-                        labels = parse_labels(packed.read(member).decode("utf-8-sig"), member.filename)
+                        labels = parse_labels(data.decode("utf-8-sig"), member.filename)
                     except (EdgeKitError, UnicodeDecodeError):
                         continue
                     if len(labels) == self.num_classes:
                         return labels
-        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError):
+        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error):
             return None
         return None
 
@@ -886,9 +921,10 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
-    if threads is not None and (type(threads) is not int or threads < 1):
-        raise EdgeKitError(f"threads must be a whole number of 1 or more, or None for the backend's default; "
-                           f"got {type(threads).__name__} {threads!r}.")
+    if threads is not None:
+        from runtime.limits import threads as bounded_threads
+
+        bounded_threads(threads, "threads")  # more than the cores buys nothing; a million crashed LiteRT
     path = Path(path)
     fmt = BACKENDS.get(path.suffix.lower())
     if fmt is None:
@@ -903,6 +939,18 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     _check_file(path, size, sidecar, manifest)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar, options)
+
+
+def finite(values: np.ndarray, model: Model) -> np.ndarray:
+    """`values` (a model's outputs) if every one is a number: NaN is never a prediction or an accuracy."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        from runtime.errors import WorkFailed
+
+        raise WorkFailed(f"{model.path.name} gave {bad:,} NaN or infinite outputs of {values.size:,}: a model whose "
+                         "outputs are not numbers gives no answer. Export it again from a model that trains to a "
+                         "finite loss (check its weights).")
+    return values
 
 
 def tflite_census(model: bytes | str | Path) -> dict:

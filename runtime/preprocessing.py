@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -45,14 +46,21 @@ class Preprocessing:
                 raise EdgeKitError(
                     f"preprocessing {field} needs 1 or {self.channels} values; got {len(values)}."
                 )
-        if any(v <= 0 for v in self.std):
-            raise EdgeKitError(f"preprocessing std must be > 0; got {self.std}.")
+        from runtime.limits import MAX_INPUT, MIN_NORMAL
+
+        if not all(v >= MIN_NORMAL for v in self.std):  # NaN fails too; a subnormal std makes infinities
+            raise EdgeKitError(f"preprocessing std must be a positive normal number (at least {MIN_NORMAL:.4g}); "
+                               f"got {self.std}.")
         if type(self.background) is not int or not 0 <= self.background <= 255:
             raise EdgeKitError(f"preprocessing background must be a gray level 0..255; got {self.background!r}.")
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise EdgeKitError(f"preprocessing scale must be a finite number > 0; got {self.scale!r}.")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
             raise EdgeKitError(f"preprocessing mean and std must be finite; got {self.mean} and {self.std}.")
+        reach = max(abs(p * self.scale - m) / s for p in (0, 255) for m in self.mean for s in self.std)
+        if not reach <= MAX_INPUT:  # pixels must become numbers a model can take, not overflow float32
+            raise EdgeKitError(f"preprocessing scale {self.scale:g}, mean {self.mean} and std {self.std} make pixels "
+                               f"0..255 into values up to {reach:.3g}; expected at most {MAX_INPUT:g}.")
         if self.resize not in _FILTERS:
             raise EdgeKitError(f"preprocessing resize must be one of {sorted(_FILTERS)}; got {self.resize!r}.")
 
@@ -131,7 +139,13 @@ def open_image(path: str | Path):
         image.load()
     except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
         raise EdgeKitError(f"cannot read image {path} ({exc}); the file is truncated or corrupt.") from None
-    return image
+    try:  # a phone stores a photo as the sensor saw it and says in EXIF how to turn it upright: do so
+        from PIL import ImageOps
+
+        upright = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error) as exc:
+        raise EdgeKitError(f"cannot read image {path}: its EXIF orientation is damaged ({exc}).") from None
+    return image if upright is None else upright
 
 
 def to_8bit(image, channels: int, background: int = 0) -> np.ndarray:

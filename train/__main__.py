@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from runtime.datasets import DATASET_NAMES
-from runtime.errors import ArgumentParser, run_cli
+from runtime.errors import ArgumentParser, EdgeKitError, run_cli
 
 EPILOG = """\
 examples:
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training
+    if args.tensorboard is not None:
+        _check_tensorboard(Path(args.tensorboard), out)
 
     from train import resume
 
@@ -176,6 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/: model.keras, manifest.json, training.png, confusion.png")
     print(f"next: python -m runtime info {out}")
     return 0
+
+
+def _check_tensorboard(logs, out) -> None:
+    """--tensorboard checked before training, as every option: a directory that can be written, and not
+    inside the artifact (which is replaced whole when training ends)."""
+    import os
+
+    from runtime.manifest import check_out_apart
+
+    check_out_apart(logs, [out], flag="--tensorboard")
+    if logs.exists() and not logs.is_dir():
+        raise EdgeKitError(f"--tensorboard {logs} is a file; expected a directory for TensorBoard's event files.")
+    existing = next((p for p in (logs, *logs.resolve().parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise EdgeKitError(f"--tensorboard {logs}: {existing} is not writable; choose a directory you can write.")
 
 
 if __name__ == "__main__":

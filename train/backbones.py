@@ -139,12 +139,13 @@ def load_weights(model, name: str, path: str) -> None:
 
     from runtime.manifest import check_readable_file
 
-    check_readable_file(path, "weights file")
+    size = check_readable_file(path, "weights file").st_size
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f else f
             stored = {n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("layer_names", [])}
-    except (OSError, KeyError, ValueError) as exc:
+            _check_datasets(f, path, size)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise EdgeKitError(f"--weights {path} is not a Keras HDF5 weights file ({first_line(exc)}); expected one "
                            "saved with model.save_weights('....h5').") from None
     needed = [layer.name for layer in model.layers if layer.weights and layer.name not in HEAD]
@@ -158,6 +159,43 @@ def load_weights(model, name: str, path: str) -> None:
     except (ValueError, OSError) as exc:
         raise EdgeKitError(f"--weights {path} does not fit the {name} model ({first_line(exc)}); expected weights "
                            "saved from the same backbone and settings (alpha, input channels).") from None
+
+
+MAX_H5_OBJECTS = 100_000
+
+
+def _check_datasets(f, path, size: int) -> None:
+    """Every dataset of a weights file read against its declared shape before Keras allocates anything: the
+    declared bytes, all datasets together, must fit in the file (Keras writes them uncompressed; a 2 MB file
+    declaring 2^31 elements once took 5.6 GB), and every weight must be a finite number."""
+    import h5py
+    import numpy as np
+
+    datasets, count = [], 0
+
+    def visit(name, obj):
+        nonlocal count
+        count += 1
+        if count > MAX_H5_OBJECTS:
+            raise ValueError(f"more than {MAX_H5_OBJECTS:,} objects")
+        if isinstance(obj, h5py.Dataset):
+            datasets.append(obj)
+
+    f.visititems(visit)
+    declared = 0
+    for ds in datasets:
+        if ds.dtype.kind not in "fiub":
+            raise EdgeKitError(f"--weights {path}: dataset {ds.name} holds {ds.dtype}; expected numeric weights saved "
+                               "with model.save_weights('....h5').")
+        declared += int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize
+        if declared > size:
+            raise EdgeKitError(f"--weights {path} declares at least {declared:,} bytes of weights (dataset {ds.name}, "
+                               f"shape {list(ds.shape)}) but the file holds {size:,}; it is damaged or crafted. "
+                               "Expected weights saved with model.save_weights('....h5').")
+    for ds in datasets:
+        if ds.dtype.kind == "f" and not np.isfinite(ds[()]).all():
+            raise EdgeKitError(f"--weights {path}: dataset {ds.name} holds NaN or infinite weights; expected trained "
+                               "weights (a model made from them gives no numbers).")
 
 
 def freeze(model, name: str, fine_tune_from: str | None = None) -> int:

@@ -19,7 +19,15 @@ import re
 
 from runtime.errors import EdgeKitError
 
-MAX_CPU_REPLICAS = 64
+
+
+def max_cpu_replicas() -> int:
+    """cpu:N takes at most one replica per core (two on a one-core machine, so replication is testable anywhere):
+    64 on two cores ran for minutes and ended in a TensorFlow traceback."""
+    from runtime.limits import cores
+
+    return max(2, cores())
+
 _SPEC = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 
 
@@ -28,19 +36,56 @@ def check_spec(spec: str) -> str:
     match = _SPEC.match(spec or "")
     ok = bool(match) and not (match.group(1) == "auto" and match.group(2))
     if ok and match.group(1) == "cpu" and match.group(2):
-        ok = "," not in match.group(2) and 1 <= int(match.group(2)) <= MAX_CPU_REPLICAS
+        ok = "," not in match.group(2) and 1 <= int(match.group(2)) <= max_cpu_replicas()
     if ok and match.group(1) == "gpu" and match.group(2):
         ids = match.group(2).split(",")
         ok = len(set(ids)) == len(ids)
     if not ok:
-        raise EdgeKitError(f"--devices takes auto, cpu, cpu:N (N from 1 to {MAX_CPU_REPLICAS}), gpu or gpu:0,1 "
+        raise EdgeKitError(f"--devices takes auto, cpu, cpu:N (N from 1 to {max_cpu_replicas()}, the cores), gpu or gpu:0,1 "
                            f"(distinct GPU indices); got {spec!r}.")
     return spec
 
 
+MAX_WORKERS = 1024
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:[0-9]{1,5}$")
+
+
+def tf_config() -> dict:
+    """TF_CONFIG, checked before TensorFlow reads it: a JSON object whose cluster lists chief and worker
+    addresses (host:port) and whose task is one of them ({"type": "worker", "index": 1}); {} when unset."""
+    text = os.environ.get("TF_CONFIG") or ""
+    if not text.strip():
+        return {}
+    how = ('expected {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}} '
+           "(MultiWorkerMirroredStrategy's format; a chief may be listed under \"chief\")")
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        raise EdgeKitError(f"TF_CONFIG is not JSON ({text[:40]!r}); {how}.") from None
+    cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
+    if not isinstance(cluster, dict) or not cluster:
+        raise EdgeKitError(f"TF_CONFIG has no cluster; {how}.")
+    unknown = sorted(set(cluster) - {"chief", "worker"})
+    if unknown:
+        raise EdgeKitError(f"TF_CONFIG's cluster names task type(s) {unknown}: EdgeKit trains with "
+                           f"MultiWorkerMirroredStrategy, which has chief and worker tasks only (no parameter "
+                           f"servers); {how}.")
+    for kind, addresses in cluster.items():
+        if not (isinstance(addresses, list) and 1 <= len(addresses) <= MAX_WORKERS
+                and all(isinstance(a, str) and _ADDRESS.match(a) for a in addresses)):
+            raise EdgeKitError(f"TF_CONFIG's cluster {kind!r} is not a list of host:port addresses; {how}.")
+    if len(cluster.get("chief", [])) > 1:
+        raise EdgeKitError(f"TF_CONFIG lists {len(cluster['chief'])} chiefs; expected at most one.")
+    if not isinstance(task, dict) or task.get("type") not in cluster or type(task.get("index")) is not int \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise EdgeKitError(f"TF_CONFIG's task {task!r} is not one of its cluster's tasks (types "
+                           f"{sorted(cluster)}, each indexed from 0); {how}.")
+    return config
+
+
 def workers() -> int:
     """How many workers TF_CONFIG names (1 without it)."""
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    cluster = tf_config().get("cluster", {})
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker")) or 1
 
 

@@ -17,12 +17,13 @@ has been written.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import EdgeKitError
+from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import atomic_write_text
 
 SUFFIX = ".checkpoint"
@@ -34,20 +35,65 @@ def checkpoint_dir(out: Path) -> Path:
     return Path(out).parent / (Path(out).name + SUFFIX)
 
 
+MAX_STATE_BYTES = 16 << 20
+BEST_FILE = re.compile(r"^best-[0-9]{1,9}\.npz$")  # a plain name inside the checkpoint, as _save_state writes it
+# state.json's schema: each field's type (a checkpoint is input too: it may be damaged or crafted)
+COUNTERS = {"stopper": {"wait": int, "best": float, "best_epoch": int, "stopped_epoch": int},
+            "plateau": {"wait": int, "best": float, "cooldown_counter": int}}
+
+
+def damaged(directory: Path, what: str) -> ArtifactError:
+    """The one line for a checkpoint that cannot be resumed (exit 1)."""
+    return ArtifactError(f"the checkpoint in {directory} is damaged: {what}. Start again without --resume (with "
+                         f"--force), or remove {directory}.")
+
+
+def _number(value, kind) -> bool:
+    if kind is int:
+        return type(value) is int and value >= -1
+    return type(value) in (int, float)  # inf and NaN are what Keras starts its "best" with
+
+
+def check_state(state, directory: Path) -> dict:
+    """One epoch's state if it has the schema `_save_state` writes, else `damaged`."""
+    if not isinstance(state, dict) or type(state.get("epoch")) is not int or not 1 <= state["epoch"] <= 10**6:
+        raise damaged(directory, f"{STATE} holds a state without a whole epoch number")
+    epoch = state["epoch"]
+    history = state.get("history")
+    if not (isinstance(history, dict) and all(isinstance(k, str) and isinstance(v, list) and len(v) <= 10**6
+                                              and all(type(x) in (int, float) for x in v)
+                                              for k, v in history.items())):
+        raise damaged(directory, f"{STATE}'s history of epoch {epoch} is not lists of numbers by metric name")
+    best = state.get("best_file")
+    if best is not None and not (isinstance(best, str) and BEST_FILE.match(best)):
+        raise damaged(directory, f"{STATE} names best weights {best!r}, which is not a best-<epoch>.npz file "
+                                 "inside the checkpoint")
+    if type(state.get("stopped", False)) is not bool:
+        raise damaged(directory, f"{STATE}'s 'stopped' is not true or false")
+    for name, fields in COUNTERS.items():
+        counters = state.get(name)
+        if not (isinstance(counters, dict) and set(counters) == set(fields)
+                and all(_number(counters[k], kind) for k, kind in fields.items())):
+            raise damaged(directory, f"{STATE}'s {name} of epoch {epoch} is not "
+                                     + ", ".join(f"{k} ({kind.__name__})" for k, kind in fields.items()))
+    return state
+
+
 def read_state(directory: Path) -> list[dict]:
-    """The saved epochs' states (at most two, oldest first), or [] when there is none."""
+    """The saved epochs' states (at most two, oldest first), or [] when there is none; each checked against
+    the schema, or one line (exit 1) saying the checkpoint is damaged."""
+    path = directory / STATE
     try:
-        states = json.loads((directory / STATE).read_text())["states"]
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise damaged(directory, f"{STATE} has {path.stat().st_size:,} bytes")
+        states = json.loads(path.read_text("utf-8"))["states"]
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EdgeKitError(f"{directory / STATE} is unreadable ({exc}); delete {directory} to train from the "
-                           "start.") from exc
-    if not (isinstance(states, list) and all(isinstance(s, dict) and isinstance(s.get("epoch"), int)
-                                             for s in states)):
-        raise EdgeKitError(f"{directory / STATE} is not an EdgeKit checkpoint state; delete {directory} to train "
-                           "from the start.")
-    return states
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise damaged(directory, f"{STATE} is unreadable ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    if not isinstance(states, list) or len(states) > 2:
+        raise damaged(directory, f"{STATE} does not hold the last epochs' states")
+    return [check_state(state, directory) for state in states]
 
 
 def prepare(directory: Path, config: dict, resume: bool, force: bool, chief: bool, say) -> bool:
@@ -71,12 +117,16 @@ def prepare(directory: Path, config: dict, resume: bool, force: bool, chief: boo
         return False
     try:
         saved = json.loads((directory / CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgeKitError(f"{directory / CONFIG} is unreadable ({exc}); delete {directory} to train from the "
-                           "start.") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise damaged(directory, f"{CONFIG} is unreadable ({type(exc).__name__})") from exc
+    if not isinstance(saved, dict):
+        raise damaged(directory, f"{CONFIG} is not a training configuration")
     config = json.loads(json.dumps(config))  # as saved: tuples are lists
     differ = sorted(k for k in set(saved) | set(config)
                     if k not in UNCHECKED and saved.get(k) != config.get(k))
+    if states and type(config.get("epochs")) is int and config["epochs"] < states[-1]["epoch"]:
+        raise EdgeKitError(f"--epochs {config['epochs']} counts every epoch, but the checkpoint in {directory} has "
+                           f"done {states[-1]['epoch']}; pass --epochs {states[-1]['epoch']} or more to continue it.")
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} then, {config.get(k)!r} now" for k in differ)
         raise EdgeKitError(f"--resume continues the training in {directory} with its own settings; these differ "
@@ -105,8 +155,13 @@ def callback(keras, directory: Path, stopper, plateau, chief: bool):
             self._states: list = []
 
         def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)  # restores weights, optimizer and epoch when there is a checkpoint
-            saved = int(keras.backend.eval(self._training_state._ckpt_saved_epoch))
+            try:  # restores weights, optimizer and epoch when there is a checkpoint
+                super().on_train_begin(logs)
+                saved = int(keras.backend.eval(self._training_state._ckpt_saved_epoch))
+            except Exception as exc:  # TensorFlow's many errors for a truncated, foreign or random checkpoint
+                raise damaged(directory, f"Keras's checkpoint in {directory / 'keras'} cannot be restored "
+                                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+                              ) from exc
             if saved < 0:
                 return
             done = saved + 1
@@ -123,8 +178,7 @@ def callback(keras, directory: Path, stopper, plateau, chief: bool):
             for name, value in state["plateau"].items():
                 setattr(plateau, name, value)
             if state.get("best_file"):
-                with np.load(directory / state["best_file"], allow_pickle=False) as best:
-                    stopper.best_weights = [best[f"w{i}"] for i in range(len(best.files))]
+                stopper.best_weights = _best_weights(directory, state["best_file"], self.model)
             self.history_before = {k: list(v) for k, v in state["history"].items()}
             self.history = {k: list(v) for k, v in state["history"].items()}
             self.resumed_from = done
@@ -161,6 +215,27 @@ def callback(keras, directory: Path, stopper, plateau, chief: bool):
             atomic_write_text(directory / STATE, json.dumps({"states": self._states}))
 
     return Resumable()
+
+
+def _best_weights(directory: Path, name: str, model) -> list:
+    """The best weights so far, from `name` inside the checkpoint (checked by `check_state`), each array of the
+    shape the model's weight has, or `damaged`."""
+    import zipfile
+
+    path = directory / name
+    if path.is_symlink() or not path.is_file():
+        raise damaged(directory, f"its best weights {name} are missing or not a plain file")
+    shapes = [tuple(w.shape) for w in model.get_weights()]
+    try:
+        with np.load(path, allow_pickle=False) as best:
+            if sorted(best.files) != sorted(f"w{i}" for i in range(len(shapes))):
+                raise ValueError(f"{len(best.files)} arrays for {len(shapes)} weights")
+            weights = [best[f"w{i}"] for i in range(len(shapes))]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise damaged(directory, f"its best weights {name} are unreadable ({exc})") from exc
+    if [w.shape for w in weights] != shapes or not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
+        raise damaged(directory, f"its best weights {name} do not fit the model, or are not finite")
+    return weights
 
 
 def finish(directory: Path, chief: bool) -> None:

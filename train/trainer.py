@@ -183,6 +183,13 @@ def evaluate(model, dataset: Dataset) -> dict:
 
     x_test, y_test = dataset.arrays("test")
     logits = model.predict(x_test, batch_size=256, verbose=0)
+    bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
+    if bad:  # NaN is never a result: no artifact is written for a model that gives no numbers
+        from runtime.errors import VerificationError
+
+        raise VerificationError(f"the trained model gives {bad:,} NaN or infinite outputs on the {len(x_test)} test "
+                                "images (its loss diverged, or its starting weights hold NaN); nothing was written. "
+                                "Check --weights, lower --lr, and train again.")
     summary = classification_summary(y_test, logits.argmax(axis=1), dataset.labels)
     summary["loss"] = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test, logits).numpy())
     return summary
@@ -329,7 +336,7 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                 compile_model(model, lr, config.steps_per_execution)
             stopper = keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)
             plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-5 * lr / config.lr)
-            callbacks = [stopper, plateau]
+            callbacks = [keras.callbacks.TerminateOnNaN(), stopper, plateau]  # a NaN loss stops; evaluate refuses
             if checkpoint is not None:
                 checkpoints.start(Path(checkpoint), config.to_dict(), chief)
                 backup = checkpoints.callback(keras, Path(checkpoint), stopper, plateau, chief)
@@ -374,7 +381,9 @@ def _load_for(config: TrainConfig, spec) -> Dataset:
 
 def is_chief() -> bool:
     """Under MultiWorkerMirroredStrategy only the chief (or worker 0 when there is none) keeps the artifact."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    from train.devices import tf_config as checked_tf_config
+
+    tf_config = checked_tf_config()
     task = tf_config.get("task")
     if not task or task.get("type") == "chief":
         return True

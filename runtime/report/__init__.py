@@ -18,10 +18,10 @@ the plots matplotlib (`pip install 'edgekit[report]'`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from runtime.errors import EdgeKitError
+from runtime.limits import cores
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.manifest import utc_now
 from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
@@ -45,7 +45,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     root = Path(root)
     if not root.is_dir():
         raise EdgeKitError(f"{root} is not a directory; expected the output directory of `python -m pipeline`.")
-    threads = threads or sorted({1, os.cpu_count() or 1})
+    threads = threads or sorted({1, cores()})
     rows = collect(root)
     evaluate(rows, data_dir, progress)
     base = judge(rows, budget)

@@ -105,7 +105,7 @@ def _dataset_for(artifact: str, cache: dict, data_dir):
 def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
     """Accuracy of every verified file on its test split. Each row keeps which images it got right
     (`_correct`, for the significance tests) and which test set they are (`_images`)."""
-    from runtime.load import load
+    from runtime.load import finite, load
 
     datasets = {}
     todo = [r for r in rows if r["status"] == "verified"]
@@ -113,7 +113,7 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
         try:
             model = load(row["file"])
             dataset, key = _dataset_for(row["artifact"], datasets, data_dir)
-            predicted = model.logits(dataset.x_test).argmax(axis=1)
+            predicted = finite(model.logits(dataset.x_test), model).argmax(axis=1)
         except EdgeKitError as exc:
             row.update(status="failed", reason=str(exc))
             continue

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from runtime.report.rows import label, points
+from runtime.text import markdown, public_url
 
 SEARCH_FILE = "search.json"
 PLOT = "search.png"
@@ -22,32 +23,53 @@ UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024, "gzip"),
          "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0, "latency_1t")}
 
 
-def read(root: Path) -> dict | None:
-    """search.json, or None (absent, or not what the search writes)."""
+MAX_BYTES = 64 << 20
+
+
+def read(root: Path) -> tuple[dict | None, str | None]:
+    """(search.json, None), (None, None) when there is none, or (None, why it is damaged)."""
+    path = root / SEARCH_FILE
+    if not path.exists():
+        return None, None
     try:
-        data = json.loads((root / SEARCH_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
+        if path.stat().st_size > MAX_BYTES:
+            return None, f"it has {path.stat().st_size:,} bytes (at most {MAX_BYTES >> 20} MB expected)"
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # truncated, not UTF-8, nested past Python's stack
+        return None, f"it is not the JSON the search writes ({type(exc).__name__}: {str(exc)[:80]})"
     if not (isinstance(data, dict) and data.get("objective") in UNITS and isinstance(data.get("trials"), list)
             and all(isinstance(t, dict) and type(t.get("number")) is int for t in data["trials"])):
+        return None, "it does not hold an objective and a list of numbered trials"
+    return data, None
+
+
+def _file(value) -> str | None:
+    """A trial's file: a relative path inside the run directory, else None."""
+    if not isinstance(value, str) or not value or "\x00" in value or value.startswith("/") \
+            or ".." in Path(value).parts or len(value) > 4096:
         return None
-    return data
+    return value
 
 
 def section(root: Path, rows: list[dict], recommendations: list[dict], budget: float) -> tuple[list[str], list[str]]:
     """(report.md lines, plots written) for the search, or ([], []) without one."""
-    data = read(root)
+    data, damaged = read(root)
+    if damaged:
+        return ["## Search", "", f"**{SEARCH_FILE} is damaged**: {markdown(damaged)}. The search's trials are not "
+                "shown; run the same `python -m pipeline --search` command again to write it anew (the study keeps "
+                "every finished trial)."], []
     if data is None:
         return [], []
     by_file = {str(Path(r["file"]).resolve()): r for r in rows if r.get("file")}
     key, axis, scale, objective = UNITS[data["objective"]]
     trials = []
     for t in sorted(data["trials"], key=lambda t: t["number"]):
-        file = t.get("file") if isinstance(t.get("file"), str) else None
+        file = _file(t.get("file"))
         row = by_file.get(str((root / file).resolve())) if file else None
         trials.append((t, row))
     lines = ["## Search", "",
-             f"{len(trials)} trials of the study ({data.get('storage', 'search.db')}), minimizing {axis} within "
+             f"{len(trials)} trials of the study ({markdown(public_url(str(data.get('storage', 'search.db'))))}), "
+             f"minimizing {axis} within "
              f"{points(budget)} of the float baseline. Accuracy and its interval are the report's own, on the "
              "same test images as every file above.", "",
              f"| trial | recipe | format | state | accuracy (95% CI) | change (pts) | {axis} | budget | worker |",
@@ -58,8 +80,9 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
         change = "-" if row is None or row.get("accuracy_change_pts") is None else f"{row['accuracy_change_pts']:+.2f}"
         value = "-" if row is None or row.get(key) is None else f"{row[key] * scale:,.1f}"
         within = "-" if row is None or "over_budget" not in row else ("**over**" if row["over_budget"] else "within")
-        lines.append(f"| {t['number']} | {t.get('recipe', '-')} | {t.get('format', '-')} | {t.get('state', '-')} | "
-                     f"{acc} | {change} | {value} | {within} | {t.get('worker', '-')} |")
+        lines.append(f"| {t['number']} | {markdown(t.get('recipe', '-'))} | {markdown(t.get('format', '-'))} | "
+                     f"{markdown(t.get('state', '-'))} | {acc} | {change} | {value} | {within} | "
+                     f"{markdown(t.get('worker', '-'))} |")
     optimal = [row for _, row in trials if row is not None and row.get(f"pareto_{objective}")]
     if optimal:
         lines += ["", "Pareto front of the study (within budget, by the report's rules): "

@@ -1,0 +1,53 @@
+"""The bounds every command holds its numbers to: one checked parser per kind of number.
+
+A thread count, a worker count or a replica count above the cores this process may run on buys nothing
+and can cost the machine (a million interpreter threads crash LiteRT; a hundred search workers exhaust
+memory), so each is bounded by `cores()`. A divisor that normalizes pixels must be a positive normal
+number: a subnormal one (1e-45) turns every pixel into an infinity.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from runtime.errors import EdgeKitError
+
+# the smallest positive normal float32: a std below it makes (pixel - mean) / std overflow or lose every bit
+MIN_NORMAL = 1.1754944e-38
+# preprocessed input past this is no image (float32 holds 3.4e38; the interpreters' arithmetic needs headroom)
+MAX_INPUT = 1e6
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a container or taskset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def whole(value, what: str, low: int = 1, high: int | None = None, why: str = "") -> int:
+    """`value` as a whole number in [low, high], or one line saying what was expected."""
+    try:
+        number = int(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if type(number) is not int or number < low or (high is not None and number > high):
+        limit = f"from {low} to {high}{why}" if high is not None else f"of {low} or more"
+        raise EdgeKitError(f"{what} takes a whole number {limit}; got {value!r}.")
+    return number
+
+
+def threads(value, what: str = "--threads") -> int:
+    """A thread count, at most this machine's cores."""
+    return whole(value, what, 1, cores(), f" (the cores this process may use: {cores()})")
+
+
+def positive_normal(values, what: str) -> tuple[float, ...]:
+    """Each value a positive normal float32 (a std, a scale): not 0, negative, subnormal, inf or NaN."""
+    for v in values:
+        if not (type(v) in (int, float) and math.isfinite(v) and MIN_NORMAL <= v):
+            raise EdgeKitError(f"{what} must be a positive normal number (at least {MIN_NORMAL:.4g}, it divides); "
+                               f"got {v!r}.")
+    return tuple(float(v) for v in values)
