@@ -138,7 +138,9 @@ class Search:
                           f"{d['base_model_sha256'][:12]}")
         return self._name
 
-    def study(self):
+    def storage(self):
+        """The study's RDBStorage, with heartbeats; a storage that cannot be opened is one line without its
+        password (exit 1)."""
         import warnings
 
         import optuna
@@ -149,12 +151,17 @@ class Search:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = RDBStorage(self.storage_url, engine_kwargs=engine, heartbeat_interval=self.heartbeat,
-                                     grace_period=3 * self.heartbeat,
-                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+                return RDBStorage(self.storage_url, engine_kwargs=engine, heartbeat_interval=self.heartbeat,
+                                  grace_period=3 * self.heartbeat,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as exc:  # SQLAlchemy's many errors: a bad URL, a server that is not there, a damaged file
             raise WorkFailed(f"cannot open the study's storage {self.public_url}: "
                              f"{_masked(first_line(exc), self.storage_url)}") from None
+
+    def study(self):
+        import optuna
+
+        storage = self.storage()
         # infeasible: more than the budget below the baseline (each trial sets its constraint)
         sampler = optuna.samplers.TPESampler(seed=self.plan.seed, n_startup_trials=len(MENU))
         name, definition = self.study_name, self.definition()
@@ -378,6 +385,9 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
         raise EdgeKitError(f"--timeout is in seconds, above 0; got {timeout!r}.")
     started = time.perf_counter()
     budget = pipeline.plan.max_accuracy_drop
+    search = Search(pipeline, objective, budget, storage, heartbeat)
+    if storage is not None and not worker:
+        search.storage()  # a storage that cannot be opened fails now, not after training the base model
     if not worker:
         with waiting_lock(pipeline.out, pipeline.say):
             pipeline._prepare_out()
@@ -387,7 +397,6 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
                          f"{jobs} worker(s))")
             pipeline.train()
             pipeline.export("base")
-    search = Search(pipeline, objective, budget, storage, heartbeat)
     search.study()  # the storage opens and the menu is enqueued before any other worker starts
     children = run_workers(argv, jobs) if not worker else []
     try:

@@ -429,7 +429,7 @@ def test_predict_warns_when_an_image_looks_inverted(exported, digits, tmp_path):
     (["predict", "{tmp}/none.tflite", "{tmp}/small.npy"], "does not exist"),
     (["eval", "{tmp}/copy.tflite"], "no --dataset given and no manifest.json next to"),
     (["eval", "{m}", "--dataset", "digitz"], "unknown dataset 'digitz'"),
-    (["bench", "{m}", "--threads", "0"], "--threads values must be 1 or more"),
+    (["bench", "{m}", "--threads", "0"], "--threads takes a whole number from 1 to"),
     (["bench", "{m}", "--threads", "two"], "--threads takes thread counts"),
     (["bench", "{tmp}/empty"], "holds no .tflite or .onnx file"),
 ])

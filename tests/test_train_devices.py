@@ -3,6 +3,7 @@ TF_CONFIG, a killed training resumed from its checkpoint, TensorBoard logs, bflo
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,23 @@ def test_a_killed_training_resumes_from_its_last_epoch(tmp_path):
         in refused.stderr
     other = run_module(*command[2:], "--resume", "--lr", "0.01")
     assert other.returncode == 2 and "lr: 0.001 then, 0.01 now" in other.stderr
+    fewer = run_module(*[a if a != "6" else "2" for a in command[2:]], "--resume")  # --epochs 2 after 3 done
+    assert fewer.returncode == 2 and "pass --epochs 3 or more" in fewer.stderr, fewer.stderr[-2000:]
+    # a checkpoint is input too: damaged or crafted, it gets one line and exit 1, and is left as it was
+    kept = tmp_path / "kept"
+    shutil.copytree(checkpoint, kept)
+    for damage, words in (
+            (lambda: _edit_state(checkpoint, best_file="/etc/passwd"), "not a best-<epoch>.npz file"),
+            (lambda: _edit_state(checkpoint, stopper={"model": None}), "stopper of epoch 3"),
+            (lambda: _truncate(next(checkpoint.glob("keras/**/*.data-*"))), "cannot be restored")):
+        damage()
+        broken = run_module(*command[2:], "--resume")
+        lines = [line for line in broken.stderr.splitlines() if line.startswith("error:")]
+        assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
+        assert len(lines) == 1 and "is damaged" in lines[0] and words in lines[0], lines
+        assert not out.exists()
+        shutil.rmtree(checkpoint)
+        shutil.copytree(kept, checkpoint)
     resumed = run_module(*command[2:], "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch   1/6" not in resumed.stdout and "epoch   4/6" in resumed.stdout
@@ -116,3 +134,14 @@ def test_mixed_precision_trains_in_bfloat16_on_the_cpu_and_saves_float32(tmp_pat
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     x, y = digits.arrays("test")
     assert np.mean(model.predict(x, verbose=0).argmax(axis=1) == y) == pytest.approx(manifest["metrics"]["accuracy"])
+
+
+def _edit_state(checkpoint, **fields):
+    path = checkpoint / "state.json"
+    states = json.loads(path.read_text())
+    states["states"][-1].update(fields)
+    path.write_text(json.dumps(states))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
