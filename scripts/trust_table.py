@@ -2,8 +2,9 @@
 
     python scripts/trust_table.py [--workdir DIR]
 
-Trains a tiny model on digits, exports it, then runs every command on the bad inputs of issue 10
-(code in model files, tampered artifacts, bad images and arrays, impossible options) and prints a
+Trains a tiny model on digits, exports it, then runs every command on the bad inputs of issues 10 and 25
+(code in model files, tampered artifacts, bad images and arrays, impossible options; unbounded counts, memory
+bombs, NaN models, storage passwords, escape sequences, crafted checkpoints, TF_CONFIG) and prints a
 Markdown table: input -> command -> exit code -> the one `error:` line. Takes about 3 minutes on
 2 cores. Nothing is downloaded.
 """
@@ -27,8 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, prefix=()) -> tuple[int, str]:
-    done = subprocess.run([*prefix, sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True,
+    """`python -m ARGS`, or with ARGS = ("@env", "NAME=value", python, "-m", ...) that command under env."""
+    command = ["env", *map(str, args[1:])] if args and args[0] == "@env" else \
+        [*prefix, sys.executable, "-m", *map(str, args)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "EDGEKIT_OFFLINE": "1"})
+    if "S3cretPW" in done.stdout + done.stderr:
+        return done.returncode, "PASSWORD PRINTED"
+    if "\x1b" in done.stdout:
+        return done.returncode, "RAW ESCAPE SEQUENCE ON THE TERMINAL"
     lines = [line for line in done.stderr.splitlines() if "error:" in line]
     if "Traceback" in done.stderr:
         lines.append("TRACEBACK")
@@ -109,6 +117,84 @@ def cases(w: Path) -> list[tuple[str, list]]:
         "labels": list("0123456789"), "input_shape": [28, 28, 1], "metrics": {"accuracy": None, "size_bytes": 0},
         "files": {}, "exports": {"float32": {"file": None, "passed": False, "message": "converter refused"}}}))
     assert sha256_file(model)
+    # round two (issue 25)
+    import io
+    import zipfile
+
+    np.save(w / "digit.npy", digits.x_test[0])
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as packed:
+        packed.writestr("labels.txt", b"\0" * (200 << 20))
+    lying = bytearray(buffer.getvalue())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # declared 20 bytes, inflates to 200 MB
+        start = lying.find(signature)
+        lying[start + offset:start + offset + 4] = (20).to_bytes(4, "little")
+    (w / "bomb.int8.tflite").write_bytes(model.read_bytes() + bytes(lying))
+    (w / "twice.txt").write_text("zero\n1\n2\n3\n4\n5\n6\n7\n8\nzero\n")
+    (w / "ansi.txt").write_text("\n".join(f"{i}\x1b]8;;http://attacker.example/\x07x\x1b[2J" for i in range(10)))
+    (w / "garbage.db").write_bytes(np.random.default_rng(0).bytes(4096))
+    (w / "tbfile").write_text("x")
+    nan_net = net(lambda x: x)
+    kernel, bias = nan_net.layers[-1].get_weights()
+    kernel[0, 0] = np.nan
+    nan_net.layers[-1].set_weights([kernel, bias])
+    nan_net.save(w / "nan.keras")
+    (w / "nan.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(nan_net).convert())
+    import h5py
+
+    with h5py.File(w / "bomb.h5", "w") as f:
+        f.attrs["layer_names"] = [b"conv"]
+        f.create_dataset("conv/conv/kernel:0", shape=(2 ** 31,), dtype="float32")
+    crafted = w / "o9.checkpoint"
+    crafted.mkdir(exist_ok=True)
+    (crafted / "config.json").write_text("{}")
+    (crafted / "state.json").write_text(json.dumps({"states": [{
+        "epoch": 2, "history": {"loss": [1.0, 0.5]}, "best_file": "/etc/passwd", "stopped": False,
+        "stopper": {"wait": 0, "best": 0.5, "best_epoch": 1, "stopped_epoch": 0},
+        "plateau": {"wait": 0, "best": 0.5, "cooldown_counter": 0}}]}))
+    env = ("env",)
+    round_two = [
+        ("predict --threads 1000000", ["runtime", "predict", model, w / "digit.npy",
+                                       "--threads", "1000000"]),
+        ("bench --threads 298 (ONNX hung)", ["runtime", "bench", art / "model.onnx-int8.onnx", "--threads", "298"]),
+        ("pipeline --search --jobs 100", ["pipeline", "--search", "--jobs", "100", "--out", w / "o10"]),
+        ("train --devices cpu:64", ["train", "--model", "fashion_cnn", "--devices", "cpu:64", "--out", w / "o11"]),
+        ("train --weights: 2^31 elements declared, never written", ["train", "--model", "mobilenet_v2", "--image-size",
+                                                                     "32", "--channels", "3", "--weights", w / "bomb.h5",
+                                                                     "--out", w / "o12"]),
+        (".tflite whose packed labels declare 20 bytes, inflate to 200 MB", ["runtime", "predict",
+                                                                             w / "bomb.int8.tflite", w / "digit.npy"]),
+        ("--std 1e-45", ["runtime", "predict", model, w / "digit.npy", "--mean", "0", "--std", "1e-45"]),
+        ("--mean without --std", ["runtime", "predict", model, w / "digit.npy", "--mean", "127.5"]),
+        ("--mean 1e30 --std 1e-30", ["runtime", "predict", model, w / "digit.npy", "--mean", "1e30", "--std", "1e-30"]),
+        ("--labels with a repeated name", ["runtime", "predict", model, w / "digit.npy", "--labels", w / "twice.txt"]),
+        ("--labels with OSC/ANSI escapes (printed escaped)", ["runtime", "predict", model, w / "digit.npy", "--labels",
+                                                             w / "ansi.txt"]),
+        ("Keras model with NaN weights", ["export", "--tflite", w / "nan.keras", "--dataset", "digits", "--out",
+                                          w / "o13"]),
+        ("TFLite file with NaN outputs", ["runtime", "predict", w / "nan.tflite", w / "digit.npy", "--mean", "0",
+                                          "--std", "255"]),
+        ("--storage with a password, no server", ["pipeline", "--search", "--out", w / "o14", "--storage",
+                                                  "postgresql+psycopg2://edgekit:S3cretPW@127.0.0.1:1/edgekit"]),
+        ("--storage sqlite:// (in memory)", ["pipeline", "--search", "--out", w / "o14", "--storage", "sqlite://"]),
+        ("--storage inside the base artifact", ["pipeline", "--search", "--out", w / "o14", "--storage",
+                                                f"sqlite:///{art}/search.db"]),
+        ("--storage: a corrupted database", ["pipeline", "--search", "--out", w / "o14", "--storage",
+                                             f"sqlite:///{w}/garbage.db"]),
+        ("state.json best_file /etc/passwd", ["train", "--model", "fashion_cnn", "--resume", "--out", w / "o9"]),
+        ("TF_CONFIG not json", ["TF_CONFIG=not json", sys.executable, "-m", "train", "--model", "fashion_cnn",
+                                "--out", w / "o15"]),
+        ("TF_CONFIG []", ["TF_CONFIG=[]", sys.executable, "-m", "train", "--model", "fashion_cnn", "--out", w / "o15"]),
+        ("TF_CONFIG worker index 5", ['TF_CONFIG={"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", '
+                                      '"index": 5}}', sys.executable, "-m", "train", "--model", "fashion_cnn", "--out",
+                                      w / "o15"]),
+        ("TF_CONFIG task type ps", ['TF_CONFIG={"cluster": {"ps": ["localhost:1"], "worker": ["localhost:2"]}, "task": '
+                                    '{"type": "ps", "index": 0}}', sys.executable, "-m", "train", "--model",
+                                    "fashion_cnn", "--out", w / "o15"]),
+        ("--tensorboard a file", ["train", "--model", "fashion_cnn", "--tensorboard", w / "tbfile", "--out", w / "o16"]),
+        ("--tensorboard inside --out", ["train", "--model", "fashion_cnn", "--tensorboard", w / "o16" / "logs",
+                                        "--out", w / "o16"]),
+    ]
     return [
         (".h5 with a Lambda that creates a file", ["export", "--all", w / "lambda.h5", "--dataset", "digits",
                                                     "--out", w / "o1"]),
@@ -149,7 +235,8 @@ def cases(w: Path) -> list[tuple[str, list]]:
         ("prune --structured 2:4 --sparsity 0.5", ["optimize", "prune", "--structured", "2:4", "--sparsity", "0.5",
                                                    art, "--out", w / "o8"]),
         ("runtime info, every format failed", ["runtime", "info", failed]),
-    ]
+    ] + [(what, ["@env", *command] if str(command[0]).startswith("TF_CONFIG=") else command)
+         for what, command in round_two]
 
 
 def main() -> int:
@@ -161,14 +248,15 @@ def main() -> int:
     code, message = run("train", "--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32",
                         "--epochs", "2", "--quiet", "--out", w / "art", "--force")
     assert code == 0, message
-    code, message = run("export", "--tflite", "--quantize", "int8", w / "art", "--quiet")
+    code, message = run("export", "--tflite", "--onnx", "--quantize", "int8", w / "art", "--quiet")
     assert code == 0, message
     print("| input tried | command | exit | message |\n|---|---|---|---|")
     for what, command in cases(w):
         prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--") \
             if "unreadable" in what and os.geteuid() == 0 else ()
         code, message = run(*command, prefix=prefix)
-        shown = " ".join(str(a).replace(str(w) + "/", "") for a in command[:2])
+        shown = " ".join(str(a).replace(str(w) + "/", "") for a in
+                         (command[:2] if command[0] != "@env" else ["TF_CONFIG=...", *command[4:5]]))
         print(f"| {what} | `{shown}` | {code} | {message.replace(str(w) + '/', '').replace('|', '/')} |", flush=True)
     marker = w / "pwned"
     print(f"\nfile created by model code: {'YES' if marker.exists() else 'no'}")

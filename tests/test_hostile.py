@@ -337,3 +337,37 @@ def test_tensorboard_is_checked_before_training(tmp_path):
                             str(logs), timeout=120)
         _one_line(result, 2, words)
     assert not (tmp_path / "out").exists()
+
+
+def _two_worker_config(index: int) -> str:
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def test_a_worker_that_never_starts_is_waited_for_with_a_timeout_and_sigterm_stops_the_wait(tmp_path):
+    """A second TF_CONFIG worker that never started: 150 s without output, and SIGTERM did not stop it."""
+    import signal
+
+    args = ["train", "--model", "fashion_cnn", "--epochs", "1", "--out", str(tmp_path / "o")]
+    result = run_module(*args, env={"TF_CONFIG": _two_worker_config(0), "EDGEKIT_WORKER_TIMEOUT": "3"}, timeout=120)
+    _one_line(result, 1, "gave up after 3 s waiting for worker 1 at 127.0.0.1:")
+    assert "waiting for worker 1" in result.stderr
+    waiting = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TF_CONFIG": _two_worker_config(0)})
+    try:
+        for line in waiting.stderr:
+            if line.startswith("waiting for worker 1"):
+                break
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        waiting.kill()
+        waiting.communicate()
+    assert not (tmp_path / "o").exists()

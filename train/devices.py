@@ -83,6 +83,77 @@ def tf_config() -> dict:
     return config
 
 
+WAIT_ENV = "EDGEKIT_WORKER_TIMEOUT"
+WAIT_SECONDS = 300.0
+
+
+def rendezvous(config: dict, timeout: float | None = None, say=None) -> None:
+    """Wait, in Python, until every other task of TF_CONFIG's cluster is up, before TensorFlow's strategy waits.
+
+    TensorFlow's own wait for the cluster (in MultiWorkerMirroredStrategy's constructor) holds the GIL and
+    installs its own SIGTERM handler: a worker that never starts meant no output and a process that SIGTERM
+    did not stop. Here each task listens on its own address while it polls the others' (a peer answers from
+    its listener, or from TensorFlow's server once it has moved on); it says what it waits for, stops on
+    SIGTERM or Ctrl-C, and gives up after `timeout` seconds (EDGEKIT_WORKER_TIMEOUT, default 300) with one
+    line (exit 1)."""
+    import socket
+    import sys
+    import time
+
+    from runtime.errors import WorkFailed
+
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(WAIT_ENV) or WAIT_SECONDS)
+        except ValueError:
+            raise EdgeKitError(f"{WAIT_ENV} is the seconds to wait for the other workers; got "
+                               f"{os.environ[WAIT_ENV]!r}.") from None
+        if not 0 < timeout <= 86400:
+            raise EdgeKitError(f"{WAIT_ENV} must be above 0 and at most 86400 seconds; got {timeout:g}.")
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    cluster, task = config["cluster"], config["task"]
+    tasks = [(kind, i, address) for kind in ("chief", "worker") for i, address in enumerate(cluster.get(kind, []))]
+    own = cluster[task["type"]][task["index"]]
+    others = [(kind, i, address) for kind, i, address in tasks if (kind, i) != (task["type"], task["index"])]
+    if not others:
+        return
+    port = int(own.rsplit(":", 1)[1])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+        listener.listen(64)
+    except OSError as exc:
+        listener.close()
+        raise WorkFailed(f"this worker's address {own} (TF_CONFIG task {task['type']} {task['index']}) cannot be "
+                         f"listened on: {exc.strerror}; another process holds port {port}, or TF_CONFIG gives this "
+                         "worker another machine's address.") from None
+    waiting = {(kind, i): address for kind, i, address in others}
+    deadline, told = time.monotonic() + timeout, False
+    try:
+        while waiting:
+            for key, address in list(waiting.items()):
+                host, _, peer_port = address.rpartition(":")
+                try:
+                    with socket.create_connection((host.strip("[]"), int(peer_port)), timeout=1):
+                        del waiting[key]
+                except OSError:
+                    pass
+            if not waiting:
+                break
+            names = ", ".join(f"{kind} {i} at {address}" for (kind, i), address in waiting.items())
+            if time.monotonic() > deadline:
+                raise WorkFailed(f"gave up after {timeout:g} s waiting for {names} (TF_CONFIG's cluster): start "
+                                 f"`python -m train` with the same options there, with its own TF_CONFIG task, or "
+                                 f"set {WAIT_ENV} to wait longer.")
+            if not told:
+                say(f"waiting for {names} to start (TF_CONFIG); giving up after {timeout:g} s")
+                told = True
+            time.sleep(0.2)
+    finally:
+        listener.close()
+
+
 def workers() -> int:
     """How many workers TF_CONFIG names (1 without it)."""
     cluster = tf_config().get("cluster", {})
@@ -113,6 +184,7 @@ def strategy(tf, spec: str = "auto"):
         if kind == "gpu" and arg:
             _configure(tf, lambda: tf.config.set_visible_devices([gpus[int(i)] for i in arg.split(",")], "GPU"),
                        spec)
+        rendezvous(tf_config())  # TensorFlow's own wait cannot be timed out or stopped (it holds the GIL)
         made = tf.distribute.MultiWorkerMirroredStrategy()
     elif kind == "gpu":
         chosen = _gpu_names(gpus, arg, spec)

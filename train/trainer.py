@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.datasets import Dataset, load_dataset
-from runtime.errors import EdgeKitError
+from runtime.errors import EdgeKitError, first_line
 from runtime.fsutil import staged_dir
 from runtime.manifest import write_manifest
 from runtime.metrics import classification_summary
@@ -345,8 +345,20 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                 callbacks.append(board)
             done = len(history.get("loss", []))
             start = time.perf_counter()
-            part = fit(model, dataset, epochs=done + config.epochs, batch_size=config.batch_size, seed=config.seed,
-                       quiet=quiet, callbacks=callbacks, augment=config.augment, initial_epoch=done)
+            try:
+                part = fit(model, dataset, epochs=done + config.epochs, batch_size=config.batch_size,
+                           seed=config.seed, quiet=quiet, callbacks=callbacks, augment=config.augment,
+                           initial_epoch=done)
+            except tf.errors.OpError as exc:  # a lost worker, memory exhausted: the work failed, say it in a line
+                from runtime.errors import WorkFailed
+
+                lost = devices["workers"] > 1 and isinstance(exc, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                                                                   tf.errors.CancelledError,
+                                                                   tf.errors.DeadlineExceededError))
+                what = "a worker of TF_CONFIG's cluster was lost" if lost else "TensorFlow stopped the training"
+                kept = f"; the completed epochs are kept in {checkpoint}: run the same command with --resume" \
+                    if checkpoint is not None else ""
+                raise WorkFailed(f"{what} ({type(exc).__name__}: {first_line(exc)[:160]}){kept}.") from exc
             train_seconds += time.perf_counter() - start
             if backup is not None and backup.resumed_from is not None:
                 part = {k: backup.history_before.get(k, []) + part.get(k, []) for k in {*backup.history_before, *part}}
