@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, default=16, metavar="N",
                         help="finished trials of the whole study, all workers together (default 16)")
     search.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
-    search.add_argument("--storage", metavar="URL",
+    search.add_argument("--storage", metavar="URL", default=os.environ.get("EDGEKIT_STORAGE") or None,
                         help="the study's storage: a SQLAlchemy URL (postgresql+psycopg2://..., mysql://...) shared by "
-                             "machines that run the same command with a shared --out (default: search.db, SQLite, "
-                             "in the run directory)")
+                             "machines that run the same command with a shared --out (default: $EDGEKIT_STORAGE, "
+                             "which keeps a password off the command line, else search.db, SQLite, in the run "
+                             "directory); its password is never printed or written")
     search.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
     search.add_argument("--heartbeat", type=int, default=10, metavar="S",
                         help="a worker silent for 3 x S seconds is taken for dead and its trial run again (default 10)")

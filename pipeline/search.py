@@ -323,10 +323,24 @@ def _default_epochs(technique: str) -> int:
     return RECIPES["prune" if technique == "prune24" else technique]().epochs
 
 
-def run_workers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
-    """`jobs - 1` more workers of the same command, as child processes (`--worker`: no report of their own)."""
-    return [subprocess.Popen([sys.executable, "-m", "pipeline", *argv, "--worker"], preexec_fn=_die_with_parent)
-            for _ in range(jobs - 1)]
+STORAGE_ENV = "EDGEKIT_STORAGE"  # --storage's default: a password kept off command lines (`ps` shows those)
+
+
+def run_workers(argv: list[str], jobs: int, storage: str | None = None) -> list[subprocess.Popen]:
+    """`jobs - 1` more workers of the same command, as child processes (`--worker`: no report of their own). The
+    storage URL goes to them in the environment, not on their command line, where any user's `ps` would show its
+    password."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--storage":
+            skip = True
+        elif not arg.startswith("--storage="):
+            kept.append(arg)
+    env = {**os.environ, **({STORAGE_ENV: storage} if storage else {})}
+    return [subprocess.Popen([sys.executable, "-m", "pipeline", *kept, "--worker"], env=env,
+                             preexec_fn=_die_with_parent) for _ in range(jobs - 1)]
 
 
 def _die_with_parent() -> None:
@@ -398,7 +412,7 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
             pipeline.train()
             pipeline.export("base")
     search.study()  # the storage opens and the menu is enqueued before any other worker starts
-    children = run_workers(argv, jobs) if not worker else []
+    children = run_workers(argv, jobs, storage) if not worker else []
     try:
         search.run(trials, timeout)
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from runtime.fsutil import atomic_write_json, atomic_write_text
 from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label
 from runtime.report.rows import label, points
+from runtime.text import markdown
 from runtime.stats import ALPHA, CONFIDENCE
 
 CSV_COLUMNS = (
@@ -148,7 +149,7 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
             parts = [f"{group_label(g)}" + (" (tied)" if len(g) > 1 else "") for g in front]
             out.append(f"Pareto front, accuracy vs {objective.axis} (cheapest first, tied files grouped): "
                        f"{'; '.join(parts)}.")
-    failed = [f"{label(r)}: {r['reason']}" for r in rows if r["status"] != "verified"]
+    failed = [f"{label(r)}: {markdown(r['reason'])}" for r in rows if r["status"] != "verified"]
     out.append("Failed: " + ("; ".join(failed) if failed else "none") + ".")
     return out
 
@@ -192,7 +193,7 @@ def markdown_table(rows: list[dict]) -> str:
                  "-" if r.get("p_value") is None else f"{r['p_value']:.3g}",
                  "-" if r.get("agreement") is None else f"{r['agreement']:.2%}", latency["1t"], latency["all"],
                  speed, fronts, "**over**" if r.get("over_budget") else ("within" if "over_budget" in r else "-"),
-                 "verified" if r["status"] == "verified" else f"failed: {r['reason']}"]
+                 "verified" if r["status"] == "verified" else f"failed: {markdown(r['reason'])}"]
         lines.append("| " + " | ".join(str(cells[i]).replace("|", "/") for i in keep) + " |")
     return "\n".join(lines)
 
@@ -201,8 +202,8 @@ def header(info: dict) -> list[str]:
     m, base, settings = info["machine"], info.get("baseline_row"), info.get("bench_settings")
     images = sorted({r["test_images"] for r in info["rows"] if r.get("test_images")})
     rows = [
-        ("model", info.get("model") or "-"),
-        ("dataset", f"{info.get('dataset') or '-'}, test split of {' / '.join(map(str, images)) or '-'} images"),
+        ("model", markdown(info.get("model") or "-")),
+        ("dataset", f"{markdown(info.get('dataset') or '-')}, test split of {' / '.join(map(str, images)) or '-'} images"),
         ("float baseline", f"{label(base)}: {accuracy_text(base)}" if base else "none"),
         ("accuracy budget", f"{points(info['budget'])} below the baseline" +
          (f" (files under {base['accuracy'] * 100 - info['budget']:.2f}% are over budget)" if base else "")),
@@ -231,7 +232,8 @@ def write(root: Path, info: dict) -> None:
         writer.writerow({k: _csv_value(k, r.get(k), root) for k in CSV_COLUMNS})
     atomic_write_text(root / "report.csv", buffer.getvalue())
     verified = sum(r["status"] == "verified" for r in rows)
-    md = [f"# EdgeKit report: {info['model'] or root.name} on {info['dataset'] or '?'}", "", "## Recommendation", ""]
+    md = [f"# EdgeKit report: {markdown(info['model'] or root.name)} on {markdown(info['dataset'] or '?')}", "",
+          "## Recommendation", ""]
     if info["recommendations"]:
         md += [f"Within the accuracy budget ({points(info['budget'])} below the float baseline):", ""]
         md += recommendation_lines(info["recommendations"], root, markdown=True)

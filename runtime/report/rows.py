@@ -56,13 +56,21 @@ def _variant_name(manifest: dict, base_name: str | None) -> str:
     return name
 
 
+def shown_name(name) -> str:
+    """A variant or format name as the report shows it (terminal, Markdown, plots): letters, digits and
+    . _ + - = @ kept, anything else (a manifest's name is untrusted: `# heading`, `<script>`, escapes) as _."""
+    import re
+
+    return re.sub(r"[^\w.+\-=@]", "_", str(name))[:120] or "_"
+
+
 def collect(root: Path) -> list[dict]:
     """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
     against its manifest and must have been made from the artifact's current model."""
     from runtime.manifest import export_problem, model_sha256
 
     found, damaged = artifacts(root)
-    rows = [{"variant": d.name, "format": "-", "artifact": str(d), "kind": None, "model": None, "dataset": None,
+    rows = [{"variant": shown_name(d.name), "format": "-", "artifact": str(d), "kind": None, "model": None, "dataset": None,
              "parent": None, "file": str(d / MANIFEST), "status": "failed", "reason": reason, "damaged": True}
             for d, reason in damaged]  # reported with the others, and the command fails (exit 1)
     base_name = next((m["name"] for _, m in found if m.get("parent") is None), None)
@@ -71,7 +79,7 @@ def collect(root: Path) -> list[dict]:
         for key in sorted(exports, key=lambda k: format_rank(ALIASES.get(k, k))):
             record = exports[key]
             file = d / record["file"] if record.get("file") else None
-            row = {"variant": _variant_name(manifest, base_name), "format": ALIASES.get(key, key),
+            row = {"variant": shown_name(_variant_name(manifest, base_name)), "format": shown_name(ALIASES.get(key, key)),
                    "artifact": str(d), "kind": manifest["kind"], "model": manifest.get("model"),
                    "dataset": (manifest.get("dataset") or {}).get("name"),
                    "parent": (manifest.get("parent") or {}).get("name"), "file": str(file) if file else None,
