@@ -371,3 +371,23 @@ def test_a_worker_that_never_starts_is_waited_for_with_a_timeout_and_sigterm_sto
         waiting.kill()
         waiting.communicate()
     assert not (tmp_path / "o").exists()
+
+
+def test_a_read_only_output_is_the_users_mistake_wherever_it_is_found(exported, tmp_path):
+    """A read-only --out once said "Free space..." and exited 1 or 2 depending on where it was found."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        art = disk / "art"
+        shutil.copytree(exported[0], art)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for command in (["export", "--tflite", str(art), "--out", str(disk / "x")],
+                        ["runtime", "report", str(art), "--no-bench"]):
+            line = _one_line(run_module(*command, timeout=300), 2)
+            assert "read-only" in line and "Free space" not in line, line
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

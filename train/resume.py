@@ -226,14 +226,25 @@ def _best_weights(directory: Path, name: str, model) -> list:
     if path.is_symlink() or not path.is_file():
         raise damaged(directory, f"its best weights {name} are missing or not a plain file")
     shapes = [tuple(w.shape) for w in model.get_weights()]
+    fmt = np.lib.format
     try:
-        with np.load(path, allow_pickle=False) as best:
-            if sorted(best.files) != sorted(f"w{i}" for i in range(len(shapes))):
-                raise ValueError(f"{len(best.files)} arrays for {len(shapes)} weights")
-            weights = [best[f"w{i}"] for i in range(len(shapes))]
+        weights = []
+        with zipfile.ZipFile(path) as best:
+            names = best.namelist()
+            if sorted(names) != sorted(f"w{i}.npy" for i in range(len(shapes))):
+                raise ValueError(f"{len(names)} arrays for {len(shapes)} weights")
+            for i, shape in enumerate(shapes):  # each header read first: nothing is allocated that the model lacks
+                with best.open(f"w{i}.npy") as fh:
+                    version = fmt.read_magic(fh)
+                    header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    declared, fortran, dtype = header(fh, max_header_size=10_000)
+                    if tuple(declared) != shape or fortran or dtype.kind != "f" or dtype.itemsize > 8:
+                        raise ValueError(f"w{i} is {dtype} {list(declared)}; the model's weight is {list(shape)}")
+                    data = fh.read(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+                weights.append(np.frombuffer(data, dtype).reshape(shape).copy())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise damaged(directory, f"its best weights {name} are unreadable ({exc})") from exc
-    if [w.shape for w in weights] != shapes or not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
+    if not all(np.isfinite(w).all() for w in weights):
         raise damaged(directory, f"its best weights {name} do not fit the model, or are not finite")
     return weights
 
