@@ -472,9 +472,9 @@ def check_storage(url: str, out: Path) -> None:
                            "leave --storage out for one in the run directory.")
     from runtime.manifest import MANIFEST
 
-    path = Path(database).expanduser().resolve()
+    path, run = Path(database).expanduser().resolve(), Path(out).resolve()
     for parent in path.parents:
-        if (parent / MANIFEST).is_file():
+        if (parent / MANIFEST).is_file() or (parent != run and parent.is_relative_to(run)):  # the run's artifacts
             raise EdgeKitError(f"--storage {public_url(url)} would write the study into the artifact {parent}; "
                                f"name a file outside every artifact (the run directory {out} is one place).")
 
