@@ -131,9 +131,9 @@ def _load(args):
 
 
 def _model_options(args) -> dict:
-    """--mean, --std, --resize and --labels, as runtime.load takes them."""
+    """--mean, --std, --resize, --labels and --layout, as runtime.load takes them."""
     return {"mean": args.mean, "std": args.std, "resize": args.resize,
-            "labels": getattr(args, "labels", None)}
+            "labels": getattr(args, "labels", None), "layout": args.layout}
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -157,6 +157,10 @@ def _add_model_options(parser, labels: bool = True) -> None:
                        "per channel: input = (pixel - mean) / std (e.g. 127.5)")
     group.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean, one value or one per "
                        "channel (e.g. 127.5; 0 and 255 give [0, 1])")
+    group.add_argument("--layout", choices=("nchw", "nhwc"),
+                       help="the model input's layout, where its shape reads both ways (default: read from the shape, "
+                            "[N, 3, H, W] is NCHW as PyTorch exports, [N, H, W, 3] NHWC); images and .npy pixels are "
+                            "always (H, W, C) and transposed for the model")
     group.add_argument("--resize", choices=RESIZE_METHODS, help="how images of another size are resized "
                        "(default: the sidecar's, else bilinear)")
     if labels:

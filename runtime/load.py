@@ -41,6 +41,7 @@ class Options:
     std: tuple[float, ...] | None = None
     resize: str | None = None  # runtime.preprocessing.RESIZE_METHODS
     labels: str | Path | list | tuple | None = None  # a labels file, or the labels themselves
+    layout: str | None = None  # "nhwc" or "nchw": the input tensor's layout, where its shape leaves it ambiguous
 
     def __post_init__(self):
         from runtime.preprocessing import RESIZE_METHODS
@@ -62,6 +63,29 @@ class Options:
                                f"std; pass both (e.g. mean 127.5 and std 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
         if self.resize is not None and self.resize not in RESIZE_METHODS:
             raise EdgeKitError(f"resize takes one of {', '.join(RESIZE_METHODS)}; got {self.resize!r}.")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise EdgeKitError(f"layout takes {' or '.join(LAYOUTS)} (the model input's order of batch, height, width "
+                               f"and channels); got {self.layout!r}.")
+
+
+LAYOUTS = ("nhwc", "nchw")  # channels last (TFLite, Keras), channels first (PyTorch, most ONNX files)
+IMAGE_CHANNELS = (1, 3)
+
+
+def input_layout(shape: tuple, given: str | None, recorded: str | None, name: str) -> str:
+    """The layout of a 4-d image input of `shape` (batch first): `given` (--layout), else the sidecar's, else read
+    from the shape: channels of 1 or 3 first ([N, 3, 224, 224]) or last ([N, 224, 224, 3]). A shape that reads
+    both ways ([N, 3, 3, 3]) needs --layout; one that reads neither way is taken channels last, as before."""
+    if given is not None:
+        return given
+    if recorded in LAYOUTS:
+        return recorded
+    first, last = shape[1] in IMAGE_CHANNELS, shape[3] in IMAGE_CHANNELS
+    if first and last and shape[1] != shape[3]:
+        raise EdgeKitError(f"{name} takes input of shape {[(-1 if d is None else d) for d in shape]}, which reads as "
+                           "channels first and channels last; pass --layout nchw or --layout nhwc (layout= to "
+                           "runtime.load).")
+    return "nchw" if first and not last else "nhwc"
 
 
 MAX_LABELS_BYTES = 4 << 20
@@ -194,12 +218,17 @@ class Model:
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
             raise EdgeKitError(
                 f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
-                "NHWC input (batch, height, width, channels) of fixed height, width and channels.")
+                "NHWC or NCHW input (batch, height, width and channels in either order) of fixed height, width and "
+                "channels.")
         if len(output_info.shape) != 2 or _dim(output_info.shape[1]) is None:
             raise EdgeKitError(f"{path} gives output of shape {list(output_info.shape)}; expected "
                                "(batch, classes) logits from an image classifier.")
         self.batch = _dim(input_info.shape[0])  # None: any batch size
-        self._shape = tuple(int(d) for d in input_info.shape[1:])
+        # the input's layout; images are (H, W, C) here whatever it is, and transposed as they are fed
+        self.layout = input_layout(input_info.shape, options.layout, (sidecar or {}).get("layout"), path.name)
+        dims = tuple(int(d) for d in input_info.shape[1:])
+        self._shape = (dims[1], dims[2], dims[0]) if self.layout == "nchw" else dims
+        self._nchw = self.layout == "nchw"
         self._one = (1, *self._shape)  # one image as a batch: the camera loop's call, given the fewest steps
         self._one_ready = False  # whether the backend runs a batch of one as it stands (`_run_one`)
         # how pixels become input (`preprocessing_source`): the sidecar's, --mean/--std, or for a model without a
@@ -290,7 +319,7 @@ class Model:
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.format, "backend": self.backend, "size_bytes": self.size_bytes,
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "threads": self.threads,
-                "labels": self.labels, "sidecar": self.sidecar is not None,
+                "labels": self.labels, "sidecar": self.sidecar is not None, "layout": self.layout,
                 "variant": (self.sidecar or {}).get("format")}
 
     def _check_sidecar(self) -> None:
@@ -300,9 +329,9 @@ class Model:
         side = sidecar_path(self.path)
         redo = _REDO.format(name=side.name)
         shape = (self.sidecar.get("input") or {}).get("shape")
-        if shape and [_dim(d) for d in shape[1:]] != list(self.input_shape):
+        if shape and [_dim(d) for d in shape[1:]] != [_dim(d) for d in self.input.shape[1:]]:
             raise ArtifactError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
-                               f"{list(self.input_shape)}. {redo}")
+                               f"{[_dim(d) for d in self.input.shape[1:]]}. {redo}")
         labels = self.sidecar.get("labels")
         if labels is not None and len(labels) != self.num_classes:
             raise ArtifactError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
@@ -350,6 +379,10 @@ class Model:
         if x.ndim != 4:
             raise EdgeKitError(f"{self.path.name} takes images of {h}x{w}x{c} (height x width x channels), one "
                                f"(H, W, C) or a batch (N, H, W, C); got an array of shape {list(x.shape)}.")
+        if x.shape[1:] == (c, h, w) and (c, h, w) != (h, w, c):
+            raise EdgeKitError(f"{self.path.name} takes images in image layout, (N, H, W, C) = (N, {h}, {w}, {c}), "
+                               f"whatever its own ({self.layout.upper()}); got channels first, {list(x.shape)}. "
+                               "Transpose them: x.transpose(0, 2, 3, 1).")
         if x.shape[1:3] != (h, w) and x.shape[-1] == c:
             raise EdgeKitError(
                 f"{self.path.name} takes {h}x{w} images; got {x.shape[1]}x{x.shape[2]}. Resize them to {h}x{w} "
@@ -603,6 +636,11 @@ class Model:
             return self._quantize_checked(x)
         return self._check_float(x).astype(self.input.dtype, copy=False)
 
+    @staticmethod
+    def _channels_first(fed: np.ndarray) -> np.ndarray:
+        """An (N, H, W, C) input as an NCHW model takes it."""
+        return np.ascontiguousarray(fed.transpose(0, 3, 1, 2))
+
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
             return self._out_table.take(y)  # an int8 -k indexes byte 256 - k
@@ -632,6 +670,7 @@ class _TFLiteModel(Model):
         super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads,
                          options)
         self._fixed = self.batch
+        self._tensor_dims = [int(d) for d in self.input.shape[1:]]  # the input tensor's own order
         self.batch = None  # try resizing first; _run falls back to looping
         self._one_ready = self._resized == 1  # allocated for one image: no resize, nothing to check
 
@@ -700,7 +739,7 @@ class _TFLiteModel(Model):
             return True
         self._one_ready = False  # until a batch of one has run through the resized graph (`_run`)
         try:
-            self._interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
+            self._interpreter.resize_tensor_input(self._in, [n, *self._tensor_dims], strict=False)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError):
             return self._stop_resizing(n)
@@ -712,7 +751,7 @@ class _TFLiteModel(Model):
         if self._fixed is None:
             raise ArtifactError(f"{self.path.name} declares a dynamic batch, but LiteRT cannot run it on a batch of "
                                 f"{n}; export the model again, or pass one image at a time.")
-        self._interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
+        self._interpreter.resize_tensor_input(self._in, [self._fixed, *self._tensor_dims], strict=False)
         self._interpreter.allocate_tensors()
         self._resized, self._loop, self.batch = self._fixed, True, self._fixed
         self._one_ready = self._fixed == 1
@@ -724,7 +763,8 @@ class _TFLiteModel(Model):
 
     def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         interpreter = self._interpreter
-        interpreter.set_tensor(self._in, self._feed(x, pixels))
+        fed = self._feed(x, pixels)
+        interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
         interpreter.invoke()
         return interpreter.get_tensor(self._out)
 
@@ -748,6 +788,14 @@ class _TFLiteModel(Model):
         """`_run_one` with the interpreter's methods and tensor indices bound once, not looked up per call."""
         set_tensor, invoke, get_tensor = self._interpreter.set_tensor, self._interpreter.invoke, self._interpreter.get_tensor
         index_in, index_out = self._in, self._out
+        if self._nchw:
+            first = self._channels_first
+
+            def run_nchw(fed: np.ndarray) -> np.ndarray:
+                set_tensor(index_in, first(fed))
+                invoke()
+                return get_tensor(index_out)
+            return run_nchw
 
         def run(fed: np.ndarray) -> np.ndarray:
             set_tensor(index_in, fed)
@@ -761,7 +809,8 @@ class _TFLiteModel(Model):
             self._stop_resizing(len(x))
         if self._loop and len(x) != self.batch:
             raise self._fixed_batch_error()
-        self._interpreter.set_tensor(self._in, self._feed(x, pixels))
+        fed = self._feed(x, pixels)
+        self._interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
         return self._interpreter.invoke
 
 
@@ -863,16 +912,19 @@ class _ONNXModel(Model):
         return TensorInfo(node.name, shape, self._DTYPES.get(node.type, node.type))
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: self._feed(x, pixels)})[0]
+        fed = self._feed(x, pixels)
+        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
 
     def _run_one(self, fed: np.ndarray) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: fed})[0]
+        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
         if self.batch and len(x) != self.batch:
             raise self._fixed_batch_error()
-        run, names, feed = self._session.run, self._names, {self.input.name: self._feed(x, pixels)}
+        fed = self._feed(x, pixels)
+        run, names = self._session.run, self._names
+        feed = {self.input.name: self._channels_first(fed) if self._nchw else fed}
         return lambda: run(names, feed)
 
 
@@ -904,7 +956,7 @@ def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | No
 
 
 def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, resize: str | None = None,
-         labels=None) -> Model:
+         labels=None, layout: str | None = None) -> Model:
     """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
 
     `threads`: the interpreter's thread count (None: the backend's default).
@@ -916,8 +968,10 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     `resize`: how images of another size are resized (runtime.preprocessing.RESIZE_METHODS).
     `labels`: a labels file (one a line, optionally "0 name") or a list; else the sidecar's, else the label
         file packed in a TFLite model's metadata, else the indices.
+    `layout`: "nchw" or "nhwc", for an input shape that reads both ways (read from the shape otherwise).
+        Images are always given as (H, W, C) pixels or (N, H, W, C) batches, and transposed for an NCHW model.
     """
-    options = Options(mean, std, resize, labels)
+    options = Options(mean, std, resize, labels, layout)
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
