@@ -21,6 +21,15 @@ def _info(args) -> int:
     from runtime.text import terminal
 
     directory = Path(args.artifact)
+    if directory.suffix.lower() in (".tflite", ".onnx") and not directory.is_dir():
+        from runtime import fileinfo
+
+        info = fileinfo.describe(directory)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            fileinfo.show(info)
+        return 0
     if (directory / "pipeline.json").is_file() and not (directory / MANIFEST).exists():
         return _run_info(directory, args.json)
     manifest = read_manifest(args.artifact)
@@ -390,10 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and run, evaluate and benchmark "
                     ".tflite and .onnx models on this CPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = commands.add_parser("info", help="show an artifact's manifest and verify its files' checksums",
+    info = commands.add_parser("info", help="what an artifact or a bare .tflite/.onnx file is",
                                description="Show what an artifact directory holds and check every file "
-                                           "against the sha256 in its manifest (exit 1 if any differs).")
-    info.add_argument("artifact", help="artifact directory (holding manifest.json)")
+                                           "against the sha256 in its manifest (exit 1 if any differs); or, for "
+                                           "a bare .tflite or .onnx file from anywhere: every input and output "
+                                           "(name, shape, dtype, layout, quantization), opset and producer, the "
+                                           "operator census, size, sha256, packed labels, and whether EdgeKit can "
+                                           "treat it as an image classifier (and if not, why).",
+                               epilog="examples: python -m runtime info runs/fashion_cnn-digits/fashion_cnn   "
+                                      "python -m runtime info mnist.onnx")
+    info.add_argument("artifact", metavar="ARTIFACT|FILE",
+                      help="artifact directory (holding manifest.json), a pipeline's run directory, or a .tflite or "
+                           ".onnx file")
     info.add_argument("--json", action="store_true", help="print the manifest and the check as JSON")
     info.set_defaults(func=_info)
 

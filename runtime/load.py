@@ -28,6 +28,7 @@ from runtime.formats import ALIASES, format_of
 from runtime.fsutil import sha256_file
 from runtime.limits import positive_normal
 from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
+from runtime.onnx_proto import onnx_producers
 from runtime.preprocessing import Preprocessing
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
@@ -691,37 +692,7 @@ class _TFLiteModel(Model):
         return "probabilities" if [op["op_name"] for op in makers] == ["SOFTMAX"] else "logits"
 
     def _packed_labels(self) -> list[str] | None:
-        """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
-        archive appended to the flatbuffer. The label file is the text member with one line per output
-        (named like labels*.txt when there are several)."""
-        import zipfile
-        import zlib
-
-        try:
-            if not zipfile.is_zipfile(self.path):
-                return None
-            with zipfile.ZipFile(self.path) as packed:
-                members = [m for m in packed.infolist()[:MAX_PACKED_MEMBERS]
-                           if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
-                members.sort(key=lambda m: "label" not in m.filename.lower())
-                budget = MAX_PACKED_BYTES  # inflated bytes read over all members: the sizes in a zip may lie
-                for member in members[:MAX_PACKED_TEXTS]:
-                    with packed.open(member) as fh:  # read(n) inflates at most n bytes, whatever the header says
-                        data = fh.read(min(MAX_LABELS_BYTES, budget) + 1)
-                    budget -= len(data)
-                    if len(data) > MAX_LABELS_BYTES or budget < 0:
-                        return None
-                    if data.count(b"\n") + 1 < self.num_classes:  # too few lines to be this model's labels
-                        continue
-                    try:
-                        labels = parse_labels(data.decode("utf-8-sig"), member.filename)
-                    except (EdgeKitError, UnicodeDecodeError):
-                        continue
-                    if len(labels) == self.num_classes:
-                        return labels
-        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error):
-            return None
-        return None
+        return packed_labels(self.path, self.num_classes)
 
     @staticmethod
     def _info(detail) -> TensorInfo:
@@ -812,61 +783,6 @@ class _TFLiteModel(Model):
         fed = self._feed(x, pixels)
         self._interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
         return self._interpreter.invoke
-
-
-def _protobuf_fields(data: bytes, start: int, end: int):
-    """(field number, (start, end) of a length-delimited value or None) of each field in data[start:end], read
-    from protobuf's wire format with every length checked against the bounds."""
-    def varint(i):
-        value = shift = 0
-        while True:
-            if i >= end or shift > 63:
-                raise ValueError("truncated varint")
-            byte = data[i]
-            value |= (byte & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if byte < 0x80:
-                return value, i
-
-    i = start
-    while i < end:
-        key, i = varint(i)
-        wire = key & 7
-        if wire == 0:
-            _, i = varint(i)
-            yield key >> 3, None
-        elif wire == 2:
-            n, i = varint(i)
-            if i + n > end:
-                raise ValueError("length beyond the message")
-            yield key >> 3, (i, i + n)
-            i += n
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-            yield key >> 3, None
-        else:
-            raise ValueError(f"wire type {wire}")
-    if i != end:
-        raise ValueError("field beyond the message")
-
-
-def onnx_producers(data: bytes) -> dict[str, tuple[str, list[str]]]:
-    """output name -> (op_type, inputs) of every node in an ONNX ModelProto's main graph (ModelProto.graph = 7,
-    GraphProto.node = 1, NodeProto.input = 1, .output = 2, .op_type = 4), without the onnx package."""
-    producers = {}
-    for field, span in _protobuf_fields(data, 0, len(data)):
-        if field != 7 or span is None:
-            continue
-        for node_field, node in _protobuf_fields(data, *span):
-            if node_field != 1 or node is None:
-                continue
-            parts = {1: [], 2: [], 4: []}
-            for part, value in _protobuf_fields(data, *node):
-                if part in parts and value is not None:
-                    parts[part].append(bytes(data[value[0]:value[1]]).decode("utf-8", "replace"))
-            for output in parts[2]:
-                producers[output] = ((parts[4] or [""])[0], parts[1])
-    return producers
 
 
 class _ONNXModel(Model):
@@ -993,6 +909,41 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     _check_file(path, size, sidecar, manifest)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar, options)
+
+
+def packed_labels(path: Path, lines: int | None) -> list[str] | None:
+    """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
+    archive appended to the flatbuffer. The label file is the text member with one line per output
+    (named like labels*.txt when there are several); `lines`: the outputs it must name (None: the first that
+    parses)."""
+    import zipfile
+    import zlib
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as packed:
+            members = [m for m in packed.infolist()[:MAX_PACKED_MEMBERS]
+                       if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
+            members.sort(key=lambda m: "label" not in m.filename.lower())
+            budget = MAX_PACKED_BYTES  # inflated bytes read over all members: the sizes in a zip may lie
+            for member in members[:MAX_PACKED_TEXTS]:
+                with packed.open(member) as fh:  # read(n) inflates at most n bytes, whatever the header says
+                    data = fh.read(min(MAX_LABELS_BYTES, budget) + 1)
+                budget -= len(data)
+                if len(data) > MAX_LABELS_BYTES or budget < 0:
+                    return None
+                if lines is not None and data.count(b"\n") + 1 < lines:  # too few lines for this model
+                    continue
+                try:
+                    labels = parse_labels(data.decode("utf-8-sig"), member.filename)
+                except (EdgeKitError, UnicodeDecodeError):
+                    continue
+                if lines is None or len(labels) == lines:
+                    return labels
+    except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error):
+        return None
+    return None
 
 
 def finite(values: np.ndarray, model: Model) -> np.ndarray:
