@@ -69,6 +69,11 @@ class Options:
                                f"and channels); got {self.layout!r}.")
 
 
+class NotAClassifier(EdgeKitError):
+    """A model EdgeKit cannot treat as an image classifier (several inputs or outputs, no image input, no class
+    scores): `info`, `predict --raw` and `bench` still take it (runtime.raw)."""
+
+
 LAYOUTS = ("nhwc", "nchw")  # channels last (TFLite, Keras), channels first (PyTorch, most ONNX files)
 IMAGE_CHANNELS = (1, 3)
 
@@ -217,12 +222,12 @@ class Model:
         # the format key (runtime.formats): the sidecar's, else the file's name
         self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
-            raise EdgeKitError(
+            raise NotAClassifier(
                 f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
                 "NHWC or NCHW input (batch, height, width and channels in either order) of fixed height, width and "
                 "channels.")
         if len(output_info.shape) != 2 or _dim(output_info.shape[1]) is None:
-            raise EdgeKitError(f"{path} gives output of shape {list(output_info.shape)}; expected "
+            raise NotAClassifier(f"{path} gives output of shape {list(output_info.shape)}; expected "
                                "(batch, classes) logits from an image classifier.")
         self.batch = _dim(input_info.shape[0])  # None: any batch size
         # the input's layout; images are (H, W, C) here whatever it is, and transposed as they are fed
@@ -663,7 +668,7 @@ class _TFLiteModel(Model):
         except (ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{path} is not a valid TFLite model ({first_line(exc)}); export it again.") from exc
         if len(detail_in) != 1 or len(detail_out) != 1:
-            raise EdgeKitError(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
+            raise NotAClassifier(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
                                "expected an image classifier with one of each.")
         self._in, self._out = detail_in[0]["index"], detail_out[0]["index"]
         self._resized = int(detail_in[0]["shape"][0])
@@ -803,7 +808,7 @@ class _ONNXModel(Model):
             raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}); export it again.") from exc
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise EdgeKitError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
+            raise NotAClassifier(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
                                "expected an image classifier with one of each.")
         self._names = [outputs[0].name]
         super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads, options)

@@ -1,5 +1,6 @@
-"""`python -m runtime info FILE` on bare .tflite and .onnx files, EdgeKit's and others' (issue 26), and the
-runtime's own ONNX reader checked against the onnx package's parser."""
+"""Bare .tflite and .onnx files, EdgeKit's and others' (issue 26): `python -m runtime info FILE`, the runtime's
+own ONNX reader checked against the onnx package's parser, and models that are not image classifiers through
+`predict --raw` and `bench`, against bare onnxruntime and LiteRT."""
 
 import io
 import json
@@ -39,6 +40,11 @@ def others(tmp_path_factory):
     sequence = keras.Input((28, 28))
     seq = keras.Model(sequence, keras.layers.Dense(10)(keras.layers.Flatten()(sequence)))
     (root / "sequence.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(seq).convert())
+    free = keras.Input((None, None, 3))  # any height and width: a segmentation-style input
+    segment = keras.Model(free, keras.layers.Conv2D(2, 1)(free))
+    spec = [tf.TensorSpec((None, None, None, 3), tf.float32, name="frame")]
+    proto, _ = tf2onnx.convert.from_keras(segment, input_signature=spec, opset=17)
+    (root / "segment.onnx").write_bytes(proto.SerializeToString())
     return root
 
 
@@ -93,3 +99,65 @@ def test_info_on_a_damaged_file_is_one_line(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 1 and len(lines) == 1 and "not a valid" in lines[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_predict_raw_writes_every_output_as_bare_onnxruntime_gives_it(others, tmp_path):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "two.npz"
+    result = run_module("runtime", "predict", str(others / "two.onnx"), str(tmp_path / "x.npy"), "--raw", "--out",
+                        str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    session = ort.InferenceSession(str(others / "two.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": x})
+    record = json.loads(result.stdout)
+    with np.load(out) as saved:
+        for (name, key), want in zip(record["keys"].items(), expected):
+            np.testing.assert_allclose(saved[key], want, rtol=1e-6, atol=1e-6)
+    assert [o["shape"] for o in record["outputs"]] == [[2, 3], [2, 2]] and "values" in record["outputs"][0]
+    refused = run_module("runtime", "predict", str(others / "two.onnx"), str(tmp_path / "x.npy"))
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(lines) == 1 and "pass --raw" in lines[0]
+
+
+def test_predict_raw_on_a_sequence_model_and_a_dynamic_input(others, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = np.random.default_rng(1).standard_normal((1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "s.npy", x)
+    result = run_module("runtime", "predict", str(others / "sequence.tflite"), str(tmp_path / "s.npy"), "--raw",
+                        "--out", str(tmp_path / "s.npz"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    interpreter = Interpreter(model_path=str(others / "sequence.tflite"))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    want = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    with np.load(tmp_path / "s.npz") as saved:
+        np.testing.assert_allclose(next(iter(saved.values())), want, rtol=1e-6, atol=1e-6)
+    frame = np.random.default_rng(2).standard_normal((1, 40, 30, 3)).astype(np.float32)
+    np.save(tmp_path / "f.npy", frame)
+    result = run_module("runtime", "predict", str(others / "segment.onnx"), f"frame={tmp_path / 'f.npy'}", "--raw",
+                        "--shape", "frame=1,40,30,3", "--out", str(tmp_path / "f.npz"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "f.npz") as saved:
+        assert next(iter(saved.values())).shape == (1, 40, 30, 2)
+
+
+def test_bench_times_any_model_on_inputs_of_its_dtype_and_shape(others):
+    result = run_module("runtime", "bench", str(others / "two.onnx"), str(others / "sequence.tflite"), "--runs", "20",
+                        "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)["results"]
+    assert [r["inputs"] for r in rows] == ["raw", "raw"] and rows[0]["outputs"] == 2
+    assert rows[1]["input_shapes"] == {rows[1]["input_shapes"] and next(iter(rows[1]["input_shapes"])): [1, 28, 28]}
+    assert all(r["invoke_ms"]["median"] > 0 for r in rows)
+    missing = run_module("runtime", "bench", str(others / "segment.onnx"), "--runs", "5")
+    lines = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert missing.returncode == 2 and len(lines) == 1 and "--shape frame=1,1,1,3" in lines[0], missing.stderr
+    shaped = run_module("runtime", "bench", str(others / "segment.onnx"), "--runs", "5", "--shape",
+                        "frame=1,64,48,3", "--json")
+    assert shaped.returncode == 0, shaped.stderr[-2000:]
+    assert json.loads(shaped.stdout)["results"][0]["input_shapes"] == {"frame": [1, 64, 48, 3]}
