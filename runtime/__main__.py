@@ -466,7 +466,7 @@ def _threads(text: str) -> int:
     from runtime.limits import threads
 
     try:
-        return threads(text)
+        return threads(int(text) if text.strip().lstrip("-").isdigit() else text)
     except EdgeKitError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads ")) from None
 

@@ -29,10 +29,7 @@ def cores() -> int:
 
 def whole(value, what: str, low: int = 1, high: int | None = None, why: str = "") -> int:
     """`value` as a whole number in [low, high], or one line saying what was expected."""
-    try:
-        number = int(value) if isinstance(value, str) else value
-    except ValueError:
-        number = None
+    number = value  # a whole number, not a str, float or bool that looks like one (the CLI parses its text first)
     if type(number) is not int or number < low or (high is not None and number > high):
         limit = f"from {low} to {high}{why}" if high is not None else f"of {low} or more"
         raise EdgeKitError(f"{what} takes a whole number {limit}; got {value!r}.")

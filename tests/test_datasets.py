@@ -235,7 +235,7 @@ def test_preprocessing_round_trips_and_applies_scale_mean_std():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"channels": 2}, "channels must be 1 or 3"),
-    ({"std": (0.0,)}, "std must be > 0"),
+    ({"std": (0.0,)}, "std must be a positive normal number"),
     ({"channels": 3, "mean": (0.1, 0.2)}, "mean needs 1 or 3 values"),
     ({"resize": "fancy"}, "resize must be one of"),
 ])

@@ -462,7 +462,7 @@ def test_info_on_an_export_where_every_format_failed(tmp_path):
 
 
 def test_the_python_api_refuses_wrong_types_with_a_clear_error(exported):
-    with pytest.raises(EdgeKitError, match="threads must be a whole number.*got str '2'"):
+    with pytest.raises(EdgeKitError, match="threads takes a whole number.*got '2'"):
         load(exported[0] / "model.int8.tflite", threads="2")
     with pytest.raises(EdgeKitError, match="takes the path of a .tflite or .onnx file.*got NoneType"):
         load(None)
