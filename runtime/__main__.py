@@ -21,6 +21,15 @@ def _info(args) -> int:
     from runtime.text import terminal
 
     directory = Path(args.artifact)
+    if directory.suffix.lower() in (".tflite", ".onnx") and not directory.is_dir():
+        from runtime import fileinfo
+
+        info = fileinfo.describe(directory)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            fileinfo.show(info)
+        return 0
     if (directory / "pipeline.json").is_file() and not (directory / MANIFEST).exists():
         return _run_info(directory, args.json)
     manifest = read_manifest(args.artifact)
@@ -131,9 +140,9 @@ def _load(args):
 
 
 def _model_options(args) -> dict:
-    """--mean, --std, --resize and --labels, as runtime.load takes them."""
+    """--mean, --std, --resize, --labels and --layout, as runtime.load takes them."""
     return {"mean": args.mean, "std": args.std, "resize": args.resize,
-            "labels": getattr(args, "labels", None)}
+            "labels": getattr(args, "labels", None), "layout": args.layout}
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -157,6 +166,10 @@ def _add_model_options(parser, labels: bool = True) -> None:
                        "per channel: input = (pixel - mean) / std (e.g. 127.5)")
     group.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean, one value or one per "
                        "channel (e.g. 127.5; 0 and 255 give [0, 1])")
+    group.add_argument("--layout", choices=("nchw", "nhwc"),
+                       help="the model input's layout, where its shape reads both ways (default: read from the shape, "
+                            "[N, 3, H, W] is NCHW as PyTorch exports, [N, H, W, 3] NHWC); images and .npy pixels are "
+                            "always (H, W, C) and transposed for the model")
     group.add_argument("--resize", choices=RESIZE_METHODS, help="how images of another size are resized "
                        "(default: the sidecar's, else bilinear)")
     if labels:
@@ -170,9 +183,20 @@ def _predict(args) -> int:
 
     from runtime.load import finite, read_inputs
 
+    if args.raw:
+        return _predict_raw(args)
+    if args.shape:
+        raise EdgeKitError("--shape is for --raw (a model's dynamic input dimensions); a classifier's images set "
+                           "its shape.")
     if args.top_k < 1:
         raise EdgeKitError(f"--top-k must be 1 or more; got {args.top_k}.")
-    model = _load(args)
+    from runtime.load import NotAClassifier
+
+    try:
+        model = _load(args)
+    except NotAClassifier as exc:
+        raise NotAClassifier(f"{exc} For every output tensor of any model, pass --raw (and bench times it as it "
+                             "is).") from None
     named = read_inputs(args.inputs, model)
     for name, _, warning in named:
         if warning:
@@ -194,6 +218,79 @@ def _predict(args) -> int:
     for (name, _, _), top in zip(named, tops):
         print(f"{terminal(name):<{width}}  " + "   ".join(f"{terminal(label)} {p:7.2%}" for label, p in top))
     return 0
+
+
+def _predict_raw(args) -> int:
+    """predict --raw: every output tensor of any model, for inputs given as .npy arrays (NAME=file.npy, or in
+    the model's input order) or, for one image input, an image file preprocessed with --mean/--std."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from runtime.load import Options, read_npy
+    from runtime.manifest import check_readable_file
+    from runtime.raw import describe_outputs, load_raw, parse_shapes, save_outputs
+
+    model = load_raw(args.model, threads=args.threads, shapes=parse_shapes(args.shape))
+    options = Options(args.mean, args.std, args.resize, None, args.layout)  # checked: both or neither
+    names = [t.name for t in model.inputs]
+    feeds = {}
+    for i, given in enumerate(args.inputs):
+        name, sep, file = given.partition("=") if "=" in given and given.split("=", 1)[0] in names else ("", "", given)
+        if not sep:
+            if i >= len(names):
+                raise EdgeKitError(f"{Path(args.model).name} takes {len(names)} input(s) ({', '.join(names)}); got "
+                                   f"{len(args.inputs)} files. Name each: NAME=file.npy.")
+            name = names[i]
+        check_readable_file(file, "input")
+        if Path(file).suffix.lower() == ".npy":
+            feeds[name] = read_npy(Path(file))
+        else:
+            feeds[name] = _raw_image(model, name, Path(file), options)
+    outputs = model.run(feeds)
+    out = Path(args.out or f"{Path(args.model).stem}.outputs.npz")
+    keys = save_outputs(outputs, out)
+    if args.json:
+        print(json.dumps({"model": str(model.path), "file": str(out), "keys": keys,
+                          "outputs": describe_outputs(outputs)}, indent=1))
+        return 0
+    from runtime.text import terminal
+
+    for record in describe_outputs(outputs):
+        span = "" if record.get("min") is None else f"  min {record['min']:.6g} max {record['max']:.6g}"
+        bad = f"  {record['non_finite']} NaN/inf" if record.get("non_finite") else ""
+        print(f"{terminal(record['name'])}  {record['shape']} {record['dtype']}{span}{bad}")
+    print(f"wrote {out} (numpy.load; keys: {', '.join(terminal(k) for k in keys.values())})")
+    return 0
+
+
+def _raw_image(model, name: str, path, options):
+    """An image file as the input `name` of a raw model: resized to its height and width (in its layout),
+    pixels for an 8-bit input (int8: pixels - 128), else (pixels - mean) / std."""
+    import numpy as np
+
+    from runtime.load import input_layout
+    from runtime.preprocessing import image_to_pixels
+
+    tensor = next(t for t in model.inputs if t.name == name)
+    shape = model.shapes[name]
+    if len(shape) != 4:
+        raise EdgeKitError(f"input {name!r} of shape {list(shape)} is not an image input; give it a .npy array.")
+    layout = input_layout(shape, options.layout, None, model.path.name)
+    h, w, c = (shape[2], shape[3], shape[1]) if layout == "nchw" else shape[1:]
+    if c not in (1, 3):
+        raise EdgeKitError(f"input {name!r} takes {c} channels; an image gives 1 or 3. Give it a .npy array.")
+    pixels = image_to_pixels(path, (h, w), c, options.resize or "bilinear")[None].repeat(shape[0], axis=0)
+    if tensor.dtype == "uint8":
+        x = pixels
+    elif tensor.dtype == "int8":
+        x = (pixels.astype(np.int16) - 128).astype(np.int8)
+    elif options.mean is None:
+        raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
+                           "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
+    else:
+        x = ((pixels - np.asarray(options.mean, np.float32)) / np.asarray(options.std, np.float32)).astype(tensor.dtype)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
 
 
 def _eval_dataset(args, model):
@@ -322,8 +419,11 @@ def _bench(args) -> int:
     if args.runs is not None and args.seconds is not None:
         raise EdgeKitError("give --runs or --seconds, not both.")
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
+    from runtime.raw import parse_shapes
+
+    options = {**_model_options(args), "shapes": parse_shapes(args.shape) or None}
     results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
-                    progress, inputs=args.input, options=_model_options(args))
+                    progress, inputs=args.input, options=options)
     if args.json:
         from runtime.bench import machine
 
@@ -386,10 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="EdgeKit's TensorFlow-free runtime: inspect artifacts, and run, evaluate and benchmark "
                     ".tflite and .onnx models on this CPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = commands.add_parser("info", help="show an artifact's manifest and verify its files' checksums",
+    info = commands.add_parser("info", help="what an artifact or a bare .tflite/.onnx file is",
                                description="Show what an artifact directory holds and check every file "
-                                           "against the sha256 in its manifest (exit 1 if any differs).")
-    info.add_argument("artifact", help="artifact directory (holding manifest.json)")
+                                           "against the sha256 in its manifest (exit 1 if any differs); or, for "
+                                           "a bare .tflite or .onnx file from anywhere: every input and output "
+                                           "(name, shape, dtype, layout, quantization), opset and producer, the "
+                                           "operator census, size, sha256, packed labels, and whether EdgeKit can "
+                                           "treat it as an image classifier (and if not, why).",
+                               epilog="examples: python -m runtime info runs/fashion_cnn-digits/fashion_cnn   "
+                                      "python -m runtime info mnist.onnx")
+    info.add_argument("artifact", metavar="ARTIFACT|FILE",
+                      help="artifact directory (holding manifest.json), a pipeline's run directory, or a .tflite or "
+                           ".onnx file")
     info.add_argument("--json", action="store_true", help="print the manifest and the check as JSON")
     info.set_defaults(func=_info)
 
@@ -404,7 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and preprocessing)")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images or .npy arrays")
     predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
-    predict.add_argument("--json", action="store_true", help="print every probability as JSON")
+    predict.add_argument("--json", action="store_true", help="print every probability as JSON (with --raw: every "
+                         "output's shape, dtype, range, and its values when it has at most 4,096)")
+    predict.add_argument("--raw", action="store_true",
+                         help="any model (pose, segmentation, several inputs or outputs): feed INPUTs as they are "
+                              "(.npy arrays, NAME=file.npy, or an image for one image input) and write every output "
+                              "tensor to --out (.npz)")
+    predict.add_argument("--out", metavar="FILE", help="with --raw: the .npz written (default <model>.outputs.npz here)")
+    predict.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                         help="with --raw, and for bench: a dynamic input's shape, e.g. input=1,3,224,224 (repeat for "
+                              "several inputs)")
     _add_threads(predict, None)
     _add_model_options(predict)
     predict.set_defaults(func=_predict)
@@ -456,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print every figure as JSON")
     output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    bench.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                       help="a model that is not an image classifier is timed raw, on inputs of each tensor's dtype "
+                            "and shape: give a dynamic input's shape, e.g. input=1,3,224,224 (repeatable)")
     _add_model_options(bench, labels=False)
     bench.set_defaults(func=_bench)
 

@@ -112,10 +112,15 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     """
     import numpy as np
 
-    from runtime.load import load
+    from runtime.load import NotAClassifier, load
 
+    options = dict(options or {})
+    shapes = options.pop("shapes", None)
     t0 = time.perf_counter()
-    model = load(path, threads=threads, **(options or {}))
+    try:
+        model = load(path, threads=threads, **options)
+    except NotAClassifier:  # any other model: its own inputs, every output
+        return _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned)
     load_s = time.perf_counter() - t0
     x = _input(model, batch, seed, inputs)
     t0 = time.perf_counter()
@@ -152,6 +157,49 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
         # whether one image's 8-bit pre- and post-processing ran compiled (runtime/_kernels.c) or in numpy
         "one_image_path": "compiled" if kernels_built() else "numpy",
+    }
+
+
+def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) -> dict:
+    """`measure` for a model that is not an image classifier (runtime.raw): example inputs of each tensor's dtype
+    and shape; invoke is the backend's bare call, call is RawModel.run (checks, and every output copied)."""
+    from runtime.formats import format_of
+    from runtime.raw import load_raw
+
+    t0 = time.perf_counter()
+    model = load_raw(path, threads=threads, shapes=shapes)
+    load_s = time.perf_counter() - t0
+    feeds = model.example(seed)
+    t0 = time.perf_counter()
+    model.run(feeds)
+    first_s = time.perf_counter() - t0
+    cold = {"seconds": time.time() - spawned if spawned else None, "peak_rss_mb": _peak_rss_mb()}
+    for _ in range(warmup):
+        model.run(feeds)
+    invoke = model.invoker(feeds)
+    bare, whole = [], []
+    deadline = time.perf_counter() + (seconds if runs is None else float("inf"))
+    clock = time.perf_counter
+    while True:
+        t0 = clock()
+        invoke()
+        t1 = clock()
+        model.run(feeds)
+        t2 = clock()
+        bare.append(t1 - t0)
+        whole.append(t2 - t1)
+        if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
+            break
+    invoke_ms, call = stats_ms(bare), stats_ms(whole)
+    batch = model.shapes[model.inputs[0].name][0] if model.inputs and model.shapes[model.inputs[0].name] else 1
+    return {
+        "model": str(path), "name": Path(path).name, "backend": model.backend, "format": format_of(path) or "raw",
+        "size_bytes": model.size_bytes, "input_dtype": ",".join(t.dtype for t in model.inputs), "inputs": "raw",
+        "input_shapes": {k: list(v) for k, v in model.shapes.items()}, "outputs": len(model.outputs),
+        "threads": threads, "batch": batch, "warmup": warmup, "load_ms": load_s * 1e3, "first_ms": first_s * 1e3,
+        "invoke_ms": invoke_ms, "call_ms": call, "overhead": call["median"] / invoke_ms["median"] - 1.0,
+        "throughput_ips": batch / (call["median"] / 1e3), "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
+        "one_image_path": "-",
     }
 
 
@@ -315,11 +363,16 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
     if runs is None and seconds is None:
         seconds = DEFAULT_SECONDS
     files = model_files(paths)
-    from runtime.load import load
+    from runtime.load import NotAClassifier, load
+    from runtime.raw import load_raw
 
     options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
+    loadable = {k: v for k, v in options.items() if k != "shapes"}
     for path in files:  # fail fast, with the loader's own message, before any long measurement
-        load(path, **options)
+        try:
+            load(path, **loadable)
+        except NotAClassifier:
+            load_raw(path, shapes=options.get("shapes"))
     results, total, started = [], len(files) * len(threads), time.perf_counter()
     for path in files:
         for n in threads:
@@ -392,6 +445,10 @@ def to_table(results: list[dict]) -> str:
     lines.append("")
     lines.append(f"batch {batch}; times in ms. invoke: the backend's bare inference call; call: the whole "
                  "Model.predict (checks, quantize, copy, dequantize, softmax); overhead: call p50 / invoke p50 - 1.")
+    if any(r.get("inputs") == "raw" for r in results):
+        lines.append("raw rows (models that are not image classifiers): fed example inputs of each tensor's dtype "
+                     "and shape (input_shapes in --json); call is RawModel.run (checks, every output copied); "
+                     "img/s counts the first input's batch.")
     if results and results[0].get("one_image_path") == "numpy":
         lines.append("runtime._kernels is not built (no C compiler or Python headers at install): one image's "
                      "8-bit input and output went through numpy, a few µs slower; same results.")

@@ -28,6 +28,7 @@ from runtime.formats import ALIASES, format_of
 from runtime.fsutil import sha256_file
 from runtime.limits import positive_normal
 from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
+from runtime.onnx_proto import onnx_producers
 from runtime.preprocessing import Preprocessing
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
@@ -41,6 +42,7 @@ class Options:
     std: tuple[float, ...] | None = None
     resize: str | None = None  # runtime.preprocessing.RESIZE_METHODS
     labels: str | Path | list | tuple | None = None  # a labels file, or the labels themselves
+    layout: str | None = None  # "nhwc" or "nchw": the input tensor's layout, where its shape leaves it ambiguous
 
     def __post_init__(self):
         from runtime.preprocessing import RESIZE_METHODS
@@ -62,6 +64,34 @@ class Options:
                                f"std; pass both (e.g. mean 127.5 and std 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
         if self.resize is not None and self.resize not in RESIZE_METHODS:
             raise EdgeKitError(f"resize takes one of {', '.join(RESIZE_METHODS)}; got {self.resize!r}.")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise EdgeKitError(f"layout takes {' or '.join(LAYOUTS)} (the model input's order of batch, height, width "
+                               f"and channels); got {self.layout!r}.")
+
+
+class NotAClassifier(EdgeKitError):
+    """A model EdgeKit cannot treat as an image classifier (several inputs or outputs, no image input, no class
+    scores): `info`, `predict --raw` and `bench` still take it (runtime.raw)."""
+
+
+LAYOUTS = ("nhwc", "nchw")  # channels last (TFLite, Keras), channels first (PyTorch, most ONNX files)
+IMAGE_CHANNELS = (1, 3)
+
+
+def input_layout(shape: tuple, given: str | None, recorded: str | None, name: str) -> str:
+    """The layout of a 4-d image input of `shape` (batch first): `given` (--layout), else the sidecar's, else read
+    from the shape: channels of 1 or 3 first ([N, 3, 224, 224]) or last ([N, 224, 224, 3]). A shape that reads
+    both ways ([N, 3, 3, 3]) needs --layout; one that reads neither way is taken channels last, as before."""
+    if given is not None:
+        return given
+    if recorded in LAYOUTS:
+        return recorded
+    first, last = shape[1] in IMAGE_CHANNELS, shape[3] in IMAGE_CHANNELS
+    if first and last and shape[1] != shape[3]:
+        raise EdgeKitError(f"{name} takes input of shape {[(-1 if d is None else d) for d in shape]}, which reads as "
+                           "channels first and channels last; pass --layout nchw or --layout nhwc (layout= to "
+                           "runtime.load).")
+    return "nchw" if first and not last else "nhwc"
 
 
 MAX_LABELS_BYTES = 4 << 20
@@ -192,14 +222,19 @@ class Model:
         # the format key (runtime.formats): the sidecar's, else the file's name
         self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
-            raise EdgeKitError(
+            raise NotAClassifier(
                 f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
-                "NHWC input (batch, height, width, channels) of fixed height, width and channels.")
+                "NHWC or NCHW input (batch, height, width and channels in either order) of fixed height, width and "
+                "channels.")
         if len(output_info.shape) != 2 or _dim(output_info.shape[1]) is None:
-            raise EdgeKitError(f"{path} gives output of shape {list(output_info.shape)}; expected "
+            raise NotAClassifier(f"{path} gives output of shape {list(output_info.shape)}; expected "
                                "(batch, classes) logits from an image classifier.")
         self.batch = _dim(input_info.shape[0])  # None: any batch size
-        self._shape = tuple(int(d) for d in input_info.shape[1:])
+        # the input's layout; images are (H, W, C) here whatever it is, and transposed as they are fed
+        self.layout = input_layout(input_info.shape, options.layout, (sidecar or {}).get("layout"), path.name)
+        dims = tuple(int(d) for d in input_info.shape[1:])
+        self._shape = (dims[1], dims[2], dims[0]) if self.layout == "nchw" else dims
+        self._nchw = self.layout == "nchw"
         self._one = (1, *self._shape)  # one image as a batch: the camera loop's call, given the fewest steps
         self._one_ready = False  # whether the backend runs a batch of one as it stands (`_run_one`)
         # how pixels become input (`preprocessing_source`): the sidecar's, --mean/--std, or for a model without a
@@ -290,7 +325,7 @@ class Model:
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.format, "backend": self.backend, "size_bytes": self.size_bytes,
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "threads": self.threads,
-                "labels": self.labels, "sidecar": self.sidecar is not None,
+                "labels": self.labels, "sidecar": self.sidecar is not None, "layout": self.layout,
                 "variant": (self.sidecar or {}).get("format")}
 
     def _check_sidecar(self) -> None:
@@ -300,9 +335,9 @@ class Model:
         side = sidecar_path(self.path)
         redo = _REDO.format(name=side.name)
         shape = (self.sidecar.get("input") or {}).get("shape")
-        if shape and [_dim(d) for d in shape[1:]] != list(self.input_shape):
+        if shape and [_dim(d) for d in shape[1:]] != [_dim(d) for d in self.input.shape[1:]]:
             raise ArtifactError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
-                               f"{list(self.input_shape)}. {redo}")
+                               f"{[_dim(d) for d in self.input.shape[1:]]}. {redo}")
         labels = self.sidecar.get("labels")
         if labels is not None and len(labels) != self.num_classes:
             raise ArtifactError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
@@ -350,6 +385,10 @@ class Model:
         if x.ndim != 4:
             raise EdgeKitError(f"{self.path.name} takes images of {h}x{w}x{c} (height x width x channels), one "
                                f"(H, W, C) or a batch (N, H, W, C); got an array of shape {list(x.shape)}.")
+        if x.shape[1:] == (c, h, w) and (c, h, w) != (h, w, c):
+            raise EdgeKitError(f"{self.path.name} takes images in image layout, (N, H, W, C) = (N, {h}, {w}, {c}), "
+                               f"whatever its own ({self.layout.upper()}); got channels first, {list(x.shape)}. "
+                               "Transpose them: x.transpose(0, 2, 3, 1).")
         if x.shape[1:3] != (h, w) and x.shape[-1] == c:
             raise EdgeKitError(
                 f"{self.path.name} takes {h}x{w} images; got {x.shape[1]}x{x.shape[2]}. Resize them to {h}x{w} "
@@ -603,6 +642,11 @@ class Model:
             return self._quantize_checked(x)
         return self._check_float(x).astype(self.input.dtype, copy=False)
 
+    @staticmethod
+    def _channels_first(fed: np.ndarray) -> np.ndarray:
+        """An (N, H, W, C) input as an NCHW model takes it."""
+        return np.ascontiguousarray(fed.transpose(0, 3, 1, 2))
+
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
             return self._out_table.take(y)  # an int8 -k indexes byte 256 - k
@@ -624,7 +668,7 @@ class _TFLiteModel(Model):
         except (ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{path} is not a valid TFLite model ({first_line(exc)}); export it again.") from exc
         if len(detail_in) != 1 or len(detail_out) != 1:
-            raise EdgeKitError(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
+            raise NotAClassifier(f"{path} has {len(detail_in)} inputs and {len(detail_out)} outputs; "
                                "expected an image classifier with one of each.")
         self._in, self._out = detail_in[0]["index"], detail_out[0]["index"]
         self._resized = int(detail_in[0]["shape"][0])
@@ -632,6 +676,7 @@ class _TFLiteModel(Model):
         super().__init__(path, "tflite", self._info(detail_in[0]), self._info(detail_out[0]), sidecar, threads,
                          options)
         self._fixed = self.batch
+        self._tensor_dims = [int(d) for d in self.input.shape[1:]]  # the input tensor's own order
         self.batch = None  # try resizing first; _run falls back to looping
         self._one_ready = self._resized == 1  # allocated for one image: no resize, nothing to check
 
@@ -652,37 +697,7 @@ class _TFLiteModel(Model):
         return "probabilities" if [op["op_name"] for op in makers] == ["SOFTMAX"] else "logits"
 
     def _packed_labels(self) -> list[str] | None:
-        """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
-        archive appended to the flatbuffer. The label file is the text member with one line per output
-        (named like labels*.txt when there are several)."""
-        import zipfile
-        import zlib
-
-        try:
-            if not zipfile.is_zipfile(self.path):
-                return None
-            with zipfile.ZipFile(self.path) as packed:
-                members = [m for m in packed.infolist()[:MAX_PACKED_MEMBERS]
-                           if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
-                members.sort(key=lambda m: "label" not in m.filename.lower())
-                budget = MAX_PACKED_BYTES  # inflated bytes read over all members: the sizes in a zip may lie
-                for member in members[:MAX_PACKED_TEXTS]:
-                    with packed.open(member) as fh:  # read(n) inflates at most n bytes, whatever the header says
-                        data = fh.read(min(MAX_LABELS_BYTES, budget) + 1)
-                    budget -= len(data)
-                    if len(data) > MAX_LABELS_BYTES or budget < 0:
-                        return None
-                    if data.count(b"\n") + 1 < self.num_classes:  # too few lines to be this model's labels
-                        continue
-                    try:
-                        labels = parse_labels(data.decode("utf-8-sig"), member.filename)
-                    except (EdgeKitError, UnicodeDecodeError):
-                        continue
-                    if len(labels) == self.num_classes:
-                        return labels
-        except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error):
-            return None
-        return None
+        return packed_labels(self.path, self.num_classes)
 
     @staticmethod
     def _info(detail) -> TensorInfo:
@@ -700,7 +715,7 @@ class _TFLiteModel(Model):
             return True
         self._one_ready = False  # until a batch of one has run through the resized graph (`_run`)
         try:
-            self._interpreter.resize_tensor_input(self._in, [n, *self.input_shape], strict=False)
+            self._interpreter.resize_tensor_input(self._in, [n, *self._tensor_dims], strict=False)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError):
             return self._stop_resizing(n)
@@ -712,7 +727,7 @@ class _TFLiteModel(Model):
         if self._fixed is None:
             raise ArtifactError(f"{self.path.name} declares a dynamic batch, but LiteRT cannot run it on a batch of "
                                 f"{n}; export the model again, or pass one image at a time.")
-        self._interpreter.resize_tensor_input(self._in, [self._fixed, *self.input_shape], strict=False)
+        self._interpreter.resize_tensor_input(self._in, [self._fixed, *self._tensor_dims], strict=False)
         self._interpreter.allocate_tensors()
         self._resized, self._loop, self.batch = self._fixed, True, self._fixed
         self._one_ready = self._fixed == 1
@@ -724,7 +739,8 @@ class _TFLiteModel(Model):
 
     def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         interpreter = self._interpreter
-        interpreter.set_tensor(self._in, self._feed(x, pixels))
+        fed = self._feed(x, pixels)
+        interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
         interpreter.invoke()
         return interpreter.get_tensor(self._out)
 
@@ -748,6 +764,14 @@ class _TFLiteModel(Model):
         """`_run_one` with the interpreter's methods and tensor indices bound once, not looked up per call."""
         set_tensor, invoke, get_tensor = self._interpreter.set_tensor, self._interpreter.invoke, self._interpreter.get_tensor
         index_in, index_out = self._in, self._out
+        if self._nchw:
+            first = self._channels_first
+
+            def run_nchw(fed: np.ndarray) -> np.ndarray:
+                set_tensor(index_in, first(fed))
+                invoke()
+                return get_tensor(index_out)
+            return run_nchw
 
         def run(fed: np.ndarray) -> np.ndarray:
             set_tensor(index_in, fed)
@@ -761,63 +785,9 @@ class _TFLiteModel(Model):
             self._stop_resizing(len(x))
         if self._loop and len(x) != self.batch:
             raise self._fixed_batch_error()
-        self._interpreter.set_tensor(self._in, self._feed(x, pixels))
+        fed = self._feed(x, pixels)
+        self._interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
         return self._interpreter.invoke
-
-
-def _protobuf_fields(data: bytes, start: int, end: int):
-    """(field number, (start, end) of a length-delimited value or None) of each field in data[start:end], read
-    from protobuf's wire format with every length checked against the bounds."""
-    def varint(i):
-        value = shift = 0
-        while True:
-            if i >= end or shift > 63:
-                raise ValueError("truncated varint")
-            byte = data[i]
-            value |= (byte & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if byte < 0x80:
-                return value, i
-
-    i = start
-    while i < end:
-        key, i = varint(i)
-        wire = key & 7
-        if wire == 0:
-            _, i = varint(i)
-            yield key >> 3, None
-        elif wire == 2:
-            n, i = varint(i)
-            if i + n > end:
-                raise ValueError("length beyond the message")
-            yield key >> 3, (i, i + n)
-            i += n
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-            yield key >> 3, None
-        else:
-            raise ValueError(f"wire type {wire}")
-    if i != end:
-        raise ValueError("field beyond the message")
-
-
-def onnx_producers(data: bytes) -> dict[str, tuple[str, list[str]]]:
-    """output name -> (op_type, inputs) of every node in an ONNX ModelProto's main graph (ModelProto.graph = 7,
-    GraphProto.node = 1, NodeProto.input = 1, .output = 2, .op_type = 4), without the onnx package."""
-    producers = {}
-    for field, span in _protobuf_fields(data, 0, len(data)):
-        if field != 7 or span is None:
-            continue
-        for node_field, node in _protobuf_fields(data, *span):
-            if node_field != 1 or node is None:
-                continue
-            parts = {1: [], 2: [], 4: []}
-            for part, value in _protobuf_fields(data, *node):
-                if part in parts and value is not None:
-                    parts[part].append(bytes(data[value[0]:value[1]]).decode("utf-8", "replace"))
-            for output in parts[2]:
-                producers[output] = ((parts[4] or [""])[0], parts[1])
-    return producers
 
 
 class _ONNXModel(Model):
@@ -838,7 +808,7 @@ class _ONNXModel(Model):
             raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}); export it again.") from exc
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise EdgeKitError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
+            raise NotAClassifier(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "
                                "expected an image classifier with one of each.")
         self._names = [outputs[0].name]
         super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads, options)
@@ -863,16 +833,19 @@ class _ONNXModel(Model):
         return TensorInfo(node.name, shape, self._DTYPES.get(node.type, node.type))
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: self._feed(x, pixels)})[0]
+        fed = self._feed(x, pixels)
+        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
 
     def _run_one(self, fed: np.ndarray) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: fed})[0]
+        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
         if self.batch and len(x) != self.batch:
             raise self._fixed_batch_error()
-        run, names, feed = self._session.run, self._names, {self.input.name: self._feed(x, pixels)}
+        fed = self._feed(x, pixels)
+        run, names = self._session.run, self._names
+        feed = {self.input.name: self._channels_first(fed) if self._nchw else fed}
         return lambda: run(names, feed)
 
 
@@ -904,7 +877,7 @@ def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | No
 
 
 def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, resize: str | None = None,
-         labels=None) -> Model:
+         labels=None, layout: str | None = None) -> Model:
     """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
 
     `threads`: the interpreter's thread count (None: the backend's default).
@@ -916,8 +889,10 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     `resize`: how images of another size are resized (runtime.preprocessing.RESIZE_METHODS).
     `labels`: a labels file (one a line, optionally "0 name") or a list; else the sidecar's, else the label
         file packed in a TFLite model's metadata, else the indices.
+    `layout`: "nchw" or "nhwc", for an input shape that reads both ways (read from the shape otherwise).
+        Images are always given as (H, W, C) pixels or (N, H, W, C) batches, and transposed for an NCHW model.
     """
-    options = Options(mean, std, resize, labels)
+    options = Options(mean, std, resize, labels, layout)
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
@@ -939,6 +914,41 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     _check_file(path, size, sidecar, manifest)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar, options)
+
+
+def packed_labels(path: Path, lines: int | None) -> list[str] | None:
+    """The label file TFLite Support's MetadataPopulator packs into a model: associated files are a zip
+    archive appended to the flatbuffer. The label file is the text member with one line per output
+    (named like labels*.txt when there are several); `lines`: the outputs it must name (None: the first that
+    parses)."""
+    import zipfile
+    import zlib
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as packed:
+            members = [m for m in packed.infolist()[:MAX_PACKED_MEMBERS]
+                       if m.filename.lower().endswith(".txt") and m.file_size <= MAX_LABELS_BYTES]
+            members.sort(key=lambda m: "label" not in m.filename.lower())
+            budget = MAX_PACKED_BYTES  # inflated bytes read over all members: the sizes in a zip may lie
+            for member in members[:MAX_PACKED_TEXTS]:
+                with packed.open(member) as fh:  # read(n) inflates at most n bytes, whatever the header says
+                    data = fh.read(min(MAX_LABELS_BYTES, budget) + 1)
+                budget -= len(data)
+                if len(data) > MAX_LABELS_BYTES or budget < 0:
+                    return None
+                if lines is not None and data.count(b"\n") + 1 < lines:  # too few lines for this model
+                    continue
+                try:
+                    labels = parse_labels(data.decode("utf-8-sig"), member.filename)
+                except (EdgeKitError, UnicodeDecodeError):
+                    continue
+                if lines is None or len(labels) == lines:
+                    return labels
+    except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error):
+        return None
+    return None
 
 
 def finite(values: np.ndarray, model: Model) -> np.ndarray:

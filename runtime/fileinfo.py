@@ -1,0 +1,190 @@
+"""`python -m runtime info FILE`: what a bare .tflite or .onnx file is, before anything else is done with it.
+
+Every input and output (name, shape, dtype, layout, quantization), the opset and producer, the operator census,
+size and sha256, packed labels, and whether EdgeKit can treat the file as an image classifier (and if not, why).
+Read through the backends themselves (LiteRT, onnxruntime) and the file's own bytes, never TensorFlow or onnx.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ArtifactError, EdgeKitError, first_line
+from runtime.fsutil import sha256_file
+from runtime.manifest import check_readable_file
+
+
+def _layout(shape: list) -> str | None:
+    """A 4-d input's layout read from its shape, "ambiguous", or None for other ranks."""
+    from runtime.load import input_layout
+
+    if len(shape) != 4:
+        return None
+    try:
+        return input_layout(tuple(None if d is None or d < 0 else d for d in shape), None, None, "")
+    except EdgeKitError:
+        return "ambiguous"
+
+
+def tflite_description(data: bytes) -> str:
+    """The `description` string of a TFLite flatbuffer (Model table, field 3: "MLIR Converted." from the TFLite
+    converter), read with every offset checked; '' when absent or unreadable."""
+    try:
+        root = struct.unpack_from("<I", data, 0)[0]
+        vtable = root - struct.unpack_from("<i", data, root)[0]
+        vtable_size = struct.unpack_from("<H", data, vtable)[0]
+        if vtable_size < 4 + 2 * 4:
+            return ""
+        offset = struct.unpack_from("<H", data, vtable + 4 + 2 * 3)[0]
+        if not offset:
+            return ""
+        at = root + offset
+        start = at + struct.unpack_from("<I", data, at)[0]
+        length = struct.unpack_from("<I", data, start)[0]
+        if length > 4096 or start + 4 + length > len(data):
+            return ""
+        return data[start + 4:start + 4 + length].decode("utf-8", "replace")
+    except (struct.error, IndexError):
+        return ""
+
+
+def _tflite(path: Path) -> dict:
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path))
+        ops = interpreter._get_ops_details()  # LiteRT has no public per-op listing
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    except (ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path} is not a valid TFLite model ({first_line(exc)}).") from exc
+
+    def tensor(detail) -> dict:
+        shape = [int(d) for d in detail.get("shape_signature", detail["shape"])]
+        quantization = detail.get("quantization_parameters") or {}
+        scales = [float(v) for v in np.asarray(quantization.get("scales", [])).ravel()]
+        zeros = [int(v) for v in np.asarray(quantization.get("zero_points", [])).ravel()]
+        return {"name": detail["name"], "shape": shape, "dtype": np.dtype(detail["dtype"]).name,
+                "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
+                "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
+
+    with open(path, "rb") as fh:
+        head = fh.read(min(path.stat().st_size, 64 << 20))
+    return {"inputs": [tensor(d) for d in inputs], "outputs": [tensor(d) for d in outputs],
+            "ops": dict(Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE")),
+            "producer": tflite_description(head) or None, "opset": None}
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(int32)": "int32",
+                "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(string)": "string"}
+
+
+def _onnx(path: Path) -> dict:
+    import onnxruntime as ort
+
+    from runtime.onnx_proto import onnx_summary
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        summary = onnx_summary(path.read_bytes())
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not a valid ONNX model ({exc}).") from exc
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}).") from exc
+
+    def tensor(node) -> dict:
+        shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
+        named = {str(i): d for i, d in enumerate(node.shape) if isinstance(d, str)}  # symbolic dims: batch, ...
+        return {"name": node.name, "shape": shape, "dtype": _ONNX_DTYPES.get(node.type, node.type),
+                "layout": _layout(shape), "scale": None, "zero_point": None, **({"dims": named} if named else {})}
+
+    producer = " ".join(v for v in (summary["producer"], summary["producer_version"]) if v) or None
+    quantized = sum(n for op, n in summary["ops"].items() if op in ("QuantizeLinear", "DequantizeLinear",
+                                                                     "QLinearConv", "QLinearMatMul"))
+    return {"inputs": [tensor(n) for n in session.get_inputs()], "outputs": [tensor(n) for n in session.get_outputs()],
+            "ops": summary["ops"], "producer": producer, "opset": summary["opsets"].get("ai.onnx"),
+            "opsets": summary["opsets"], "ir_version": summary["ir_version"], "quantize_nodes": quantized}
+
+
+def describe(path: str | Path) -> dict:
+    """Everything `info FILE` shows, as a dict (`--json`)."""
+    from runtime.load import BACKENDS, load, packed_labels
+
+    path = Path(path)
+    fmt = BACKENDS.get(path.suffix.lower())
+    if fmt is None:
+        raise EdgeKitError(f"{path}: expected a .tflite or .onnx file, or an artifact directory; got "
+                           f"'{path.suffix or 'no suffix'}'.")
+    size = check_readable_file(path, "model file").st_size
+    if size == 0:
+        raise ArtifactError(f"model file {path} is empty.")
+    info = {"path": str(path), "format": fmt, "size_bytes": size, "sha256": sha256_file(path),
+            **(_tflite(path) if fmt == "tflite" else _onnx(path))}
+    info["labels"] = packed_labels(path, None) if fmt == "tflite" else None
+    from runtime.manifest import sidecar_path
+
+    info["sidecar"] = sidecar_path(path).name if sidecar_path(path).is_file() else None
+    try:
+        model = load(path)
+        info["classifier"] = {"image_classifier": True, "layout": model.layout, "image": list(model.input_shape),
+                              "classes": model.num_classes, "output": model.output_kind,
+                              "preprocessing": model.preprocessing_source,
+                              "reason": None if model.preprocessing is not None else
+                              "float input without a sidecar: pass --mean and --std to give it images"}
+    except EdgeKitError as exc:
+        info["classifier"] = {"image_classifier": False, "reason": str(exc).replace(f"{path}: ", "")
+                              .replace(f"{path} ", "")}
+    return info
+
+
+def _tensor_line(t: dict) -> str:
+    from runtime.text import terminal
+
+    shape = "[" + ", ".join("?" if d < 0 else str(d) for d in t["shape"]) + "]"
+    quant = ""
+    if t.get("scale") is not None:
+        scale = t["scale"] if not isinstance(t["scale"], list) else f"{len(t['scale'])} per-channel scales"
+        quant = f"  scale {scale:.6g} zero point {t['zero_point']}" if isinstance(scale, float) else f"  {scale}"
+    layout = f"  {t['layout'].upper()}" if t.get("layout") else ""
+    return f"{terminal(t['name'])}  {shape} {t['dtype']}{layout}{quant}"
+
+
+def show(info: dict) -> None:
+    """`info FILE`'s text."""
+    from runtime.text import terminal
+
+    kind = {"tflite": "TFLite", "onnx": "ONNX"}[info["format"]]
+    print(f"{terminal(info['path'])}: {kind} file, {info['size_bytes']:,} bytes, sha256 {info['sha256']}")
+    if info.get("sidecar"):
+        print(f"sidecar      {terminal(info['sidecar'])} (labels, preprocessing and verification from EdgeKit's export)")
+    if info.get("producer"):
+        print(f"producer     {terminal(info['producer'])}")
+    if info.get("opset") is not None:
+        used = {op.rsplit(".", 1)[0] for op in info["ops"] if "." in op}  # the other domains the graph's ops use
+        others = ", ".join(f"{d} {v}" for d, v in info.get("opsets", {}).items() if d in used)
+        print(f"opset        {info['opset']}" + (f" (and {others})" if others else "")
+              + (f", IR version {info['ir_version']}" if info.get("ir_version") else ""))
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for t in info[kind]:
+            print(f"  {_tensor_line(t)}")
+    ops = sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
+    print(f"operators    {sum(info['ops'].values())} in all: " + ", ".join(f"{terminal(k)} {v}" for k, v in ops))
+    labels = info.get("labels")
+    if labels:
+        shown = ", ".join(map(terminal, labels[:8])) + (", ..." if len(labels) > 8 else "")
+        print(f"labels       {len(labels)} packed in the file: {shown}")
+    c = info["classifier"]
+    if c["image_classifier"]:
+        h, w, ch = c["image"]
+        line = (f"classifier   yes: {h}x{w}x{ch} images ({c['layout'].upper()}), {c['classes']} classes "
+                f"({c['output']})")
+        print(line + (f"; {c['reason']}" if c.get("reason") else ""))
+    else:
+        print(f"classifier   no: {terminal(c['reason'])}")

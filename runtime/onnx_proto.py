@@ -1,0 +1,100 @@
+"""ONNX files read without the onnx package (the runtime's plain install stays light): protobuf's wire format,
+every length checked against its bounds, and just the fields EdgeKit needs. tests/test_fileinfo.py checks it
+against onnx's own parser."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _protobuf_fields(data: bytes, start: int, end: int, values: bool = False):
+    """(field number, (start, end) of a length-delimited value or None) of each field in data[start:end], read
+    from protobuf's wire format with every length checked against the bounds; with `values`, a varint field's
+    value instead of None."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            if i >= end or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    i = start
+    while i < end:
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+            yield key >> 3, (value if values else None)
+        elif wire == 2:
+            n, i = varint(i)
+            if i + n > end:
+                raise ValueError("length beyond the message")
+            yield key >> 3, (i, i + n)
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            yield key >> 3, None
+        else:
+            raise ValueError(f"wire type {wire}")
+    if i != end:
+        raise ValueError("field beyond the message")
+
+
+def onnx_producers(data: bytes) -> dict[str, tuple[str, list[str]]]:
+    """output name -> (op_type, inputs) of every node in an ONNX ModelProto's main graph (ModelProto.graph = 7,
+    GraphProto.node = 1, NodeProto.input = 1, .output = 2, .op_type = 4), without the onnx package."""
+    producers = {}
+    for field, span in _protobuf_fields(data, 0, len(data)):
+        if field != 7 or span is None:
+            continue
+        for node_field, node in _protobuf_fields(data, *span):
+            if node_field != 1 or node is None:
+                continue
+            parts = {1: [], 2: [], 4: []}
+            for part, value in _protobuf_fields(data, *node):
+                if part in parts and value is not None:
+                    parts[part].append(bytes(data[value[0]:value[1]]).decode("utf-8", "replace"))
+            for output in parts[2]:
+                producers[output] = ((parts[4] or [""])[0], parts[1])
+    return producers
+
+
+def _text(data: bytes, span) -> str:
+    return bytes(data[span[0]:span[1]]).decode("utf-8", "replace") if isinstance(span, tuple) else ""
+
+
+def onnx_summary(data: bytes) -> dict:
+    """What an ONNX ModelProto says of itself: ir_version (1), producer_name (2) and producer_version (3), the
+    default domain's opset (opset_import = 8: domain 1, version 2), and the main graph's operator census (graph
+    = 7, node = 1, op_type = 4, domain = 7). Raises ValueError on a malformed file."""
+    summary = {"ir_version": None, "producer": "", "producer_version": "", "opsets": {}, "ops": Counter()}
+    for field, value in _protobuf_fields(data, 0, len(data), values=True):
+        if field == 1 and isinstance(value, int):
+            summary["ir_version"] = value
+        elif field in (2, 3) and isinstance(value, tuple):
+            summary["producer" if field == 2 else "producer_version"] = _text(data, value)
+        elif field == 8 and isinstance(value, tuple):
+            domain, version = "", None
+            for part, item in _protobuf_fields(data, *value, values=True):
+                if part == 1 and isinstance(item, tuple):
+                    domain = _text(data, item)
+                elif part == 2 and isinstance(item, int):
+                    version = item
+            summary["opsets"][domain or "ai.onnx"] = version
+        elif field == 7 and isinstance(value, tuple):
+            for node_field, node in _protobuf_fields(data, *value):
+                if node_field != 1 or node is None:
+                    continue
+                op, domain = "", ""
+                for part, item in _protobuf_fields(data, *node):
+                    if part == 4 and item is not None:
+                        op = _text(data, item)
+                    elif part == 7 and item is not None:
+                        domain = _text(data, item)
+                summary["ops"][f"{domain}.{op}" if domain and domain != "ai.onnx" else op] += 1
+    summary["ops"] = dict(summary["ops"])
+    return summary
