@@ -156,7 +156,8 @@ class Search:
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as exc:  # SQLAlchemy's many errors: a bad URL, a server that is not there, a damaged file
             raise WorkFailed(f"cannot open the study's storage {self.public_url}: "
-                             f"{_masked(first_line(exc), self.storage_url)}") from None
+                             f"{_masked(first_line(exc), self.storage_url)}. Check the URL, its driver and that the "
+                             "server is up; a damaged SQLite file: remove it to start the search again.") from None
 
     def study(self):
         import optuna

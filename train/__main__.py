@@ -185,9 +185,9 @@ def _check_tensorboard(logs, out) -> None:
     inside the artifact (which is replaced whole when training ends)."""
     import os
 
-    from runtime.manifest import check_out_apart
-
-    check_out_apart(logs, [out], flag="--tensorboard")
+    if logs.resolve() == out.resolve() or logs.resolve().is_relative_to(out.resolve()):
+        raise EdgeKitError(f"--tensorboard {logs} is inside --out {out}, which is replaced whole when training ends; "
+                           "choose a directory outside it.")
     if logs.exists() and not logs.is_dir():
         raise EdgeKitError(f"--tensorboard {logs} is a file; expected a directory for TensorBoard's event files.")
     existing = next((p for p in (logs, *logs.resolve().parents) if p.exists()), None)
