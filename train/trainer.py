@@ -358,7 +358,10 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                 what = "a worker of TF_CONFIG's cluster was lost" if lost else "TensorFlow stopped the training"
                 kept = f"; the completed epochs are kept in {checkpoint}: run the same command with --resume" \
                     if checkpoint is not None else ""
-                raise WorkFailed(f"{what} ({type(exc).__name__}: {first_line(exc)[:160]}){kept}.") from exc
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                said = next((line for line in lines if "unhealthy" in line or "aborted by" in line),
+                            first_line(exc))  # TensorFlow's first line is "Graph execution error:"
+                raise WorkFailed(f"{what} ({type(exc).__name__}: {said[:200]}){kept}.") from exc
             train_seconds += time.perf_counter() - start
             if backup is not None and backup.resumed_from is not None:
                 part = {k: backup.history_before.get(k, []) + part.get(k, []) for k in {*backup.history_before, *part}}
