@@ -502,15 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     predict = commands.add_parser(
-        "predict", help="top-k labels of images (PNG/JPEG) or .npy arrays",
-        description="Classify images with a .tflite or .onnx model. PNG/JPEG files are converted to the model's "
+        "predict", help="top-k labels of images (PNG, JPEG, BMP, GIF, WebP) or .npy arrays",
+        description="Classify images with a .tflite or .onnx model. PNG, JPEG, BMP, GIF (first frame) and WebP files are converted to the model's "
                     "channels, resized and preprocessed as in training (from the model's sidecar json). "
                     ".npy files hold uint8 pixels (H, W, C) or (N, H, W, C), or float32 input already "
                     "preprocessed.",
         epilog="example: python -m runtime predict artifacts/fashion_cnn-digits/model.int8.tflite digit.png")
     predict.add_argument("model", help="a .tflite or .onnx file (its sidecar model.<variant>.json gives labels "
                                        "and preprocessing)")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images or .npy arrays")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG, JPEG, BMP, GIF or WebP images, or .npy arrays")
     predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print every probability as JSON (with --raw: every "
                          "output's shape, dtype, range, and its values when it has at most 4,096)")

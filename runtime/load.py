@@ -1013,7 +1013,7 @@ def read_npy(path: Path) -> np.ndarray:
 
 
 def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]:
-    """Read PNG/JPEG images (resized with the model's preprocessing) and .npy arrays.
+    """Read image files (PNG, JPEG, BMP, GIF, WebP; resized with the model's preprocessing) and .npy arrays.
 
     Returns (name, input, warning) triples of checked float32 model input (1, H, W, C), one per
     image; a .npy batch gives one per row, named file[i]. uint8 arrays are pixels
@@ -1047,5 +1047,6 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]
             out.append((str(path), model.prepare(pixels[None]), unusual_input(pixels, statistics)))
         else:
             raise EdgeKitError(
-                f"input {path}: expected a .png, .jpg, .jpeg or .npy file; got '{suffix or 'no suffix'}'.")
+                f"input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy file; "
+                f"got '{suffix or 'no suffix'}'.")
     return out

@@ -19,7 +19,7 @@ import numpy as np
 
 from runtime.errors import EdgeKitError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # a GIF gives its first frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Preprocessing:
         return (x - mean) / std
 
     def load_image(self, path: str | Path) -> np.ndarray:
-        """Read a PNG/JPEG file as uint8 (H, W, C) pixels at this size and channel count."""
+        """Read an image file as uint8 (H, W, C) pixels at this size and channel count."""
         return image_to_pixels(path, self.size, self.channels, self.resize, self.background)
 
 
@@ -128,7 +128,7 @@ def open_image(path: str | Path):
                            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels (a larger one is refused before decoding, as a "
                            "decompression bomb). Resize it first.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise EdgeKitError(f"cannot read image {path} ({exc}); expected a PNG or JPEG file.") from None
+        raise EdgeKitError(f"cannot read image {path} ({exc}); expected a PNG, JPEG, BMP, GIF or WebP file.") from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
         image.close()

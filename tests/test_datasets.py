@@ -204,7 +204,7 @@ def test_folder_dataset_detects_colour_and_takes_a_size(tmp_path):
 @pytest.mark.parametrize("layout, message", [
     ("missing", "is not a directory"),
     ("one_class", "expected at least 2"),
-    ("empty_class", "holds no PNG or JPEG"),
+    ("empty_class", "holds no PNG, JPEG, BMP, GIF or WebP"),
     ("corrupt", "cannot read image"),
     ("tiny_class", "has 2 example"),
 ])

@@ -391,3 +391,22 @@ def test_a_read_only_output_is_the_users_mistake_wherever_it_is_found(exported, 
             assert "read-only" in line and "Free space" not in line, line
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_bmp_gif_and_webp_images_are_read_like_png(exported, digits, tmp_path):
+    """A .bmp was refused though Pillow reads it (issue 26); a GIF gives its first frame."""
+    from runtime.preprocessing import image_to_pixels
+
+    image = Image.fromarray(digits.x_test[5, ..., 0])
+    image.save(tmp_path / "d.png")
+    image.save(tmp_path / "d.bmp")
+    image.save(tmp_path / "d.webp", lossless=True)
+    image.save(tmp_path / "d.gif", save_all=True, append_images=[Image.fromarray(255 - digits.x_test[5, ..., 0])])
+    png = image_to_pixels(tmp_path / "d.png", (28, 28), 1)
+    for name in ("d.bmp", "d.webp", "d.gif"):
+        assert np.array_equal(image_to_pixels(tmp_path / name, (28, 28), 1), png), name
+    result = run_module("runtime", "predict", str(exported[0] / "model.int8.tflite"),
+                        *(str(tmp_path / n) for n in ("d.png", "d.bmp", "d.gif", "d.webp")), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tops = [p["top"][0]["index"] for p in json.loads(result.stdout)["predictions"]]
+    assert len(set(tops)) == 1

@@ -2,7 +2,7 @@
 
     PATH/cat/001.png, PATH/cat/002.jpg, PATH/dog/...   -> labels ("cat", "dog")
 
-Classes are the sub-folder names in sorted order. Images (PNG/JPEG, any size) are
+Classes are the sub-folder names in sorted order. Images (PNG, JPEG, BMP, GIF, WebP; any size) are
 resized to `size` (default 28x28) and converted to `channels` (default: 3 if any
 image is in colour, else 1). Split 70/10/20 per class by SPLIT_SEED, so a class
 needs at least 3 images.
@@ -31,7 +31,7 @@ def _scan(root: Path) -> dict[str, list[Path]]:
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise EdgeKitError(f"class folder {sub} holds no PNG or JPEG images; add some or remove the folder.")
+            raise EdgeKitError(f"class folder {sub} holds no PNG, JPEG, BMP, GIF or WebP images; add some or remove the folder.")
         classes[sub.name] = images
     if len(classes) < 2:
         raise EdgeKitError(
