@@ -303,7 +303,8 @@ def _eval_dataset(args, model):
     download = not args.no_download
     if args.dataset:
         h, w, c = model.input_shape
-        return load_dataset(args.dataset, args.data_dir, image_size=(h, w), channels=c, download=download)
+        return load_dataset(args.dataset, args.data_dir, image_size=(h, w), channels=c, download=download,
+                            test_only=args.split == "test")
     manifest = Path(args.model).parent / "manifest.json"
     if not manifest.is_file():
         raise EdgeKitError(f"no --dataset given and no manifest.json next to {args.model} to say which dataset it "

@@ -242,3 +242,21 @@ def test_preprocessing_round_trips_and_applies_scale_mean_std():
 def test_preprocessing_rejects_bad_values(kwargs, message):
     with pytest.raises(EdgeKitError, match=message):
         Preprocessing(size=(28, 28), **{"channels": 1, **kwargs})
+
+
+def test_eval_on_mnist_needs_only_the_two_test_files(exported, tmp_path):
+    """evaluating the test split once needed the two train files as well (issue 26)."""
+    import json
+
+    from conftest import make_idx_dir, run_module
+
+    arrays = make_idx_dir(tmp_path / "idx")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / "idx" / name).unlink()
+    model = str(exported[0] / "model.int8.tflite")
+    result = run_module("runtime", "eval", model, "--dataset", "mnist", "--data-dir", str(tmp_path / "idx"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["samples"] == len(arrays["t10k-labels-idx1-ubyte"])
+    result = run_module("runtime", "eval", model, "--dataset", "mnist", "--data-dir", str(tmp_path / "idx"),
+                        "--split", "val")
+    assert result.returncode == 2 and "Expected the four IDX files" in result.stderr, result.stderr[-2000:]

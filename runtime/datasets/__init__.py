@@ -146,12 +146,15 @@ def load_dataset(
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
     download: bool = True,
+    test_only: bool = False,
 ) -> Dataset:
     """Load a dataset by name (see the module docstring), optionally resized.
 
     `data_dir` is where the user keeps the files (searched first, and only there
     when given); `download=False` or EDGEKIT_OFFLINE=1 forbids downloads.
     `image_size`/`channels` resize every split (and the preprocessing) to a model's input.
+    `test_only`: the test split is all that is needed (eval): MNIST-style IDX data then needs only its two t10k
+    files in `data_dir`, and the train and validation splits may be empty.
     """
     if spec.startswith("folder:"):
         from runtime.datasets import folder
@@ -161,7 +164,8 @@ def load_dataset(
         loaders = _registry()
         if spec not in loaders:
             raise unknown("dataset", spec, list(loaders) + ["folder:PATH"])
-        dataset = loaders[spec](data_dir=Path(data_dir) if data_dir else None, download=download)
+        extra = {"test_only": True} if test_only and spec in ("mnist", "fashion_mnist") else {}
+        dataset = loaders[spec](data_dir=Path(data_dir) if data_dir else None, download=download, **extra)
     return resized(dataset, image_size, channels)
 
 

@@ -109,8 +109,14 @@ def _find(directory: Path, filename: str) -> Path | None:
     return None
 
 
-def _from_idx_dir(directory: Path) -> dict[str, np.ndarray] | None:
+def _from_idx_dir(directory: Path, test_only: bool = False) -> dict[str, np.ndarray] | None:
+    """The four IDX files' arrays; with `test_only`, the two t10k files suffice (the train split is then empty:
+    evaluating needs only the fixed official test set)."""
     paths = {key: _find(directory, name) for key, name in FILES.items()}
+    if test_only and paths["x_test"] and paths["y_test"] and not (paths["x_train"] and paths["y_train"]):
+        arrays = {key: read_idx(paths[key]) for key in ("x_test", "y_test")}
+        return {**arrays, "x_train": np.zeros((0, *arrays["x_test"].shape[1:]), np.uint8),
+                "y_train": np.zeros(0, np.uint8)}
     if not all(paths.values()):
         return None
     return {key: read_idx(path) for key, path in paths.items()}
@@ -124,11 +130,12 @@ def _from_npz(path: Path) -> dict[str, np.ndarray]:
         raise EdgeKitError(f"{path} is not a valid MNIST .npz ({exc}); delete it so it can be fetched again.") from None
 
 
-def _missing_error(title: str, where: str, data_dir: Path | None, why: str) -> EdgeKitError:
-    names = ", ".join(FILES.values())
+def _missing_error(title: str, where: str, data_dir: Path | None, why: str, test_only: bool = False
+                   ) -> EdgeKitError:
+    names = ", ".join(FILES[k] for k in (("x_test", "y_test") if test_only else FILES))
     place = f"--data-dir {data_dir}" if data_dir else f"--data-dir DIR (or {where})"
     return EdgeKitError(
-        f"{title} files not found{why}. Expected the four IDX files {names} "
+        f"{title} files not found{why}. Expected the {'two' if test_only else 'four'} IDX files {names} "
         f"(gzipped or not) in {place}."
     )
 
@@ -144,14 +151,14 @@ def _check(arrays: dict[str, np.ndarray], source: str) -> None:
             raise EdgeKitError(f"{source}: {split} labels go up to {y.max()}; expected 0..9.")
 
 
-def _load(title, name, labels, cache_subdir, npz_name, data_dir, download) -> Dataset:
+def _load(title, name, labels, cache_subdir, npz_name, data_dir, download, test_only=False) -> Dataset:
     cache = keras_cache_dir()
     if data_dir is not None:
         if not data_dir.is_dir():
             raise EdgeKitError(f"--data-dir {data_dir} is not a directory.")
-        arrays, source = _from_idx_dir(data_dir), str(data_dir)
+        arrays, source = _from_idx_dir(data_dir, test_only), str(data_dir)
         if arrays is None:
-            raise _missing_error(title, "", data_dir, f" in {data_dir}")
+            raise _missing_error(title, "", data_dir, f" in {data_dir}", test_only)
     else:
         arrays, source = _from_idx_dir(cache / cache_subdir), str(cache / cache_subdir)
         if arrays is None and npz_name and (cache / npz_name).is_file():
@@ -188,10 +195,12 @@ def _load(title, name, labels, cache_subdir, npz_name, data_dir, download) -> Da
     )
 
 
-def load_mnist(data_dir: Path | None = None, download: bool = True) -> Dataset:
+def load_mnist(data_dir: Path | None = None, download: bool = True, test_only: bool = False) -> Dataset:
     # Keras keeps MNIST as mnist.npz; the IDX files are found in data_dir or ~/.keras/datasets/mnist/.
-    return _load("MNIST", "mnist", tuple(str(d) for d in range(10)), "mnist", "mnist.npz", data_dir, download)
+    return _load("MNIST", "mnist", tuple(str(d) for d in range(10)), "mnist", "mnist.npz", data_dir, download,
+                 test_only)
 
 
-def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> Dataset:
-    return _load("Fashion-MNIST", "fashion_mnist", FASHION_LABELS, "fashion-mnist", None, data_dir, download)
+def load_fashion_mnist(data_dir: Path | None = None, download: bool = True, test_only: bool = False) -> Dataset:
+    return _load("Fashion-MNIST", "fashion_mnist", FASHION_LABELS, "fashion-mnist", None, data_dir, download,
+                 test_only)
