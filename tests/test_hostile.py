@@ -324,19 +324,29 @@ def test_a_sound_checkpoint_state_reads_back(tmp_path):
     ('{"cluster": {"ps": ["localhost:1"], "worker": ["localhost:2"]}, "task": {"type": "ps", "index": 0}}',
      "no parameter servers"),
 ])
-def test_tf_config_is_checked_before_tensorflow_reads_it(tmp_path, config, words):
+def test_tf_config_is_checked_before_tensorflow_reads_it(monkeypatch, config, words):
+    from train.devices import tf_config
+
+    monkeypatch.setenv("TF_CONFIG", config)
+    with pytest.raises(EdgeKitError, match=words) as info:
+        tf_config()
+    assert info.value.exit_code == 2
+
+
+def test_train_checks_tf_config_and_tensorboard_before_training(tmp_path):
+    """One command line each (the others in process): the checks run before TensorFlow trains anything."""
+    from train.__main__ import _check_tensorboard
+
     result = run_module("train", "--model", "fashion_cnn", "--epochs", "1", "--out", str(tmp_path / "o"),
-                        env={"TF_CONFIG": config}, timeout=120)
-    _one_line(result, 2, words)
-
-
-def test_tensorboard_is_checked_before_training(tmp_path):
+                        env={"TF_CONFIG": "[]"}, timeout=120)
+    _one_line(result, 2, "TF_CONFIG has no cluster")
     (tmp_path / "file").write_text("x")
-    for logs, words in ((tmp_path / "file", "is a file"), (tmp_path / "out" / "logs", "is inside")):
-        result = run_module("train", "--model", "fashion_cnn", "--out", str(tmp_path / "out"), "--tensorboard",
-                            str(logs), timeout=120)
-        _one_line(result, 2, words)
-    assert not (tmp_path / "out").exists()
+    result = run_module("train", "--model", "fashion_cnn", "--out", str(tmp_path / "out"), "--tensorboard",
+                        str(tmp_path / "file"), timeout=120)
+    _one_line(result, 2, "is a file")
+    with pytest.raises(EdgeKitError, match="is inside --out"):
+        _check_tensorboard(tmp_path / "out" / "logs", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def _two_worker_config(index: int) -> str:
