@@ -420,3 +420,36 @@ def test_bmp_gif_and_webp_images_are_read_like_png(exported, digits, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     tops = [p["top"][0]["index"] for p in json.loads(result.stdout)["predictions"]]
     assert len(set(tops)) == 1
+
+
+def test_a_search_worker_dies_with_its_parent(tmp_path):
+    """`pipeline --search --jobs N` was OOM-killed and left its workers running as orphans: each worker is
+    started with a parent-death signal, so kill -9 of the parent ends them."""
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.search import _die_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=_die_with_parent)
+print(child.pid, flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        try:  # a zombie reparented to us, or to init, which reaps it
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")
