@@ -288,8 +288,10 @@ def _raw_image(model, name: str, path, options):
     elif options.mean is None:
         raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
                            "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
-    else:
-        x = ((pixels - np.asarray(options.mean, np.float32)) / np.asarray(options.std, np.float32)).astype(tensor.dtype)
+    else:  # the one preprocessing code, as a model with a sidecar uses it
+        from runtime.preprocessing import Preprocessing
+
+        x = Preprocessing((h, w), c, scale=1.0, mean=options.mean, std=options.std).apply(pixels).astype(tensor.dtype)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
 
 

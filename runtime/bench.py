@@ -129,22 +129,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     cold = {"seconds": time.time() - spawned if spawned else None, "peak_rss_mb": _peak_rss_mb()}
     for _ in range(warmup):
         model.predict(x)
-    invoke = model.invoker(x)
-    bare, whole = [], []
-    budget = seconds if runs is None else None
-    deadline = time.perf_counter() + (budget if budget is not None else float("inf"))
-    clock = time.perf_counter
-    while True:  # alternate bare and whole calls so both see the same machine state
-        t0 = clock()
-        invoke()
-        t1 = clock()
-        model.predict(x)
-        t2 = clock()
-        bare.append(t1 - t0)
-        whole.append(t2 - t1)
-        if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
-            break
-    invoke, call = stats_ms(bare), stats_ms(whole)
+    invoke, call = _alternate(model.invoker(x), lambda: model.predict(x), runs, seconds)
     return {
         "model": str(path), "name": Path(path).name, "backend": model.backend,
         "format": model.format, "size_bytes": model.size_bytes,
@@ -158,6 +143,24 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         # whether one image's 8-bit pre- and post-processing ran compiled (runtime/_kernels.c) or in numpy
         "one_image_path": "compiled" if kernels_built() else "numpy",
     }
+
+
+def _alternate(invoke, call, runs: int | None, seconds: float | None) -> tuple[dict, dict]:
+    """(stats of the bare `invoke`, stats of the whole `call`) timed alternately, so both see the same machine
+    state: `runs` pairs, or pairs for `seconds` (at least 5)."""
+    bare, whole = [], []
+    deadline = time.perf_counter() + (seconds if runs is None else float("inf"))
+    clock = time.perf_counter
+    while True:
+        t0 = clock()
+        invoke()
+        t1 = clock()
+        call()
+        t2 = clock()
+        bare.append(t1 - t0)
+        whole.append(t2 - t1)
+        if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
+            return stats_ms(bare), stats_ms(whole)
 
 
 def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) -> dict:
@@ -176,21 +179,7 @@ def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) ->
     cold = {"seconds": time.time() - spawned if spawned else None, "peak_rss_mb": _peak_rss_mb()}
     for _ in range(warmup):
         model.run(feeds)
-    invoke = model.invoker(feeds)
-    bare, whole = [], []
-    deadline = time.perf_counter() + (seconds if runs is None else float("inf"))
-    clock = time.perf_counter
-    while True:
-        t0 = clock()
-        invoke()
-        t1 = clock()
-        model.run(feeds)
-        t2 = clock()
-        bare.append(t1 - t0)
-        whole.append(t2 - t1)
-        if (runs is not None and len(bare) >= runs) or (runs is None and t2 >= deadline and len(bare) >= 5):
-            break
-    invoke_ms, call = stats_ms(bare), stats_ms(whole)
+    invoke_ms, call = _alternate(model.invoker(feeds), lambda: model.run(feeds), runs, seconds)
     batch = model.shapes[model.inputs[0].name][0] if model.inputs and model.shapes[model.inputs[0].name] else 1
     return {
         "model": str(path), "name": Path(path).name, "backend": model.backend, "format": format_of(path) or "raw",

@@ -78,15 +78,10 @@ def _tflite(path: Path) -> dict:
             "producer": tflite_description(head) or None, "opset": None}
 
 
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-                "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(int32)": "int32",
-                "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(string)": "string"}
-
-
 def _onnx(path: Path) -> dict:
     import onnxruntime as ort
 
-    from runtime.onnx_proto import onnx_summary
+    from runtime.onnx_proto import ONNX_DTYPES, onnx_summary
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -101,7 +96,7 @@ def _onnx(path: Path) -> dict:
     def tensor(node) -> dict:
         shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
         named = {str(i): d for i, d in enumerate(node.shape) if isinstance(d, str)}  # symbolic dims: batch, ...
-        return {"name": node.name, "shape": shape, "dtype": _ONNX_DTYPES.get(node.type, node.type),
+        return {"name": node.name, "shape": shape, "dtype": ONNX_DTYPES.get(node.type, node.type),
                 "layout": _layout(shape), "scale": None, "zero_point": None, **({"dims": named} if named else {})}
 
     producer = " ".join(v for v in (summary["producer"], summary["producer_version"]) if v) or None

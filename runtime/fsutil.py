@@ -56,10 +56,12 @@ def dir_mode() -> int:
 
 
 def write_error(path, exc: OSError) -> EdgeKitError:
-    """The one-line error for a failed write: a full disk is the work failing (exit 1, free space); a read-only
-    or forbidden output directory, wherever it is found, is the user's choice of it (exit 2, choose another)."""
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the file system is read-only" if exc.errno == errno.EROFS else "permission denied"
+    """The one-line error for a failed write: a full disk is the work failing (exit 1, free space); a read-only,
+    forbidden or missing output directory, wherever it is found, is the user's choice of it (exit 2, choose
+    another)."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR):
+        why = {errno.EROFS: "the file system is read-only", errno.ENOENT: "its directory does not exist",
+               errno.ENOTDIR: "a part of its path is not a directory"}.get(exc.errno, "permission denied")
         return EdgeKitError(f"cannot write {path}: {why}; nothing was left half-written. Choose an output directory "
                             "you can write (--out), then run the command again.")
     reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ArtifactError, EdgeKitError, first_line
+from runtime.errors import ArtifactError, EdgeKitError, WorkFailed, first_line
 from runtime.formats import ALIASES, format_of
 from runtime.fsutil import sha256_file
 from runtime.limits import positive_normal
 from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
-from runtime.onnx_proto import onnx_producers
+from runtime.onnx_proto import ONNX_DTYPES, onnx_producers
 from runtime.preprocessing import Preprocessing
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
@@ -647,6 +647,10 @@ class Model:
         """An (N, H, W, C) input as an NCHW model takes it."""
         return np.ascontiguousarray(fed.transpose(0, 3, 1, 2))
 
+    def _tensor(self, fed: np.ndarray) -> np.ndarray:
+        """The input tensor for a fed (N, H, W, C) batch: as it is, or channels first for an NCHW model."""
+        return self._channels_first(fed) if self._nchw else fed
+
     def _fetch(self, y: np.ndarray) -> np.ndarray:
         if self._out_table is not None:  # 8-bit output: dequantize by table lookup on the raw bytes
             return self._out_table.take(y)  # an int8 -k indexes byte 256 - k
@@ -740,7 +744,7 @@ class _TFLiteModel(Model):
     def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         interpreter = self._interpreter
         fed = self._feed(x, pixels)
-        interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
+        interpreter.set_tensor(self._in, self._tensor(fed))
         interpreter.invoke()
         return interpreter.get_tensor(self._out)
 
@@ -786,13 +790,11 @@ class _TFLiteModel(Model):
         if self._loop and len(x) != self.batch:
             raise self._fixed_batch_error()
         fed = self._feed(x, pixels)
-        self._interpreter.set_tensor(self._in, self._channels_first(fed) if self._nchw else fed)
+        self._interpreter.set_tensor(self._in, self._tensor(fed))
         return self._interpreter.invoke
 
 
 class _ONNXModel(Model):
-    _DTYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-               "tensor(float16)": "float16"}
 
     def __init__(self, path, threads, sidecar, options=None):
         import onnxruntime as ort
@@ -830,22 +832,19 @@ class _ONNXModel(Model):
 
     def _info(self, node) -> TensorInfo:
         shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node.shape)
-        return TensorInfo(node.name, shape, self._DTYPES.get(node.type, node.type))
+        return TensorInfo(node.name, shape, ONNX_DTYPES.get(node.type, node.type))
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        fed = self._feed(x, pixels)
-        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
+        return self._session.run(self._names, {self.input.name: self._tensor(self._feed(x, pixels))})[0]
 
     def _run_one(self, fed: np.ndarray) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: self._channels_first(fed) if self._nchw else fed})[0]
+        return self._session.run(self._names, {self.input.name: self._tensor(fed)})[0]
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
         if self.batch and len(x) != self.batch:
             raise self._fixed_batch_error()
-        fed = self._feed(x, pixels)
-        run, names = self._session.run, self._names
-        feed = {self.input.name: self._channels_first(fed) if self._nchw else fed}
+        run, names, feed = self._session.run, self._names, {self.input.name: self._tensor(self._feed(x, pixels))}
         return lambda: run(names, feed)
 
 
@@ -955,8 +954,6 @@ def finite(values: np.ndarray, model: Model) -> np.ndarray:
     """`values` (a model's outputs) if every one is a number: NaN is never a prediction or an accuracy."""
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
-        from runtime.errors import WorkFailed
-
         raise WorkFailed(f"{model.path.name} gave {bad:,} NaN or infinite outputs of {values.size:,}: a model whose "
                          "outputs are not numbers gives no answer. Export it again from a model that trains to a "
                          "finite loss (check its weights).")

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+# onnxruntime's tensor type names as numpy dtype names
+ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(int32)": "int32",
+               "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(string)": "string"}
+
 
 def _protobuf_fields(data: bytes, start: int, end: int, values: bool = False):
     """(field number, (start, end) of a length-delimited value or None) of each field in data[start:end], read

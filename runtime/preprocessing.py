@@ -46,11 +46,9 @@ class Preprocessing:
                 raise EdgeKitError(
                     f"preprocessing {field} needs 1 or {self.channels} values; got {len(values)}."
                 )
-        from runtime.limits import MAX_INPUT, MIN_NORMAL
+        from runtime.limits import MAX_INPUT, positive_normal
 
-        if not all(v >= MIN_NORMAL for v in self.std):  # NaN fails too; a subnormal std makes infinities
-            raise EdgeKitError(f"preprocessing std must be a positive normal number (at least {MIN_NORMAL:.4g}); "
-                               f"got {self.std}.")
+        positive_normal(self.std, "preprocessing std")  # NaN fails too; a subnormal std makes infinities
         if type(self.background) is not int or not 0 <= self.background <= 255:
             raise EdgeKitError(f"preprocessing background must be a gray level 0..255; got {self.background!r}.")
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):

@@ -194,7 +194,7 @@ class _ONNXRaw(RawModel):
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
         import onnxruntime as ort
 
-        from runtime.fileinfo import _ONNX_DTYPES
+        from runtime.onnx_proto import ONNX_DTYPES
 
         options = ort.SessionOptions()
         if threads:
@@ -207,7 +207,7 @@ class _ONNXRaw(RawModel):
 
         def tensor(node):
             return Tensor(node.name, tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape),
-                          _ONNX_DTYPES.get(node.type, node.type))
+                          ONNX_DTYPES.get(node.type, node.type))
 
         super().__init__(path, [tensor(n) for n in self._session.get_inputs()],
                          [tensor(n) for n in self._session.get_outputs()], shapes)

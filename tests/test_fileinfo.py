@@ -117,6 +117,10 @@ def test_predict_raw_writes_every_output_as_bare_onnxruntime_gives_it(others, tm
         for (name, key), want in zip(record["keys"].items(), expected):
             np.testing.assert_allclose(saved[key], want, rtol=1e-6, atol=1e-6)
     assert [o["shape"] for o in record["outputs"]] == [[2, 3], [2, 2]] and "values" in record["outputs"][0]
+    missing = run_module("runtime", "predict", str(others / "two.onnx"), str(tmp_path / "x.npy"), "--raw", "--out",
+                         str(tmp_path / "no" / "such.npz"))
+    assert missing.returncode == 2 and "its directory does not exist" in missing.stderr, missing.stderr[-2000:]
+    assert "Traceback" not in missing.stderr and not (tmp_path / "no").exists()
     refused = run_module("runtime", "predict", str(others / "two.onnx"), str(tmp_path / "x.npy"))
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(lines) == 1 and "pass --raw" in lines[0]
@@ -152,7 +156,7 @@ def test_bench_times_any_model_on_inputs_of_its_dtype_and_shape(others):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)["results"]
     assert [r["inputs"] for r in rows] == ["raw", "raw"] and rows[0]["outputs"] == 2
-    assert rows[1]["input_shapes"] == {rows[1]["input_shapes"] and next(iter(rows[1]["input_shapes"])): [1, 28, 28]}
+    assert list(rows[1]["input_shapes"].values()) == [[1, 28, 28]]
     assert all(r["invoke_ms"]["median"] > 0 for r in rows)
     missing = run_module("runtime", "bench", str(others / "segment.onnx"), "--runs", "5")
     lines = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
