@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.__main__ import _numbers
 from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
@@ -21,6 +22,8 @@ examples:
   python -m export --tflite --quantize int8 --keep-float auto artifacts/cnn   # int8, or int8-mixed within budget
   python -m export --onnx --quantize int8 --keep-float dense_1 artifacts/cnn  # onnx-int8-mixed, dense_1 float
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
+  python -m export --onnx --quantize int8 model.onnx --dataset digits --mean 127.5 --std 127.5
+                                              # a PyTorch file: model-export/, float32 and int8 verified
 
 formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8.
 Every file is loaded with EdgeKit's runtime and compared with the Keras model on the whole test
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Export a model to TFLite and ONNX, verifying every file.",
                                      epilog=EPILOG)
-    parser.add_argument("source", help="artifact directory, or a .keras/.h5 file or SavedModel directory")
+    parser.add_argument("source", help="artifact directory, a .keras/.h5 file or SavedModel directory, or an .onnx "
+                                       "file")
     kinds = parser.add_argument_group("what to write")
     kinds.add_argument("--tflite", action="store_true", help="a TFLite file (float32 unless --quantize)")
     kinds.add_argument("--onnx", action="store_true", help="an ONNX file (float32 unless --quantize int8)")
@@ -69,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "format int8-mixed (onnx-int8-mixed); 'auto': write plain int8 if it meets the "
                                 "budget, else keep the fewest most sensitive layers float until it does")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
+    foreign = parser.add_argument_group(
+        "an .onnx source (PyTorch's torch.onnx.export, any exporter)",
+        "Exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node name), each "
+        "verified against the source file run by onnxruntime on --dataset's test split. An opset below 13 is "
+        "upgraded first; external data (model.onnx.data) must be beside the file. No TFLite file is made from ONNX.")
+    foreign.add_argument("--mean", type=_numbers, metavar="M", help="subtracted from pixels 0..255, one value or one "
+                         "per channel, as the model was trained: input = (pixel - mean) / std (Normalize(0.5, 0.5) "
+                         "is --mean 127.5 --std 127.5; ImageNet's 123.675,116.28,103.53 and 58.395,57.12,57.375)")
+    foreign.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean (default, with no --mean: "
+                         "the dataset's 0..1 scaling)")
+    foreign.add_argument("--layout", choices=("nchw", "nhwc"), help="the input's layout where its shape reads both "
+                         "ways (default: read from the shape; [N, 3, H, W] is NCHW, as PyTorch exports)")
     parser.add_argument("--data-dir", help="where the dataset files are")
     parser.add_argument("--trust-model", action="store_true",
                         help="load a model file even if loading runs code (Lambda layers, custom objects, a "
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                      opset=args.opset, calibration_method=args.calibration_method, dataset=args.dataset,
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
-                     max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain)
+                     max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
+                     mean=args.mean, std=args.std, layout=args.layout)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     width = max([10, *(len(r.format) for r in results)])
@@ -128,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.format:<{width}} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
               f"{f['sqnr_db']:>8.1f} {f['agreement']:>7.2%} {f['accuracy']:>9.2%}  {status}")
     if results and results[0].figures:
-        print(f"(accuracy on {results[0].figures['test_samples']} test images; Keras: "
-              f"{results[0].figures['keras_accuracy']:.2%})")
+        print(f"(accuracy on {results[0].figures['test_samples']} test images; "
+              f"{results[0].figures.get('reference', 'Keras')}: {results[0].figures['keras_accuracy']:.2%})")
     written = [r for r in results if r.passed]
     if written:
         print(f"\nwrote {', '.join(str(r.file) for r in written)}")

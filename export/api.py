@@ -46,6 +46,21 @@ class Source:
     kind: str
     model_sha256: str | None = None  # of model_file: the source every sidecar names (set once per export)
     output_kind: str = "logits"  # or "probabilities" for a model ending in softmax (set once per export)
+    made: dict | None = None  # an ONNX source: how the float file was made from it (export/onnx_source.py)
+
+    @property
+    def layout(self) -> str | None:
+        """The model input's layout when it is not NHWC's default (an ONNX source's NCHW)."""
+        return getattr(self.model, "layout", None)
+
+    @property
+    def reference(self) -> str:
+        """What every file is verified against."""
+        return "the source ONNX file" if self.kind == "onnx" else "Keras"
+
+    def onnx_input(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed NHWC images as the ONNX graph's input: tf2onnx's graphs take NHWC, an ONNX source's its own."""
+        return self.model.feed(x) if self.kind == "onnx" else x
 
 
 @dataclasses.dataclass
@@ -58,10 +73,14 @@ class Result:
     error: BaseException | None = dataclasses.field(default=None, repr=False)  # the cause, for --verbose
 
 
-def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool) -> Source:
+def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
+    from export import onnx_source
     from train.safe_load import KERAS_SUFFIXES, is_saved_model, load_model_file
 
     path = Path(source)
+    if onnx_source.is_onnx(path) and not path.is_dir():
+        model, dataset = onnx_source.load_source(path, dataset_name, data_dir, options)
+        return Source(path, model, dataset, None, path, "onnx")
     if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
         from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
 
@@ -71,10 +90,10 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
     if not (is_saved_model(path) or path.suffix in KERAS_SUFFIXES):
         if not path.exists():
             raise EdgeKitError(f"{path} does not exist; expected an EdgeKit artifact directory, a .keras or .h5 "
-                               "file, or a SavedModel directory.")
+                               "file, a SavedModel directory, or an .onnx file.")
         raise EdgeKitError(
-            f"{path} is neither an EdgeKit artifact directory nor a Keras model; expected an artifact, "
-            "a .keras or .h5 file, or a SavedModel directory."
+            f"{path} is neither an EdgeKit artifact directory nor a model file; expected an artifact, "
+            "a .keras or .h5 file, a SavedModel directory, or an .onnx file."
         )
     if dataset_name is None:
         raise EdgeKitError(
@@ -158,8 +177,12 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
            calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, opset: int | None = None,
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
            progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
-           keep_float: list[str] | str | None = None, explain: bool = False) -> list[Result]:
-    """Export `source` (artifact dir or bare model file) to `formats`; verify and record each.
+           keep_float: list[str] | str | None = None, explain: bool = False, mean=None, std=None,
+           layout: str | None = None) -> list[Result]:
+    """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
+
+    An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
+    does, and exports to the ONNX formats only.
 
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
     model that needs code to load is refused unless `trust`. Every format is attempted; each
@@ -169,6 +192,7 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
                           calibration_method=calibration_method, max_accuracy_drop=max_accuracy_drop,
                           keep_float=keep_float, explain=explain)
     path = Path(source)
+    options = _source_options(path, fmts, opset, mean, std, layout)
     default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
     out = Path(out) if out else default
     if (path / MANIFEST).exists():
@@ -179,15 +203,40 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         check_out_apart(out, [path])
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust, float(max_accuracy_drop), keep_float, explain)
+                       trust, float(max_accuracy_drop), keep_float, explain, options)
+
+
+def _source_options(path: Path, fmts, opset, mean, std, layout):
+    """runtime.load's Options for an ONNX source (checked before anything loads); --mean, --std and --layout are
+    refused for any other source, whose preprocessing its artifact or dataset gives."""
+    from export.onnx_source import ONNX_FORMATS, TFLITE_REFUSAL, is_onnx
+    from runtime.load import Options
+
+    if not (is_onnx(path) and not path.is_dir()):
+        if mean is not None or std is not None or layout is not None:
+            raise EdgeKitError("--mean, --std and --layout are for an .onnx source; an artifact or Keras model "
+                               "takes its preprocessing from its manifest or --dataset.")
+        return None
+    other = [f.key for f in fmts if f.key not in ONNX_FORMATS]
+    if other:
+        raise EdgeKitError(f"{', '.join(other)}: {TFLITE_REFUSAL}.")
+    if opset is not None:
+        raise EdgeKitError("--opset does not apply to an .onnx source: its graph keeps its own opset (upgraded to "
+                           "13 when older, for int8).")
+    return Options(mean, std, None, None, layout)
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust, max_accuracy_drop, keep_float=None, explain=False) -> list[Result]:
+            trust, max_accuracy_drop, keep_float=None, explain=False, options=None) -> list[Result]:
     from export import convert
     from runtime.load import load
 
-    src = _load_source(source, dataset, data_dir, trust)
+    src = _load_source(source, dataset, data_dir, trust, options)
+    if src.kind == "onnx" and src.model.runtime.preprocessing is None:
+        pre = src.dataset.preprocessing
+        progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, pixels x "
+                 f"{pre.scale:.6g} - {list(pre.mean)} / {list(pre.std)} (0..1): pass --mean and --std as the model "
+                 "was trained")
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
         raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to "
@@ -224,7 +273,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
             raise EdgeKitError(f"{src.path.name} is quantization-aware: its int8 file comes from its learned ranges, "
                                "so --keep-float and --explain do not apply.")
         if {"onnx-int8", "onnx-int8-mixed"} & {f.key for f in fmts}:
-            onnx_proto = convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, _metadata(src))
+            onnx_proto = _onnx_float(src, opset)
         fmts, mixed = _selective(src, fmts, out, calibration, keep_float, explain, max_accuracy_drop, progress,
                                  onnx_proto, calibration_method or "minmax")
     results = []
@@ -238,16 +287,18 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 if mixed[fmt.key] is None:
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
-                data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1]}
+                data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1], **(src.made or {})}
             elif fmt.key == "int8" and quantization_aware:
                 data, record = _qat_int8(src, calibration, trust, progress)
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
             else:
                 if onnx_proto is None:
-                    onnx_proto = convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, _metadata(src))
+                    onnx_proto = _onnx_float(src, opset)
                 data = (onnx_proto.SerializeToString() if fmt.key == "onnx-float32" else
-                        convert.onnx_int8(onnx_proto, calibration, calibration_method or "minmax", _metadata(src)))
+                        convert.onnx_int8(onnx_proto, src.onnx_input(calibration), calibration_method or "minmax",
+                                          _metadata(src)))
+                record = src.made
             _check_file(fmt, data)
             if large:
                 gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
@@ -262,6 +313,16 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     if src.manifest is not None or results:
         _record(out, src, results)
     return results
+
+
+def _onnx_float(src: Source, opset: int | None):
+    """The float ModelProto: tf2onnx's of a Keras model, or an ONNX source's own graph (src.made records how)."""
+    from export import convert, onnx_source
+
+    if src.kind == "onnx":
+        proto, src.made = onnx_source.float_model(src.model, _metadata(src))
+        return proto
+    return convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, _metadata(src))
 
 
 def _unsupported(src) -> str:
@@ -341,8 +402,13 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
         if plain not in keys and mixed_key not in keys:
             continue
         progress(f"{plain}: calibrating once for selective quantization ...")
-        chooser = (sel.Selective(src.model, calibration) if plain == "int8" else
-                   sel.ONNXSelective(src.model, onnx_proto, calibration, method, _metadata(src)))
+        if src.kind == "onnx":
+            from export.onnx_source import node_selective
+
+            chooser = node_selective(src.model, onnx_proto, calibration, method, _metadata(src))
+        else:
+            chooser = (sel.Selective(src.model, calibration) if plain == "int8" else
+                       sel.ONNXSelective(src.model, onnx_proto, calibration, method, _metadata(src)))
         if keep_float not in (None, "auto"):
             chooser.check_names(keep_float)
         table = None
@@ -429,13 +495,16 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         try:
-            model = load(tmp)
+            model = load(tmp, layout=src.layout)
         except EdgeKitError as exc:
             reason = first_line(exc.__cause__) if exc.__cause__ is not None else str(exc)
             raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
                                     f"run the file the converter wrote: {reason}") from exc
         logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
+        if src.kind == "onnx":
+            failure = failure.replace("Keras", src.reference)
+        figures["reference"] = src.reference
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if fmt.key == "int8" and src.kind in QUANTIZATION_AWARE:  # fully integer unless tfmot left layers float
             from runtime.load import tflite_census
@@ -450,21 +519,22 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed") and (
+    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed", "onnx-int8-mixed") and (
         src.kind not in QUANTIZATION_AWARE or record is not None)  # a QAT file not from its learned ranges
     figures.update(record or {})
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
         "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": figures["size_bytes"], "gzip_bytes": figures["gzip_bytes"],
         "input": model.input.to_dict(), "output": {**model.output.to_dict(), "kind": src.output_kind},
-        "preprocessing": src.dataset.preprocessing.to_dict(), "labels": list(src.dataset.labels),
+        "preprocessing": src.dataset.preprocessing.to_dict(), "layout": model.layout,
+        "labels": list(src.dataset.labels),
         "input_statistics": pixel_statistics(src.dataset.x_train),
         "source": {"path": str(src.path), "kind": src.kind, "model_file": src.model_file.name,
-                   "sha256": src.model_sha256},
+                   "sha256": src.model_sha256, **_origin(src)},
         "calibration": ({"samples": samples, "split": "train", "seed": SPLIT_SEED,
                          "method": (method or "minmax") if fmt.backend == "onnx" else "tflite-minmax"}
                         if calibrated else None),
-        "opset": (opset or _default_opset()) if fmt.backend == "onnx" else None,
+        "opset": _opset_written(src, opset) if fmt.backend == "onnx" else None,
         **(record or {}),
         "verification": {**figures, "passed": True, "runtime": "ai-edge-litert" if fmt.backend == "tflite"
                          else "onnxruntime"},
@@ -474,9 +544,28 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     return Result(fmt.key, final, True, figures)
 
 
+def _origin(src: Source) -> dict:
+    """What a sidecar and the manifest record of an ONNX source: its producer and opset, how it was upgraded."""
+    if src.kind != "onnx":
+        return {}
+    return {"producer": src.model.producer(), "opset": src.model.opset(), "layout": src.layout,
+            "external_data": src.model.data_files}
+
+
+def _opset_written(src: Source, opset: int | None) -> int:
+    if src.kind == "onnx":
+        from export.onnx_source import MIN_OPSET
+
+        return max(src.model.opset(), MIN_OPSET)
+    return opset or _default_opset()
+
+
 def _output_kind(model, reference: np.ndarray) -> str:
     """'probabilities' when the Keras model ends in softmax (its last layer's activation, or a Softmax layer)
-    and its outputs on the test split are probabilities (non-negative, rows summing to 1); else 'logits'."""
+    and its outputs on the test split are probabilities (non-negative, rows summing to 1); else 'logits'.
+    An ONNX source: what the runtime reads from its graph."""
+    if hasattr(model, "output_kind"):
+        return model.output_kind
     last = model.layers[-1]
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     declared = activation == "softmax" or type(last).__name__ == "Softmax"
@@ -505,6 +594,9 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
                     "dataset": src.dataset.describe(), "parent": {"path": str(src.path.resolve())},
                     "preprocessing": pre.to_dict(), "labels": list(src.dataset.labels),
                     "input_shape": list(pre.input_shape), "metrics": {}, "files": {}}
+        if src.kind == "onnx":
+            manifest["source"] = {"file": src.path.name, "sha256": src.model_sha256, **_origin(src)}
+            manifest["layout"] = src.layout
         if (out / MANIFEST).is_file():
             manifest = {**manifest, **{k: v for k, v in read_manifest(out).items() if k in ("exports", "files")}}
     exports = dict(manifest.get("exports", {}))

@@ -8,6 +8,9 @@ The rules, stated once:
   test sets, only when the Wilson intervals separate. Otherwise tied.
 - smaller: by more than SIZE_TIE (1%) of the larger file; faster: only when the latency intervals
   separate. Otherwise tied.
+- slower than the baseline: a quantized file whose median latency is above the float baseline's (speedup
+  below 1x) at a thread count is marked so and never recommended for latency there: quantizing exists to buy
+  speed or size, and onnxruntime's QDQ int8 can cost speed on small models (a PyTorch CNN: 0.7x).
 - Pareto-optimal (per objective): within budget and not dominated, where a file dominates another when it
   is nowhere worse and somewhere better by the rules above. Optimal files tied on both axes form one group.
 """
@@ -104,10 +107,20 @@ class Comparer:
         return cost <= 0 and accuracy >= 0 and (cost < 0 or accuracy > 0)
 
 
+def slower_quantized(row: dict, tag: str) -> bool:
+    """A quantized file whose median latency at `tag` ("1t", "all") is above the float baseline's."""
+    from runtime.formats import FILE_FORMATS
+
+    fmt = FILE_FORMATS.get(row.get("format"))
+    return fmt is not None and fmt.kind == "quantized" and (row.get(f"speedup_{tag}") or 1.0) < 1.0
+
+
 def candidates(rows: list[dict], objective: Objective) -> list[dict]:
-    """Evaluated files within the budget that have the objective's cost."""
+    """Evaluated files within the budget that have the objective's cost (for latency, no quantized file slower
+    than the baseline)."""
     return [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None
-            and not r.get("over_budget") and r.get(objective.cost) is not None]
+            and not r.get("over_budget") and r.get(objective.cost) is not None
+            and not (objective.tag and slower_quantized(r, objective.tag))]
 
 
 def fronts(rows: list[dict], comparer: Comparer) -> dict[str, list[list[dict]]]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
-from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label
+from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label, slower_quantized
 from runtime.report.rows import label, points
 from runtime.text import markdown
 from runtime.stats import ALPHA, CONFIDENCE
@@ -149,6 +149,13 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
             parts = [f"{group_label(g)}" + (" (tied)" if len(g) > 1 else "") for g in front]
             out.append(f"Pareto front, accuracy vs {objective.axis} (cheapest first, tied files grouped): "
                        f"{'; '.join(parts)}.")
+    for tag, where in (("1t", "1 thread"), ("all", "all threads")):
+        slower = [f"{label(r)} {r[f'speedup_{tag}']:.2f}x" + ("" if r.get(f"vs_baseline_{tag}") == "slower" else
+                                                              " (within noise)")
+                  for r in rows if slower_quantized(r, tag)]
+        if slower:
+            out.append(f"Quantized but slower than the float baseline at {where} (speed vs baseline; never "
+                       f"recommended for latency): {', '.join(slower)}.")
     failed = [f"{label(r)}: {markdown(r['reason'])}" for r in rows if r["status"] != "verified"]
     out.append("Failed: " + ("; ".join(failed) if failed else "none") + ".")
     return out
