@@ -104,7 +104,9 @@ def _onnx(path: Path) -> dict:
                                                                      "QLinearConv", "QLinearMatMul"))
     return {"inputs": [tensor(n) for n in session.get_inputs()], "outputs": [tensor(n) for n in session.get_outputs()],
             "ops": summary["ops"], "producer": producer, "opset": summary["opsets"].get("ai.onnx"),
-            "opsets": summary["opsets"], "ir_version": summary["ir_version"], "quantize_nodes": quantized}
+            "opsets": summary["opsets"], "ir_version": summary["ir_version"], "quantize_nodes": quantized,
+            "external_data": [{"file": name, "bytes": (path.parent / name).stat().st_size}
+                              for name in summary["external_data"]]}  # onnxruntime read them: they are there
 
 
 def describe(path: str | Path) -> dict:
@@ -165,6 +167,8 @@ def show(info: dict) -> None:
         others = ", ".join(f"{d} {v}" for d, v in info.get("opsets", {}).items() if d in used)
         print(f"opset        {info['opset']}" + (f" (and {others})" if others else "")
               + (f", IR version {info['ir_version']}" if info.get("ir_version") else ""))
+    for data in info.get("external_data") or []:
+        print(f"weights in   {terminal(data['file'])} ({data['bytes']:,} bytes, external data beside the file)")
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for t in info[kind]:

@@ -74,9 +74,11 @@ def _text(data: bytes, span) -> str:
 
 def onnx_summary(data: bytes) -> dict:
     """What an ONNX ModelProto says of itself: ir_version (1), producer_name (2) and producer_version (3), the
-    default domain's opset (opset_import = 8: domain 1, version 2), and the main graph's operator census (graph
-    = 7, node = 1, op_type = 4, domain = 7). Raises ValueError on a malformed file."""
-    summary = {"ir_version": None, "producer": "", "producer_version": "", "opsets": {}, "ops": Counter()}
+    default domain's opset (opset_import = 8: domain 1, version 2), the main graph's operator census (graph
+    = 7, node = 1, op_type = 4, domain = 7), and the files its initializers keep external data in (initializer
+    = 5, external_data = 13: key 1, value 2). Raises ValueError on a malformed file."""
+    summary = {"ir_version": None, "producer": "", "producer_version": "", "opsets": {}, "ops": Counter(),
+               "external_data": set()}
     for field, value in _protobuf_fields(data, 0, len(data), values=True):
         if field == 1 and isinstance(value, int):
             summary["ir_version"] = value
@@ -92,6 +94,12 @@ def onnx_summary(data: bytes) -> dict:
             summary["opsets"][domain or "ai.onnx"] = version
         elif field == 7 and isinstance(value, tuple):
             for node_field, node in _protobuf_fields(data, *value):
+                if node_field == 5 and node is not None:  # an initializer: external_data (13) names its file
+                    for part, entry in _protobuf_fields(data, *node):
+                        if part == 13 and entry is not None:
+                            pair = dict(_protobuf_fields(data, *entry))
+                            if pair.get(1) is not None and _text(data, pair[1]) == "location" and pair.get(2):
+                                summary["external_data"].add(_text(data, pair[2]))
                 if node_field != 1 or node is None:
                     continue
                 op, domain = "", ""
@@ -102,4 +110,5 @@ def onnx_summary(data: bytes) -> dict:
                         domain = _text(data, item)
                 summary["ops"][f"{domain}.{op}" if domain and domain != "ai.onnx" else op] += 1
     summary["ops"] = dict(summary["ops"])
+    summary["external_data"] = sorted(summary["external_data"])
     return summary
