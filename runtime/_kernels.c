@@ -1,5 +1,5 @@
-/* runtime._kernels: one image's float input quantized, its pixels looked up, and its 8-bit output turned into
- * probabilities, each in one pass (runtime/load.py). Optional: a plain install without a C compiler goes
+/* runtime._kernels: one image's float input quantized, its pixels looked up (into 8-bit input, or float input in
+ * either layout), and its output turned into probabilities, each in one pass (runtime/load.py). Optional: a plain install without a C compiler goes
  * without it, and load.py does the same work in numpy, with the same results.
  *
  * Each kernel takes (table, input, out). Every argument is checked (type, item format, contiguity, length): a
@@ -218,10 +218,136 @@ static PyObject *lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(pixels_doc,
+"pixels(table, pixels, out, channels, planar) -> bool\n\n"
+"Float model input from one image's uint8 pixels (H, W, C), C = channels: out = table[pixel], each channel by\n"
+"its own column when the table holds 256 x C float32 values (per-channel mean and std), else all by one of 256.\n"
+"planar: out is channels first (C, H, W), as an NCHW model takes it; else (H, W, C). out: float32 of the pixels'\n"
+"length. False, with out untouched, when pixels is not a C-contiguous buffer of uint8.");
+
+static PyObject *pixels(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "pixels takes (table, pixels, out, channels, planar); got %zd argument(s)",
+                     nargs);
+        return NULL;
+    }
+    Py_ssize_t c = PyLong_AsSsize_t(args[3]);
+    int planar = PyObject_IsTrue(args[4]);
+    if ((c == -1 && PyErr_Occurred()) || planar < 0) {
+        return NULL;
+    }
+    if (c < 1 || c > 4) {
+        PyErr_Format(PyExc_ValueError, "pixels: channels must be 1 to 4; got %zd", c);
+        return NULL;
+    }
+    Py_buffer b[3];
+    if (get_buffer(args[0], &b[0], 'f', 0, 0, "table") < 0) {
+        return NULL;
+    }
+    Py_ssize_t columns = b[0].len / 4 / 256;
+    if (b[0].len != 256 * 4 * columns || (columns != 1 && columns != c)) {
+        PyErr_Format(PyExc_ValueError, "pixels: the table holds %zd values; expected 256 or 256 x %zd",
+                     b[0].len / 4, c);
+        release(b, 1);
+        return NULL;
+    }
+    int got = get_buffer(args[1], &b[1], '8', 0, 1, "pixels");
+    if (got == 0 && item_format(&b[1]) != 'B') {
+        PyBuffer_Release(&b[1]);
+        got = -2;
+    }
+    if (got < 0) {
+        release(b, 1);
+        return got == -2 ? Py_NewRef(Py_False) : NULL;
+    }
+    if (get_buffer(args[2], &b[2], 'f', 1, 0, "out") < 0) {
+        release(b, 2);
+        return NULL;
+    }
+    const Py_ssize_t n = b[1].len, hw = n / c;
+    if (b[2].len / 4 != n || hw * c != n) {
+        PyErr_Format(PyExc_ValueError, "pixels: out holds %zd values for %zd pixels of %zd channel(s)", b[2].len / 4,
+                     n, c);
+        release(b, 3);
+        return NULL;
+    }
+    const float *table = (const float *)b[0].buf;
+    const uint8_t *in = (const uint8_t *)b[1].buf;
+    float *out = (float *)b[2].buf;
+    if (c == 1) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            out[i] = table[in[i]];
+        }
+    }
+    else {
+        for (Py_ssize_t i = 0; i < hw; i++) {
+            for (Py_ssize_t k = 0; k < c; k++) {
+                float v = table[columns == 1 ? in[i * c + k] : in[i * c + k] * columns + k];
+                out[planar ? k * hw + i : i * c + k] = v;
+            }
+        }
+    }
+    release(b, 3);
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(softmax_float_doc,
+"softmax_float(logits, out) -> bool\n\n"
+"out = exp(z - max z) / sum(exp(z - max z)) for one row of float32 logits, into float32 out of the same length:\n"
+"each exp taken in double and rounded to float32, the sum in double. False, with out unspecified, when a logit\n"
+"is not finite or logits is not a C-contiguous buffer of float32 (the caller's numpy path then says why).");
+
+static PyObject *softmax_float(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "softmax_float takes (logits, out); got %zd argument(s)", nargs);
+        return NULL;
+    }
+    Py_buffer b[2];
+    int got = get_buffer(args[0], &b[0], 'f', 0, 1, "logits");
+    if (got < 0) {
+        return got == -2 ? Py_NewRef(Py_False) : NULL;
+    }
+    if (get_buffer(args[1], &b[1], 'f', 1, 0, "out") < 0) {
+        release(b, 1);
+        return NULL;
+    }
+    const Py_ssize_t n = b[0].len / 4;
+    if (b[1].len / 4 != n || n < 1) {
+        PyErr_Format(PyExc_ValueError, "softmax_float: out holds %zd values; the logits %zd", b[1].len / 4, n);
+        release(b, 2);
+        return NULL;
+    }
+    const float *z = (const float *)b[0].buf;
+    float *out = (float *)b[1].buf;
+    float top = z[0];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!isfinite(z[i])) {
+            release(b, 2);
+            Py_RETURN_FALSE;
+        }
+        top = z[i] > top ? z[i] : top;
+    }
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = (float)exp((double)(z[i] - top));
+        total += (double)out[i];
+    }
+    const float sum = (float)total;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = out[i] / sum;
+    }
+    release(b, 2);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))quantize, METH_FASTCALL, quantize_doc},
     {"softmax", (PyCFunction)(void (*)(void))softmax, METH_FASTCALL, softmax_doc},
     {"lookup", (PyCFunction)(void (*)(void))lookup, METH_FASTCALL, lookup_doc},
+    {"pixels", (PyCFunction)(void (*)(void))pixels, METH_FASTCALL, pixels_doc},
+    {"softmax_float", (PyCFunction)(void (*)(void))softmax_float, METH_FASTCALL, softmax_float_doc},
     {NULL, NULL, 0, NULL},
 };
 

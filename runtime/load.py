@@ -248,6 +248,7 @@ class Model:
         self._float_range = self._quant = None
         self._quantized_input = bool(input_info.scale)  # float input is quantized (`_quantize_checked`)
         self._out_table = self._out_exp = None
+        self._fast = None  # predict's compiled path for one uint8 image (`_fast_path`), where a backend has one
         # "probabilities" when the model ends in softmax (recorded at export, else read from the graph): predict
         # then returns them as they are, never normalized twice
         recorded = ((sidecar or {}).get("output") or {}).get("kind")
@@ -554,6 +555,10 @@ class Model:
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class probabilities, (N, classes): the softmax of the logits, or the model's own output when it
         ends in softmax (`output_kind`)."""
+        if self._fast is not None and type(x) is np.ndarray and x.shape == self._one and x.dtype is _U8:
+            p = self._fast(x)  # one image's pixels, a float-input model: see `_fast_path`
+            if p is not None:
+                return p
         if self._one_ready and type(x) is np.ndarray and x.shape == self._one and x.dtype is _F32:
             raw = self._run_one(self._quantize_checked(x) if self._quantized_input else self._feed(x, False))
         else:  # `_outputs`, whose first case is the above: one frame less for a camera loop's float input
@@ -815,6 +820,35 @@ class _ONNXModel(Model):
         self._names = [outputs[0].name]
         super().__init__(path, "onnx", self._info(inputs[0]), self._info(outputs[0]), sidecar, threads, options)
         self._one_ready = self.batch in (None, 1)
+        self._fast = self._fast_path()
+
+    def _fast_path(self):
+        """predict's path for one uint8 image (1, H, W, C) of a float-input model, as a PyTorch file is: the pixels
+        looked up into the buffer the session's feed holds (channels first for an NCHW model), the session run,
+        the softmax, each a call; None where it does not apply (no compiled kernels, no preprocessing, another
+        dtype or batch). The function gives None for what it does not take (a non-finite logit): predict's
+        general path then runs and says why."""
+        if (_kernels is None or self.preprocessing is None or self.input.dtype != "float32"
+                or self.output.dtype != "float32" or not self._one_ready):
+            return None
+        table = self._pixel_table(False)
+        h, w, c = self._shape
+        planar = self._nchw
+        buffer = np.empty((1, c, h, w) if planar else (1, h, w, c), np.float32)
+        run, names, feed = self._session.run, self._names, {self.input.name: buffer}
+        pixels, softmax_float = _kernels.pixels, _kernels.softmax_float
+        own = self.output_kind == "probabilities"
+
+        def fast(x: np.ndarray):
+            if not pixels(table, x, buffer, c, planar):
+                return None
+            raw = run(names, feed)[0]
+            if own:
+                return raw
+            p = np.empty(raw.shape, _F32)
+            return p if softmax_float(raw, p) else None
+
+        return fast
 
     def _graph_output_kind(self) -> str:
         """'probabilities' when the node that makes the output is Softmax (through Identity nodes)."""

@@ -307,6 +307,35 @@ def test_the_compiled_kernels_check_their_arguments():
         kernels.lookup(shifted, np.zeros(3, np.uint8), read_only)
 
 
+def test_the_float_kernels_give_the_lookup_in_either_layout_and_a_softmax(monkeypatch):
+    """pixels: one image's uint8 pixels into float input, channels last or first (planar), one table or one column
+    per channel; softmax_float: within 1 ulp of numpy's softmax, refusing a non-finite logit."""
+    kernels = _compiled_kernels()
+    image = np.random.default_rng(3).integers(0, 256, (1, 5, 4, 3), dtype=np.uint8)
+    table = ((np.arange(256, dtype=np.float32)[:, None] - [10, 20, 30]) / [2, 4, 8]).astype(np.float32)
+    want = table[image, np.arange(3)]  # (1, 5, 4, 3): each channel by its column
+    out = np.empty((1, 3, 5, 4), np.float32)
+    assert kernels.pixels(np.ascontiguousarray(table), image, out, 3, True)
+    assert np.array_equal(out, want.transpose(0, 3, 1, 2))
+    last = np.empty((1, 5, 4, 3), np.float32)
+    assert kernels.pixels(table[:, 0].copy(), image, last, 3, False) and np.array_equal(last, table[image, 0])
+    assert not kernels.pixels(table[:, 0].copy(), image.astype(np.int8), last, 3, False)  # not uint8 pixels
+    for args, error in (((table[:200, 0].copy(), image, last, 3, False), ValueError),  # a short table
+                        ((table[:, 0].copy(), image, last[:, :2], 3, False), ValueError),  # out too short
+                        ((table[:, 0].copy(), image, last, 5, False), ValueError),
+                        ((table[:, 0].copy(), image, last.astype(np.float64), 3, False), TypeError)):
+        with pytest.raises(error):
+            kernels.pixels(*args)
+    logits = np.array([[3.5, -1.25, 80.0, 0.0, 79.9]], np.float32)
+    probabilities = np.empty_like(logits)
+    assert kernels.softmax_float(logits, probabilities)
+    expected = LOAD.softmax(logits.copy())
+    assert np.all(np.abs(probabilities - expected) <= np.spacing(expected))
+    assert not kernels.softmax_float(np.array([1, np.nan], np.float32), np.empty(2, np.float32))
+    with pytest.raises(ValueError):
+        kernels.softmax_float(logits, probabilities[:, :3])
+
+
 def test_pixels_without_a_sidecar_need_float_input(exported, digits, tmp_path):
     bare = tmp_path / "bare.tflite"
     shutil.copy(exported[0] / "model.float32.tflite", bare)

@@ -4,6 +4,7 @@ on the artifact it writes (issue 26)."""
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -188,3 +189,24 @@ def test_report_on_the_foreign_artifact(int8_export):
     text = (out / "report.md").read_text()
     for tag in slower:
         assert f"slower than the float baseline at {'1 thread' if tag == '1t' else 'all threads'}" in text
+
+
+def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixtures, digits, monkeypatch):
+    """predict on one image of a float-input model (the PyTorch files) runs the compiled path (runtime._kernels:
+    pixels looked up channels first, softmax): within 4 ulp of the numpy path, each call its own array."""
+    LOAD = sys.modules["runtime.load"]  # the module (runtime.load the name is the function)
+
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    rgb = np.repeat(digits.x_test[:12], 3, axis=3)
+    rgb[..., 1] //= 2  # channels that differ: a transposition or a channel's table mixed up shows
+    fast = load(fixtures / "rgb_imagenet.onnx", mean=mean, std=std)
+    assert fast._fast is not None
+    got = [fast.predict(rgb[i:i + 1]) for i in range(len(rgb))]
+    assert not np.shares_memory(got[0], got[1])
+    monkeypatch.setattr(LOAD, "_kernels", None)
+    general = load(fixtures / "rgb_imagenet.onnx", mean=mean, std=std)
+    assert general._fast is None
+    want = np.concatenate([general.predict(rgb[i:i + 1]) for i in range(len(rgb))])  # batch 1 too: onnxruntime's sums
+    np.testing.assert_array_max_ulp(np.concatenate(got), want, maxulp=4)  # exps and their sum in double
+    bare = _bare(fixtures / "rgb_imagenet.onnx", _normalized(rgb, mean, std))
+    assert np.array_equal(np.concatenate(got).argmax(1), bare.argmax(1))
