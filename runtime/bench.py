@@ -196,7 +196,7 @@ def kernels_built() -> bool:
     """Whether the install built runtime._kernels (the compiled one-image path of runtime/load.py)."""
     import importlib
 
-    return importlib.import_module("runtime.load")._kernels is not None
+    return importlib.import_module("runtime.tensors").KERNELS is not None
 
 
 def _input(model, batch: int, seed: int, inputs: str = "pixels"):

@@ -18,6 +18,7 @@ from runtime.fsutil import sha256_file
 from runtime.load import load, softmax
 
 LOAD = importlib.import_module("runtime.load")  # the module (`runtime.load` the attribute is its function)
+TENSORS = importlib.import_module("runtime.tensors")  # KERNELS: the compiled kernels, None to take numpy's path
 FLOAT_TOLERANCE = 1e-4  # probabilities of float models vs Keras
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of int8 models with Keras
 INT8_MAX_DROP = 0.01  # accuracy of int8 models vs Keras
@@ -36,8 +37,8 @@ def _expect(message, fn, *args, **kwargs):
 
 def _compiled_kernels():
     """runtime._kernels, which the install builds where there is a C compiler (the test command needs one)."""
-    assert LOAD._kernels is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
-    return LOAD._kernels
+    assert TENSORS.KERNELS is not None, "runtime._kernels is not built: reinstall with a C compiler and headers"
+    return TENSORS.KERNELS
 
 
 @pytest.fixture(params=["compiled", "numpy"])
@@ -47,7 +48,7 @@ def kernels(request, monkeypatch):
     if request.param == "compiled":
         _compiled_kernels()
     else:
-        monkeypatch.setattr(LOAD, "_kernels", None)
+        monkeypatch.setattr(TENSORS, "KERNELS", None)
     return request.param
 
 
@@ -252,7 +253,7 @@ def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_ar
     results = {}
     for name in ("compiled", "numpy"):
         if name == "numpy":
-            monkeypatch.setattr(LOAD, "_kernels", None)
+            monkeypatch.setattr(TENSORS, "KERNELS", None)
         model = load(path, threads=1)
         results[name] = [np.concatenate([call(x[i:i + 1]) for i in range(len(x))])
                          for call in (model.predict, model.logits) for x in (floats, digits.x_test[:20])]

@@ -4,7 +4,6 @@ on the artifact it writes (issue 26)."""
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -194,7 +193,7 @@ def test_report_on_the_foreign_artifact(int8_export):
 def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixtures, digits, monkeypatch):
     """predict on one image of a float-input model (the PyTorch files) runs the compiled path (runtime._kernels:
     pixels looked up channels first, softmax): within 4 ulp of the numpy path, each call its own array."""
-    LOAD = sys.modules["runtime.load"]  # the module (runtime.load the name is the function)
+    from runtime import tensors as TENSORS  # KERNELS: the compiled kernels, None to take numpy's path
 
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     rgb = np.repeat(digits.x_test[:12], 3, axis=3)
@@ -203,7 +202,7 @@ def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixture
     assert fast._fast is not None
     got = [fast.predict(rgb[i:i + 1]) for i in range(len(rgb))]
     assert not np.shares_memory(got[0], got[1])
-    monkeypatch.setattr(LOAD, "_kernels", None)
+    monkeypatch.setattr(TENSORS, "KERNELS", None)
     general = load(fixtures / "rgb_imagenet.onnx", mean=mean, std=std)
     assert general._fast is None
     want = np.concatenate([general.predict(rgb[i:i + 1]) for i in range(len(rgb))])  # batch 1 too: onnxruntime's sums
