@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.__main__ import _numbers
+from runtime.__main__ import add_normalization
 from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
@@ -78,13 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node name), each "
         "verified against the source file run by onnxruntime on --dataset's test split. An opset below 13 is "
         "upgraded first; external data (model.onnx.data) must be beside the file. No TFLite file is made from ONNX.")
-    foreign.add_argument("--mean", type=_numbers, metavar="M", help="subtracted from pixels 0..255, one value or one "
-                         "per channel, as the model was trained: input = (pixel - mean) / std (Normalize(0.5, 0.5) "
-                         "is --mean 127.5 --std 127.5; ImageNet's 123.675,116.28,103.53 and 58.395,57.12,57.375)")
-    foreign.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean (default, with no --mean: "
-                         "the dataset's 0..1 scaling)")
-    foreign.add_argument("--layout", choices=("nchw", "nhwc"), help="the input's layout where its shape reads both "
-                         "ways (default: read from the shape; [N, 3, H, W] is NCHW, as PyTorch exports)")
+    add_normalization(foreign)  # without --mean/--std the dataset's 0..1 scaling is fed, and export says so
     parser.add_argument("--data-dir", help="where the dataset files are")
     parser.add_argument("--trust-model", action="store_true",
                         help="load a model file even if loading runs code (Lambda layers, custom objects, a "

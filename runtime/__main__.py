@@ -154,6 +154,20 @@ def _numbers(text: str) -> tuple[float, ...]:
                                          f"units (e.g. 127.5 or 123.7,116.3,103.5); got {text!r}") from None
 
 
+def add_normalization(group) -> None:
+    """--mean, --std and --layout: how pixels become a float model's input tensor (runtime.load's Options);
+    `python -m export` takes them for an .onnx source too."""
+    group.add_argument("--mean", type=_numbers, metavar="M", help="subtracted from pixels 0..255, one value or one "
+                       "per channel, as the model was trained: input = (pixel - mean) / std (Normalize(0.5, 0.5) is "
+                       "--mean 127.5 --std 127.5; ImageNet's 123.675,116.28,103.53 and 58.395,57.12,57.375)")
+    group.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean, one value or one per "
+                       "channel (0 and 255 give [0, 1])")
+    group.add_argument("--layout", choices=("nchw", "nhwc"),
+                       help="the model input's layout, where its shape reads both ways (default: read from the shape, "
+                            "[N, 3, H, W] is NCHW as PyTorch exports, [N, H, W, 3] NHWC); images and .npy pixels are "
+                            "always (H, W, C) and transposed for the model")
+
+
 def _add_model_options(parser, labels: bool = True) -> None:
     from runtime.preprocessing import RESIZE_METHODS
 
@@ -162,14 +176,7 @@ def _add_model_options(parser, labels: bool = True) -> None:
         "A model with 8-bit input and no sidecar takes the resized pixels as its quantized input (int8: pixels - "
         "128); its own scale and zero point say what they stand for. A float-input model without a sidecar "
         "needs --mean and --std.")
-    group.add_argument("--mean", type=_numbers, metavar="M", help="subtracted from pixels 0..255, one value or one "
-                       "per channel: input = (pixel - mean) / std (e.g. 127.5)")
-    group.add_argument("--std", type=_numbers, metavar="S", help="divides after the mean, one value or one per "
-                       "channel (e.g. 127.5; 0 and 255 give [0, 1])")
-    group.add_argument("--layout", choices=("nchw", "nhwc"),
-                       help="the model input's layout, where its shape reads both ways (default: read from the shape, "
-                            "[N, 3, H, W] is NCHW as PyTorch exports, [N, H, W, 3] NHWC); images and .npy pixels are "
-                            "always (H, W, C) and transposed for the model")
+    add_normalization(group)
     group.add_argument("--resize", choices=RESIZE_METHODS, help="how images of another size are resized "
                        "(default: the sidecar's, else bilinear)")
     if labels:
@@ -224,8 +231,6 @@ def _predict_raw(args) -> int:
     """predict --raw: every output tensor of any model, for inputs given as .npy arrays (NAME=file.npy, or in
     the model's input order) or, for one image input, an image file preprocessed with --mean/--std."""
     from pathlib import Path
-
-    import numpy as np
 
     from runtime.load import Options, read_npy
     from runtime.manifest import check_readable_file
