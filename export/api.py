@@ -182,7 +182,7 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
 
     An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
-    does, and exports to the ONNX formats only.
+    does, and exports to the ONNX formats only, onnx-float32 always (the report's baseline).
 
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
     model that needs code to load is refused unless `trust`. Every format is attempted; each
@@ -193,6 +193,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
                           keep_float=keep_float, explain=explain)
     path = Path(source)
     options = _source_options(path, fmts, opset, mean, std, layout)
+    if options is not None and all(f.key != "onnx-float32" for f in fmts):  # the report's baseline comes too
+        fmts = [get_format("onnx-float32"), *fmts]
     default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
     out = Path(out) if out else default
     if (path / MANIFEST).exists():

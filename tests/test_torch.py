@@ -40,8 +40,8 @@ def fixtures(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_export(fixtures):
-    """The opset-11 CNN exported to onnx-float32 and onnx-int8 through the CLI."""
-    result = run_module("export", "--onnx", "--format", "onnx-int8", str(fixtures / "cnn_opset11.onnx"),
+    """The opset-11 CNN exported through the CLI: onnx-int8 asked, onnx-float32 (the baseline) made with it."""
+    result = run_module("export", "--format", "onnx-int8", str(fixtures / "cnn_opset11.onnx"),
                         "--dataset", "digits", *GRAY, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return fixtures / "cnn_opset11-export", result
@@ -88,6 +88,7 @@ def test_int8_export_is_verified_against_the_source_and_recorded(int8_export, di
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["producer"]["name"] == "pytorch" and manifest["source"]["opset"] == 11
     assert manifest["layout"] == "nchw" and manifest["preprocessing"]["mean"] == [127.5]
+    assert set(manifest["exports"]) == {"onnx-float32", "onnx-int8"}  # the float file came with the int8 asked
     import hashlib
 
     assert manifest["source"]["sha256"] == hashlib.sha256((FIXTURES / "cnn_opset11.onnx").read_bytes()).hexdigest()
@@ -209,3 +210,20 @@ def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixture
     np.testing.assert_array_max_ulp(np.concatenate(got), want, maxulp=4)  # exps and their sum in double
     bare = _bare(fixtures / "rgb_imagenet.onnx", _normalized(rgb, mean, std))
     assert np.array_equal(np.concatenate(got).argmax(1), bare.argmax(1))
+
+
+def test_the_two_output_model_runs_raw_in_predict_and_bench(fixtures, digits, tmp_path):
+    x = _normalized(digits.x_test[:2], (127.5,), (127.5,))  # its own input tensor, NCHW float
+    np.save(tmp_path / "x.npy", x)
+    result = run_module("runtime", "predict", str(fixtures / "two_outputs.onnx"), str(tmp_path / "x.npy"), "--raw",
+                        "--out", str(tmp_path / "two.npz"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "two.npz") as saved:
+        got = [saved[key] for key in json.loads(result.stdout)["keys"].values()]
+    for i, want in enumerate(_bare(fixtures / "two_outputs.onnx", x, output) for output in (0, 1)):
+        np.testing.assert_array_equal(got[i], want)
+    assert got[0].shape == (2, 10) and got[1].shape == (2, 16)
+    bench = run_module("runtime", "bench", str(fixtures / "two_outputs.onnx"), "--runs", "20", "--json")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    row = json.loads(bench.stdout)["results"][0]
+    assert row["inputs"] == "raw" and row["outputs"] == 2 and row["input_shapes"] == {"input": [1, 1, 28, 28]}
