@@ -24,7 +24,7 @@ import numpy as np
 from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
-from runtime.errors import EdgeKitError, VerificationError, first_line
+from runtime.errors import EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
@@ -400,6 +400,13 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
     x_test, y_test = src.dataset.arrays("test")
     keys = [f.key for f in fmts]
     mixed = {}
+    if keep_float not in (None, "auto"):  # names checked before the calibration they would waste
+        known = ([n.name for n in src.model.proto.graph.node if n.name] if src.kind == "onnx" else
+                 [layer.name for layer in sel._all_layers(src.model)])
+        for name in keep_float:
+            if name not in known:
+                raise EdgeKitError(f"--keep-float: {src.path.name} has no {'node' if src.kind == 'onnx' else 'layer'}"
+                                   f" named '{name}'.{suggest(name, known)}")
     for plain, mixed_key in MIXED_OF.items():
         if plain not in keys and mixed_key not in keys:
             continue
@@ -414,6 +421,13 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
         if keep_float not in (None, "auto"):
             chooser.check_names(keep_float)
         table = None
+        if keep_float == "auto" and not explain:  # plain int8 first: the sweep only when it misses the budget
+            float_val, int8_val = sel.plain_int8(chooser, x_val, y_val)
+            if int8_val >= float_val - budget / 100 - 1e-9:
+                progress(f"{plain}: full int8 is within the {budget:g}-point budget on the validation split "
+                         f"({int8_val:.2%} vs float {float_val:.2%}); written as {plain}, no layer kept float")
+                keys = [k for k in keys if k != mixed_key] + ([] if plain in keys else [plain])
+                continue
         if explain or keep_float == "auto":
             table = sel.explain(chooser, x_val, y_val, x_test, y_test, calibration, progress)
             if explain:

@@ -257,6 +257,12 @@ def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tfli
         return float(np.mean(load(path).logits(x).argmax(axis=1) == y))
 
 
+def plain_int8(selective: Selective, x_val, y_val) -> tuple[float, float]:
+    """(float, full int8) accuracy on the validation split: what `--keep-float auto` checks before any sweep."""
+    float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
+    return float_val, _accuracy(selective.quantize(), x_val, y_val, selective.suffix)
+
+
 def explain(selective: Selective, x_val, y_val, x_test, y_test, calibration, progress=None) -> dict:
     """The sensitivity table: every quantized layer, most sensitive first (see the module docstring)."""
     float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))

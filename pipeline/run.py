@@ -259,7 +259,7 @@ class Pipeline:
     def _change(manifest: dict) -> str:
         m = manifest["metrics"]
         facts = []
-        if m.get("model_sparsity"):
+        if m.get("model_sparsity") and manifest.get("kind") in ("pruned", "pqat"):  # QAT's zeros are chance, not a recipe
             facts.append(f"sparsity {m['model_sparsity']:.2f}")
         if m.get("max_unique") and manifest.get("kind") == "clustered":
             facts.append(f"{m['max_unique']} unique values")

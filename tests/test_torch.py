@@ -227,3 +227,12 @@ def test_the_two_output_model_runs_raw_in_predict_and_bench(fixtures, digits, tm
     assert bench.returncode == 0, bench.stderr[-2000:]
     row = json.loads(bench.stdout)["results"][0]
     assert row["inputs"] == "raw" and row["outputs"] == 2 and row["input_shapes"] == {"input": [1, 1, 28, 28]}
+
+
+def test_keep_float_auto_stops_at_plain_int8_when_it_meets_the_budget(fixtures, tmp_path):
+    result = run_module("export", "--onnx", "--quantize", "int8", str(fixtures / "cnn_opset17.onnx"), "--dataset",
+                        "digits", *GRAY, "--keep-float", "auto", "--out", str(tmp_path / "auto"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "written as onnx-int8, no layer kept float" in result.stdout and "[1/" not in result.stdout  # no sweep
+    assert (tmp_path / "auto" / "model.onnx-int8.onnx").is_file()
+    assert not (tmp_path / "auto" / "model.onnx-int8-mixed.onnx").exists()
