@@ -134,6 +134,7 @@ def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp
     assert model.predict(pixels).shape == (4, 10)
 
 
+@pytest.mark.slow  # 171 s on a 2-core Xeon: `python -m pytest -m slow` (README, Tests)
 def test_pqat_of_a_backbone_with_layers_tfmot_cannot_annotate_exports_fully_integer(tmp_path):
     """MobileNetV3Small's hard-swish and squeeze-excite (TFOpLambda, Multiply, Rescaling) get no learned ranges
     from tfmot's 8-bit scheme, and the converter leaves them float (155 float ops from QAT): export makes the
