@@ -204,7 +204,7 @@ def _predict(args) -> int:
     except NotAClassifier as exc:
         raise NotAClassifier(f"{exc} For every output tensor of any model, pass --raw (and bench times it as it "
                              "is).") from None
-    named = read_inputs(args.inputs, model)
+    named = read_inputs(args.inputs, model, invert=args.invert)
     for name, _, warning in named:
         if warning:
             print(f"warning: {name} {warning}.", file=sys.stderr)
@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and preprocessing)")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG, JPEG, BMP, GIF or WebP images, or .npy arrays")
     predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
+    predict.add_argument("--invert", action="store_true", help="images and uint8 arrays become 255 - pixels first: a "
+                         "dark-on-light drawing for a model trained on light strokes on dark, as MNIST's")
     predict.add_argument("--json", action="store_true", help="print every probability as JSON (with --raw: every "
                          "output's shape, dtype, range, and its values when it has at most 4,096)")
     predict.add_argument("--raw", action="store_true",

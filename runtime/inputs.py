@@ -47,13 +47,14 @@ def read_npy(path: Path) -> np.ndarray:
         raise EdgeKitError(f"cannot read {path} as a numpy array ({exc}).") from None
 
 
-def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]:
+def read_inputs(paths, model: Model, invert: bool = False) -> list[tuple[str, np.ndarray, str | None]]:
     """Read image files (PNG, JPEG, BMP, GIF, WebP; resized with the model's preprocessing) and .npy arrays.
 
     Returns (name, input, warning) triples of checked float32 model input (1, H, W, C), one per
     image; a .npy batch gives one per row, named file[i]. uint8 arrays are pixels
     (preprocessed with the sidecar), float arrays are input already preprocessed. `warning` says
-    why an image of pixels is unlike the training images (`unusual_input`), or is None.
+    why an image of pixels is unlike the training images (`unusual_input`), or is None. `invert`: pixels
+    become 255 - pixels first (a dark-on-light drawing for a model trained on light strokes on dark).
     """
     from runtime.preprocessing import IMAGE_SUFFIXES, image_to_pixels, unusual_input
 
@@ -66,6 +67,8 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]
         check_readable_file(path, "input")
         if suffix == NUMPY_SUFFIX:
             array = read_npy(path)
+            if invert and array.dtype == np.uint8:
+                array = 255 - array
             try:
                 batch = model.prepare(array)
             except EdgeKitError as exc:
@@ -79,6 +82,8 @@ def read_inputs(paths, model: Model) -> list[tuple[str, np.ndarray, str | None]]
         elif suffix in IMAGE_SUFFIXES:
             pre = model.preprocessing
             pixels = image_to_pixels(path, (h, w), c, pre.resize if pre else "bilinear", pre.background if pre else 0)
+            if invert:
+                pixels = 255 - pixels
             out.append((str(path), model.prepare(pixels[None]), unusual_input(pixels, statistics)))
         else:
             raise EdgeKitError(

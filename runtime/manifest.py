@@ -383,10 +383,11 @@ def validate_sidecar(data, path: Path) -> dict:
             raise bad(f"has a {key!r} that is not a string")
     stats = data.get("input_statistics")
     if stats is not None:
-        record = stats.get("mean_intensity") if isinstance(stats, dict) else None
-        if not (isinstance(record, dict) and all(
+        records = [stats.get(key) for key in ("mean_intensity", "background") if key in stats or
+                   key == "mean_intensity"] if isinstance(stats, dict) else [None]
+        if not all(isinstance(record, dict) and all(
                 type(record.get(k)) in (int, float) and math.isfinite(record[k]) and 0 <= record[k] <= 1
-                for k in ("mean", "std", "p01", "p99"))):
+                for k in ("mean", "std", "p01", "p99")) for record in records):
             raise bad("has 'input_statistics' that are not mean, std, p01 and p99 intensities between 0 and 1")
     return data
 

@@ -196,34 +196,70 @@ def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "b
 
 # --- how the training images look, so that predict can say when an input does not --------------------
 
+def _border(pixels: np.ndarray) -> np.ndarray:
+    """Mean intensity (0..1) of each image's outer ring, an eighth of its side wide (at least one pixel): its
+    background, for images of one centred object. pixels: uint8 (N, H, W, C)."""
+    n, h, w = pixels.shape[:3]
+    k = max(1, min(h, w) // 8)
+    ring = np.ones((h, w), bool)
+    ring[k:h - k, k:w - k] = False
+    return pixels[:, ring].reshape(n, -1).mean(axis=1) / 255.0
+
+
+def _spread(values: np.ndarray) -> dict:
+    return {"mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4),
+            "p01": round(float(np.percentile(values, 1)), 4), "p99": round(float(np.percentile(values, 99)), 4)}
+
+
 def pixel_statistics(pixels: np.ndarray) -> dict:
-    """Per-image mean intensity (0 black .. 1 white) of uint8 images (N, H, W, C): what the sidecar records
-    of the training split, so that `predict` can tell an input unlike every training image."""
+    """Per-image mean intensity (0 black .. 1 white) and background (the outer ring's intensity) of uint8 images
+    (N, H, W, C): what the sidecar records of the training split, so that `predict` can tell an input unlike
+    every training image, and an inverted one."""
     means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255.0
-    return {"mean_intensity": {"mean": round(float(means.mean()), 4), "std": round(float(means.std()), 4),
-                               "p01": round(float(np.percentile(means, 1)), 4),
-                               "p99": round(float(np.percentile(means, 99)), 4)},
+    return {"mean_intensity": _spread(means), "background": _spread(_border(pixels)),
             "images": int(len(pixels)), "split": "train"}
 
 
 def unusual_input(pixels: np.ndarray, statistics: dict | None) -> str | None:
-    """Why one uint8 image (H, W, C) is unlike the training images, or None.
+    """Why one uint8 image (H, W, C) is unlike the training images, in words that say what differs, or None.
 
-    An image whose mean intensity lies well outside the training images' (beyond their 1st..99th
-    percentile by more than three standard deviations, at least 0.1) is flagged; when its negative
-    would fall inside, it "looks inverted" (a black-on-white drawing for a model trained on white
-    strokes on black, as MNIST and digits are)."""
+    Inverted: its background (outer ring) is on the other side of mid-gray from every training image's, and its
+    negative's mean intensity is like theirs (a black-on-white drawing for a model trained on light strokes on
+    black, as MNIST and digits are): `--invert`. Otherwise, with the background right, only an image far outside
+    the training images' mean intensity is flagged: darker than a quarter of their 1st percentile (nearly empty:
+    a correctly drawn digit with thin strokes is not), or brighter than their 99th by max(3 std, 0.1) (strokes much thicker, or a light patch). A
+    sidecar from before the background was recorded: the mean intensity alone, as before."""
     record = (statistics or {}).get("mean_intensity")
     if not record:
         return None
     mean = float(pixels.mean()) / 255.0
     margin = max(3 * record["std"], 0.1)
+    theirs = f"theirs {record['p01']:.2f} to {record['p99']:.2f}"
+    background = (statistics or {}).get("background")
+    if isinstance(background, dict) and all(isinstance(background.get(k), (int, float)) for k in ("p01", "p99")):
+        dark = background["p99"] < 0.5
+        if dark or background["p01"] > 0.5:  # the training images agree on their background
+            own = float(_border(pixels[None])[0])
+            negative_fits = record["p01"] / 2 <= 1 - mean <= record["p99"] + margin
+            if (own > 0.5 if dark else own < 0.5) and negative_fits:
+                looks = "light strokes on a dark background" if dark else "dark strokes on a light background"
+                return (f"looks inverted: its background is {'light' if dark else 'dark'} ({own:.2f}) where the "
+                        f"training images' is {'dark' if dark else 'light'} ({background['p01']:.2f} to "
+                        f"{background['p99']:.2f}); the model was trained on {looks}: pass --invert")
+            low, high = record["p01"] / 4, record["p99"] + margin
+            if mean < low:
+                return (f"is darker than every training image (mean intensity {mean:.2f}; {theirs}): nearly empty, "
+                        "or strokes far thinner or smaller than theirs; the prediction may be wrong")
+            if mean > high:
+                return (f"is brighter than every training image (mean intensity {mean:.2f}; {theirs}): more of it "
+                        "is bright (strokes thicker than theirs, or a light patch); the prediction may be wrong")
+            return None
     low, high = record["p01"] - margin, record["p99"] + margin
     if low <= mean <= high:
         return None
     looks = "light strokes on a dark background" if record["mean"] < 0.5 else "dark strokes on a light background"
     if low <= 1 - mean <= high:
         return (f"looks inverted compared with the training images (mean intensity {mean:.2f} vs "
-                f"{record['mean']:.2f}); the model was trained on {looks}: invert the image first")
-    return (f"is unlike the training images (mean intensity {mean:.2f}; theirs {record['p01']:.2f} to "
-            f"{record['p99']:.2f}); the prediction may be wrong")
+                f"{record['mean']:.2f}); the model was trained on {looks}: pass --invert")
+    return (f"is unlike the training images (mean intensity {mean:.2f}; {theirs}); the prediction may be "
+            "wrong")

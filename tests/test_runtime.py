@@ -435,20 +435,33 @@ def test_predict_command_on_images_and_arrays(exported, digits, tmp_path):
 
 
 def test_predict_warns_when_an_image_looks_inverted(exported, digits, tmp_path):
-    """digits (like MNIST) are light strokes on a dark background; a black-on-white drawing gets a warning
-    naming the two mean intensities, and is still answered."""
+    """digits (like MNIST) are light strokes on a dark background. A black-on-white drawing "looks inverted" and
+    names --invert, which answers it as the original; a white image is brighter than every training image; a
+    correctly drawn light-on-dark digit with thin strokes, and a test image, get no warning."""
+    from PIL import ImageDraw
+
     artifact = exported[0]
-    Image.fromarray(255 - digits.x_test[0, :, :, 0]).save(tmp_path / "drawing.png")
+    index = next(i for i in range(len(digits.y_test)) if digits.y_test[i] == 7)
+    Image.fromarray(255 - digits.x_test[index, :, :, 0]).save(tmp_path / "drawing.png")
     Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "white.png")
-    result = run_module("runtime", "predict", str(artifact / "model.int8.tflite"), str(tmp_path / "drawing.png"),
-                        str(tmp_path / "white.png"))
+    thin = Image.new("L", (28, 28), 0)  # a "7" drawn with a 2-pixel pen, light on dark: drawn right
+    ImageDraw.Draw(thin).line([(7, 6), (21, 6), (12, 23)], fill=255, width=2)
+    thin.save(tmp_path / "thin7.png")
+    Image.fromarray(digits.x_test[index, :, :, 0]).save(tmp_path / "test7.png")
+    model = str(artifact / "model.int8.tflite")
+    result = run_module("runtime", "predict", model, *(str(tmp_path / n) for n in
+                                                       ("drawing.png", "white.png", "thin7.png", "test7.png")))
     assert result.returncode == 0, result.stderr
     warnings = result.stderr.strip().splitlines()
-    assert len(warnings) == 2 and "drawing.png looks inverted compared with the training images" in warnings[0]
+    assert len(warnings) == 2, warnings
+    assert "drawing.png looks inverted: its background is light" in warnings[0] and "--invert" in warnings[0]
     assert "trained on light strokes on a dark background" in warnings[0]
-    assert "white.png is unlike the training images" in warnings[1]
-    stats = json.loads((artifact / "model.int8.json").read_text())["input_statistics"]["mean_intensity"]
-    assert 0.05 < stats["mean"] < 0.4 and stats["p01"] <= stats["mean"] <= stats["p99"]
+    assert "white.png is brighter than every training image" in warnings[1]
+    inverted = run_module("runtime", "predict", model, str(tmp_path / "drawing.png"), "--invert", "--json")
+    assert inverted.returncode == 0 and "warning" not in inverted.stderr, inverted.stderr
+    assert json.loads(inverted.stdout)["predictions"][0]["top"][0]["label"] == "7"
+    stats = json.loads((artifact / "model.int8.json").read_text())["input_statistics"]
+    assert 0.05 < stats["mean_intensity"]["mean"] < 0.4 and stats["background"]["p99"] < 0.5  # dark, all of them
 
 
 @pytest.mark.parametrize("args, message", [
