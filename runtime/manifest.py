@@ -44,7 +44,7 @@ REQUIRED_KEYS = (
 )
 # Libraries whose versions decide what an artifact contains; absent ones are skipped.
 TRACKED_LIBRARIES = (
-    "edgekit", "numpy", "tensorflow", "tf-keras", "tensorflow-model-optimization",
+    "edgekit-ml", "numpy", "tensorflow", "tf-keras", "tensorflow-model-optimization",
     "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "Pillow", "scikit-learn",
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -1,5 +1,5 @@
 """The statistics EdgeKit's figures are stated in, from scipy.stats (imported lazily: a plain runtime install
-on a device has no scipy; `pip install 'edgekit[report]'` adds it).
+on a device has no scipy; `pip install '.[report]'` in EdgeKit's repository adds it).
 
 - an accuracy: k correct of n test images, with its 95% Wilson score interval;
 - a change of accuracy between two files judged on the same images: the exact McNemar test, a two-sided
@@ -24,7 +24,7 @@ def _scipy_stats():
         import scipy.stats
     except ImportError:
         raise EdgeKitError("the report's statistics need scipy, which is not installed here; install it with "
-                           "`pip install 'edgekit[report]'` (or `pip install scipy`).") from None
+                           "`pip install '.[report]'` in EdgeKit's repository (or `pip install scipy`).") from None
     return scipy.stats
 
 

@@ -283,7 +283,7 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
             import tensorboard as _  # noqa: F401  (tf.summary writes nothing without it)
         except ImportError as exc:
             raise EdgeKitError("--tensorboard needs the tensorboard package, which is not installed; "
-                               "pip install 'edgekit[train]' (or pip install tensorboard).") from exc
+                               "pip install '.[train]' in EdgeKit's repository (or pip install tensorboard).") from exc
     chief = is_chief()
     say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     resuming = checkpoint is not None and checkpoints.prepare(Path(checkpoint), config.to_dict(), resume, force,

@@ -13,7 +13,7 @@ the files `export` wrote. The parts, in the order `build` runs them:
     render.py   report.md, report.csv, report.json and the console summary
 
 Everything here is TensorFlow-free, so the report also runs on a device. The statistics need scipy and
-the plots matplotlib (`pip install 'edgekit[report]'`).
+the plots matplotlib (`pip install '.[report]'` in EdgeKit's repository).
 """
 
 from __future__ import annotations

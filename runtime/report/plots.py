@@ -27,7 +27,7 @@ def missing() -> str | None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        return f"not drawn: {exc.name} is not installed (`pip install 'edgekit[report]'`)."
+        return f"not drawn: {exc.name} is not installed (`pip install '.[report]'` in EdgeKit's repository)."
     return None
 
 

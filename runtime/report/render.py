@@ -113,8 +113,10 @@ def recommendation_lines(recommendations: list[dict], root: Path, markdown: bool
             why.append(f"Tied with {', '.join(label(r) for r in rec['tied'])} on {objective.axis}; chosen as the "
                        "most accurate of them.")
         sidecar = Path(path).with_suffix(".json").name
-        why.append(f"Evaluate: {code('python -m runtime eval ' + path)}. Deploy: copy {code(Path(path).name)} and "
-                   f"{code(sidecar)} to the device (`pip install edgekit` there), then "
+        here = relative(rec["choice"]["file"], Path.cwd())  # commands work from where the report was made
+        why.append(f"Evaluate: {code('python -m runtime eval ' + here)}. Deploy: copy {code(Path(path).name)} and "
+                   f"{code(sidecar)} to the device, install EdgeKit's runtime there from its repository "
+                   f"({code('pip install ./edgekit')}: no TensorFlow; README, Raspberry Pi), then "
                    f"{code('python -m runtime predict ' + Path(path).name + ' IMAGE.png')}.")
         lines.append(line + ("\n  " if markdown else "\n    ") + ("\n  " if markdown else "\n    ").join(why))
     return lines
