@@ -135,3 +135,18 @@ def test_faster_only_when_the_latency_intervals_separate():
 def test_sizes_within_one_percent_are_tied():
     a, b, c = _row("a", "int8", 100_000, 396), _row("b", "int8", 100_900, 396), _row("c", "int8", 102_000, 396)
     assert Comparer.cost(a, b, SIZE) == 0 and Comparer.cost(a, c, SIZE) == -1 and Comparer.cost(c, a, SIZE) == 1
+
+
+def test_an_over_budget_file_whose_change_is_not_significant_says_why():
+    from runtime.report.render import notes
+
+    rows = [{"variant": "base", "format": "float32", "status": "verified", "accuracy_change_pts": 0.0,
+             "over_budget": False, "significant": False, "test_images": 359},
+            {"variant": "pqat", "format": "int8", "status": "verified", "accuracy_change_pts": -1.11,
+             "over_budget": True, "significant": False, "test_images": 359},
+            {"variant": "pruned80", "format": "int8", "status": "verified", "accuracy_change_pts": -4.5,
+             "over_budget": True, "significant": True, "test_images": 359}]
+    lines = notes(rows, {}, 1.0)
+    said = [line for line in lines if line.startswith("Over the budget, yet not significantly")]
+    assert len(said) == 1 and "(pqat int8)" in said[0] and "359 test images" in said[0], lines
+    assert "pruned80" not in said[0]

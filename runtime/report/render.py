@@ -145,6 +145,13 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
     over = [f"{label(r)} ({r['accuracy_change_pts']:+.2f})" for r in rows if r.get("over_budget")]
     out.append(f"Over the {budget:g}-point budget (never on a Pareto front, never recommended): "
                + (", ".join(over) if over else "none") + ".")
+    unsure = [r for r in rows if r.get("over_budget") and not r.get("significant")]
+    if unsure:
+        out.append(f"Over the budget, yet not significantly less accurate ({', '.join(label(r) for r in unsure)}): "
+                   f"the budget limits the measured drop, and each measured more than {points(budget)} below the "
+                   f"baseline on its {unsure[0].get('test_images', 0):,} test images, while a change that size is "
+                   "within chance there (McNemar p >= 0.05). Such a file may be as good; a larger test split "
+                   "would tell.")
     for objective in OBJECTIVES:
         front = groups.get(objective.key)
         if front:
