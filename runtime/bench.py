@@ -414,6 +414,16 @@ def _throughput(batch: int, call: dict) -> dict:
     return {"throughput_ips": batch / (call["mean"] / 1e3), "throughput_p50_ips": batch / (call["median"] / 1e3)}
 
 
+def _shown_names(paths: list[str]) -> dict[str, str]:
+    """Each model's name in the table: its file name, or directory/file name where file names repeat (three
+    artifacts' model.int8.tflite)."""
+    def repeated(name: str) -> bool:  # by other files, not by the same file at other thread counts
+        return len({q for q in paths if Path(q).name == name}) > 1
+
+    return {p: str(Path(Path(p).parent.name) / Path(p).name) if repeated(Path(p).name) else Path(p).name
+            for p in paths}
+
+
 def to_table(results: list[dict]) -> str:
     """The table for people: one row per model and thread count."""
     ms = format_ms
@@ -421,10 +431,11 @@ def to_table(results: list[dict]) -> str:
     head = ("model", "size", "thr", "load ms", "first ms", "invoke p50", "p90", "p99", "mean±std",
             "call p50", "p90", "overhead", "img/s", "p50 img/s", "RSS MB", "size x", "speed x")
     rows = []
+    shown = _shown_names([r["model"] for r in results])
     for r in results:
         inv, call = r["invoke_ms"], r["call_ms"]
         rows.append((
-            r["name"], f"{r['size_bytes'] / 1024:,.0f} KiB", str(r["threads"]), f"{r['load_ms']:.1f}",
+            shown[r["model"]], f"{r['size_bytes'] / 1024:,.0f} KiB", str(r["threads"]), f"{r['load_ms']:.1f}",
             ms(r["first_ms"]), ms(inv["median"]), ms(inv["p90"]), ms(inv["p99"]),
             f"{ms(inv['mean'])}±{ms(inv['std'])}", ms(call["median"]), ms(call["p90"]),
             f"{r['overhead']:+.1%}", f"{r['throughput_ips']:,.0f}", f"{r['throughput_p50_ips']:,.0f}",

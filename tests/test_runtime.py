@@ -567,3 +567,13 @@ def test_runtime_commands_load_no_tensorflow(exported, digits, tmp_path, command
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
+
+
+def test_bench_names_rows_by_their_directory_where_file_names_repeat():
+    from runtime.bench import _shown_names
+
+    shown = _shown_names(["runs/a/model.int8.tflite", "runs/b/model.int8.tflite", "runs/a/model.float32.tflite",
+                          "runs/a/model.int8.tflite"])
+    assert shown == {"runs/a/model.int8.tflite": "a/model.int8.tflite", "runs/b/model.int8.tflite": "b/model.int8.tflite",
+                     "runs/a/model.float32.tflite": "model.float32.tflite"}
+    assert _shown_names(["runs/a/model.int8.tflite"] * 2) == {"runs/a/model.int8.tflite": "model.int8.tflite"}
