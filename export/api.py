@@ -27,6 +27,7 @@ from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifes
 from runtime.errors import EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
+from runtime.text import terminal
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
                               model_file, model_sha256, read_manifest, utc_now, write_manifest)
 
@@ -405,8 +406,9 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
                  [layer.name for layer in sel._all_layers(src.model)])
         for name in keep_float:
             if name not in known:
-                raise EdgeKitError(f"--keep-float: {src.path.name} has no {'node' if src.kind == 'onnx' else 'layer'}"
-                                   f" named '{name}'.{suggest(name, known)}")
+                raise EdgeKitError(terminal(f"--keep-float: {src.path.name} has no "
+                                            f"{'node' if src.kind == 'onnx' else 'layer'} named '{name}'."
+                                            f"{suggest(name, known)}"))
     for plain, mixed_key in MIXED_OF.items():
         if plain not in keys and mixed_key not in keys:
             continue
@@ -422,7 +424,7 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
             chooser.check_names(keep_float)
         table = None
         if keep_float == "auto" and not explain:  # plain int8 first: the sweep only when it misses the budget
-            float_val, int8_val = sel.plain_int8(chooser, x_val, y_val)
+            float_val, int8_val, _ = sel.plain_int8(chooser, x_val, y_val)
             if int8_val >= float_val - budget / 100 - 1e-9:
                 progress(f"{plain}: full int8 is within the {budget:g}-point budget on the validation split "
                          f"({int8_val:.2%} vs float {float_val:.2%}); written as {plain}, no layer kept float")
@@ -453,8 +455,8 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
             continue
         data = chooser.quantize(kept)
         record = _kept_record(chooser, kept, how, table, data, x_val, y_val)
-        progress(f"{mixed_key}: keeping {', '.join(kept)} float ({how}); validation accuracy "
-                 f"{record['val_accuracy']:.2%} against full int8's {record['int8_val_accuracy']:.2%}")
+        progress(terminal(f"{mixed_key}: keeping {', '.join(kept)} float ({how}); validation accuracy "
+                 f"{record['val_accuracy']:.2%} against full int8's {record['int8_val_accuracy']:.2%}"))
         mixed[mixed_key] = (data, record)
     return [get_format(k) for k in keys], mixed
 
@@ -494,8 +496,8 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
     for row in table["layers"]:
         sqnr = ("-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}/{row['worst_channel_db']:.1f}")
         test = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}"
-        progress(f"  {row['name'][:28]:<28} {row['kind'][:22]:<22} {sqnr:>17} {row['val_accuracy']:>15.2%} "
-                 f"{row['gain_points']:>+7.2f} {test:>7}  {', '.join(row['keep'])}")
+        progress(terminal(f"  {row['name'][:28]:<28} {row['kind'][:22]:<22} {sqnr:>17} {row['val_accuracy']:>15.2%} "
+                          f"{row['gain_points']:>+7.2f} {test:>7}  {', '.join(row['keep'])}"))
     progress(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
 
 
@@ -517,9 +519,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
                                     f"run the file the converter wrote: {reason}") from exc
         logits = model.logits(x_test, batch_size=VERIFY_BATCH)
-        figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop)
-        if src.kind == "onnx":
-            failure = failure.replace("Keras", src.reference)
+        figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop, src.reference)
         figures["reference"] = src.reference
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if fmt.key == "int8" and src.kind in QUANTIZATION_AWARE:  # fully integer unless tfmot left layers float

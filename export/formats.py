@@ -43,7 +43,7 @@ from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3
-BUDGET_MISS = "points below Keras"  # the words of a budget failure (the pipeline then tries int8-mixed)
+BUDGET_MISS = "points below"  # the words of a budget failure (the pipeline then tries int8-mixed)
 MIN_AGREEMENT = 0.95  # quantized formats: top-1 agreement with Keras (see the module docstring)
 SQNR_CAP_DB = 200.0  # an exact file has infinite SQNR; JSON has no infinity
 
@@ -113,9 +113,10 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def verify(fmt: Format, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray,
-           max_accuracy_drop: float = MAX_ACCURACY_DROP) -> tuple[dict, str]:
+           max_accuracy_drop: float = MAX_ACCURACY_DROP, against: str = "Keras") -> tuple[dict, str]:
     """The verification rule (module docstring): the figures, and '' or why the file fails. Every comparison
-    fails on NaN: a non-finite output, the file's or the float model's, fails the file."""
+    fails on NaN: a non-finite output, the file's or the float model's, fails the file. `against`: what
+    `reference` came from, as the messages name it (Keras, or an ONNX source)."""
     for name, values in (("the file's", outputs), ("the float model's", reference)):
         bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         if bad:
@@ -137,14 +138,14 @@ def verify(fmt: Format, outputs: np.ndarray, reference: np.ndarray, labels: np.n
     if fmt.kind == "float":
         over = ~(difference <= FLOAT_ATOL + FLOAT_RTOL * np.abs(reference))  # NaN is over
         if over.any():
-            return figures, (f"{int(over.sum())} of {over.size} outputs differ from Keras by more than "
+            return figures, (f"{int(over.sum())} of {over.size} outputs differ from {against} by more than "
                              f"{FLOAT_ATOL:g} + {FLOAT_RTOL:g} x |output| (max |difference| {figures['max_abs_diff']:.2e})")
         return figures, ""
     drop = (keras_accuracy - accuracy) * 100
     if not drop <= max_accuracy_drop + 1e-9:
-        return figures, (f"accuracy {accuracy:.2%} is {drop:.2f} {BUDGET_MISS}'s {keras_accuracy:.2%} on "
+        return figures, (f"accuracy {accuracy:.2%} is {drop:.2f} {BUDGET_MISS} {against}'s {keras_accuracy:.2%} on "
                          f"{len(labels)} images (budget {max_accuracy_drop:g} points)")
     if not figures["agreement"] >= MIN_AGREEMENT:
-        return figures, (f"top-1 agreement with Keras {figures['agreement']:.2%} is below {MIN_AGREEMENT:.0%} on "
+        return figures, (f"top-1 agreement with {against} {figures['agreement']:.2%} is below {MIN_AGREEMENT:.0%} on "
                          f"{len(labels)} images: the file does not make the float model's predictions")
     return figures, ""

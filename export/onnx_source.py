@@ -69,8 +69,9 @@ class ONNXSource:
         return int(sum(int(np.prod(t.dims)) for t in self.proto.graph.initializer))
 
     def feed(self, x: np.ndarray) -> np.ndarray:
-        """NHWC images as the model's input tensor (NCHW for a channels-first model)."""
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.layout == "nchw" else x
+        """Preprocessed NHWC images as the model's input tensor (NCHW for a channels-first model), as the runtime
+        lays them out (runtime.feeding.Feeding._tensor)."""
+        return self.runtime._tensor(x)
 
     def opset(self) -> int:
         return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -32,6 +32,7 @@ import numpy as np
 
 from runtime.errors import ConversionError, EdgeKitError, suggest
 from runtime.fsutil import held_output
+from runtime.text import terminal  # layer names: an ONNX source's node names are the file's text
 from train.backend import keras, tf
 
 # Layers that pass an int8 tensor through with its quantization unchanged: the tensor's damage is done
@@ -116,8 +117,8 @@ class _Selective:
         """The names, or a clear error for one that is not a quantized layer of this model."""
         for name in names:
             if name not in self.layers:
-                raise EdgeKitError(f"--keep-float: the model has no quantized layer '{name}'; its layers are "
-                                   f"{', '.join(self.layers)}.{suggest(name, self.layers)}")
+                raise EdgeKitError(terminal(f"--keep-float: the model has no quantized layer '{name}'; its layers "
+                                            f"are {', '.join(self.layers)}.{suggest(name, self.layers)}"))
         return names
 
     def quantize(self, keep_float=()) -> bytes:
@@ -257,22 +258,23 @@ def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tfli
         return float(np.mean(load(path).logits(x).argmax(axis=1) == y))
 
 
-def plain_int8(selective: Selective, x_val, y_val) -> tuple[float, float]:
-    """(float, full int8) accuracy on the validation split: what `--keep-float auto` checks before any sweep."""
+def plain_int8(selective: Selective, x_val, y_val) -> tuple[float, float, bytes]:
+    """(float, full int8) accuracy on the validation split, and the full int8 file: what `--keep-float auto`
+    checks before any sweep, and where `explain` starts."""
     float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
-    return float_val, _accuracy(selective.quantize(), x_val, y_val, selective.suffix)
+    full = selective.quantize()
+    return float_val, _accuracy(full, x_val, y_val, selective.suffix), full
 
 
 def explain(selective: Selective, x_val, y_val, x_test, y_test, calibration, progress=None) -> dict:
     """The sensitivity table: every quantized layer, most sensitive first (see the module docstring)."""
-    float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
-    full = selective.quantize()
+    float_val, full_val, full = plain_int8(selective, x_val, y_val)
     suffix = selective.suffix
-    full_val, full_test = _accuracy(full, x_val, y_val, suffix), _accuracy(full, x_test, y_test, suffix)
+    full_test = _accuracy(full, x_test, y_test, suffix)
     selective.output_errors(calibration)
     for i, layer in enumerate(selective.layers.values()):
         if progress:
-            progress(f"  [{i + 1}/{len(selective.layers)}] {layer.name}: keep {', '.join(layer.keep)} float")
+            progress(terminal(f"  [{i + 1}/{len(selective.layers)}] {layer.name}: keep {', '.join(layer.keep)} float"))
         layer.val_accuracy = _accuracy(selective.quantize(layer.keep), x_val, y_val, suffix)
         layer.gain_points = (layer.val_accuracy - full_val) * 100
     ranked = sorted(selective.layers.values(),
