@@ -60,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the accuracy budget in points below the float model: export fails a quantized file "
                              "further below its Keras model, and the report marks a file further below the float "
                              f"baseline as over budget, never recommended (default {MAX_ACCURACY_DROP:g})")
+    parser.add_argument("--objective", choices=("size", "gzip", "latency"),
+                        help="what the report's recommendation answers first, and what the search minimizes: the "
+                             "smallest file (size), the smallest download (gzip) or the fastest at all threads "
+                             "(latency); default size, gzip with --search (where pruning's gain shows)")
     search = parser.add_argument_group("search (Optuna): the best file within the budget, beyond the fixed menu")
     search.add_argument("--search", action="store_true",
                         help="search the recipe space (technique, its settings, fine-tuning epochs, format) for the "
                              "smallest or fastest file within --max-accuracy-drop, instead of the fixed variants")
-    search.add_argument("--objective", default="gzip", help="what to minimize: gzip (default), size or latency")
     search.add_argument("--trials", type=int, default=16, metavar="N",
                         help="finished trials of the whole study, all workers together (default 16)")
     search.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
@@ -94,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                 epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
                 threads=parse_threads(args.threads) if args.threads else None,
-                bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop)
+                bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop,
+                objective=args.objective or ("gzip" if args.search else "size"))
     if args.search:
         from pipeline.run import Pipeline
         from pipeline.search import run_search
 
         argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
         report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose),
-                            objective=args.objective, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                            objective=plan.objective, trials=args.trials, timeout=args.timeout, storage=args.storage,
                             jobs=args.jobs, heartbeat=args.heartbeat, argv=argv, worker=args.worker)
         return 0
     report = run(plan, force=args.force, verbose=args.verbose)

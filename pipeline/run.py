@@ -79,6 +79,7 @@ class Plan:
     bench_runs: int | None = None  # fixed calls per file and round instead of seconds (5 quick)
     bench: bool = True
     max_accuracy_drop: float = MAX_ACCURACY_DROP  # the budget of export's verification and of the report
+    objective: str = "size"  # what the report's recommendation answers first (runtime.report.decide.CHOICES)
 
     def __post_init__(self):
         if self.quick:
@@ -90,6 +91,12 @@ class Plan:
             self.model_args = self.model_args or QUICK["model_args"].get(self.model, {})
             self.threads = self.threads or [1]
         self.variants = resolve_variants(self.variants)
+        from runtime.report.decide import CHOICES
+
+        if self.objective not in CHOICES:
+            raise unknown("objective", self.objective, list(CHOICES))
+        if self.objective == "latency" and not self.bench:
+            raise EdgeKitError("--objective latency needs the benchmarks; drop --no-bench.")
         from runtime.datasets import _registry
         from train.models import get_spec
 
@@ -320,7 +327,8 @@ class Pipeline:
         report = {"rows": [], "notes": [], "summary": [], "budget": plan.max_accuracy_drop}
         with self._stage("report", "evaluate, benchmark and report") as stage:
             report = build(self.out, plan.threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
-                           data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop)
+                           data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop,
+                           objective=plan.objective)
             verified = sum(r["status"] == "verified" for r in report["rows"])
             replaced = {r["artifact"] for r in report["rows"] if r["format"] == "int8-mixed" and r["status"] == "verified"}
             failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]

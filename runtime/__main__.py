@@ -453,7 +453,7 @@ def _report(args) -> int:
     with output_lock(args.directory):  # the report's files are written into DIRECTORY
         report = build(args.directory, threads, args.seconds, args.runs, bench=not args.no_bench,
                        rebench=args.rebench, data_dir=args.data_dir, progress=not args.quiet,
-                       budget=args.max_accuracy_drop, rounds=rounds)
+                       budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
@@ -487,6 +487,7 @@ def _add_threads(parser, default):
 def build_parser() -> argparse.ArgumentParser:
     from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
     from runtime.formats import MAX_ACCURACY_DROP
+    from runtime.report.decide import CHOICES, DEFAULT_CHOICE
     from runtime.report.latency import ROUNDS
 
     parser = ArgumentParser(
@@ -604,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP, metavar="POINTS",
                         help="the accuracy budget: a file more than POINTS below the float baseline is over budget, "
                              f"never Pareto-optimal and never recommended (default {MAX_ACCURACY_DROP:g}, as export)")
+    report.add_argument("--objective", choices=CHOICES, default=DEFAULT_CHOICE,
+                        help="what the recommendation at the top answers: the smallest file (size, the default), the "
+                             "smallest download (gzip) or the fastest file at all threads (latency); the others "
+                             "follow, one line each")
     report.add_argument("--threads", default="1,all", metavar="LIST",
                         help="thread counts to benchmark; the first and the last are reported (default 1,all)")
     report.add_argument("--seconds", type=_seconds, default=0.5, metavar="S",

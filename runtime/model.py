@@ -223,6 +223,11 @@ class Model(Feeding):
         probabilities for a model that ends in softmax (`output_kind`)."""
         return self._fetch(self._outputs(x, batch_size))
 
+    def graph(self) -> list:
+        """The graph's structure without its weights' values (operators, shapes, dtypes), as JSON-able lists:
+        files with equal structure run alike (the report lists them as one graph)."""
+        raise NotImplementedError
+
     def _graph_output_kind(self) -> str:
         return "logits"
 

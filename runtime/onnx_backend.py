@@ -63,6 +63,15 @@ class _ONNXModel(Model):
 
         return fast
 
+    def graph(self) -> list:
+        """The graph's operator census, its inputs' and outputs' shapes (see the TFLite backend's `graph`)."""
+        from runtime.onnx_proto import onnx_summary
+
+        ops = onnx_summary(self.path.read_bytes())["ops"]
+        ends = [[n.name, [str(d) for d in n.shape], n.type] for n in [*self._session.get_inputs(),
+                                                                     *self._session.get_outputs()]]
+        return [sorted(ops.items()), ends]
+
     def _graph_output_kind(self) -> str:
         """'probabilities' when the node that makes the output is Softmax (through Identity nodes)."""
         try:

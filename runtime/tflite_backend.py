@@ -56,6 +56,14 @@ class _TFLiteModel(Model):
     def _packed_labels(self) -> list[str] | None:
         return packed_labels(self.path, self.num_classes)
 
+    def graph(self) -> list:
+        """The graph's operators in order, each with its input and output shapes and dtypes: equal for files that
+        differ only in their weights' values (a pruned or clustered model's file and its parent's)."""
+        tensors = {t["index"]: [[int(d) for d in t["shape"]], np.dtype(t["dtype"]).name]
+                   for t in self._interpreter.get_tensor_details()}
+        return [[op["op_name"], [tensors.get(int(i)) for i in op["inputs"]], [tensors.get(int(i)) for i in op["outputs"]]]
+                for op in self._interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
+
     @staticmethod
     def _info(detail) -> TensorInfo:
         scale, zero_point = detail["quantization"]

@@ -97,8 +97,35 @@ def test_report_files_for_people_and_for_tools(quick_run):
     # the recommendation first, then the header a person reads, then every file
     assert md.index("## Recommendation") < md.index("| dataset | digits, test split of 359 images |") < md.index(
         "| variant | format |")
-    assert "**Smallest file: " in md and "python -m runtime eval " in md and "exact McNemar p = " in md
+    assert "## Recommendation: smallest file, within the budget of 1 point" in md and "exact McNemar p = " in md
     assert "| accuracy budget | 1 point below the baseline" in md and "![accuracy vs size](accuracy_vs_size.png)" in md
+
+
+def test_one_recommendation_for_the_objective_with_commands_that_run_from_here(quick_copy, monkeypatch):
+    import shlex
+
+    from runtime.report import build
+
+    monkeypatch.chdir(quick_copy.parent)  # where the user stands: the report's paths differ from the commands'
+    report = build("quick", threads=[1], runs=2, rounds=3, objective="latency")
+    rows = {(r["variant"], r["format"]): r for r in report["rows"]}
+    # pruning zeroes weights and changes no shape: one graph; quantizing changes the operators
+    assert rows["pruned80", "float32"]["graph"] == rows["base", "float32"]["graph"] != rows["base", "int8"]["graph"]
+    md = (quick_copy / "report.md").read_text()
+    first = md.split("## Recommendation: ")[1]
+    assert first.startswith("fastest at 1 thread, within the budget of 1 point") and md.count("## Recommendation") == 1
+    rec = next(r for r in report["recommendations"] if r["objective"] == "latency_1t")
+    same = {(r["variant"], r["format"]) for r in rec["same_graph"]}
+    assert all(rows[k]["graph"] == rec["choice"]["graph"] for k in same)
+    assert ("One graph with" in first) == bool(same) and "Other objectives" in first
+    assert report["summary"][0].startswith("fastest at 1 thread: ")  # the console's first line answers it too
+    block = first.split("```bash\n")[1].split("```")[0].splitlines()
+    evaluate = shlex.split(block[0].split("#")[0])
+    assert evaluate[:4] == ["python", "-m", "runtime", "eval"] and not Path(evaluate[4]).is_absolute()
+    done = subprocess.run([sys.executable, *evaluate[1:]], capture_output=True, text=True, cwd=quick_copy.parent)
+    assert done.returncode == 0 and f"{rec['choice']['accuracy']:.2%}" in done.stdout, done.stderr
+    copied = shlex.split(block[1].split("#")[0])[1:-1]
+    assert [Path(p).suffix for p in copied] == [".tflite", ".json"] and all(Path(p).is_file() for p in copied)
 
 
 def test_a_report_marks_files_over_budget_and_never_recommends_them(quick_copy):

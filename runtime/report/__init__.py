@@ -24,7 +24,7 @@ from runtime.errors import EdgeKitError
 from runtime.limits import cores
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.manifest import utc_now
-from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
+from runtime.report.decide import CHOICES, DEFAULT_CHOICE, OBJECTIVES, Comparer, fronts, judge, recommend
 from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
 from runtime.bench import machine
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
@@ -32,16 +32,21 @@ from runtime.report.rows import collect, evaluate
 from runtime.report.search import PLOT as SEARCH_PLOT
 from runtime.report.search import section as search_section
 
-__all__ = ["BENCH_CACHE", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]
+__all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]
 
 
 def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0.5, runs: int | None = None,
           bench: bool = True, rebench: bool = False, data_dir=None, progress: bool = False,
-          budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS) -> dict:
-    """Evaluate, judge, benchmark and write the report for every exported file under `root`."""
+          budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE) -> dict:
+    """Evaluate, judge, benchmark and write the report for every exported file under `root`; `objective` (size,
+    gzip, latency) is what its recommendation answers first."""
     from runtime.report.plots import FIGURES, missing, plot
 
     budget = check_max_accuracy_drop(budget)
+    if objective not in CHOICES:
+        raise EdgeKitError(f"--objective must be one of {', '.join(CHOICES)}; got {objective!r}.")
+    if objective == "latency" and not bench:
+        raise EdgeKitError("--objective latency needs the benchmarks; drop --no-bench.")
     root = Path(root)
     if not root.is_dir():
         raise EdgeKitError(f"{root} is not a directory; expected the output directory of `python -m pipeline`.")
@@ -59,9 +64,9 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
         (root / stale).unlink(missing_ok=True)
     first = next((r for r in rows if r.get("model")), {})
     info = {"created": utc_now(), "machine": machine(), "model": first.get("model"), "dataset": first.get("dataset"),
-            "budget": budget, "baseline_row": base, "bench_settings": settings, "rows": rows,
+            "budget": budget, "objective": objective, "baseline_row": base, "bench_settings": settings, "rows": rows,
             "recommendations": recommendations, "notes": notes(rows, groups, budget),
-            "summary": console_summary(recommendations, root), "plots": plots, "plots_missing": missing(),
+            "summary": console_summary(recommendations, root, objective), "plots": plots, "plots_missing": missing(),
             "search_lines": search_lines, "search_plots": search_plots}
     write(root, info)
     return {**info, "baseline": f"{base['variant']} {base['format']}" if base else None}

@@ -11,6 +11,9 @@ The rules, stated once:
 - slower than the baseline: a quantized file whose median latency is above the float baseline's (speedup
   below 1x) at a thread count is marked so and never recommended for latency there: quantizing exists to buy
   speed or size, and onnxruntime's QDQ int8 can cost speed on small models (a PyTorch CNN: 0.7x).
+- one graph: files with the same operators, shapes and dtypes (`Model.graph`) and sizes within SIZE_TIE run
+  alike, so for file size and latency they are one option, represented by the most accurate of them (then the
+  smallest download); for gzip they stay apart (pruning and clustering change what gzip finds).
 - Pareto-optimal (per objective): within budget and not dominated, where a file dominates another when it
   is nowhere worse and somewhere better by the rules above. Optimal files tied on both axes form one group.
 """
@@ -33,6 +36,10 @@ class Objective:
     axis: str  # the plot's axis: "file size"
     tag: str = ""  # latency: "1t" or "all"
 
+
+# what `--objective` names (report, pipeline) -> the objectives that answer it, the first measured one decides
+CHOICES = {"size": ("size",), "gzip": ("gzip",), "latency": ("latency_all", "latency_1t")}
+DEFAULT_CHOICE = "size"
 
 OBJECTIVES = (
     Objective("size", "size_bytes", "smallest file", "file size"),
@@ -154,17 +161,45 @@ def tie_groups(rows: list[dict], comparer: Comparer, objective: Objective) -> li
     return sorted(groups, key=lambda g: g[0][objective.cost])
 
 
-def group_label(group: list[dict]) -> str:
-    """'base, pruned80, clustered16 dynamic' when they share a format, else 'base int8, qat int8'."""
+def group_label(group: list[dict], limit: int = 4) -> str:
+    """'base, pruned80, clustered16 dynamic' when they share a format, else 'base int8, qat int8'; past `limit`
+    files, 'and N more'."""
+    more = f" and {len(group) - limit} more" if len(group) > limit else ""
     formats = {r["format"] for r in group}
     if len(formats) == 1 and len(group) > 1:
-        return f"{', '.join(r['variant'] for r in group)} {group[0]['format']}"
-    return ", ".join(label(r) for r in group)
+        return f"{', '.join(r['variant'] for r in group[:limit])}{more} {group[0]['format']}"
+    return ", ".join(label(r) for r in group[:limit]) + more
+
+
+def same_graph(pool: list[dict], objective: Objective) -> list[list[dict]]:
+    """`pool` as options for `objective`: files of one graph (the module's rules) together, the most accurate first
+    (then the smallest download, then the given order); for gzip, every file alone."""
+    groups: list[list[dict]] = []
+    for row in pool:
+        group = next((g for g in groups if objective.key != "gzip" and row.get("graph") is not None
+                      and g[0].get("graph") == row["graph"]
+                      and abs(g[0]["size_bytes"] - row["size_bytes"]) <= SIZE_TIE * max(g[0]["size_bytes"],
+                                                                                      row["size_bytes"])), None)
+        if group is None:
+            groups.append([row])
+        else:
+            group.append(row)
+    return [sorted(g, key=lambda r: (-r["accuracy"], r.get("gzip_bytes") or 0)) for g in groups]
+
+
+def primary(recommendations: list[dict], choice: str) -> dict | None:
+    """The recommendation that answers `--objective` (CHOICES): the first of its objectives that was measured."""
+    for key in CHOICES[choice]:
+        for rec in recommendations:
+            if rec["objective"] == key:
+                return rec
+    return None
 
 
 def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]:
     """For each objective with figures: the file to ship within the budget, the files tied with it, the
-    runner-up it beat, and the baseline; or, when no file fits the budget, the closest one."""
+    runner-up it beat, the files of its graph (`same_graph`) and the baseline; or, when no file fits the budget,
+    the closest one."""
     base = baseline(rows)
     out = []
     for objective in OBJECTIVES:
@@ -178,6 +213,9 @@ def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]
             out.append({"objective": objective.key, "goal": objective.goal, "choice": None, "closest": closest,
                         "budget": budget})
             continue
+        options = same_graph(pool, objective)
+        members = {id(g[0]): g[1:] for g in options}
+        pool = [g[0] for g in options]
         optimal = [r for r in pool if r.get(f"pareto_{objective.key}")]  # set by `fronts`, when it ran
         front = optimal or pool
         cheapest = min(front, key=lambda r: r[objective.cost])
@@ -187,6 +225,7 @@ def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]
         runner_up = min(beaten, key=lambda r: r[objective.cost]) if beaten else None
         out.append({"objective": objective.key, "goal": objective.goal, "choice": choice,
                     "tied": [r for r in tied if r is not choice], "runner_up": runner_up, "baseline": base,
+                    "same_graph": members[id(choice)],
                     "cost_vs_baseline": comparer.cost(choice, base, objective) if base is not None
                     and base.get(objective.cost) is not None else None, "budget": budget})
     return out

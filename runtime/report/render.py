@@ -80,52 +80,121 @@ def relative(path, root: Path) -> str | None:
         return str(path)
 
 
-def recommendation_lines(recommendations: list[dict], root: Path, markdown: bool) -> list[str]:
-    """One entry per objective: what to ship and why, with the commands."""
-    from runtime.report.decide import Comparer
+def names(rows: list[dict], limit: int = 3) -> str:
+    """'a int8, b int8 and 4 more (see the table)': a list kept short."""
+    shown = ", ".join(label(r) for r in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more (see the table)" if len(rows) > limit else "")
 
-    bold = (lambda s: f"**{s}**") if markdown else (lambda s: s)
-    code = (lambda s: f"`{s}`") if markdown else (lambda s: s)
-    lines = []
-    for rec in recommendations:
-        objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
-        goal = rec["goal"].capitalize()
-        if rec["choice"] is None:
-            c = rec["closest"]
-            lines.append(f"- {bold(goal)}: no file is within the budget of {points(rec['budget'])}; the closest "
-                         f"is {label(c)} at {accuracy_text(c)}, {change_text(c)}.")
-            continue
-        choice, path = rec["choice"], relative(rec["choice"]["file"], root)
-        line = (f"- {bold(goal + ': ' + label(choice))} ({code(path)}): {cost_text(choice, objective)}, "
-                f"{accuracy_text(choice)}.")
-        base = rec.get("baseline")
-        why = []
+
+def unresolved(row: dict, objective) -> bool:
+    """A latency whose 95% interval is wider than its median: too few or too noisy rounds to rank it."""
+    if not objective.tag:
+        return False
+    tag = objective.tag
+    return row[f"latency_high_ms_{tag}"] - row[f"latency_low_ms_{tag}"] > row[f"latency_median_ms_{tag}"]
+
+
+def fence(text: str, info: str = "bash") -> list[str]:
+    """A Markdown code block around `text`, its fence longer than any run of backticks in it."""
+    import re
+
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return [ticks + info, text, ticks]
+
+
+def commands(row: dict, machine: dict) -> str:
+    """What to run, from the current directory: evaluate the file here, copy it and its sidecar to the device,
+    install EdgeKit's runtime there and run the file."""
+    import shlex
+
+    from runtime.manifest import sidecar_path
+
+    here = relative(row["file"], Path.cwd())
+    name = Path(row["file"]).name
+    sidecar = relative(sidecar_path(row["file"]), Path.cwd())
+    copy = " ".join(shlex.quote(p) for p in (here, *([sidecar] if Path(sidecar).is_file() else [])))
+    return "\n".join([
+        f"python -m runtime eval {shlex.quote(here)}          # again, here",
+        f"scp {copy} pi@raspberrypi.local:   # your device",
+        "# on the device, in a copy of EdgeKit's repository (README, Raspberry Pi): the runtime only, no TensorFlow",
+        "python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ./edgekit",
+        f"~/edgekit/bin/python -m runtime predict ~/{shlex.quote(name)} IMAGE.png",
+        f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there"])
+
+
+def recommendation_md(info: dict, root: Path) -> list[str]:
+    """The answer first: the file to ship for the objective the user named, its cost against the float baseline,
+    why it beat the next best, and the commands; then one line for each other objective."""
+    from runtime.report.decide import Comparer, primary
+
+    recs, choice_name = info["recommendations"], info.get("objective") or "size"
+    rec = primary(recs, choice_name)
+    if rec is None:
+        return [f"## Recommendation", "", f"Nothing measured answers `--objective {choice_name}`"
+                + (" (latency needs benchmarks: drop --no-bench)." if choice_name == "latency" else ".")]
+    objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
+    md = [f"## Recommendation: {rec['goal']}, within the budget of {points(rec['budget'])}", ""]
+    if rec["choice"] is None:
+        c = rec["closest"]
+        md += [f"No file is within the budget of {points(rec['budget'])} below the float baseline; the closest is "
+               f"{label(c)} (`{markdown(relative(c['file'], root))}`) at {accuracy_text(c)}, {change_text(c)}. "
+               "Raise `--max-accuracy-drop` only if that loss is acceptable, or train longer."]
+    else:
+        choice, base = rec["choice"], rec.get("baseline")
+        md += [f"**Ship {label(choice)}**: `{markdown(relative(choice['file'], root))}`", ""]
+        cost = f"- {objective.axis.capitalize()}: {cost_text(choice, objective)}"
         if base is not None and base is not choice and rec.get("cost_vs_baseline") is not None:
-            why.append(f"Against the float baseline ({label(base)}, {cost_text(base, objective)}): "
-                       f"{_versus(choice, base, objective, rec['cost_vs_baseline'])}; accuracy {change_text(choice)}.")
-        elif base is choice:
-            why.append("It is the float baseline itself: no optimized file within the budget beats it here.")
-        if rec.get("runner_up") is not None and rec["runner_up"] is not base:
-            r = rec["runner_up"]
-            why.append(f"Next best: {label(r)} ({cost_text(r, objective)}, {r['accuracy']:.2%}): "
-                       f"{_versus(choice, r, objective, Comparer.cost(choice, r, objective))}.")
+            cost += (f"; against the float baseline ({label(base)}, {cost_text(base, objective)}): "
+                     f"{_versus(choice, base, objective, rec['cost_vs_baseline'])}")
+        md.append(cost + ".")
+        md.append(f"- Accuracy: {accuracy_text(choice)}" + (f"; against the float baseline: {change_text(choice)}."
+                                                            if base is not None and base is not choice else "."))
+        if base is choice:
+            md.append("- It is the float baseline itself: no optimized file within the budget beats it here.")
+        runner = rec.get("runner_up")
+        if runner is not None and runner is not base:
+            md.append(f"- Why this one: against the next best, {label(runner)} ({cost_text(runner, objective)}, "
+                      f"{runner['accuracy']:.2%}): {_versus(choice, runner, objective, Comparer.cost(choice, runner, objective))}.")
+        if rec.get("same_graph"):
+            md.append(f"- One graph with {names(rec['same_graph'])}: the same operators and shapes, so the same "
+                      f"{'speed' if objective.tag else 'file size'}; this one is the most accurate of them.")
         if rec.get("tied"):
-            why.append(f"Tied with {', '.join(label(r) for r in rec['tied'])} on {objective.axis}; chosen as the "
-                       "most accurate of them.")
-        sidecar = Path(path).with_suffix(".json").name
-        here = relative(rec["choice"]["file"], Path.cwd())  # commands work from where the report was made
-        why.append(f"Evaluate: {code('python -m runtime eval ' + here)}. Deploy: copy {code(Path(path).name)} and "
-                   f"{code(sidecar)} to the device, install EdgeKit's runtime there from its repository "
-                   f"({code('pip install ./edgekit')}: no TensorFlow; README, Raspberry Pi), then "
-                   f"{code('python -m runtime predict ' + Path(path).name + ' IMAGE.png')}.")
-        lines.append(line + ("\n  " if markdown else "\n    ") + ("\n  " if markdown else "\n    ").join(why))
-    return lines
+            md.append(f"- Tied on {objective.axis} and accuracy with {names(rec['tied'])}; chosen as the most "
+                      "accurate.")
+        if unresolved(choice, objective):
+            md.append(f"- Unresolved: its latency interval is wider than the latency itself at "
+                      f"{(info.get('bench_settings') or {}).get('rounds', '?')} rounds; `--rounds 30 --rebench` "
+                      "measures it again, longer.")
+        m = info["machine"]
+        md.append(f"- Measured on this machine ({markdown(m['cpu'])}, {m['cores']} cores, {m['machine']}). "
+                  + ("A device ranks latency by its own CPU: measure it there (last command below)."
+                     if objective.tag else "Size and accuracy are the same on any device; latency is not "
+                                           "(last command below)."))
+        md += ["", *fence(commands(choice, m))]
+    others = [r for r in recs if r is not rec]
+    if others:
+        md += ["", "Other objectives, within the same budget:", ""]
+        for r in others:
+            o = next(x for x in OBJECTIVES if x.key == r["objective"])
+            if r["choice"] is None:
+                md.append(f"- {r['goal'].capitalize()}: no file within the budget.")
+                continue
+            c = r["choice"]
+            extra = [f"one graph with {len(r['same_graph'])} more"] if r.get("same_graph") else []
+            extra += [f"tied with {len(r['tied'])} more"] if r.get("tied") else []
+            extra += ["interval unresolved"] if unresolved(c, o) else []
+            md.append(f"- {r['goal'].capitalize()}: {label(c)} (`{markdown(relative(c['file'], root))}`), "
+                      f"{cost_text(c, o)}, {c['accuracy']:.2%}" + (f" ({', '.join(extra)})" if extra else "") + ".")
+    return md
 
 
-def console_summary(recommendations: list[dict], root: Path) -> list[str]:
-    """The last lines the pipeline and `runtime report` print: one line per objective."""
+def console_summary(recommendations: list[dict], root: Path, choice: str = "size") -> list[str]:
+    """The last lines the pipeline and `runtime report` print: one line per objective, `--objective`'s first."""
+    from runtime.report.decide import primary
+
+    first = primary(recommendations, choice)
     out = []
-    for rec in recommendations:
+    for rec in sorted(recommendations, key=lambda r: r is not first):
         objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
         if rec["choice"] is None:
             c = rec["closest"]
@@ -249,12 +318,11 @@ def write(root: Path, info: dict) -> None:
     atomic_write_text(root / "report.csv", buffer.getvalue())
     verified = sum(r["status"] == "verified" for r in rows)
     md = [f"# EdgeKit report: {markdown(info['model'] or root.name)} on {markdown(info['dataset'] or '?')}", "",
-          "## Recommendation", ""]
+          ]
     if info["recommendations"]:
-        md += [f"Within the accuracy budget ({points(info['budget'])} below the float baseline):", ""]
-        md += recommendation_lines(info["recommendations"], root, markdown=True)
+        md += recommendation_md(info, root)
     else:
-        md += ["No file was evaluated, so there is nothing to recommend."]
+        md += ["## Recommendation", "", "No file was evaluated, so there is nothing to recommend."]
     md += ["", *header(info), "", f"## All files ({verified} of {len(rows)} verified)", "",
            "Accuracy on the fixed test split through EdgeKit's TensorFlow-free runtime. A change is significant only "
            "by the exact McNemar test on the same images; one file is faster than another only when the latency "
@@ -293,9 +361,10 @@ def to_json(root: Path, info: dict) -> dict:
 
     recs = [{"objective": r["objective"], "goal": r["goal"], "budget": r["budget"], "choice": brief(r["choice"]),
              "closest": brief(r.get("closest")), "tied": [brief(t) for t in r.get("tied", [])],
-             "runner_up": brief(r.get("runner_up"))} for r in info["recommendations"]]
+             "runner_up": brief(r.get("runner_up")), "same_graph": [brief(t) for t in r.get("same_graph", [])]}
+            for r in info["recommendations"]]
     return {"created": info["created"], "directory": ".", "model": info["model"], "dataset": info["dataset"],
-            "machine": info["machine"], "budget_points": info["budget"],
+            "machine": info["machine"], "budget_points": info["budget"], "objective": info.get("objective"),
             "baseline": label(info["baseline_row"]) if info["baseline_row"] else None,
             "bench_settings": info["bench_settings"], "recommendations": recs, "summary": info["summary"],
             "notes": info["notes"], "plots": [*info["plots"], *info.get("search_plots", [])],

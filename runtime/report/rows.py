@@ -3,6 +3,7 @@ evaluated on its artifact's test split through the TensorFlow-free runtime."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
     for row in bar(todo, len(todo), "evaluate", progress):
         try:
             model = load(row["file"])
+            structure = json.dumps(model.graph(), separators=(",", ":"))  # before a batch resizes the graph
             dataset, key = _dataset_for(row["artifact"], datasets, data_dir)
             predicted = finite(model.logits(dataset.x_test), model).argmax(axis=1)
         except EdgeKitError as exc:
@@ -127,7 +129,8 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
             continue
         correct = predicted == dataset.y_test
         row.update(test_images=int(len(correct)), correct=int(correct.sum()), accuracy=float(correct.mean()),
-                   size_bytes=model.size_bytes, _correct=correct, _predicted=predicted, _images=key,
+                   size_bytes=model.size_bytes, graph=hashlib.sha256(structure.encode()).hexdigest()[:16],
+                   _correct=correct, _predicted=predicted, _images=key,
                    gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
 
 
