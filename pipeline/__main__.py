@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"baseline as over budget, never recommended (default {MAX_ACCURACY_DROP:g})")
     parser.add_argument("--objective", choices=("size", "gzip", "latency"),
                         help="what the report's recommendation answers first, and what the search minimizes: the "
-                             "smallest file (size), the smallest download (gzip) or the fastest at all threads "
+                             "smallest file (size), the smallest download (gzip) or the fastest at 1 thread "
                              "(latency); default size, gzip with --search (where pruning's gain shows)")
     search = parser.add_argument_group("search (Optuna): the best file within the budget, beyond the fixed menu")
     search.add_argument("--search", action="store_true",

@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"never Pareto-optimal and never recommended (default {MAX_ACCURACY_DROP:g}, as export)")
     report.add_argument("--objective", choices=CHOICES, default=DEFAULT_CHOICE,
                         help="what the recommendation at the top answers: the smallest file (size, the default), the "
-                             "smallest download (gzip) or the fastest file at all threads (latency); the others "
+                             "smallest download (gzip) or the fastest file at 1 thread (latency, as the search); the others "
                              "follow, one line each")
     report.add_argument("--threads", default="1,all", metavar="LIST",
                         help="thread counts to benchmark; the first and the last are reported (default 1,all)")
