@@ -487,7 +487,7 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
 
     name = f"sensitivity.{table['format']}"
     atomic_write_json(out / f"{name}.json", table)
-    plot_sensitivity(table, out / f"{name}.png")
+    drawn = plot_sensitivity(table, out / f"{name}.png")
     progress(f"{table['format']} sensitivity: float {table['float_val_accuracy']:.2%}, full int8 {table['int8_val_accuracy']:.2%} "
              f"on {table['validation_images']} validation images (full int8 on the test split: "
              f"{table['int8_test_accuracy']:.2%})")
@@ -498,7 +498,10 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
         test = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}"
         progress(terminal(f"  {row['name'][:28]:<28} {row['kind'][:22]:<22} {sqnr:>17} {row['val_accuracy']:>15.2%} "
                           f"{row['gain_points']:>+7.2f} {test:>7}  {', '.join(row['keep'])}"))
-    progress(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
+    if not drawn:
+        progress(f"  {table['format']} loses nothing here: no layer kept float gains validation accuracy, so there "
+                 "is no plot")
+    progress(f"  wrote {out / (name + '.json')}" + (f" and {out / (name + '.png')}" if drawn else ""))
 
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,

@@ -27,6 +27,7 @@ import math
 import os
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -329,10 +330,15 @@ def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, suffix: str =
     return float(np.median(medians[0]) / np.median(medians[1]))
 
 
-def plot_sensitivity(table: dict, path) -> None:
+def plot_sensitivity(table: dict, path) -> bool:
     """A bar per layer (most sensitive on top): validation accuracy gained over full int8 when its keep set
-    stays float; the label gives the output's median per-channel SQNR in full int8."""
+    stays float; the label gives the output's median per-channel SQNR in full int8. No layer gaining anything
+    makes no plot (an empty chart says less than "int8 loses nothing here"): returns whether it was drawn."""
     from runtime.plots import _pyplot, _save
+
+    if not any(r["gain_points"] > 0 for r in table["layers"]):
+        Path(path).unlink(missing_ok=True)  # a plot from an earlier run would contradict the table
+        return False
 
     plt = _pyplot()
     rows = table["layers"][:25]
@@ -352,3 +358,4 @@ def plot_sensitivity(table: dict, path) -> None:
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+    return True

@@ -150,3 +150,62 @@ def test_an_over_budget_file_whose_change_is_not_significant_says_why():
     said = [line for line in lines if line.startswith("Over the budget, yet not significantly")]
     assert len(said) == 1 and "(pqat int8)" in said[0] and "359 test images" in said[0], lines
     assert "pruned80" not in said[0]
+
+
+def test_files_of_one_graph_are_one_option_for_size_and_latency_but_not_for_gzip():
+    base = _row("base", "float32", 400_000, 396, latency=(0.200, 0.190, 0.210))
+    rows = [base]
+    for i, (variant, correct, ms) in enumerate([("base", 394, 0.101), ("pruned50", 395, 0.099),
+                                                ("clustered16", 393, 0.098), ("pruned80", 392, 0.100)]):
+        row = _row(variant, "dynamic", 100_000 + i, correct, latency=(ms, ms - 0.004, ms + 0.004))
+        row.update(graph="g-dynamic", gzip_bytes=90_000 - 10_000 * i)  # pruning and clustering: gzip only
+        rows.append(row)
+    _, recs, _ = _decide(rows)
+    by = {r["objective"]: r for r in recs}
+    for key in ("size", "latency_1t"):  # the most accurate of the graph, whichever measured 1 us faster
+        assert by[key]["choice"]["variant"] == "pruned50", key
+        assert {r["variant"] for r in by[key]["same_graph"]} == {"base", "clustered16", "pruned80"}
+        assert by[key]["tied"] == []
+    assert by["gzip"]["choice"]["variant"] == "pruned80" and by["gzip"]["same_graph"] == []
+    rows[2]["graph"] = "another"  # another graph of the same size is another option, tied on size
+    _, recs, _ = _decide(rows)
+    size = next(r for r in recs if r["objective"] == "size")
+    assert size["choice"]["variant"] == "pruned50" and [r["variant"] for r in size["tied"]] == ["base"]
+
+
+def test_plot_labels_cover_no_point_no_interval_and_no_other_label(tmp_path):
+    """Twenty files at two sizes (every dynamic file is one graph): one label per group, none overlapping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from runtime.report.plots import _panel, _place_labels
+
+    base = _row("base", "float32", 1_875_000, 396, latency=(0.40, 0.30, 0.55))
+    rows = [base]
+    for i in range(19):
+        fmt = "dynamic" if i < 12 else "int8"
+        rows.append(_row(f"prune0.{50 + i}-e3", fmt, 477_000 if fmt == "dynamic" else 481_000, 392 + i % 3,
+                         latency=(0.1 + 0.001 * i, 0.09, 0.13 + 0.001 * i)))
+    _decide(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6.5))
+    panels = [_panel(ax, objective, rows, 1.0, base, None, rows) for ax, objective in zip(axes, (SIZE, LATENCY))]
+    fig.tight_layout()
+    for ax, panel in zip(axes, panels):
+        _place_labels(ax, panel)
+    fig.savefig(tmp_path / "labels.png")  # to look at when this fails
+    renderer = fig.canvas.get_renderer()
+    for ax, (labels, bars) in zip(axes, panels):
+        assert len(ax.texts) == len(labels) < len(rows)
+        boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, not its leader line
+        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        for x, y, _, _ in labels:
+            px, py = ax.transData.transform((x, y))
+            assert not any(b.contains(px, py) for b in boxes)
+        for low, high, y in bars:
+            (x0, py), (x1, _) = ax.transData.transform([(low, y), (high, y)])
+            assert not any(b.x0 < x1 and x0 < b.x1 and b.y0 < py < b.y1 for b in boxes)
+        assert any(t.get_text().endswith(" more") for t in ax.texts)  # a crowd: three names and a count
+    plt.close(fig)

@@ -154,3 +154,16 @@ def test_the_pipeline_writes_int8_mixed_when_plain_int8_misses_the_budget(hostil
     assert report["recommendations"][0]["choice"]["format"] == "int8-mixed"
     pipeline.export("base")
     assert pipeline.status["export:base"]["status"] == "skipped"
+
+
+def test_no_sensitivity_plot_when_int8_loses_nothing(tmp_path):
+    from export.selective import plot_sensitivity
+
+    layer = {"name": "dense", "kind": "Dense", "gain_points": 0.0, "sqnr_db": 38.0}
+    table = {"format": "int8", "layers": [layer, {**layer, "name": "conv"}], "validation_images": 360,
+             "float_val_accuracy": 0.99, "int8_val_accuracy": 0.99}
+    stale = tmp_path / "sensitivity.int8.png"
+    stale.write_bytes(b"\x89PNG from an earlier run")
+    assert plot_sensitivity(table, stale) is False and not stale.exists()  # no empty chart, no stale one
+    table["layers"][1]["gain_points"] = 0.28
+    assert plot_sensitivity(table, stale) is True and stale.read_bytes()[:4] == b"\x89PNG"

@@ -1,11 +1,14 @@
 """The report's two plots: accuracy vs size (file and gzip) and accuracy vs latency (1 thread, all threads).
 
-What a reader can rely on in every report: one colour per format and one marker per variant
-(runtime.formats), ONNX files hollow so a TFLite file under them still shows; accuracy in % with its
-95% interval as a vertical bar, latency with its interval as a horizontal bar; the budget as a dashed
-line, over-budget files grey (below the axis, pinned to its floor with their accuracy written, when
-far below); the Pareto front of the files within budget as a step line (no marker means "optimal");
-labels placed (as adjustText would, but deterministic) so they cover neither the points nor each other.
+What a reader can rely on in every report: one colour per format and one marker per menu variant
+(runtime.formats; every search trial one marker, its label naming the recipe), ONNX files hollow so a TFLite
+file under them still shows; accuracy in %, its typical 95% interval in the axis title (on a few hundred test
+images every file's interval is wider than the whole spread of accuracies: drawn per point, the bars hid the
+points; each file's is in the table), latency with its interval as a horizontal bar; the
+budget as a dashed line, over-budget files grey (pinned to the axis floor with their accuracy written, when
+far below); the Pareto front of the files within budget as a step line; one label per group of points that
+fall together ("base, pruned50 and 3 more dynamic"), bold when one of them is Pareto-optimal, placed (as
+adjustText would, but deterministic) so it covers no point, no interval bar and no other label.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from runtime.formats import FILE_FORMATS, colour, format_rank, marker
-from runtime.report.decide import OBJECTIVES, candidates
+from runtime.formats import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
+from runtime.report.decide import OBJECTIVES, candidates, group_label
 from runtime.report.rows import label, points
 
 FIGURES = {"accuracy_vs_size.png": ("size", "gzip"), "accuracy_vs_latency.png": ("latency_1t", "latency_all")}
 OVER = "#b0b0b0"
 CLOSE_PX = 14  # points closer than this on the page share a label
+TRIAL_MARKER = "*"  # every search trial (a variant that is not on the menu): its label names the recipe
+
+
+def _marker(variant: str) -> str:
+    return marker(variant) if variant == "base" or variant in VARIANT_MARKERS else TRIAL_MARKER
 
 
 def missing() -> str | None:
@@ -48,7 +56,9 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list
         floor = _floor(evaluated, budget, base)
         labels = [_panel(ax, objective, evaluated, budget, base, floor, rows)
                   for ax, objective in zip(axes[0], objectives)]
-        axes[0][0].set_ylabel("test accuracy (%), 95% interval")
+        widths = sorted((r["accuracy_high"] - r["accuracy_low"]) * 50 for r in evaluated)
+        axes[0][0].set_ylabel(f"test accuracy (%), each ±{widths[len(widths) // 2]:.1f} points "
+                              "(95%: the table)")
         _legend(fig, evaluated, base is not None, len(objectives))
         what = "size" if "size" in name else "latency"
         fig.suptitle(f"accuracy vs {what}" + (f" (budget: {points(budget)} below {label(base)})" if base else ""))
@@ -63,14 +73,14 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list
 
 def _floor(rows: list[dict], budget: float, base: dict | None) -> float | None:
     """The lowest accuracy (%) the axis shows: the budget line and every file within budget fit above it."""
-    within = [r["accuracy_low"] * 100 for r in rows if not r.get("over_budget")]
+    within = [r["accuracy"] * 100 for r in rows if not r.get("over_budget")]
     if base is not None:
         within.append(base["accuracy"] * 100 - budget)
     if not within:
         return None
-    top = max(r["accuracy_high"] * 100 for r in rows)
+    top = max(r["accuracy"] * 100 for r in rows)
     low = min(within)
-    return max(0.0, low - max(0.15 * (top - low), 0.5))
+    return max(0.0, low - max(0.15 * (top - low), 0.3))
 
 
 def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
@@ -89,11 +99,11 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
         if objective.tag:
             low, high = r[f"latency_low_ms_{objective.tag}"], r[f"latency_high_ms_{objective.tag}"]
             xerr = [[x - low], [high - x]]
-        yerr = None if pinned else [[y - r["accuracy_low"] * 100], [r["accuracy_high"] * 100 - y]]
-        ax.errorbar(x, shown_y, xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=1, capsize=2,
-                    alpha=0.6, zorder=2)
+        if xerr is not None:
+            ax.errorbar(x, shown_y, xerr=xerr, fmt="none", ecolor=c, elinewidth=0.8, capsize=2, alpha=0.5,
+                        zorder=2)
         # ONNX hollow and larger, drawn on top: a TFLite file at the same spot still shows inside the ring
-        ax.scatter(x, shown_y, s=130 if hollow else 60, marker=marker(r["variant"]), zorder=4 if hollow else 3,
+        ax.scatter(x, shown_y, s=130 if hollow else 60, marker=_marker(r["variant"]), zorder=4 if hollow else 3,
                    facecolors="none" if hollow else c, edgecolors=c, linewidths=1.8 if hollow else 0.8)
         drawn.append((x, shown_y, over, pinned, r))
     front = sorted((r[objective.cost] * scale, r["accuracy"] * 100) for r in candidates(all_rows, objective)
@@ -106,8 +116,8 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
     ax.set_xscale("log")
     ax.margins(x=0.15, y=0.1)
     if floor is not None:
-        top = max(r["accuracy_high"] * 100 for r in points)
-        ax.set_ylim(floor - 0.03 * (top - floor), top + 0.08 * (top - floor))
+        top = max(r["accuracy"] * 100 for r in points)
+        ax.set_ylim(floor - 0.03 * (top - floor), top + 0.15 * (top - floor))
     _log_ticks(ax)
     ax.set_xlabel(f"{objective.axis} ({'KiB' if scale != 1 else 'ms'}, log scale)"
                   + (": what a download costs" if objective.key == "gzip" else ""))
@@ -122,14 +132,17 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows) -> list[tuple]:
                 break
         else:
             clusters.append([x, y, over, pinned, [r], px, py])
-    return [(x, y, "\n".join(label(r) + (f" ({r['accuracy']:.1%})" if pinned else "") for r in members),
-             {"color": "#808080" if over else "#202020",
-              "fontweight": "bold" if any(r.get(f"pareto_{objective.key}") for r in members) else "normal"})
-            for x, y, over, pinned, members, _, _ in clusters]
+    labels = [(x, y, group_label(members, 2) + (f" ({members[0]['accuracy']:.1%})" if pinned else ""),
+               {"color": "#808080" if over else "#202020",
+                "fontweight": "bold" if any(r.get(f"pareto_{objective.key}") for r in members) else "normal"})
+              for x, y, over, pinned, members, _, _ in clusters]
+    bars = [(r[f"latency_low_ms_{objective.tag}"], r[f"latency_high_ms_{objective.tag}"], y)
+            for _, y, _, _, r in drawn] if objective.tag else []
+    return labels, bars
 
 
-def _place_labels(ax, items) -> None:
-    """Label every point where the label covers no marker and no other label: right of its point if that is
+def _place_labels(ax, panel) -> None:
+    """Label every point where the label covers no marker, no interval bar and no other label: right of its point if that is
     free, else the nearest free spot up or down that side, else on the left; a moved label gets a leader line.
     (What adjustText does, made deterministic: on log axes adjustText left same-height labels overlapping.)"""
     from matplotlib.transforms import Bbox
@@ -137,12 +150,16 @@ def _place_labels(ax, items) -> None:
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     to_points = 72 / ax.figure.dpi
+    items, bars = panel
     points = [ax.transData.transform((x, y)) for x, y, _, _ in items]
     taken = [Bbox.from_extents(px - 6, py - 6, px + 6, py + 6) for px, py in points]  # the markers
+    for low, high, y in bars:  # latency intervals, in pixels of the final layout
+        (x0, py), (x1, _) = ax.transData.transform([(low, y), (high, y)])
+        taken.append(Bbox.from_extents(x0 - 2, py - 3, x1 + 2, py + 3))
     order = sorted(range(len(items)), key=lambda i: (-points[i][1], points[i][0]))  # top to bottom
     for i in order:
         x, y, text, style = items[i]
-        probe = ax.annotate(text, (x, y), xytext=(8, 0), textcoords="offset points", va="center", fontsize=7)
+        probe = ax.annotate(text, (x, y), xytext=(8, 0), textcoords="offset points", va="center", fontsize=7, **style)
         box = probe.get_window_extent(renderer)
         probe.remove()
         width, height = box.width, box.height
@@ -160,6 +177,14 @@ def _place_labels(ax, items) -> None:
                     break
             if chosen:
                 break
+        if chosen is None:  # crowded near the point: the nearest free spot anywhere in the panel, with a leader
+            spots = [Bbox.from_extents(left, bottom, left + width, bottom + height)
+                     for left in _steps(frame.x0 + 2, frame.x1 - width - 2, 6)
+                     for bottom in _steps(frame.y0 + 2, frame.y1 - height - 2, height / 2)]
+            free = [b for b in spots if not any(b.overlaps(other) for other in taken)]
+            if free:
+                best = min(free, key=lambda b: math.hypot((b.x0 + b.x1) / 2 - px, (b.y0 + b.y1) / 2 - py))
+                chosen = (1 if best.x0 >= px else -1, 1, best)
         side, step, candidate = chosen or (1, 0, Bbox.from_extents(px + 9, py - height / 2, px + 9 + width,
                                                                   py + height / 2))
         taken.append(candidate)
@@ -169,6 +194,10 @@ def _place_labels(ax, items) -> None:
                     ha="left" if side > 0 else "right", fontsize=7, zorder=5, **style,
                     arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 4}
                     if step or side < 0 else None)
+
+
+def _steps(start: float, stop: float, step: float) -> list[float]:
+    return [start + k * step for k in range(int(max(stop - start, 0) // step) + 1)]
 
 
 def _log_ticks(ax) -> None:
@@ -198,10 +227,14 @@ def _legend(fig, rows, with_budget: bool, columns: int) -> None:
         hollow = _hollow(key)
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=8, label=f"format {key}",
                               markerfacecolor="white" if hollow else colour(key), markeredgecolor=colour(key)))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for variant in [v for v in variants if _marker(v) != TRIAL_MARKER]:
         handles.append(Line2D([], [], linestyle="none", marker=marker(variant), markersize=8, color="#505050",
                               label=f"variant {variant}"))
-    handles.append(Line2D([], [], color="black", alpha=0.6, label="Pareto front (within budget)"))
+    if any(_marker(v) == TRIAL_MARKER for v in variants):
+        handles.append(Line2D([], [], linestyle="none", marker=TRIAL_MARKER, markersize=8, color="#505050",
+                              label="search trial (label: its recipe)"))
+    handles.append(Line2D([], [], color="black", alpha=0.6, label="Pareto front (within budget); bold label: on it"))
     if with_budget:
         handles.append(Line2D([], [], color="#d62728", linestyle="--", label="accuracy budget"))
     if any(r.get("over_budget") for r in rows):
