@@ -1,7 +1,10 @@
 """Shared fixtures. Nothing downloads: EDGEKIT_OFFLINE=1 and an empty Keras cache."""
 
+import ctypes
+import gc
 import gzip
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -13,6 +16,32 @@ import pytest
 os.environ["EDGEKIT_OFFLINE"] = "1"
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="edgekit-keras-home-")  # no cached datasets
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite's memory: TensorFlow's graphs, converters and interpreters are freed module by module (below), and
+# glibc keeps two malloc arenas instead of eight per core and gives freed pages back (malloc_trim), so one
+# pytest process stays small; `pytest_terminal_summary` prints the peak.
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallopt(-8, 2)  # M_ARENA_MAX
+except (OSError, AttributeError):  # not glibc
+    _LIBC = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory():
+    yield
+    if "tf_keras" in sys.modules:
+        sys.modules["tf_keras"].backend.clear_session()
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    terminalreporter.write_line(f"peak memory (max RSS): the pytest process {own:.2f} GiB, its largest "
+                                f"subprocess {child:.2f} GiB")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
