@@ -461,7 +461,7 @@ def _report(args) -> int:
     print(f"to ship, within the {report['budget']:g}-point budget:")
     for line in report["summary"]:
         print(f"  {line}")
-    written = ["report.md", "report.csv", "report.json", *report["plots"], *report.get("search_plots", [])]
+    written = ["report.md", "report.html", "report.csv", "report.json", *report["plots"], *report.get("search_plots", [])]
     print(f"wrote {', '.join(f'{args.directory}/{name}' for name in written)}")
     damaged = [r["reason"] for r in report["rows"] if r.get("damaged")]
     for reason in damaged:  # the others are reported; these artifacts could not be

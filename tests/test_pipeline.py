@@ -271,3 +271,72 @@ def test_info_reads_a_run_directory_and_an_artifact(quick_run):
     assert all(f"sha256 {record['sha256']}" in art.stdout for record in manifest["files"].values())
     typo = run_module("runtime", "bnch", str(out))
     assert typo.returncode == 2 and "did you mean 'bench'?" in typo.stderr
+
+
+def test_report_html_is_self_contained_with_every_file(quick_run):
+    from html.parser import HTMLParser
+
+    out, report = quick_run
+    page = (out / "report.html").read_text("utf-8")
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def handle_starttag(self, tag, attrs):
+            self.seen.append((tag, dict(attrs)))
+
+    tags = Tags()
+    tags.feed(page)
+    links = [a.get(k) for _, a in tags.seen for k in ("src", "href") if a.get(k)]
+    assert links == [] and not any(t in ("link", "iframe", "object", "embed") for t, _ in tags.seen)  # loads nothing
+    assert sum(t == "tr" and a.get("class") is not None for t, a in tags.seen) == len(report["rows"])
+    circles = [a for t, a in tags.seen if t == "circle"]
+    assert len(circles) >= len(report["rows"]) and page.count("<title>") >= len(circles)  # a tooltip per point
+    assert "Ship " in page and "python -m runtime eval " in page
+
+
+@pytest.mark.skipif(not shutil.which("chromium") or not shutil.which("chromedriver"),
+                    reason="needs Debian's chromium and chromium-driver (scripts/check-report-html installs them)")
+def test_report_html_in_a_real_browser(quick_run, tmp_path):
+    """Chromium headless (Debian's, through selenium and chromium-driver): the page loads with no console error and
+    nothing from the network, a click on a header sorts, the filter keeps matching rows; the screenshot stays in
+    this test's tmp_path (pytest keeps the last three runs')."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    out, report = quick_run
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,1800"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get((out / "report.html").as_uri())
+        rows = driver.find_elements(By.CSS_SELECTOR, "#files tbody tr")
+        assert len(rows) == len(report["rows"])
+        header = next(th for th in driver.find_elements(By.CSS_SELECTOR, "#files th") if th.text == "size KiB")
+        column = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#files th")].index("size KiB")
+
+        def sizes():
+            return [float(r.find_elements(By.TAG_NAME, "td")[column].get_attribute("data-v"))
+                    for r in driver.find_elements(By.CSS_SELECTOR, "#files tbody tr")]
+
+        header.click()
+        assert sizes() == sorted(sizes()) and header.get_attribute("aria-sort") == "ascending"
+        header.click()
+        assert sizes() == sorted(sizes(), reverse=True)
+        driver.find_element(By.ID, "filter").send_keys("int8")
+        shown = [r for r in driver.find_elements(By.CSS_SELECTOR, "#files tbody tr") if r.is_displayed()]
+        assert shown and len(shown) < len(report["rows"]) and all("int8" in r.text for r in shown)
+        tooltip = driver.execute_script("return document.querySelector('svg circle title').textContent")
+        assert "accuracy" in tooltip and "KiB" in tooltip
+        driver.save_screenshot(str(tmp_path / "report.html.png"))
+        assert (tmp_path / "report.html.png").read_bytes()[:4] == b"\x89PNG"
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert errors == []
+    finally:
+        driver.quit()

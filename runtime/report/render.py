@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
 from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label, slower_quantized
+from runtime.report.html import write_html
 from runtime.report.rows import label, points
 from runtime.text import markdown
 from runtime.stats import ALPHA, CONFIDENCE
@@ -130,7 +131,7 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
     recs, choice_name = info["recommendations"], info.get("objective") or "size"
     rec = primary(recs, choice_name)
     if rec is None:
-        return [f"## Recommendation", "", f"Nothing measured answers `--objective {choice_name}`"
+        return ["## Recommendation", "", f"Nothing measured answers `--objective {choice_name}`"
                 + (" (latency needs benchmarks: drop --no-bench)." if choice_name == "latency" else ".")]
     objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
     md = [f"## Recommendation: {rec['goal']}, within the budget of {points(rec['budget'])}", ""]
@@ -283,7 +284,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def header(info: dict) -> list[str]:
+def header_rows(info: dict) -> list[tuple[str, str]]:
+    """The header's (name, value) pairs, values as Markdown (escaped)."""
     m, base, settings = info["machine"], info.get("baseline_row"), info.get("bench_settings")
     images = sorted({r["test_images"] for r in info["rows"] if r.get("test_images")})
     rows = [
@@ -303,7 +305,11 @@ def header(info: dict) -> list[str]:
         ("libraries", ", ".join(f"{k} {v}" for k, v in m["versions"].items())),
         ("created", info["created"]),
     ]
-    return ["| | |", "|---|---|", *(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)]
+    return rows
+
+
+def header(info: dict) -> list[str]:
+    return ["| | |", "|---|---|", *(f"| {k} | {str(v).replace('|', '/')} |" for k, v in header_rows(info))]
 
 
 def write(root: Path, info: dict) -> None:
@@ -320,9 +326,10 @@ def write(root: Path, info: dict) -> None:
     md = [f"# EdgeKit report: {markdown(info['model'] or root.name)} on {markdown(info['dataset'] or '?')}", "",
           ]
     if info["recommendations"]:
-        md += recommendation_md(info, root)
+        recommendation = recommendation_md(info, root)
     else:
-        md += ["## Recommendation", "", "No file was evaluated, so there is nothing to recommend."]
+        recommendation = ["## Recommendation", "", "No file was evaluated, so there is nothing to recommend."]
+    md += recommendation
     md += ["", *header(info), "", f"## All files ({verified} of {len(rows)} verified)", "",
            "Accuracy on the fixed test split through EdgeKit's TensorFlow-free runtime. A change is significant only "
            "by the exact McNemar test on the same images; one file is faster than another only when the latency "
@@ -337,6 +344,7 @@ def write(root: Path, info: dict) -> None:
     elif info.get("plots_missing"):
         md += ["", f"Plots: {info['plots_missing']}"]
     atomic_write_text(root / "report.md", "\n".join(md) + "\n")
+    write_html(root, info, recommendation, header_rows(info))
 
 
 def _csv_value(key: str, value, root: Path):
