@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--search", action="store_true",
                         help="search the recipe space (technique, its settings, fine-tuning epochs, format) for the "
                              "smallest or fastest file within --max-accuracy-drop, instead of the fixed variants")
+    search.add_argument("--techniques", metavar="LIST",
+                        help="search only these techniques (comma-separated: none, prune, prune24, cluster, qat, pqat, "
+                             "cqat; default all); another set is another study")
     search.add_argument("--trials", type=int, default=16, metavar="N",
                         help="finished trials of the whole study, all workers together (default 16)")
     search.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
@@ -101,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                 objective=args.objective or ("gzip" if args.search else "size"))
     if args.search:
         from pipeline.run import Pipeline
-        from pipeline.search import run_search
+        from pipeline.search import parse_techniques, run_search
 
         argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
         report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose),
                             objective=plan.objective, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                            jobs=args.jobs, heartbeat=args.heartbeat, argv=argv, worker=args.worker)
+                            jobs=args.jobs, heartbeat=args.heartbeat, argv=argv, worker=args.worker,
+                            techniques=parse_techniques(args.techniques))
         return 0
     report = run(plan, force=args.force, verbose=args.verbose)
     return 1 if report["failed_stages"] else 0

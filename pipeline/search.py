@@ -12,8 +12,11 @@ a real artifact, `<model>-<recipe>/` in the run directory, made by the same opti
 pipeline (so it is cached: a recipe made before is reused, and the report shows it), evaluated on the test
 split by the TensorFlow-free runtime. A file more than the budget below the float baseline is infeasible
 (an Optuna constraint, `trial.set_constraint`); a model that is clearly over budget after fine-tuning
-(twice the budget) is pruned before export. The default menu's recipes are enqueued first, so the search starts where the
-pipeline stops.
+(twice the budget) is pruned before export. The default menu (the pipeline's fixed variants) is the baseline the
+search is judged against, never a trial: a recipe that is one of the menu's is the menu's own artifact
+(`<model>-pruned50/`, made once, by either), and the report compares the study's best with the menu's best files
+in the run directory (`python -m pipeline` into the same --out makes them). `--finetune-epochs N` caps every
+trial's fine-tuning epochs at N. The console shows a line per finished trial under a progress bar.
 
 The study is stored in `search.db` in the run directory (SQLite through Optuna's RDBStorage) unless
 `--storage URL` names another (any SQLAlchemy URL: PostgreSQL, MySQL). Workers send a heartbeat: a trial
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed, first_line
@@ -46,10 +50,7 @@ TECHNIQUES = ("none", "prune", "prune24", "cluster", "qat", "pqat", "cqat")
 FORMATS = ("float16", "dynamic", "int8", "onnx-int8", "int8-mixed")
 QUANTIZATION_AWARE = ("qat", "pqat", "cqat")
 PRUNE_FACTOR = 2.0  # a fine-tuned model this many budgets below the baseline is not exported
-# the default pipeline's menu, enqueued first (technique, settings, format)
-MENU = (("none", {}, "int8"), ("prune", {"sparsity": 0.5}, "int8"), ("prune", {"sparsity": 0.8}, "int8"),
-        ("prune24", {}, "int8"), ("cluster", {"clusters": 16, "init": "linear"}, "int8"), ("qat", {}, "int8"),
-        ("pqat", {"sparsity": 0.8}, "int8"))
+STARTUP_TRIALS = 6  # random trials before TPE models the space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,24 @@ class Recipe:
         if self.clusters is not None:
             name += f"{self.clusters}{self.init}"
         return name + (f"-e{self.epochs}" if self.epochs else "")
+
+    def menu_variant(self, finetune_epochs: int | None) -> str | None:
+        """The pipeline's variant (pipeline.run.VARIANTS) that this recipe's model is, whatever the format: the
+        same technique, settings and epochs (the pipeline's: --finetune-epochs, else the technique's default),
+        from the same parent. None when it is no menu variant."""
+        from pipeline.run import VARIANTS
+
+        for variant in VARIANTS.values():
+            settings = variant.settings
+            technique = "prune24" if settings.get("structured") else variant.verb
+            parent = VARIANTS.get(variant.parent)
+            sparsity = (parent.settings if parent else settings).get("sparsity")
+            clusters = (parent.settings if parent else settings).get("clusters")
+            same = Recipe(technique, finetune_epochs or _default_epochs(technique), sparsity, clusters,
+                          "linear" if clusters else None, self.format)
+            if same == self and (self.parent() is None or self.parent().menu_variant(finetune_epochs) == variant.parent):
+                return variant.name
+        return None
 
     def parent(self) -> Recipe | None:
         """pqat fine-tunes a pruned parent, cqat a clustered one (made with the same epochs)."""
@@ -91,9 +110,9 @@ class Recipe:
         return {"verb": verb, **settings}
 
 
-def suggest(trial) -> Recipe:
-    """The recipe space, define-by-run."""
-    technique = trial.suggest_categorical("technique", TECHNIQUES)
+def suggest(trial, max_epochs: int = 8, techniques: tuple[str, ...] = TECHNIQUES) -> Recipe:
+    """The recipe space, define-by-run; fine-tuning epochs from 1 to `max_epochs`, among `techniques`."""
+    technique = trial.suggest_categorical("technique", techniques)
     sparsity = clusters = init = epochs = None
     if technique in ("prune", "pqat"):
         sparsity = trial.suggest_float("sparsity", 0.3, 0.95, step=0.01)
@@ -101,7 +120,7 @@ def suggest(trial) -> Recipe:
         clusters = trial.suggest_int("clusters", 4, 64)
         init = trial.suggest_categorical("init", ("linear", "kmeans++", "density"))
     if technique != "none":
-        epochs = trial.suggest_int("epochs", 1, 8)
+        epochs = trial.suggest_int("epochs", 1, max_epochs)
     fmt = "int8" if technique in QUANTIZATION_AWARE else trial.suggest_categorical("format", FORMATS)
     return Recipe(technique, epochs, sparsity, clusters, init, fmt)
 
@@ -109,14 +128,21 @@ def suggest(trial) -> Recipe:
 class Search:
     """One worker of the study: makes, exports, evaluates and measures each trial's artifact."""
 
-    def __init__(self, pipeline, objective: str, budget: float, storage: str | None, heartbeat: int):
+    def __init__(self, pipeline, objective: str, budget: float, storage: str | None, heartbeat: int,
+                 alone: bool = True, techniques: tuple[str, ...] = TECHNIQUES):
         self.pipeline, self.plan, self.out = pipeline, pipeline.plan, pipeline.out
+        self.techniques = techniques
+        # the sampler's seed: the run's when one worker makes the study (reproducible); with several, each its own
+        # (the run's and its host:pid), or they would all draw the same random first trials
+        self.seed = self.plan.seed if alone else \
+            (self.plan.seed * 1_000_003 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())) % 2**31
         self.objective, self.budget, self.heartbeat = objective, budget, heartbeat
         self.storage_url = storage or f"sqlite:///{(self.out / DB_FILE).resolve()}"
         self.public_url = public_url(self.storage_url)  # what is printed and written: never the password
         if storage is not None:
             check_storage(storage, self.out)
         self._dataset = None
+        self.console = None
         self._name = None
         self._baseline = None
 
@@ -126,16 +152,20 @@ class Search:
         the trials derive from. Runs that differ in any of them are different studies, even in one storage."""
         from runtime.manifest import read_manifest
 
-        return {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
-                "budget_points": self.budget,
-                "base_model_sha256": model_sha256(read_manifest(self.pipeline.dir_of("base")))}
+        definition = {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
+                      "budget_points": self.budget,
+                      "base_model_sha256": model_sha256(read_manifest(self.pipeline.dir_of("base")))}
+        if self.techniques != TECHNIQUES:  # another space is another study (Optuna's choices cannot change)
+            definition["techniques"] = list(self.techniques)
+        return definition
 
     @property
     def study_name(self) -> str:
         if self._name is None:
             d = self.definition()
             self._name = (f"{STUDY}-{d['model']}-{d['dataset']}-{d['objective']}-{d['budget_points']:g}pts-"
-                          f"{d['base_model_sha256'][:12]}")
+                          f"{d['base_model_sha256'][:12]}" + ("-" + "+".join(d["techniques"]) if "techniques" in d
+                                                              else ""))
         return self._name
 
     def storage(self):
@@ -164,7 +194,7 @@ class Search:
 
         storage = self.storage()
         # infeasible: more than the budget below the baseline (each trial sets its constraint)
-        sampler = optuna.samplers.TPESampler(seed=self.plan.seed, n_startup_trials=len(MENU))
+        sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=STARTUP_TRIALS)
         name, definition = self.study_name, self.definition()
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
@@ -179,18 +209,11 @@ class Search:
             raise EdgeKitError(f"the study {name} in {self.public_url} belongs to another run ({differ}); pass another "
                                "--storage or --out.")
         fail_orphans(storage, study, 3 * self.heartbeat)
-        if not study.user_attrs.get("menu_enqueued"):
-            with waiting_lock(self.out / ".search"):  # one worker enqueues the menu
-                if not optuna.load_study(study_name=name, storage=storage).user_attrs.get("menu_enqueued"):
-                    for technique, settings, fmt in MENU:
-                        params = {"technique": technique, **settings}
-                        if technique != "none":
-                            params["epochs"] = self.plan.finetune_epochs or _default_epochs(technique)
-                        if technique not in QUANTIZATION_AWARE:
-                            params["format"] = fmt
-                        study.enqueue_trial(params, skip_if_exists=True)
+        if recorded is None:
+            with waiting_lock(self.out / ".search"):  # one worker records what the study is
+                again = optuna.load_study(study_name=name, storage=storage)
+                if again.user_attrs.get("definition") is None:
                     study.set_user_attr("definition", definition)
-                    study.set_user_attr("menu_enqueued", True)
                     study.set_user_attr("objective", self.objective)
                     study.set_user_attr("budget_points", self.budget)
         if study.user_attrs.get("objective", self.objective) != self.objective:
@@ -198,7 +221,7 @@ class Search:
                                f"{self.objective}; pass --objective {study.user_attrs['objective']} or another --out.")
         return study
 
-    def run(self, trials: int, timeout: float | None) -> None:
+    def run(self, trials: int, timeout: float | None, console: bool = False) -> None:
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
@@ -206,20 +229,31 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.study()
         done = (TrialState.COMPLETE, TrialState.PRUNED)
+        self.console = Console(self, trials) if console else None
         study.optimize(self._objective, timeout=timeout, catch=(WorkFailed,),
-                       callbacks=[MaxTrialsCallback(trials, states=done)])
+                       callbacks=[MaxTrialsCallback(trials, states=done), *([self.console] if console else [])])
+
+    def close_console(self) -> None:
+        """The trials the other workers finished last, then the bar closed."""
+        if self.console is not None:
+            import optuna
+
+            self.console(optuna.load_study(study_name=self.study_name, storage=self.storage_url), None)
+            self.console.close()
+            self.console = None
 
     # --- one trial ---------------------------------------------------------------------------
     def _objective(self, trial):
         import optuna
 
-        recipe = suggest(trial)
+        recipe = suggest(trial, self.plan.finetune_epochs or 8, self.techniques)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as log:  # one short append: whole lines, any worker
-            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} trial {trial.number} {recipe.slug()} {recipe.format} "
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} trial {trial.number} {self.name(recipe)} {recipe.format} "
                       f"{worker}\n")
-        trial.set_user_attr("recipe", recipe.slug())
+        trial.set_user_attr("recipe", self.name(recipe))
+        trial.set_user_attr("menu", recipe.menu_variant(self.plan.finetune_epochs) is not None)
         trial.set_user_attr("format", recipe.format)
         directory = self._make(recipe)
         from runtime.manifest import read_manifest
@@ -228,7 +262,7 @@ class Search:
         if drop > PRUNE_FACTOR * self.budget:
             trial.set_user_attr("drop_points", drop)
             trial.set_constraint("accuracy_budget", drop - self.budget)
-            raise optuna.TrialPruned(f"{recipe.slug()}: {drop:.2f} points below the baseline after fine-tuning")
+            raise optuna.TrialPruned(f"{self.name(recipe)}: {drop:.2f} points below the baseline after fine-tuning")
         file = self._export(directory, recipe.format)
         accuracy, value = self._measure(file)
         trial.set_user_attr("file", os.path.relpath(file, self.out))
@@ -240,6 +274,10 @@ class Search:
         trial.set_user_attr(OBJECTIVES[self.objective], value)
         return accuracy, value
 
+    def name(self, recipe: Recipe) -> str:
+        """The artifact's name after `<model>-`: the menu variant's when the recipe is one, else its slug."""
+        return recipe.menu_variant(self.plan.finetune_epochs) or recipe.slug()
+
     def _make(self, recipe: Recipe) -> Path:
         """The recipe's artifact (and its parent's), reused when a valid one is there."""
         import optimize
@@ -247,7 +285,7 @@ class Search:
         if recipe.technique == "none":
             return self.pipeline.dir_of("base")
         parent = self._make(recipe.parent()) if recipe.parent() else self.pipeline.dir_of("base")
-        directory = self.out / f"{self.plan.model}-{recipe.slug()}"
+        directory = self.out / f"{self.plan.model}-{self.name(recipe)}"
         with waiting_lock(directory):  # two workers on one recipe: the second reuses what the first made
             manifest = self.pipeline._core_intact(directory)
             parent_manifest = self.pipeline._core_intact(parent)
@@ -317,6 +355,70 @@ class Search:
         return self._baseline
 
 
+def value_text(objective: str, value) -> str:
+    """An objective's value with its unit: '113.0 KiB gzip', '470.4 KiB', '0.106 ms at 1 thread'."""
+    if value is None:
+        return "-"
+    if objective == "latency":
+        return f"{value:.3f} ms at 1 thread"
+    return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else "")
+
+
+class Console:
+    """An Optuna callback: a line per finished trial of the whole study (any worker's, as this one learns of
+    them), under a progress bar of finished trials (tqdm, on stderr) when the pipeline shows progress."""
+
+    def __init__(self, search: Search, total: int):
+        self.search, self.total, self.printed, self.bar = search, total, set(), None
+        if search.pipeline.progress:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def __call__(self, study, _trial) -> None:
+        from optuna.trial import TrialState
+
+        ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        trials = sorted(study.get_trials(deepcopy=False, states=ended), key=lambda t: t.number)
+        for t in trials:
+            if t.number not in self.printed:
+                self.printed.add(t.number)
+                self._say(self.line(t))
+        if self.bar is not None:
+            self.bar.n = min(self.total, sum(t.state != TrialState.FAIL for t in trials))
+            self.bar.refresh()
+
+    def line(self, t) -> str:
+        from runtime.text import terminal
+
+        a = t.user_attrs
+        what = f"trial {t.number:>3} {a.get('recipe', '?')} {a.get('format', '?')}"
+        if t.state.name == "FAIL":
+            return terminal(f"{what}: failed ({first_line(str(t.system_attrs.get('fail_reason', 'see search.log')))})")
+        if t.state.name == "PRUNED":
+            return terminal(f"{what}: pruned, {a.get('drop_points', 0):.2f} points below the baseline after "
+                            "fine-tuning")
+        objective = self.search.objective
+        budget = "over budget" if a.get("over_budget") else "within budget"
+        took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+            else 0
+        return terminal(f"{what}: {a.get('accuracy', 0):.2%}, {value_text(objective, a.get(OBJECTIVES[objective]))}, "
+                        f"{budget} ({took:.0f} s, {a.get('worker', '?')})")
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            self.search.pipeline.say(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _default_epochs(technique: str) -> int:
     """The fine-tuning epochs the pipeline's menu uses for a technique (optimize.recipes' defaults)."""
     from optimize.recipes import RECIPES
@@ -371,7 +473,6 @@ def trials_table(storage_url: str, study_name: str | None = None) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
-                     "menu": "fixed_params" in t.system_attrs,  # enqueued from the default menu
                      **{k: v for k, v in t.user_attrs.items()}, "values": list(t.values) if t.values else None})
     return rows
 
@@ -381,8 +482,24 @@ def elapsed(started: float) -> str:
     return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
 
 
+def parse_techniques(text: str | None) -> tuple[str, ...]:
+    """--techniques: a comma-separated subset of TECHNIQUES, in their order."""
+    from runtime.errors import unknown
+
+    if text is None:
+        return TECHNIQUES
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in TECHNIQUES:
+            raise unknown("technique", name, TECHNIQUES)
+    if not names:
+        raise EdgeKitError(f"--techniques names at least one of {', '.join(TECHNIQUES)}; got {text!r}.")
+    return tuple(t for t in TECHNIQUES if t in names)
+
+
 def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, storage: str | None,
-               jobs: int, heartbeat: int, argv: list[str], worker: bool) -> dict | None:
+               jobs: int, heartbeat: int, argv: list[str], worker: bool,
+               techniques: tuple[str, ...] = TECHNIQUES) -> dict | None:
     """The whole `--search` command: train and export the base model (once, under the run's lock), run this
     worker and `jobs - 1` more until the study has `trials` finished trials or `timeout` passes, then (unless
     this is a `--worker`) write the report. Returns the report, or None for a worker."""
@@ -400,7 +517,8 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
         raise EdgeKitError(f"--timeout is in seconds, above 0; got {timeout!r}.")
     started = time.perf_counter()
     budget = pipeline.plan.max_accuracy_drop
-    search = Search(pipeline, objective, budget, storage, heartbeat)
+    search = Search(pipeline, objective, budget, storage, heartbeat, alone=jobs == 1 and storage is None and not worker,
+                    techniques=techniques)
     if storage is not None and not worker:
         search.storage()  # a storage that cannot be opened fails now, not after training the base model
     if not worker:
@@ -415,9 +533,10 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     search.study()  # the storage opens and the menu is enqueued before any other worker starts
     children = run_workers(argv, jobs, storage) if not worker else []
     try:
-        search.run(trials, timeout)
+        search.run(trials, timeout, console=not worker)
     finally:
         codes = [child.wait() for child in children]
+        search.close_console()
     if worker:
         return None
     if any(codes):

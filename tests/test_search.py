@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-FAST = ["--epochs", "2", "--finetune-epochs", "1", "--no-bench", "--heartbeat", "1"]
+FAST = ["--epochs", "2", "--finetune-epochs", "1", "--no-bench", "--heartbeat", "1", "--techniques", "none,prune,prune24,cluster"]
 
 
 def _search(out, *args, **kwargs):
@@ -60,6 +60,14 @@ def test_two_workers_run_every_trial_once_and_lose_none(searched):
         if t["state"] == "complete":
             assert (out / t["file"]).is_file() and t["accuracy"] > 0.5
     assert "search: " in stdout and "to ship" not in stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("trial ")]  # one per trial, with its unit
+    assert sorted(int(line.split()[1]) for line in lines) == sorted(t["number"] for t in finished)
+    complete = [line for line in lines if " budget (" in line]
+    assert len(complete) == sum(t["state"] == "complete" for t in finished)
+    assert all(" KiB gzip, " in line for line in complete), complete
+    from pipeline.run import VARIANTS
+
+    assert all(t["menu"] is (t["recipe"] in VARIANTS) for t in finished)  # a menu recipe is named as the menu
     md = (out / "report.md").read_text()  # the report's search section: every trial, judged like every file
     assert "## Search" in md and md.count("\n| ") >= len(trials) and (out / "search.png").is_file()
     assert all(f"| {t['number']} | {t['recipe']} |" in md for t in finished)
@@ -99,3 +107,22 @@ def test_a_killed_search_resumes_and_runs_the_interrupted_trial_again(searched, 
     retried = [t for t in after.values() if t["number"] > lost["number"] and t["params"] == lost["params"]]
     assert retried and retried[0]["state"] in ("complete", "pruned")
     assert sum(t["state"] in ("complete", "pruned") for t in after.values()) >= 7
+
+
+def test_a_recipe_of_the_menu_is_the_menu_variant_not_a_new_name():
+    """The pipeline's menu (fine-tuning epochs: prune 8, cluster 4, qat/pqat/cqat 3) is the search's baseline: a
+    trial that draws one of its recipes is that variant's artifact, whatever the format."""
+    from pipeline.search import Recipe
+
+    assert Recipe("prune", 8, 0.5, format="dynamic").menu_variant(None) == "pruned50"
+    assert Recipe("prune", 8, 0.8).menu_variant(None) == "pruned80"
+    assert Recipe("prune24", 8).menu_variant(None) == "2of4"
+    assert Recipe("cluster", 4, clusters=16, init="linear").menu_variant(None) == "clustered16"
+    assert Recipe("qat", 3).menu_variant(None) == "qat"
+    assert Recipe("prune", 7, 0.5).menu_variant(None) is None  # other epochs: another model
+    assert Recipe("prune", 8, 0.51).menu_variant(None) is None
+    assert Recipe("cluster", 4, clusters=16, init="density").menu_variant(None) is None
+    # pqat fine-tunes pruned80 (8 epochs of pruning) for 3 epochs: the search's pqat prunes with its own epochs,
+    # so only when those are the menu's is it the menu's model
+    assert Recipe("pqat", 3, 0.8).menu_variant(None) is None
+    assert Recipe("pqat", 1, 0.8).menu_variant(1) == "pqat" and Recipe("qat", 1).menu_variant(1) == "qat"

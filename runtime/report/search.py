@@ -94,15 +94,27 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
         menu_best = min((r for r in menu_rows if r.get(key) is not None and not r.get("over_budget")
                          and r["status"] == "verified"), key=lambda r: r[key], default=None)
         c = chosen["choice"]
-        versus = "" if menu_best is None else (
-            f"; the default menu's best within budget is {label(menu_best)} at {menu_best[key] * scale:,.1f}"
-            f" ({c[key] / menu_best[key]:.2f}x)")
-        lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {c[key] * scale:,.1f}, "
+        if menu_best is None:
+            versus = ("; no file of the default menu is here to compare with (`python -m pipeline` into the same "
+                      "--out makes them)")
+        elif menu_best is c:
+            versus = "; it is a file of the default menu: the search found nothing better"
+        else:
+            versus = (f", {c[key] / menu_best[key]:.2f}x the default menu's best within budget, {label(menu_best)} "
+                      f"at {_value(data['objective'], menu_best[key])}")
+        lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {_value(data['objective'], c[key])}, "
                       f"{c['accuracy']:.2%}{versus}."]
     plots = [PLOT] if _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) else []
     if plots:
         lines += ["", f"![search]({PLOT})"]
     return lines, plots
+
+
+def _value(objective: str, value: float) -> str:
+    """'113.0 KiB gzip', '470.4 KiB', '0.106 ms at 1 thread'."""
+    if objective == "latency":
+        return f"{value:.3f} ms at 1 thread"
+    return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else "")
 
 
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
@@ -121,20 +133,22 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) ->
         over = row.get("over_budget")
         ax.errorbar(row[key] * scale, row["accuracy"] * 100,
                     yerr=[[(row["accuracy"] - row["accuracy_low"]) * 100], [(row["accuracy_high"] - row["accuracy"]) * 100]],
-                    fmt="o", color="#b0b0b0" if over else "#1f77b4", ms=6, elinewidth=0.8, alpha=0.8)
+                    fmt="o", color="#b0b0b0" if over else "#1f77b4", ms=7, mec="white", mew=0.8, elinewidth=0.6,
+                    alpha=0.9, zorder=4)
     front = sorted((row[key] * scale, row["accuracy"] * 100) for row in points
                    if row.get(f"pareto_{objective}"))
     if front:
         ax.step(*zip(*front), where="post", color="#1f77b4", linewidth=1.2, label="the study's Pareto front")
     menu = [r for r in menu_rows if r.get(key) is not None and r.get("accuracy") is not None]
     if menu:
-        ax.scatter([r[key] * scale for r in menu], [r["accuracy"] * 100 for r in menu], marker="x", color="black",
-                   s=40, zorder=4, label="default menu's files")
+        ax.scatter([r[key] * scale for r in menu], [r["accuracy"] * 100 for r in menu], marker="s", s=90,
+                   facecolors="none", edgecolors="black", linewidths=1.2, zorder=3,
+                   label="default menu's files (a trial inside one: the same file)")
     base = next((r for r in rows if r.get("accuracy_change_pts") == 0 and r["variant"] == "base"), None)
     if base is not None:
         ax.axhline(base["accuracy"] * 100 - budget, color="#d62728", linestyle="--", linewidth=1,
                    label="accuracy budget")
-    ax.scatter([], [], color="#1f77b4", label="search trials (grey: over budget)")
+    ax.scatter([], [], color="#1f77b4", edgecolors="white", label="search trials (grey: over budget)")
     ax.set_xscale("log")
     _log_ticks(ax)
     ax.set_xlabel(f"{axis}, log scale")
@@ -149,8 +163,8 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) ->
 
 
 def _menu(rows: list[dict], trials) -> list[dict]:
-    """The default menu's files: the pipeline's own variants in this directory, and the trials the search
-    enqueued from the menu (marked `menu` in search.json)."""
+    """The default menu's files: the pipeline's own variants in this directory, and the trials whose recipe is a
+    menu variant's (marked `menu` in search.json: they are that variant's artifact)."""
     menu = [r for r in rows if r["variant"] in MENU and r["variant"] != "base"]
     seen = {id(r) for r in menu}
     for t, row in trials:
