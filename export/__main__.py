@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep these Keras layers (comma-separated) float in an int8 file, written as the "
                                 "format int8-mixed (onnx-int8-mixed); 'auto': write plain int8 if it meets the "
                                 "budget, else keep the fewest most sensitive layers float until it does")
+    parser.add_argument("--dense", action="store_true",
+                        help="no sparse encoding: a pruned model's float32, dynamic and int8 files are otherwise "
+                             "written sparse when that makes them 1%% smaller (EdgeKit's runtime densifies them at "
+                             "load; other runtimes run them on their builtin kernels, or fail with XNNPACK)")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     foreign = parser.add_argument_group(
         "an .onnx source (PyTorch's torch.onnx.export, any exporter)",
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
-                     mean=args.mean, std=args.std, layout=args.layout)
+                     mean=args.mean, std=args.std, layout=args.layout, sparse=not args.dense)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     width = max([10, *(len(r.format) for r in results)])

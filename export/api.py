@@ -24,7 +24,7 @@ import numpy as np
 from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
-from runtime.errors import EdgeKitError, VerificationError, first_line, suggest
+from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
 from runtime.text import terminal
@@ -179,11 +179,14 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
            progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
            keep_float: list[str] | str | None = None, explain: bool = False, mean=None, std=None,
-           layout: str | None = None) -> list[Result]:
+           layout: str | None = None, sparse: bool = True) -> list[Result]:
     """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
 
     An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
     does, and exports to the ONNX formats only, onnx-float32 always (the report's baseline).
+
+    A pruned model's float32, dynamic and int8 files (a third or more of its kernel weights zero) are written with
+    the converter's sparse encoding when that makes them at least 1% smaller, unless not `sparse`.
 
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
     model that needs code to load is refused unless `trust`. Every format is attempted; each
@@ -206,7 +209,7 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         check_out_apart(out, [path])
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust, float(max_accuracy_drop), keep_float, explain, options)
+                       trust, float(max_accuracy_drop), keep_float, explain, options, sparse)
 
 
 def _source_options(path: Path, fmts, opset, mean, std, layout):
@@ -230,7 +233,7 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust, max_accuracy_drop, keep_float=None, explain=False, options=None) -> list[Result]:
+            trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=True) -> list[Result]:
     from export import convert
     from runtime.load import load
 
@@ -280,6 +283,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
         fmts, mixed = _selective(src, fmts, out, calibration, keep_float, explain, max_accuracy_drop, progress,
                                  onnx_proto, calibration_method or "minmax")
     results = []
+    zeros = convert.zero_fraction(src.model) if sparse and src.kind != "onnx" and any(
+        f.key in convert.SPARSE_FORMATS for f in fmts) else 0.0
     # ONNX first: tf2onnx's peak comes on top of what TFLite conversions leave behind otherwise
     # (ResNet50 at 64x64, --all: 2.8 GB peak RSS in this order, 3.2 GB in table order)
     for fmt in sorted(fmts, key=lambda f: f.backend != "onnx"):
@@ -295,6 +300,9 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 data, record = _qat_int8(src, calibration, trust, progress)
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
+                if fmt.key in convert.SPARSE_FORMATS and zeros >= convert.SPARSE_ZEROS:
+                    data, record = _sparse_if_smaller(src, fmt, data, calibration, quantization_aware, zeros,
+                                                      progress)
             else:
                 if onnx_proto is None:
                     onnx_proto = _onnx_float(src, opset)
@@ -316,6 +324,23 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     if src.manifest is not None or results:
         _record(out, src, results)
     return results
+
+
+def _sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, zeros, progress):
+    """(the file's bytes, its sidecar record): the sparse encoding when it is 1% smaller than `dense`, else
+    `dense`."""
+    from export import convert
+
+    try:
+        sparse = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware, sparse=True)
+    except ConversionError as exc:
+        progress(f"{fmt.key}: no sparse encoding ({first_line(exc)}); the file stays dense")
+        return dense, None
+    if len(sparse) >= 0.99 * len(dense):
+        return dense, None
+    progress(f"{fmt.key}: sparse encoding, {len(sparse):,} bytes instead of {len(dense):,} "
+             f"({len(sparse) / len(dense):.2f}x; {zeros:.0%} of the weights are zero)")
+    return sparse, {"sparse_encoding": {"dense_bytes": len(dense), "weights_zero": round(zeros, 4)}}
 
 
 def _onnx_float(src: Source, opset: int | None):

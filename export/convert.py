@@ -26,10 +26,29 @@ def _representative(calibration: np.ndarray):
     return generator
 
 
-def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_aware: bool) -> bytes:
+SPARSE_FORMATS = ("float32", "dynamic", "int8")  # the converter's sparse encoding: tried for a pruned model's files
+SPARSE_ZEROS = 0.3  # the fraction of zero weights from which a sparse encoding is tried
+
+
+def zero_fraction(model) -> float:
+    """The fraction of zeros among the model's kernels (Dense and Conv weights of 1,024 values or more)."""
+    zeros = total = 0
+    for weight in model.weights:
+        if "kernel" in weight.name and int(np.prod(weight.shape)) >= 1024:
+            value = weight.numpy()
+            zeros, total = zeros + int(np.count_nonzero(value == 0)), total + value.size
+    return zeros / total if total else 0.0
+
+
+def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_aware: bool,
+              sparse: bool = False) -> bytes:
+    """`sparse`: the converter's sparse encoding (Optimize.EXPERIMENTAL_SPARSITY), for pruned weights; the runtime
+    densifies such a file when it loads it (runtime/sparse.py)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if key != "float32" or quantization_aware:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if sparse:
+        converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     if key == "float16":
         converter.target_spec.supported_types = [tf.float16]
     elif key == "int8":

@@ -289,8 +289,9 @@ class Pipeline:
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
             progress = (lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None)
+            # a pruned model's files sparse (smaller), except for a gzip objective: its zeros compress better dense
             results = export(directory, todo, data_dir=self.plan.data_dir, max_accuracy_drop=self.plan.max_accuracy_drop,
-                             progress=progress)
+                             progress=progress, sparse=self.plan.objective != "gzip")
             failed = [r for r in results if not r.passed]
             note = f"{len(results) - len(failed)}/{len(results)} verified" + (
                 f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")

@@ -53,10 +53,10 @@ def tflite_description(data: bytes) -> str:
 
 
 def _tflite(path: Path) -> dict:
-    from ai_edge_litert.interpreter import Interpreter
+    from runtime.sparse import interpreter as open_interpreter
 
     try:
-        interpreter = Interpreter(model_path=str(path))
+        interpreter = open_interpreter(path)
         ops = interpreter._get_ops_details()  # LiteRT has no public per-op listing
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     except (ValueError, RuntimeError) as exc:
@@ -71,11 +71,13 @@ def _tflite(path: Path) -> dict:
                 "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
                 "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
 
-    with open(path, "rb") as fh:
-        head = fh.read(min(path.stat().st_size, 64 << 20))
+    from runtime.sparse import sparse_tensors
+
+    data = path.read_bytes()
     return {"inputs": [tensor(d) for d in inputs], "outputs": [tensor(d) for d in outputs],
             "ops": dict(Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE")),
-            "producer": tflite_description(head) or None, "opset": None}
+            "producer": tflite_description(data[:64 << 20]) or None, "opset": None,
+            "sparse_tensors": sparse_tensors(data)}
 
 
 def _onnx(path: Path) -> dict:
@@ -167,6 +169,9 @@ def show(info: dict) -> None:
         others = ", ".join(f"{d} {v}" for d, v in info.get("opsets", {}).items() if d in used)
         print(f"opset        {info['opset']}" + (f" (and {others})" if others else "")
               + (f", IR version {info['ir_version']}" if info.get("ir_version") else ""))
+    if info.get("sparse_tensors"):
+        print(f"sparse       {info['sparse_tensors']} weight tensors stored sparse (the converter's sparse encoding); "
+              "densified in memory when the runtime loads the file, so it runs as the dense file does")
     for data in info.get("external_data") or []:
         print(f"weights in   {terminal(data['file'])} ({data['bytes']:,} bytes, external data beside the file)")
     for kind in ("inputs", "outputs"):

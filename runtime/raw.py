@@ -142,10 +142,10 @@ class _TFLiteRaw(RawModel):
     backend = "tflite"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        from ai_edge_litert.interpreter import Interpreter
+        from runtime.sparse import interpreter
 
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
             details_in = self._interpreter.get_input_details()
             details_out = self._interpreter.get_output_details()
         except (ValueError, RuntimeError) as exc:

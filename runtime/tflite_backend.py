@@ -15,10 +15,10 @@ from runtime.tensors import TensorInfo, _dim
 
 class _TFLiteModel(Model):
     def __init__(self, path, threads, sidecar, options=None):
-        from ai_edge_litert.interpreter import Interpreter
+        from runtime.sparse import interpreter
 
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
             self._interpreter.allocate_tensors()
             detail_in = self._interpreter.get_input_details()
             detail_out = self._interpreter.get_output_details()
@@ -160,10 +160,12 @@ def tflite_census(model: bytes | str | Path) -> dict:
     "float_ops": [names of ops with a float32 input or output]}. A fully integer file has no float op."""
     from collections import Counter
 
+    from runtime.sparse import densify
+
     from ai_edge_litert.interpreter import Interpreter
 
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
-    interpreter = Interpreter(model_content=data)
+    interpreter = Interpreter(model_content=densify(data))  # the graph that runs: sparse weights dense
     tensors = interpreter.get_tensor_details()
     dtype = {t["index"]: np.dtype(t["dtype"]).name for t in tensors}
     ops = interpreter._get_ops_details()  # LiteRT has no public per-op listing

@@ -210,3 +210,31 @@ def test_the_same_seed_gives_the_same_bits(tiny, pruned, clustered, tmp_path, ve
     second = verb(source, tmp_path / "b", epochs=1, quiet=True, **settings)
     assert first["files"] == second["files"]
     assert first["metrics"]["accuracy"] == second["metrics"]["accuracy"]
+
+
+def test_a_pruned_models_files_are_sparse_smaller_and_run_as_the_dense_ones(pruned, digits, tmp_path):
+    """The converter's sparse encoding: smaller files, verified, that the runtime densifies at load into the dense
+    file's bits; LiteRT alone (XNNPACK, its default) refuses the sparse int8 file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from export import export
+    from runtime.load import load
+    from runtime.sparse import sparse_tensors
+
+    _, directory = pruned
+    formats = ["float32", "int8"]
+    dense = {r.format: r for r in export(directory, formats, tmp_path / "dense", sparse=False, progress=lambda s: None)}
+    sparse = {r.format: r for r in export(directory, formats, tmp_path / "sparse", progress=lambda s: None)}
+    x, _ = digits.arrays("test")
+    for fmt in formats:
+        d, s = dense[fmt], sparse[fmt]
+        assert d.passed and s.passed, (d.message, s.message)
+        assert sparse_tensors(s.file.read_bytes()) > 0 and sparse_tensors(d.file.read_bytes()) == 0
+        assert s.file.stat().st_size < 0.8 * d.file.stat().st_size
+        assert np.array_equal(load(s.file).logits(x), load(d.file).logits(x))
+        sidecar = json.loads(s.file.with_suffix(".json").read_text())
+        assert sidecar["sparse_encoding"]["dense_bytes"] == d.file.stat().st_size
+        assert "sparse" in run_module("runtime", "info", str(s.file)).stdout
+    with pytest.raises((RuntimeError, ValueError)):
+        interpreter = Interpreter(model_path=str(sparse["int8"].file))
+        interpreter.allocate_tensors()

@@ -235,6 +235,21 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
         if slower:
             out.append(f"Quantized but slower than the float baseline at {where} (speed vs baseline; never "
                        f"recommended for latency): {', '.join(slower)}.")
+    base = {r["format"]: r for r in rows if r["variant"] == "base" and r.get("size_bytes")}
+    pairs = [(r, base[r["format"]]) for r in rows if r.get("kind") in ("clustered", "cqat") and r.get("size_bytes")
+             and r["format"] in base]
+    if pairs:
+        c, b = min(pairs, key=lambda p: p[0]["gzip_bytes"] / p[1]["gzip_bytes"])
+        out.append(f"Clustering pays in gzip only: a clustered file stores every weight at full width, so it is as "
+                   f"large as its parent's ({label(c)} {kib(c['size_bytes'])}, {label(b)} {kib(b['size_bytes'])}); "
+                   f"gzip finds its repeated values ({kib(c['gzip_bytes'])} against {kib(b['gzip_bytes'])} gzip).")
+    sparse = [r for r in rows if (r.get("sparse_encoding") or {}).get("dense_bytes")]
+    if sparse:
+        out.append("Sparse encoding (the converter's, for pruned weights; densified when the runtime loads the file, "
+                   "so it runs as fast as the dense one): " + ", ".join(
+                       f"{label(r)} {kib(r['size_bytes'])} instead of {kib(r['sparse_encoding']['dense_bytes'])}"
+                       for r in sparse) + ". Its gzip may be larger than the dense file's, whose zeros compress: "
+                   "`--objective gzip` writes pruned files dense.")
     failed = [f"{label(r)}: {markdown(r['reason'])}" for r in rows if r["status"] != "verified"]
     out.append("Failed: " + ("; ".join(failed) if failed else "none") + ".")
     return out

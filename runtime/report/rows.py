@@ -132,6 +132,9 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
                    size_bytes=model.size_bytes, graph=hashlib.sha256(structure.encode()).hexdigest()[:16],
                    _correct=correct, _predicted=predicted, _images=key,
                    gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
+        encoding = (model.sidecar or {}).get("sparse_encoding")
+        if isinstance(encoding, dict) and type(encoding.get("dense_bytes")) is int and encoding["dense_bytes"] > 0:
+            row["sparse_encoding"] = {"dense_bytes": encoding["dense_bytes"]}
 
 
 def _gzip_bytes(path: Path) -> int:

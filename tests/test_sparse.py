@@ -1,0 +1,54 @@
+"""TFLite's sparse tensors decoded as TFLite's FormatConverter does (tensorflow/lite/kernels/internal/utils/
+sparsity_format_converter.cc): CSR rows, and blocks, on examples worked out by hand."""
+
+import numpy as np
+import pytest
+
+from runtime.sparse import dense_values
+
+
+def _sparsity(order, dims, block_map=()):
+    from ai_edge_litert import schema_py_generated as schema
+
+    params = schema.SparsityParametersT()
+    params.traversalOrder, params.blockMap, params.dimMetadata = list(order), list(block_map), []
+    for dim in dims:
+        meta = schema.DimensionMetadataT()
+        if isinstance(dim, int):
+            meta.format, meta.denseSize = 0, dim
+        else:
+            segments, indices = schema.Int32VectorT(), schema.Int32VectorT()
+            segments.values, indices.values = dim
+            meta.format, meta.arraySegments, meta.arrayIndices = 1, segments, indices
+            meta.arraySegmentsType = meta.arrayIndicesType = schema.SparseIndexVector.Int32Vector
+        params.dimMetadata.append(meta)
+    return params
+
+
+def test_csr_rows():
+    # row 0 holds columns 0 and 2, row 1 column 1, row 2 nothing, row 3 columns 0 and 3
+    params = _sparsity([0, 1], [4, ([0, 2, 3, 3, 5], [0, 2, 1, 0, 3])])
+    dense = dense_values(np.array([1, 2, 3, 4, 5], np.int8), [4, 4], params)
+    assert dense.tolist() == [[1, 0, 2, 0], [0, 3, 0, 0], [0, 0, 0, 0], [4, 0, 0, 5]] and dense.dtype == np.int8
+
+
+def test_two_by_two_blocks():
+    # block row 0 holds block columns 0 and 1, block row 1 block column 1; each block's 4 values row by row
+    params = _sparsity([0, 1, 2, 3], [2, ([0, 2, 3], [0, 1, 1]), 2, 2], block_map=[0, 1])
+    dense = dense_values(np.arange(1, 13, dtype=np.float32), [4, 4], params)
+    assert dense.tolist() == [[1, 2, 5, 6], [3, 4, 7, 8], [0, 0, 9, 10], [0, 0, 11, 12]]
+
+
+def test_a_column_major_traversal():
+    # traversal order (1, 0): the outer dimension is the column; column 0 holds rows 1 and 2
+    params = _sparsity([1, 0], [3, ([0, 2, 2, 3], [1, 2, 0])])
+    dense = dense_values(np.array([7, 8, 9], np.int32), [3, 3], params)
+    assert dense.tolist() == [[0, 0, 9], [7, 0, 0], [8, 0, 0]]
+
+
+def test_parameters_that_do_not_add_up_are_refused():
+    params = _sparsity([0, 1], [4, ([0, 2, 3, 3, 5], [0, 2, 1, 0, 3])])
+    with pytest.raises(ValueError, match="stored values"):
+        dense_values(np.array([1, 2, 3], np.int8), [4, 4], params)  # five places, three values
+    with pytest.raises(ValueError, match="segment array"):
+        dense_values(np.zeros(5, np.int8), [4, 4], _sparsity([0, 1], [4, ([0, 2, 3], [0, 2, 1])]))
