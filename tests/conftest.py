@@ -27,21 +27,41 @@ except (OSError, AttributeError):  # not glibc
     _LIBC = None
 
 
+_MEMORY = []  # (module, resident GiB after it, the process's peak GiB after it)
+
+
+def _status_gib(field: str) -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(line for line in fh if line.startswith(field + ":"))
+        return int(line.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration):
+        return 0.0
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _release_memory():
+def _release_memory(request):
     yield
     if "tf_keras" in sys.modules:
         sys.modules["tf_keras"].backend.clear_session()
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+    _MEMORY.append((request.module.__name__, _status_gib("VmRSS"), _status_gib("VmHWM")))
 
 
 def pytest_terminal_summary(terminalreporter):
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    terminalreporter.write_line(f"peak memory (max RSS): the pytest process {own:.2f} GiB, its largest "
-                                f"subprocess {child:.2f} GiB")
+    terminalreporter.write_line(f"peak memory (max RSS) of the pytest process: {own:.2f} GiB")
+    before = 0.0
+    rises = []
+    for module, resident, peak in _MEMORY:
+        if peak > before + 0.05:
+            rises.append(f"{module} {peak:.2f}")
+        before = peak
+    if rises:
+        terminalreporter.write_line("  the peak (GiB) rose in: " + ", ".join(rises) +
+                                    f"; resident after the last module {_MEMORY[-1][1]:.2f} GiB")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
