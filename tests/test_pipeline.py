@@ -124,8 +124,12 @@ def test_one_recommendation_for_the_objective_with_commands_that_run_from_here(q
     assert evaluate[:4] == ["python", "-m", "runtime", "eval"] and not Path(evaluate[4]).is_absolute()
     done = subprocess.run([sys.executable, *evaluate[1:]], capture_output=True, text=True, cwd=quick_copy.parent)
     assert done.returncode == 0 and f"{rec['choice']['accuracy']:.2%}" in done.stdout, done.stderr
-    copied = shlex.split(block[1].split("#")[0])[1:-1]
-    assert [Path(p).suffix for p in copied] == [".tflite", ".json"] and all(Path(p).is_file() for p in copied)
+    copy = next(line for line in block if line.startswith("scp "))
+    copied = shlex.split(copy.split("#")[0])[1:-1]  # EdgeKit's sdist, the file and its sidecar
+    assert [Path(p).suffix for p in copied] == [".gz", ".tflite", ".json"] and all(Path(p).is_file() for p in copied[1:])
+    build = shlex.split(next(line for line in block if line.startswith("python -m build")).split("#")[0])
+    assert (Path(build[-1]) / "pyproject.toml").is_file()  # the repository, from here
+    assert f"pip install ~/{Path(copied[0]).name}" in first
 
 
 def test_a_report_marks_files_over_budget_and_never_recommends_them(quick_copy):

@@ -104,21 +104,32 @@ def fence(text: str, info: str = "bash") -> list[str]:
 
 
 def commands(row: dict, machine: dict) -> str:
-    """What to run, from the current directory: evaluate the file here, copy it and its sidecar to the device,
-    install EdgeKit's runtime there and run the file."""
+    """What to run, from the current directory: evaluate the file here; build EdgeKit's source package (one file
+    for any CPU: pip builds it on the device), copy it with the model and its sidecar, install and run there."""
     import shlex
+    from importlib import metadata
 
+    import runtime
     from runtime.manifest import sidecar_path
 
     here = relative(row["file"], Path.cwd())
     name = Path(row["file"]).name
     sidecar = relative(sidecar_path(row["file"]), Path.cwd())
-    copy = " ".join(shlex.quote(p) for p in (here, *([sidecar] if Path(sidecar).is_file() else [])))
+    repository = Path(runtime.__file__).resolve().parents[1]
+    source = relative(repository, Path.cwd()) if (repository / "pyproject.toml").is_file() else "EDGEKIT_REPOSITORY"
+    try:
+        version = metadata.version("edgekit-ml")
+    except metadata.PackageNotFoundError:
+        version = "VERSION"
+    sdist = f"edgekit_ml-{version}.tar.gz"
+    copy = " ".join(shlex.quote(p) for p in (f"dist/{sdist}", here, *([sidecar] if Path(sidecar).is_file() else [])))
     return "\n".join([
         f"python -m runtime eval {shlex.quote(here)}          # again, here",
+        f"python -m build --sdist --outdir dist {shlex.quote(source)}   # EdgeKit as one file for any CPU "
+        "(pip install build)",
         f"scp {copy} pi@raspberrypi.local:   # your device",
-        "# on the device, in a copy of EdgeKit's repository (README, Raspberry Pi): the runtime only, no TensorFlow",
-        "python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ./edgekit",
+        "# on the device: the runtime only, no TensorFlow (README, Raspberry Pi)",
+        f"python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ~/{sdist}",
         f"~/edgekit/bin/python -m runtime predict ~/{shlex.quote(name)} IMAGE.png",
         f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there"])
 
