@@ -18,6 +18,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
     from runtime.formats import MAX_ACCURACY_DROP
+    from train.models import model_list
 
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
     parser = ArgumentParser(
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "each with the TensorFlow-free runtime, and write the accuracy-vs-size-vs-latency report "
                     "(report.md, .csv, .json and two plots) into the output directory. A rerun skips every stage "
                     "whose artifacts are complete and valid, and redoes the rest.",
-        epilog=f"variants (default: {','.join(DEFAULT_VARIANTS)}):\n{variants}\n\n"
+        epilog=f"models (default fashion_cnn; as python -m train):\n{model_list()}\n\n"
+               f"variants (default: {','.join(DEFAULT_VARIANTS)}):\n{variants}\n\n"
                f"formats (default: {','.join(FLOAT_FORMATS)}; int8 only for the QAT variants)\n\n"
                f"--quick: {QUICK['epochs']} training epochs, {QUICK['finetune_epochs']} fine-tuning epochs, variants "
                f"{','.join(QUICK['variants'])}, formats {','.join(QUICK['formats'])}, {QUICK['runs']} timed calls per "
@@ -38,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m pipeline --model mobilenet --variants pruned80,qat\n"
                "  python -m pipeline --dataset fashion_mnist --data-dir ~/data/fashion   # IDX files there\n"
                "  python -m pipeline --search --objective gzip --trials 16   # the smallest file within 1 point")
-    parser.add_argument("--model", default="fashion_cnn",
-                        help="fashion_cnn (default), resnet, resnet20 or mobilenet")
+    parser.add_argument("--model", default="fashion_cnn", help="a registered model (listed below; default fashion_cnn)")
     parser.add_argument("--dataset", default="digits",
                         help="digits (default, embedded), mnist, fashion_mnist, cifar10 or folder:PATH")
     parser.add_argument("--data-dir", help="where the dataset's files are (IDX .gz, CIFAR batches)")

@@ -73,9 +73,9 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.models import _REGISTRY  # names and descriptions only; no TensorFlow
+    from train.models import model_list  # names and descriptions only; no TensorFlow
 
-    models = "\n".join(f"  {name:<18} {spec.description}" for name, spec in _REGISTRY.items())
+    models = model_list()
     parser = ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an image classifier and write an EdgeKit artifact directory "

@@ -296,3 +296,8 @@ register_model("efficientnet_b0", efficientnet_b0, min_size=32, backbone=True,
                description="Keras applications EfficientNetB0 backbone + new head")
 register_model("resnet50", resnet50, min_size=32, backbone=True,
                description="Keras applications ResNet50 backbone + new head")
+
+
+def model_list() -> str:
+    """The registered models, one per line with its description: what every --help lists."""
+    return "\n".join(f"  {name:<18} {spec.description}" for name, spec in _REGISTRY.items())
