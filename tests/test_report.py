@@ -209,3 +209,18 @@ def test_plot_labels_cover_no_point_no_interval_and_no_other_label(tmp_path):
             assert not any(b.x0 < x1 and x0 < b.x1 and b.y0 < py < b.y1 for b in boxes)
         assert any(t.get_text().endswith(" more") for t in ax.texts)  # a crowd: three names and a count
     plt.close(fig)
+
+
+def test_report_html_escapes_what_came_from_outside():
+    from pathlib import Path
+
+    from runtime.report.html import _inline, _table
+    from runtime.text import markdown
+
+    row = {"variant": "<img src=x onerror=alert(1)>", "format": "int8", "file": "/r/x/model.int8.tflite",
+           "status": "failed", "reason": "</td><script>alert(1)</script>"}
+    html = _table([row], Path("/r"))
+    assert "<script>" not in html and "<img" not in html and "&lt;script&gt;" in html
+    line = _inline("**Ship base int8**: `a.tflite`; " + markdown("**not bold** <b>x</b> `tick`"))
+    assert line.startswith("<strong>Ship base int8</strong>: <code>a.tflite</code>")
+    assert "<b>" not in line and "**not bold**" in line and "<code>tick</code>" not in line

@@ -89,8 +89,9 @@ def _inline(md: str) -> str:
         if part.startswith("`") and part.endswith("`") and len(part) >= 2:
             out.append(f"<code>{_e(part[1:-1])}</code>")
             continue
-        text = _e(re.sub(r"\\(.)", r"\1", part))
-        out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text))
+        for i, piece in enumerate(re.split(r"(?<!\\)\*\*(.+?)(?<!\\)\*\*", part)):  # odd pieces: **bold**
+            text = _e(re.sub(r"\\(.)", r"\1", piece))  # an escaped \* from outside stays a star
+            out.append(f"<strong>{text}</strong>" if i % 2 else text)
     return "".join(out)
 
 
