@@ -50,6 +50,16 @@ def _release_memory(request):
     _MEMORY.append((request.module.__name__, _status_gib("VmRSS"), _status_gib("VmHWM")))
 
 
+def in_subprocess(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a fresh Python process (spawned, never forked from one running TensorFlow), its
+    result pickled back: what TensorFlow's converters and graphs hold goes back to the system when it exits,
+    instead of staying in this process for the rest of the suite. `fn` must be a module-level function."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args, kwargs)
+
+
 def pytest_terminal_summary(terminalreporter):
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
     terminalreporter.write_line(f"peak memory (max RSS) of the pytest process: {own:.2f} GiB")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import in_subprocess, run_module
 from runtime.manifest import read_manifest
 from train.__main__ import main as train_main
 from train.backbones import BACKBONES, HEAD, freeze, unfreeze
@@ -91,9 +91,21 @@ def test_imagenet_weights_offline_name_the_file_and_where(tmp_path):
 def mobilenet_v2(tmp_path_factory):
     """MobileNetV2 (alpha 0.35) on digits, grayscale repeated to RGB at 32x32: the head, then the top blocks."""
     out = tmp_path_factory.mktemp("backbone") / "mobilenet_v2"
-    assert train_main(["--model", "mobilenet_v2", "--model-arg", "alpha=0.35", "--freeze-backbone",
-                       "--fine-tune-from", "block_13_expand", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    done = run_module("train", "--model", "mobilenet_v2", "--model-arg", "alpha=0.35", "--freeze-backbone",
+                      "--fine-tune-from", "block_13_expand", "--epochs", "1", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
     return out
+
+
+def _qat_and_export(artifact: str, qat_out: str):
+    """`optimize qat` and `export --all` (32 calibration images, as test_foreign), in a subprocess
+    (conftest.in_subprocess)."""
+    from export import FORMATS, export
+    from optimize import qat
+
+    manifest = qat(artifact, qat_out, epochs=1, quiet=True)
+    return manifest, {r.format: r for r in export(artifact, list(FORMATS), calibration_samples=32,
+                                                  progress=lambda s: None)}
 
 
 def test_two_phase_training_records_the_backbones_preprocessing(mobilenet_v2):
@@ -110,15 +122,12 @@ def test_two_phase_training_records_the_backbones_preprocessing(mobilenet_v2):
 
 
 def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp_path, digits):
-    """What `optimize qat` and `export --all` do, in this process (32 calibration images, as test_foreign)."""
-    from export import FORMATS, export
-    from optimize import qat
+    """What `optimize qat` and `export --all` do (in a subprocess: what the converters hold goes back)."""
+    from export import FORMATS
     from runtime.load import load
 
-    manifest = qat(mobilenet_v2, tmp_path / "qat", epochs=1, quiet=True)
+    manifest, results = in_subprocess(_qat_and_export, str(mobilenet_v2), str(tmp_path / "qat"))
     assert manifest["kind"] == "qat" and manifest["model"] == "mobilenet_v2"
-    results = {r.format: r for r in export(mobilenet_v2, list(FORMATS), calibration_samples=32,
-                                           progress=lambda s: None)}
     assert set(results) == set(FORMATS)
     assert {"float32", "int8", "onnx-float32"} <= {k for k, r in results.items() if r.passed}
     for key, result in results.items():  # verified, or failed with the runtime's reason

@@ -3,9 +3,12 @@ SeparableConv2D model, through `export --all` and `runtime.load(...).predict` on
 verified or fails with its reason, nothing raises, and a model that ends in softmax is never normalized
 twice."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from conftest import in_subprocess
 from export import FORMATS, export
 from runtime.load import load
 
@@ -37,31 +40,41 @@ MODELS = {
 FORMATS_OF = {"efficientnet_b0": ["float32", "int8", "onnx-float32"]}
 
 
-@pytest.fixture(scope="session", params=list(MODELS))
-def foreign(request, tmp_path_factory, digits):
-    """A foreign model trained one epoch on 256 digits at 32x32x3, saved as a bare .keras file and exported to
-    every format (EfficientNetB0: see FORMATS_OF) with 32 calibration images; (name, model, results, data)."""
-    from runtime.datasets import resized
+def _make(name: str, directory: str):
+    """Train, save and export the foreign model (in a subprocess: in_subprocess); its results, and the Keras
+    model's probabilities on the first 5 test images."""
+    from runtime.datasets import load_dataset, resized
     from train.backend import keras
     from train.trainer import seed_everything
 
     seed_everything(0)
-    model = MODELS[request.param](keras)
-    data = resized(digits, (32, 32), 3)
+    model = MODELS[name](keras)
+    data = resized(load_dataset("digits"), (32, 32), 3)
     x, y = data.arrays("train")
     x, y = x[:256], y[:256]
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    path = tmp_path_factory.mktemp(request.param) / "model.keras"
+    path = Path(directory) / "model.keras"
     model.save(path)
-    formats = FORMATS_OF.get(request.param, list(FORMATS))
+    formats = FORMATS_OF.get(name, list(FORMATS))
     results = {r.format: r for r in export(path, formats, dataset="digits", calibration_samples=32,
                                            progress=lambda s: None)}
-    return request.param, model, results, data
+    return results, model.predict(data.preprocessing.apply(data.x_test[:5]), verbose=0)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def foreign(request, tmp_path_factory, digits):
+    """A foreign model trained one epoch on 256 digits at 32x32x3, saved as a bare .keras file and exported to
+    every format (EfficientNetB0: see FORMATS_OF) with 32 calibration images, in a subprocess; (name, results,
+    data, the Keras model's probabilities on the first 5 test images)."""
+    from runtime.datasets import resized
+
+    results, expected = in_subprocess(_make, request.param, str(tmp_path_factory.mktemp(request.param)))
+    return request.param, results, resized(digits, (32, 32), 3), expected
 
 
 def test_every_format_is_verified_or_fails_with_a_reason(foreign):
-    name, _, results, _ = foreign
+    name, results, _, _ = foreign
     assert set(results) == set(FORMATS_OF.get(name, FORMATS))
     for key, result in results.items():
         assert result.passed or result.message.startswith(f"{key}: "), (name, key, result.message)
@@ -70,9 +83,8 @@ def test_every_format_is_verified_or_fails_with_a_reason(foreign):
 
 
 def test_softmax_outputs_are_recorded_and_not_normalized_again(foreign):
-    name, model, results, data = foreign
+    name, results, data, expected = foreign
     pixels = data.x_test[:5]
-    expected = model.predict(data.preprocessing.apply(pixels), verbose=0)
     for key, result in results.items():
         if not result.passed:
             continue

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from conftest import in_subprocess
 from optimize.api import optimize_model
 from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
 from runtime.load import tflite_census
@@ -68,9 +69,10 @@ def int8_files(name: str, dataset, techniques) -> tuple[dict[str, bytes], dict[s
     return files, records
 
 
-@pytest.fixture(scope="session", params=list(TECHNIQUES))  # the backbones: test_backbones.py
+@pytest.fixture(scope="module", params=list(TECHNIQUES))  # the backbones: test_backbones.py
 def quantization_aware(request, small):
-    return (request.param, *int8_files(request.param, small, TECHNIQUES[request.param]))
+    """Made in a subprocess (conftest.in_subprocess): what the converters hold goes back when it ends."""
+    return (request.param, *in_subprocess(int8_files, request.param, small, TECHNIQUES[request.param]))
 
 
 def test_quantization_aware_int8_files_are_fully_integer(quantization_aware):

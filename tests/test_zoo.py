@@ -9,25 +9,27 @@ pixels by hand to LiteRT or onnxruntime.
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module
+from conftest import in_subprocess, run_module
 from runtime.load import load
 
 SIZE = 96
 LABELS = ["matured", "ripe", "unripe"]
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
+def _convert(root: str) -> dict:
+    """The zoo's model files (in a subprocess: conftest.in_subprocess): uint8 and float TFLite, ONNX, and the
+    uint8 file with its labels packed."""
     import tf2onnx
 
     from train.backend import keras, tf
 
-    root = tmp_path_factory.mktemp("zoo")
+    root = Path(root)
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), alpha=0.35, weights=None, classes=3,
                                            classifier_activation="softmax")
@@ -55,6 +57,13 @@ def zoo(tmp_path_factory):
     with zipfile.ZipFile(packed, "w") as archive:
         archive.writestr("labels.txt", "\n".join(LABELS) + "\n")
     files["packed"].write_bytes(files["uint8"].read_bytes() + packed.getvalue())
+    return files
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    files = in_subprocess(_convert, str(root))
     labels = root / "labels.txt"
     labels.write_text("".join(f"{i} {name}\n" for i, name in enumerate(LABELS)))
     photos = root / "photos"
