@@ -356,15 +356,6 @@ class Search:
         return self._baseline
 
 
-def value_text(objective: str, value) -> str:
-    """An objective's value with its unit: '113.0 KiB gzip', '470.4 KiB', '0.106 ms at 1 thread'."""
-    if value is None:
-        return "-"
-    if objective == "latency":
-        return f"{value:.3f} ms at 1 thread"
-    return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else "")
-
-
 class Console:
     """An Optuna callback: a line per finished trial of the whole study (any worker's, as this one learns of
     them), under a progress bar of finished trials (tqdm, on stderr) when the pipeline shows progress."""
@@ -393,21 +384,29 @@ class Console:
             self.bar.refresh()
 
     def line(self, t) -> str:
+        """A finished trial as one line; its attributes come from the study's storage, which other machines
+        write: numbers are checked, text escaped for the terminal."""
+        from runtime.report.search import value_text
         from runtime.text import terminal
+
+        def number(value):
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
         a = t.user_attrs
         what = f"trial {t.number:>3} {a.get('recipe', '?')} {a.get('format', '?')}"
         if t.state.name == "FAIL":
             return terminal(f"{what}: failed ({first_line(str(t.system_attrs.get('fail_reason', 'see search.log')))})")
         if t.state.name == "PRUNED":
-            return terminal(f"{what}: pruned, {a.get('drop_points', 0):.2f} points below the baseline after "
-                            "fine-tuning")
-        objective = self.search.objective
-        budget = "over budget" if a.get("over_budget") else "within budget"
+            drop = number(a.get("drop_points"))
+            return terminal(f"{what}: pruned, " + (f"{drop:.2f} points" if drop is not None else "too far")
+                            + " below the baseline after fine-tuning")
+        objective, accuracy = self.search.objective, number(a.get("accuracy"))
+        budget = "over budget" if a.get("over_budget") is True else "within budget"
         took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else 0
-        return terminal(f"{what}: {a.get('accuracy', 0):.2%}, {value_text(objective, a.get(OBJECTIVES[objective]))}, "
-                        f"{budget} ({took:.0f} s, {a.get('worker', '?')})")
+        return terminal(f"{what}: " + (f"{accuracy:.2%}" if accuracy is not None else "?") + ", "
+                        f"{value_text(objective, number(a.get(OBJECTIVES[objective])))}, {budget} ({took:.0f} s, "
+                        f"{a.get('worker', '?')})")
 
     def _say(self, line: str) -> None:
         if self.bar is not None:

@@ -126,3 +126,27 @@ def test_a_recipe_of_the_menu_is_the_menu_variant_not_a_new_name():
     # so only when those are the menu's is it the menu's model
     assert Recipe("pqat", 3, 0.8).menu_variant(None) is None
     assert Recipe("pqat", 1, 0.8).menu_variant(1) == "pqat" and Recipe("qat", 1).menu_variant(1) == "qat"
+
+
+def test_a_trial_line_survives_what_another_machine_wrote(tmp_path):
+    """The console's line per trial reads the study's storage, which other machines write: a string where a number
+    belongs, or a terminal escape in a recipe, is shown, never a crash or a raw escape."""
+    import optuna
+
+    from pipeline.search import Console
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    for key, value in {"recipe": "prune\x1b]8;;http://x\x07", "format": "int8", "accuracy": "0.99",
+                       "gzip_bytes": [1], "over_budget": "no", "worker": "h:1"}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, [0.5, 1.0])
+
+    class Search:
+        objective = "gzip"
+
+    console = Console.__new__(Console)
+    console.search = Search()
+    line = console.line(study.trials[0])
+    assert "\x1b" not in line and "\\x1b" in line and ": ?, -, within budget" in line

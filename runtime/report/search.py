@@ -101,8 +101,8 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
             versus = "; it is a file of the default menu: the search found nothing better"
         else:
             versus = (f", {c[key] / menu_best[key]:.2f}x the default menu's best within budget, {label(menu_best)} "
-                      f"at {_value(data['objective'], menu_best[key])}")
-        lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {_value(data['objective'], c[key])}, "
+                      f"at {value_text(data['objective'], menu_best[key])}")
+        lines += ["", f"Recommended for {chosen['goal']}: **{label(c)}** at {value_text(data['objective'], c[key])}, "
                       f"{c['accuracy']:.2%}{versus}."]
     plots = [PLOT] if _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) else []
     if plots:
@@ -110,8 +110,10 @@ def section(root: Path, rows: list[dict], recommendations: list[dict], budget: f
     return lines, plots
 
 
-def _value(objective: str, value: float) -> str:
-    """'113.0 KiB gzip', '470.4 KiB', '0.106 ms at 1 thread'."""
+def value_text(objective: str, value: float | None) -> str:
+    """An objective's value with its unit: '113.0 KiB gzip', '470.4 KiB', '0.106 ms at 1 thread'."""
+    if value is None:
+        return "-"
     if objective == "latency":
         return f"{value:.3f} ms at 1 thread"
     return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else "")
