@@ -24,6 +24,9 @@ from runtime.errors import ArtifactError
 
 _DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8}
 DENSE, SPARSE_CSR = 0, 1
+# a sparse file is untrusted: what its tensors claim to densify into is bounded before anything is allocated.
+# 64 times the file (a model pruned to 95% stores a twentieth of its values, plus indices), and 2 GiB at most
+GROWTH, MAX_DENSE_BYTES = 64, 2 << 30
 
 
 def _schema():
@@ -53,6 +56,8 @@ def _vector(union) -> np.ndarray:
 def dense_values(values: np.ndarray, shape: list[int], sparsity) -> np.ndarray:
     """The dense array of a sparse tensor: `values` (its stored non-zeros, in traversal order) put back at their
     places in an array of `shape`."""
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) * values.itemsize > MAX_DENSE_BYTES:
+        raise ValueError(f"a dense shape of {shape} is more than {MAX_DENSE_BYTES >> 30} GiB")
     order = [int(d) for d in sparsity.traversalOrder]
     block_map = [int(d) for d in (sparsity.blockMap if sparsity.blockMap is not None else [])]
     meta = sparsity.dimMetadata
@@ -61,9 +66,12 @@ def dense_values(values: np.ndarray, shape: list[int], sparsity) -> np.ndarray:
         raise ValueError("inconsistent sparsity parameters")
     prev = np.zeros(1, np.int64)  # per entry so far: its position at this level (dense: flattened; CSR: index)
     indices: list[np.ndarray] = []
+    places = max(int(np.prod(shape, dtype=np.float64)), 1)
     for level in meta:
         if level.format == DENSE:
             size = int(level.denseSize)
+            if size < 0 or len(prev) * size > places:  # a level cannot visit more places than the tensor has
+                raise ValueError(f"a dense dimension of {size} in a tensor of shape {shape}")
             indices = [np.repeat(i, size) for i in indices] + [np.tile(np.arange(size), len(prev))]
             prev = (prev[:, None] * size + np.arange(size)).ravel()
         else:
@@ -72,6 +80,8 @@ def dense_values(values: np.ndarray, shape: list[int], sparsity) -> np.ndarray:
                 raise ValueError("a segment array shorter than its dimension")
             starts, ends = segments[prev], segments[prev + 1]
             counts = np.maximum(ends - starts, 0)
+            if counts.sum() > places:
+                raise ValueError(f"segments that list more values than a tensor of shape {shape} holds")
             positions = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
             if positions.size and positions.max() >= len(where):
                 raise ValueError("an index array shorter than its segments say")
@@ -100,8 +110,14 @@ def densify(data: bytes) -> bytes:
 
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(data, 0)
+    budget = min(GROWTH * len(data), MAX_DENSE_BYTES)
     try:
         for graph in model.subgraphs:
+            claimed = sum(int(np.prod([int(d) for d in t.shape], dtype=np.float64)) * np.dtype(_DTYPES.get(t.type, np.int8)).itemsize
+                          for t in graph.tensors if t.sparsity is not None and t.shape is not None)
+            if claimed > budget:
+                raise ValueError(f"its sparse tensors claim {claimed:,} bytes dense, more than {budget:,} "
+                                 f"({GROWTH} times the file)")
             for tensor in graph.tensors:
                 if tensor.sparsity is None:
                     continue
@@ -123,7 +139,7 @@ def densify(data: bytes) -> bytes:
                     kept.append(op)
             graph.operators = kept
     except (ValueError, IndexError, TypeError) as exc:
-        raise ArtifactError(f"its sparse tensors cannot be read ({exc}); export it again.") from exc
+        raise ArtifactError(f"its sparse tensors do not add up: {exc}") from exc
     builder = flatbuffers.Builder(len(data) * 4 + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())

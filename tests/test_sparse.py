@@ -52,3 +52,57 @@ def test_parameters_that_do_not_add_up_are_refused():
         dense_values(np.array([1, 2, 3], np.int8), [4, 4], params)  # five places, three values
     with pytest.raises(ValueError, match="segment array"):
         dense_values(np.zeros(5, np.int8), [4, 4], _sparsity([0, 1], [4, ([0, 2, 3], [0, 2, 1])]))
+
+
+# --- whole files: tests/fixtures/sparse (scripts/make_sparse_fixtures.py), dense and sparse twins ---------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "sparse"
+
+
+@pytest.mark.parametrize("key", ["float32", "int8"])
+def test_a_sparse_file_runs_as_its_dense_twin(key):
+    from runtime.load import load
+    from runtime.sparse import densify, sparse_tensors
+
+    sparse, dense = (FIXTURES / f"{key}.{kind}.tflite" for kind in ("sparse", "dense"))
+    assert sparse_tensors(sparse.read_bytes()) == 1 and sparse_tensors(dense.read_bytes()) == 0
+    assert sparse.stat().st_size < dense.stat().st_size
+    assert densify(dense.read_bytes()) == dense.read_bytes()  # nothing sparse: the bytes as they are
+    x = np.random.default_rng(0).random((16, 8, 8, 1), np.float32)
+    assert np.array_equal(load(sparse).logits(x), load(dense).logits(x))
+
+
+def _hostile(tmp_path, change) -> "Path":
+    """The int8 sparse fixture with its sparse tensor changed by `change(tensor)`."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf((FIXTURES / "int8.sparse.tflite").read_bytes(), 0)
+    change(next(t for t in model.subgraphs[0].tensors if t.sparsity is not None))
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path = tmp_path / "hostile.tflite"
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def _huge(tensor):
+    tensor.shape = np.array([1 << 20, 1 << 20], np.int32)  # 1 TiB of int8, claimed by a 6 KB file
+
+
+def _bad_segments(tensor):
+    tensor.sparsity.dimMetadata[1].arraySegments.values = np.array([0, 10**9], np.int32)
+
+
+def _bad_indices(tensor):
+    tensor.sparsity.dimMetadata[1].arrayIndices.values = np.array([10**6], np.int32)
+
+
+@pytest.mark.parametrize("change", [_huge, _bad_segments, _bad_indices])
+def test_a_hostile_sparse_file_is_one_line_and_no_memory_bomb(tmp_path, change):
+    from conftest import run_module
+
+    path = _hostile(tmp_path, change)
+    done = run_module("runtime", "info", str(path), timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr
