@@ -50,6 +50,13 @@ def _release_memory(request):
     _MEMORY.append((request.module.__name__, _status_gib("VmRSS"), _status_gib("VmHWM")))
 
 
+FIRST = ("test_search.py",)  # tests that run worker processes beside this one: first, while this one is small
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+
+
 def in_subprocess(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` in a fresh Python process (spawned, never forked from one running TensorFlow), its
     result pickled back: what TensorFlow's converters and graphs hold goes back to the system when it exits,
