@@ -71,13 +71,13 @@ def _tflite(path: Path) -> dict:
                 "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
                 "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
 
-    from runtime.sparse import sparse_tensors
+    from runtime.sparse import sparse_file
 
-    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        head = fh.read(min(path.stat().st_size, 64 << 20))
     return {"inputs": [tensor(d) for d in inputs], "outputs": [tensor(d) for d in outputs],
             "ops": dict(Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE")),
-            "producer": tflite_description(data[:64 << 20]) or None, "opset": None,
-            "sparse_tensors": sparse_tensors(data)}
+            "producer": tflite_description(head) or None, "opset": None, "sparse_tensors": sparse_file(path)}
 
 
 def _onnx(path: Path) -> dict:

@@ -49,6 +49,17 @@ def sparse_tensors(data: bytes) -> int:
         return 0
 
 
+def sparse_file(path: str | Path) -> int:
+    """`sparse_tensors` of a file, its flatbuffer tables read through a memory map: only the pages they touch."""
+    import mmap
+
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return sparse_tensors(view)
+    except (OSError, ValueError):  # missing, unreadable or empty: the interpreter says what is wrong
+        return 0
+
+
 def _vector(union) -> np.ndarray:
     return np.asarray(union.values if union is not None and union.values is not None else [], dtype=np.int64)
 
@@ -149,12 +160,14 @@ def interpreter(path: str | Path | None = None, content: bytes | None = None, **
     """A LiteRT Interpreter of a file or its bytes, its sparse tensors densified first (see the module)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    data = content if content is not None else Path(path).read_bytes()
-    if not sparse_tensors(data):
-        return Interpreter(model_content=data, **kwargs) if path is None else \
-            Interpreter(model_path=str(path), **kwargs)
+    if content is None:  # the file's tables are read in place (mmap): a dense file is not read twice
+        if not sparse_file(path):
+            return Interpreter(model_path=str(path), **kwargs)
+        content = Path(path).read_bytes()
+    elif not sparse_tensors(content):
+        return Interpreter(model_content=content, **kwargs)
     try:
-        dense = densify(data)
+        dense = densify(content)
     except ArtifactError as exc:
         raise ValueError(str(exc)) from exc  # as the interpreter reports a file it cannot read
     return Interpreter(model_content=dense, **kwargs)

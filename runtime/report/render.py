@@ -103,7 +103,7 @@ def fence(text: str, info: str = "bash") -> list[str]:
     return [ticks + info, text, ticks]
 
 
-def commands(row: dict, machine: dict) -> str:
+def commands(row: dict) -> str:
     """What to run, from the current directory: evaluate the file here; build EdgeKit's source package (one file
     for any CPU: pip builds it on the device), copy it with the model and its sidecar, install and run there."""
     import shlex
@@ -182,7 +182,7 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                   + ("A device ranks latency by its own CPU: measure it there (last command below)."
                      if objective.tag else "Size and accuracy are the same on any device; latency is not "
                                            "(last command below)."))
-        md += ["", *fence(commands(choice, m))]
+        md += ["", *fence(commands(choice))]
     others = [r for r in recs if r is not rec]
     if others:
         md += ["", "Other objectives, within the same budget:", ""]
