@@ -324,6 +324,9 @@ def _eval(args) -> int:
 
     import numpy as np
 
+    from runtime.remote import describe, target
+
+    target(args)  # --host's options checked before any work
     model = _load(args)
     dataset = _eval_dataset(args, model)
     if args.split == "all":
@@ -340,9 +343,20 @@ def _eval(args) -> int:
     from runtime.load import finite
 
     predicted = finite(model.logits(x, batch_size=args.batch_size), model).argmax(axis=1)
+    seconds = time.perf_counter() - started
+    device, here = target(args), None
+    if device:  # the device's predictions are the result; this machine's show whether it computes the same
+        from runtime.remote import classes_on
+
+        progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+        started = time.perf_counter()
+        theirs, where = classes_on(device, model.path, x, args.threads, _model_options(args), args.batch_size,
+                                   model.num_classes, progress)
+        seconds = time.perf_counter() - started
+        here, predicted = predicted, np.asarray(theirs, np.int64)
     if to_dataset is not None:
         predicted = to_dataset[predicted]
-    seconds = time.perf_counter() - started
+        here = None if here is None else to_dataset[here]
     from runtime.metrics import classification_summary
 
     summary = classification_summary(y, predicted, labels)
@@ -351,16 +365,26 @@ def _eval(args) -> int:
               "split": args.split,
               "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
+    if device:
+        from runtime.remote import add_device
+
+        result["device"] = add_device([{}], where, device.name)[0]["device"]
+        result["this_machine"] = {"accuracy": float(np.mean(here == y)), "same_predictions": int(np.sum(here == predicted))}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     correct = int(round(summary["accuracy"] * summary["samples"]))
     print(f"{model.path.name} on {dataset.name}, {args.split} split: {summary['samples']} images "
-          f"in {seconds:.2f} s")
+          f"in {seconds:.2f} s" + (f" on {describe(where, device.name)}" if device else ""))
     line = f"accuracy  {summary['accuracy']:.2%}  ({correct}/{summary['samples']})"
     if recorded is not None and args.split == "test":
         line += f"   recorded at export: {recorded:.2%}"
     print(line)
+    if device:
+        same = result["this_machine"]["same_predictions"]
+        print(f"this machine: {result['this_machine']['accuracy']:.2%}; the same predicted class for {same} of "
+              f"{len(y)} images" + ("" if same == len(y) else " (an 8-bit file's activations may round differently "
+                                    "on another CPU's kernels)"))
     from runtime.text import terminal
 
     per_class = [summary["per_class_accuracy"][label] for label in labels]
@@ -429,16 +453,26 @@ def _bench(args) -> int:
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
     from runtime.raw import parse_shapes
 
+    from runtime.remote import bench_on, describe, target
+
     options = {**_model_options(args), "shapes": parse_shapes(args.shape) or None}
-    results = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds, args.warmup,
-                    progress, inputs=args.input, options=options)
-    if args.json:
+    device = target(args)
+    if device:
+        results, where = bench_on(device, args.models, args.threads, args.batch, args.runs, args.seconds,
+                                  args.warmup, args.input, options, progress)
+    else:
         from runtime.bench import machine
 
-        print(json.dumps({"machine": machine(), "results": results}, indent=1))
+        results, where = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds,
+                               args.warmup, progress, inputs=args.input, options=options), machine()
+    if args.json:
+        print(json.dumps({"machine": where, **({"device": results[0]["device"]} if device and results else {}),
+                          "results": results}, indent=1))
     elif args.csv:
         print(to_csv(results), end="")
     else:
+        if device:
+            print(f"on {describe(where, device.name)}")
         print(to_table(results))
     return 0
 
@@ -449,11 +483,19 @@ def _report(args) -> int:
     from runtime.report import build
     from runtime.report.latency import check_rounds
 
-    threads, rounds = parse_threads(args.threads), check_rounds(args.rounds)
-    with output_lock(args.directory):  # the report's files are written into DIRECTORY
+    from contextlib import nullcontext
+
+    from runtime.remote import Session, target
+
+    device, rounds = target(args), check_rounds(args.rounds)
+    if device and args.no_bench:
+        raise EdgeKitError("--host measures latency on the device; it has nothing to do with --no-bench.")
+    progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    with output_lock(args.directory), (Session(device, progress) if device else nullcontext()) as session:
+        threads = session.threads(args.threads) if session else parse_threads(args.threads)
         report = build(args.directory, threads, args.seconds, args.runs, bench=not args.no_bench,
                        rebench=args.rebench, data_dir=args.data_dir, progress=not args.quiet,
-                       budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective)
+                       budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective, device=session)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
@@ -489,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.formats import MAX_ACCURACY_DROP
     from runtime.report.decide import CHOICES, DEFAULT_CHOICE
     from runtime.report.latency import ROUNDS
+    from runtime.remote import add_arguments as add_device_arguments
 
     parser = ArgumentParser(
         prog="python -m runtime",
@@ -555,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_threads(evaluate, None)
     _add_model_options(evaluate)
+    add_device_arguments(evaluate, "Evaluate on the device as well: the split is sent once (checked by sha256), the "
+                                   "device's predictions are the result, and this machine's are compared with them.")
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser(
@@ -588,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a model that is not an image classifier is timed raw, on inputs of each tensor's dtype "
                             "and shape: give a dynamic input's shape, e.g. input=1,3,224,224 (repeatable)")
     _add_model_options(bench, labels=False)
+    add_device_arguments(bench, "Measure on the device: each row names where it ran (host, board, CPU, Python and "
+                                "EdgeKit versions); 'all' threads are the device's cores.")
     bench.set_defaults(func=_bench)
 
     report = commands.add_parser(
@@ -622,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rebench", action="store_true", help="ignore the cached benchmarks in bench.json")
     report.add_argument("--data-dir", help="where the dataset files are, if not where the manifests say")
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_device_arguments(report, "Measure latency on the device (accuracy is computed here: the same on any CPU for "
+                                 "these files, as eval --host shows); the header, the plots and the latency "
+                                 "recommendation say where.")
     report.set_defaults(func=_report)
     for sub in commands.choices.values():
         sub.add_argument("--verbose", action="store_true", help="on an error, show its original cause")

@@ -59,19 +59,22 @@ def model_files(paths) -> list[Path]:
     return files
 
 
-def parse_threads(text: str) -> list[int]:
-    """'1,2' -> [1, 2]; 'all' is the number of CPU cores."""
-    from runtime.limits import cores, threads
+def parse_threads(text: str, available: int | None = None) -> list[int]:
+    """'1,2' -> [1, 2]; 'all' is the number of CPU cores: this machine's, or `available` (a device's)."""
+    from runtime.limits import cores, threads, whole
 
     values = []
     for part in str(text).split(","):
         part = part.strip()
         try:
-            value = cores() if part == "all" else int(part)
+            value = (available or cores()) if part == "all" else int(part)
         except ValueError:
             raise EdgeKitError(f"--threads takes thread counts separated by commas, e.g. 1,2 or 1,all; "
                                f"got '{text}'.") from None
-        threads(value, "--threads")
+        if available:
+            whole(value, "--threads", 1, available, f" (the device's cores: {available})")
+        else:
+            threads(value, "--threads")
         if value not in values:
             values.append(value)
     return values
@@ -307,19 +310,15 @@ def machine() -> dict:
 
     from runtime.manifest import library_versions
 
+    from runtime.remote import board, cpu_name
+
     cpu = platform.processor() or platform.machine()
-    try:
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip().lower(), value.strip())
-        # x86: "model name"; a Raspberry Pi: "Model" (the board) and "Hardware"
-        cpu = next((fields[k] for k in ("model name", "model", "hardware") if fields.get(k)
-                    and not fields[k].isdigit()), cpu)
+    try:  # x86: "model name"; arm64: the part number of ARM's core (a Pi 4's Cortex-A72)
+        cpu = cpu_name(Path("/proc/cpuinfo").read_text(), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.platform(),
-            "versions": library_versions()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "board": board(),
+            "system": platform.platform(), "versions": library_versions()}
 
 
 def compare(results: list[dict]) -> list[dict]:
@@ -336,10 +335,24 @@ def compare(results: list[dict]) -> list[dict]:
     return results
 
 
-def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds: float | None = None,
-          warmup: int = DEFAULT_WARMUP, progress=None, inputs: str = "pixels", options: dict | None = None
-          ) -> list[dict]:
-    """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
+def check_loadable(files: list[Path], options: dict | None) -> dict:
+    """Load every file once, to fail fast with the loader's own message before any long measurement; returns the
+    options a worker takes (no labels: the bench prints none)."""
+    from runtime.load import NotAClassifier, load
+    from runtime.raw import load_raw
+
+    options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
+    loadable = {k: v for k, v in options.items() if k != "shapes"}
+    for path in files:
+        try:
+            load(path, **loadable)
+        except NotAClassifier:
+            load_raw(path, shapes=options.get("shapes"))
+    return options
+
+
+def check_budget(runs, seconds, batch: int, warmup: int):
+    """The measuring options of `bench` checked; returns (runs, seconds) with the default time budget."""
     if runs is not None and runs < 1:
         raise EdgeKitError(f"--runs must be 1 or more; got {runs}.")
     if seconds is not None:
@@ -348,19 +361,16 @@ def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds:
         raise EdgeKitError(f"--batch must be 1 or more; got {batch}.")
     if warmup < 0:
         raise EdgeKitError(f"--warmup must be 0 or more; got {warmup}.")
-    if runs is None and seconds is None:
-        seconds = DEFAULT_SECONDS
-    files = model_files(paths)
-    from runtime.load import NotAClassifier, load
-    from runtime.raw import load_raw
+    return runs, (DEFAULT_SECONDS if runs is None and seconds is None else seconds)
 
-    options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
-    loadable = {k: v for k, v in options.items() if k != "shapes"}
-    for path in files:  # fail fast, with the loader's own message, before any long measurement
-        try:
-            load(path, **loadable)
-        except NotAClassifier:
-            load_raw(path, shapes=options.get("shapes"))
+
+def bench(paths, threads=(1,), batch: int = 1, runs: int | None = None, seconds: float | None = None,
+          warmup: int = DEFAULT_WARMUP, progress=None, inputs: str = "pixels", options: dict | None = None
+          ) -> list[dict]:
+    """Benchmark every model at every thread count, each in a fresh process; see the module docstring."""
+    runs, seconds = check_budget(runs, seconds, batch, warmup)
+    files = model_files(paths)
+    options = check_loadable(files, options)
     results, total, started = [], len(files) * len(threads), time.perf_counter()
     for path in files:
         for n in threads:

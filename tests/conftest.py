@@ -1,10 +1,12 @@
 """Shared fixtures. Nothing downloads: EDGEKIT_OFFLINE=1 and an empty Keras cache."""
 
+import atexit
 import ctypes
 import gc
 import gzip
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ import pytest
 
 os.environ["EDGEKIT_OFFLINE"] = "1"
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="edgekit-keras-home-")  # no cached datasets
+atexit.register(shutil.rmtree, os.environ["KERAS_HOME"], True)
 ROOT = Path(__file__).resolve().parents[1]
 
 # The suite's memory: TensorFlow's graphs, converters and interpreters are freed module by module (below), and

@@ -37,9 +37,11 @@ __all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "bui
 
 def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0.5, runs: int | None = None,
           bench: bool = True, rebench: bool = False, data_dir=None, progress: bool = False,
-          budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE) -> dict:
+          budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE,
+          device=None) -> dict:
     """Evaluate, judge, benchmark and write the report for every exported file under `root`; `objective` (size,
-    gzip, latency) is what its recommendation answers first."""
+    gzip, latency) is what its recommendation answers first. `device`: an open `runtime.remote.Session`, where
+    latency is measured instead of here."""
     from runtime.report.plots import FIGURES, missing, plot
 
     budget = check_max_accuracy_drop(budget)
@@ -54,16 +56,17 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     rows = collect(root)
     evaluate(rows, data_dir, progress)
     base = judge(rows, budget)
-    settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress) if bench else None
+    where = {**device.info, "host": device.target.name} if device else machine()
+    settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress, device) if bench else None
     comparer = Comparer()
     groups = fronts(rows, comparer)
     recommendations = recommend(rows, comparer, budget)
-    plots = plot(rows, root, budget, base)
+    plots = plot(rows, root, budget, base, where)
     search_lines, search_plots = search_section(root, rows, recommendations, budget)
     for stale in {*FIGURES, SEARCH_PLOT} - {*plots, *search_plots}:  # e.g. a latency plot from a run with benchmarks
         (root / stale).unlink(missing_ok=True)
     first = next((r for r in rows if r.get("model")), {})
-    info = {"created": utc_now(), "machine": machine(), "model": first.get("model"), "dataset": first.get("dataset"),
+    info = {"created": utc_now(), "machine": where, "model": first.get("model"), "dataset": first.get("dataset"),
             "budget": budget, "objective": objective, "baseline_row": base, "bench_settings": settings, "rows": rows,
             "recommendations": recommendations, "notes": notes(rows, groups, budget),
             "summary": console_summary(recommendations, root, objective), "plots": plots, "plots_missing": missing(),

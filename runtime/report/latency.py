@@ -35,10 +35,17 @@ def _read_cache(path: Path, rebench: bool) -> dict:
 
 
 def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, runs: int | None = None,
-              rounds: int = ROUNDS, rebench: bool = False, progress: bool = False) -> dict:
-    """Latency fields of every verified row at the first and last thread count; returns the settings."""
+              rounds: int = ROUNDS, rebench: bool = False, progress: bool = False, device=None) -> dict:
+    """Latency fields of every verified row at the first and last thread count; returns the settings. `device`: a
+    `runtime.remote.Session` to measure on (its identity is part of the cache's key)."""
     settings = {"threads": threads, "rounds": rounds, "seconds": None if runs else seconds, "runs": runs,
                 "batch": 1, "warmup": 10, "rewarm_s": REWARM_SECONDS, "input": "uint8 pixels"}
+    runner = run_rounds_worker
+    if device is not None:
+        from runtime.remote import Rounds
+
+        runner = Rounds(device)
+        settings["device"] = runner.identity
     todo = [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None]
     if not todo:
         return settings
@@ -49,8 +56,7 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
         spec = {k: v for k, v in settings.items() if k != "threads"}
         key = hashlib.sha256(json.dumps([shas, n, spec], sort_keys=True).encode()).hexdigest()[:16]
         if key not in cache:
-            by_path = run_rounds_worker([Path(r["file"]) for r in todo], n, rounds, runs,
-                                        None if runs else seconds)
+            by_path = runner([Path(r["file"]) for r in todo], n, rounds, runs, None if runs else seconds)
             cache[key] = {r["sha256"]: by_path[str(Path(r["file"]))] for r in todo}
             atomic_write_json(cache_path, {"version": CACHE_VERSION, "runs": cache})
         for row in todo:

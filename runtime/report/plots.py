@@ -39,8 +39,20 @@ def missing() -> str | None:
     return None
 
 
-def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list[str]:
-    """Write the figures that have data; return their file names (none when matplotlib is missing)."""
+def place(where: dict) -> str:
+    """'pi@raspberrypi: Raspberry Pi 4 Model B Rev 1.4, Cortex-A72, aarch64' or 'this machine: <CPU>, x86_64'
+    (escaped: a device's words)."""
+    from runtime.text import terminal
+
+    what = ", ".join(terminal(where[k])[:80] for k in ("board", "cpu", "machine") if where.get(k))
+    text = f"{terminal(where['host'])[:80]}: {what}" if where.get("host") else f"this machine: {what}"
+    return text.replace("$", r"\$")  # no mathtext
+
+
+def plot(rows: list[dict], root: Path, budget: float, base: dict | None, where: dict | None = None) -> list[str]:
+    """Write the figures that have data; return their file names (none when matplotlib is missing). `where`: the
+    machine latency was measured on (runtime.bench.machine, or a device's hello with its host), named in the
+    latency figure's title."""
     if missing():
         return []
     from runtime.plots import _pyplot, _save
@@ -61,7 +73,10 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None) -> list
                               "(95%: the table)")
         _legend(fig, evaluated, base is not None, len(objectives))
         what = "size" if "size" in name else "latency"
-        fig.suptitle(f"accuracy vs {what}" + (f" (budget: {points(budget)} below {label(base)})" if base else ""))
+        title = f"accuracy vs {what}" + (f" (budget: {points(budget)} below {label(base)})" if base else "")
+        if what == "latency" and where:
+            title += "\nmeasured on " + place(where)
+        fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         for ax, items in zip(axes[0], labels):  # once the layout is final: labels off points and each other
             _place_labels(ax, items)

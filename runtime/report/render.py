@@ -178,10 +178,15 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                       f"{(info.get('bench_settings') or {}).get('rounds', '?')} rounds; `--rounds 30 --rebench` "
                       "measures it again, longer.")
         m = info["machine"]
-        md.append(f"- Measured on this machine ({markdown(m['cpu'])}, {m['cores']} cores, {m['machine']}). "
-                  + ("A device ranks latency by its own CPU: measure it there (last command below)."
-                     if objective.tag else "Size and accuracy are the same on any device; latency is not "
-                                           "(last command below)."))
+        if m.get("host"):
+            md.append(f"- Latency measured on the device, {machine_md(m)}. "
+                      + ("This ranking is that device's." if objective.tag else
+                         "Size and accuracy are the same on any device."))
+        else:
+            md.append(f"- Measured on this machine ({machine_md(m)}). "
+                      + ("A device ranks latency by its own CPU: measure it there (`--host`, or the last command "
+                         "below)." if objective.tag else "Size and accuracy are the same on any device; latency is "
+                                                         "not (`--host` measures it there)."))
         md += ["", *fence(commands(choice))]
     others = [r for r in recs if r is not rec]
     if others:
@@ -310,6 +315,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def machine_md(m: dict) -> str:
+    """'`pi@raspberrypi`: Raspberry Pi 4 Model B Rev 1.4, Cortex-A72, 4 cores (aarch64)', escaped: a device's own
+    words are untrusted."""
+    what = ", ".join(markdown(m[k]) for k in ("board", "cpu") if m.get(k))
+    where = f"{markdown(m['host'])}: " if m.get("host") else ""
+    return f"{where}{what}, {markdown(m.get('cores'))} cores ({markdown(m.get('machine'))})"
+
+
 def header_rows(info: dict) -> list[tuple[str, str]]:
     """The header's (name, value) pairs, values as Markdown (escaped)."""
     m, base, settings = info["machine"], info.get("baseline_row"), info.get("bench_settings")
@@ -327,8 +340,9 @@ def header_rows(info: dict) -> list[tuple[str, str]]:
          f"{settings['rounds']} interleaved rounds of "
          + (f"{settings['runs']} calls" if settings.get("runs") else f"{settings['seconds'] / settings['rounds']:.3g} s")
          + " per file"),
-        ("machine", f"{m['cpu']}, {m['cores']} cores ({m['machine']}), {m['system']}"),
-        ("libraries", ", ".join(f"{k} {v}" for k, v in m["versions"].items())),
+        ("device" if m.get("host") else "machine", machine_md(m) + f", {markdown(m.get('system'))}"
+         + (" (latency measured there over SSH; accuracy here)" if m.get("host") else "")),
+        ("libraries", ", ".join(f"{markdown(k)} {markdown(v)}" for k, v in (m.get("versions") or {}).items())),
         ("created", info["created"]),
     ]
     return rows
