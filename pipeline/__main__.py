@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--heartbeat", type=int, default=10, metavar="S",
                         help="a worker silent for 3 x S seconds is taken for dead and its trial run again (default 10)")
     search.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    from runtime.remote import add_arguments as add_device_arguments
+
+    add_device_arguments(parser, "Measure the report's latency on the device (training, export and accuracy stay "
+                                 "here; a search's trials are timed here too).")
     parser.add_argument("--force", action="store_true", help="start over: delete the output directory's results")
     parser.add_argument("--verbose", action="store_true", help="show every epoch and every export step")
     return parser
@@ -93,14 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from runtime.bench import parse_threads
 
+    from runtime.errors import EdgeKitError
+    from runtime.remote import target
+
     from pipeline.run import Plan, run
 
+    device = target(args)
+    if device and args.no_bench:
+        raise EdgeKitError("--host measures latency on the device; it has nothing to do with --no-bench.")
+    if device and args.search and args.objective == "latency":
+        raise EdgeKitError("--search --objective latency times its trials on this machine, not on --host; search "
+                           "for size or gzip, or run the search here and `runtime report DIR --host` after it.")
     variants = () if args.variants == ("none",) or args.search else args.variants
     plan = Plan(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
                 formats=args.formats or (("float32",) if args.search else None), out=args.out, quick=args.quick,
                 epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
-                threads=parse_threads(args.threads) if args.threads else None,
+                threads=parse_threads(args.threads) if args.threads and not device else None,
                 bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop,
                 objective=args.objective or ("gzip" if args.search else "size"))
     if args.search:
@@ -108,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.search import parse_techniques, run_search
 
         argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
-        report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose),
+        report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose,
+                                     device=device, threads_text=args.threads),
                             objective=plan.objective, trials=args.trials, timeout=args.timeout, storage=args.storage,
                             jobs=args.jobs, heartbeat=args.heartbeat, argv=argv, worker=args.worker,
                             techniques=parse_techniques(args.techniques))
         return 0
-    report = run(plan, force=args.force, verbose=args.verbose)
+    report = run(plan, force=args.force, verbose=args.verbose, device=device, threads_text=args.threads)
     return 1 if report["failed_stages"] else 0
 
 

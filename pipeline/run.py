@@ -163,8 +163,12 @@ def resolve_variants(names) -> tuple[str, ...]:
 class Pipeline:
     """Runs a Plan stage by stage, skipping what is already complete."""
 
-    def __init__(self, plan: Plan, force: bool = False, verbose: bool = False, say=print):
+    def __init__(self, plan: Plan, force: bool = False, verbose: bool = False, say=print, device=None,
+                 threads_text: str | None = None):
+        """`device`: a runtime.remote.Target where the report measures latency, with `threads_text` counted in
+        its cores."""
         self.plan, self.force, self.verbose, self.say = plan, force, verbose, say
+        self.device, self.threads_text = device, threads_text
         self.progress = say is print  # progress bars on stderr; a caller with its own `say` gets none
         self.out = plan.out
         self.status = {}
@@ -326,10 +330,17 @@ class Pipeline:
 
         plan = self.plan
         report = {"rows": [], "notes": [], "summary": [], "budget": plan.max_accuracy_drop}
-        with self._stage("report", "evaluate, benchmark and report") as stage:
-            report = build(self.out, plan.threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
+        from contextlib import nullcontext
+
+        from runtime.remote import Session
+
+        title = "evaluate, benchmark " + (f"on {self.device.name} " if self.device else "") + "and report"
+        with self._stage("report", title) as stage, \
+                (Session(self.device, self._device_says) if self.device else nullcontext()) as device:
+            threads = device.threads(self.threads_text or ("1" if plan.quick else "1,all")) if device else plan.threads
+            report = build(self.out, threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
                            data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop,
-                           objective=plan.objective)
+                           objective=plan.objective, device=device)
             verified = sum(r["status"] == "verified" for r in report["rows"])
             replaced = {r["artifact"] for r in report["rows"] if r["format"] == "int8-mixed" and r["status"] == "verified"}
             failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]
@@ -339,6 +350,10 @@ class Pipeline:
             else:
                 stage.done(f"{verified} of {len(report['rows'])} files verified")
         return report
+
+    def _device_says(self, line: str) -> None:
+        if self.verbose:
+            self.say(f"  device: {line}")
 
     def run(self) -> dict:
         """Every stage is attempted: a failed one is recorded in pipeline.json, the stages that do not depend
@@ -415,6 +430,7 @@ class _StageTimer:
         return False
 
 
-def run(plan: Plan, force: bool = False, verbose: bool = False, say=print) -> dict:
-    """Run the whole pipeline (see the module docstring); returns the report."""
-    return Pipeline(plan, force, verbose, say).run()
+def run(plan: Plan, force: bool = False, verbose: bool = False, say=print, device=None,
+        threads_text: str | None = None) -> dict:
+    """Run the whole pipeline (see the module docstring); returns the report. `device`: see Pipeline."""
+    return Pipeline(plan, force, verbose, say, device, threads_text).run()

@@ -7,9 +7,11 @@ import gzip
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,54 @@ def keras_reference(tiny, digits):
     model = keras.models.load_model(tiny / "model.keras", compile=False)
     x, y = digits.arrays("test")
     return x, y, model.predict(x, verbose=0)
+
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+NEEDS_SSHD = pytest.mark.skipif(not Path(SSHD).is_file() or not shutil.which("ssh"),
+                                reason="needs OpenSSH's server and client (apt-get install openssh-server; .ci/run "
+                                       "installs it)")
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgekit-test", "-f", str(path)], check=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 with a temporary host key and client key: {"options": the command-line
+    options that reach it as a device (--host ... --remote-dir), "device": the directory the device's files go to,
+    "home", "port"}. Tests that use it carry NEEDS_SSHD."""
+    home = tmp_path_factory.mktemp("sshd")
+    host_key, client = keygen(home / "host_key"), keygen(home / "client")
+    (home / "authorized_keys").write_text((home / "client.pub").read_text())
+    port = free_port()
+    (home / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {home}/authorized_keys\n"
+        f"PidFile {home}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+    known = home / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {(home / 'host_key.pub').read_text()}")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory, when it runs as root
+    log = open(home / "sshd.log", "w")
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(home / "sshd_config")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while "Server listening" not in (home / "sshd.log").read_text():
+        assert server.poll() is None and time.monotonic() < deadline, (home / "sshd.log").read_text()
+        time.sleep(0.05)
+    device = home / "device"
+    device.mkdir()
+    options = ["--host", "root@127.0.0.1" if os.geteuid() == 0 else f"{os.environ.get('USER', 'root')}@127.0.0.1",
+               "--port", str(port), "--identity", str(client), "--ssh-option", f"UserKnownHostsFile={known}",
+               "--remote-python", sys.executable, "--remote-dir", str(device)]
+    yield {"options": options, "home": home, "device": device, "port": port}
+    server.terminate()
+    server.wait(10)
+    log.close()

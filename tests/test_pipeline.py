@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import NEEDS_SSHD, ROOT, free_port, run_module
 from pipeline.run import PLAN_FILE, Plan, resolve_variants, run
 from runtime.report import CSV_COLUMNS
 
@@ -344,3 +344,18 @@ def test_report_html_in_a_real_browser(quick_run, tmp_path):
         assert errors == []
     finally:
         driver.quit()
+
+
+@NEEDS_SSHD
+def test_pipeline_measures_latency_on_the_device(quick_copy, sshd):
+    """--host: the rerun's stages are skipped and the report's latency comes from the device, named in report.md."""
+    done = run_module("pipeline", "--quick", "--out", str(quick_copy), *sshd["options"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"benchmark on {sshd['options'][1]}:{sshd['port']} and report" in done.stdout
+    report = json.loads((quick_copy / "report.json").read_text())
+    assert report["machine"]["host"] == f"{sshd['options'][1]}:{sshd['port']}"
+    assert any(r.get("latency_median_ms_1t") for r in report["rows"])
+    assert "Latency measured on the device" in (quick_copy / "report.md").read_text()
+    refused = run_module("pipeline", "--quick", "--out", str(quick_copy),
+                         *[o if not o.isdigit() else str(free_port()) for o in sshd["options"]])
+    assert refused.returncode == 1 and "failed: " in refused.stdout and "refused the connection" in refused.stdout

@@ -7,7 +7,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,57 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import NEEDS_SSHD, ROOT, free_port, keygen, run_module
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(not Path(SSHD).is_file() or not shutil.which("ssh"),
-                                reason="needs OpenSSH's server and client (apt-get install openssh-server; .ci/run "
-                                       "installs it)")
+pytestmark = NEEDS_SSHD
 FIXTURES = ROOT / "tests" / "fixtures" / "sparse"
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgekit-test", "-f", str(path)], check=True)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """A real sshd on 127.0.0.1: (the options that reach it as a device, the directory it keeps, the directory
-    the device's files go to)."""
-    home = tmp_path_factory.mktemp("sshd")
-    host_key, client = _keygen(home / "host_key"), _keygen(home / "client")
-    (home / "authorized_keys").write_text((home / "client.pub").read_text())
-    port = _free_port()
-    (home / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {home}/authorized_keys\n"
-        f"PidFile {home}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
-    known = home / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {(home / 'host_key.pub').read_text()}")
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory, when it runs as root
-    log = open(home / "sshd.log", "w")
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(home / "sshd_config")], stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while "Server listening" not in (home / "sshd.log").read_text():
-        assert server.poll() is None and time.monotonic() < deadline, (home / "sshd.log").read_text()
-        time.sleep(0.05)
-    device = home / "device"
-    device.mkdir()
-    options = ["--host", "root@127.0.0.1" if os.geteuid() == 0 else f"{os.environ.get('USER', 'root')}@127.0.0.1",
-               "--port", str(port), "--identity", str(client), "--ssh-option", f"UserKnownHostsFile={known}",
-               "--remote-python", sys.executable, "--remote-dir", str(device)]
-    yield {"options": options, "home": home, "device": device, "port": port}
-    server.terminate()
-    server.wait(10)
-    log.close()
 
 
 def with_option(options: list[str], flag: str, value: str | None) -> list[str]:
@@ -165,10 +117,10 @@ def test_each_way_of_failing_is_one_line_and_leaves_nothing(sshd, tmp_path):
     def bench(options):
         return run_module("runtime", "bench", model, *options, "--runs", "3", timeout=120)
 
-    one_line_failure(bench(with_option(base, "--port", str(_free_port()))), "refused the connection")
-    stranger = _keygen(tmp_path / "stranger")
+    one_line_failure(bench(with_option(base, "--port", str(free_port()))), "refused the connection")
+    stranger = keygen(tmp_path / "stranger")
     one_line_failure(bench(with_option(base, "--identity", str(stranger))), "refused the login", "--identity")
-    other = _keygen(tmp_path / "other_host")
+    keygen(tmp_path / "other_host")
     changed = tmp_path / "changed_hosts"
     changed.write_text(f"[127.0.0.1]:{sshd['port']} {(tmp_path / 'other_host.pub').read_text()}")
     one_line_failure(bench(with_option(base, "--ssh-option", f"UserKnownHostsFile={changed}")),
