@@ -185,7 +185,8 @@ def add_arguments(parser, what: str) -> None:
                        help="an ssh_config option passed as ssh -o (repeatable), e.g. ConnectTimeout=5 or "
                             "UserKnownHostsFile=~/.ssh/pi_hosts")
     group.add_argument("--remote-python", default="python3", metavar="PATH",
-                       help="the device's Python with EdgeKit installed (default python3; a venv's bin/python)")
+                       help="the device's Python with EdgeKit installed (default python3; a venv's, quoted so that ~ "
+                            "is the device's home: '~/edgekit/bin/python')")
     group.add_argument("--remote-dir", metavar="DIR", help="where the device's temporary directory is made "
                        "(default: its TMPDIR or /tmp)")
     group.add_argument("--allow-version-mismatch", action="store_true",
@@ -263,7 +264,9 @@ class Session:
 
     # the connection
     def __enter__(self) -> "Session":
-        remote = f"exec {shlex.quote(self.target.python)} -m runtime.remote agent"
+        python = self.target.python  # '~/edgekit/bin/python' is the device's home, expanded there
+        python = '"$HOME"/' + shlex.quote(python[2:]) if python.startswith("~/") else shlex.quote(python)
+        remote = f"exec {python} -m runtime.remote agent"
         try:
             self._proc = subprocess.Popen(self.target.ssh_command(remote), stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

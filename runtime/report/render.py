@@ -131,7 +131,10 @@ def commands(row: dict) -> str:
         "# on the device: the runtime only, no TensorFlow (README, Raspberry Pi)",
         f"python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ~/{sdist}",
         f"~/edgekit/bin/python -m runtime predict ~/{shlex.quote(name)} IMAGE.png",
-        f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there"])
+        f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there",
+        "# or, back here, over SSH: the device's figures beside this machine's (README, On a device)",
+        f"python -m runtime bench {shlex.quote(here)} --host pi@raspberrypi.local "
+        "--remote-python '~/edgekit/bin/python' --threads 1,all"])
 
 
 def recommendation_md(info: dict, root: Path) -> list[str]:
