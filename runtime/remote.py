@@ -175,7 +175,7 @@ def add_arguments(parser, what: str) -> None:
         "on a device over SSH",
         f"{what} Reached with the system's ssh (your ~/.ssh/config, agent and known_hosts apply; BatchMode, so "
         "never a password prompt, and an unknown or changed host key is refused). The device needs the host's "
-        "EdgeKit version installed (README: On a device); files go to a private temporary directory there, "
+        "EdgeKit version installed (README, Raspberry Pi); files go to a private temporary directory there, "
         "checked by sha256, and are removed afterwards, also on Ctrl-C.")
     group.add_argument("--host", metavar="[USER@]HOST", help="the device, as ssh takes it (e.g. pi@raspberrypi.local "
                        "or a Host from ~/.ssh/config)")
@@ -227,7 +227,7 @@ def connection_error(target: Target, returncode: int, stderr: str) -> DeviceErro
     text = stderr.lower()
     install = (f"install EdgeKit {edgekit_version()} there: python -m build --sdist here, copy "
                f"dist/edgekit_ml-{edgekit_version()}.tar.gz to the device and pip install it into that Python "
-               "(README: On a device)")
+               "(README, Raspberry Pi)")
     if "remote host identification has changed" in text:
         return DeviceError(f"{name}'s host key is not the one in known_hosts (REMOTE HOST IDENTIFICATION HAS "
                            "CHANGED): refused. If the device was reinstalled, check its new key, remove the old one "
