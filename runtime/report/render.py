@@ -132,7 +132,7 @@ def commands(row: dict) -> str:
         f"python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ~/{sdist}",
         f"~/edgekit/bin/python -m runtime predict ~/{shlex.quote(name)} IMAGE.png",
         f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there",
-        "# or, back here, over SSH: the device's figures beside this machine's (README, On a device)",
+        "# or, back here, over SSH: the device's figures beside this machine's (README, Raspberry Pi)",
         f"python -m runtime bench {shlex.quote(here)} --host pi@raspberrypi.local "
         "--remote-python '~/edgekit/bin/python' --threads 1,all"])
 
