@@ -388,7 +388,7 @@ CSV_COLUMNS = ("name", "format", "backend", "size_bytes", "threads", "batch", "l
                "invoke_median_ms", "invoke_p90_ms", "invoke_p99_ms", "invoke_mean_ms", "invoke_std_ms",
                "call_median_ms", "call_p90_ms", "call_p99_ms", "call_mean_ms", "call_std_ms", "runs",
                "overhead", "throughput_ips", "throughput_p50_ips", "peak_rss_mb", "cold_start_s", "cold_rss_mb",
-               "size_ratio", "speedup", "one_image_path", "model")
+               "size_ratio", "speedup", "one_image_path", "model", "device")
 
 
 def flat(result: dict) -> dict:
@@ -399,6 +399,10 @@ def flat(result: dict) -> dict:
     row["runs"] = result["call_ms"]["n"]
     row["cold_start_s"] = result["cold_start"]["seconds"]
     row["cold_rss_mb"] = result["cold_start"]["peak_rss_mb"]
+    if result.get("device"):  # measured over SSH (runtime.remote): where, in one cell
+        from runtime.remote import describe
+
+        row["device"] = describe(result["device"], result["device"].get("host"))
     return row
 
 

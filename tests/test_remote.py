@@ -71,6 +71,10 @@ def test_bench_on_the_device(sshd):
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith(f"on {rows[0]['device']['host']} (") and "int8.dense.tflite" in table.stdout
     assert "[1/1] int8.dense.tflite, 1 thread(s)" in table.stderr  # the device's progress, passed on
+    csv = run_module("runtime", "bench", str(files[0]), *sshd["options"], "--runs", "5", "--csv")
+    assert csv.returncode == 0, csv.stderr
+    header, row = csv.stdout.splitlines()[:2]
+    assert header.endswith(",model,device") and f"127.0.0.1:{sshd['port']} (" in row
 
 
 def test_eval_on_the_device_computes_what_this_machine_computes(sshd, exported):
