@@ -18,6 +18,7 @@ examples:
   python -m export --onnx artifacts/cnn                        # model.onnx-float32.onnx
   python -m export --onnx --quantize int8 artifacts/cnn        # QDQ int8 via onnxruntime
   python -m export --all artifacts/cnn                         # all seven formats
+  python -m export --micro --max-ram 256KiB --max-flash 1MiB artifacts/cnn   # a microcontroller's file
   python -m export --tflite --quantize int8 --explain artifacts/cnn      # which layers int8 hurts
   python -m export --tflite --quantize int8 --keep-float auto artifacts/cnn   # int8, or int8-mixed within budget
   python -m export --onnx --quantize int8 --keep-float dense_1 artifacts/cnn  # onnx-int8-mixed, dense_1 float
@@ -25,7 +26,8 @@ examples:
   python -m export --onnx --quantize int8 model.onnx --dataset digits --mean 127.5 --std 127.5
                                               # a PyTorch file: model-export/, float32 and int8 verified
 
-formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8.
+formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8;
+micro (--micro: int8 for TensorFlow Lite Micro, with model.micro.cc/.h; not part of --all unless --micro).
 Every file is loaded with EdgeKit's runtime and compared with the Keras model on the whole test
 split, by one rule. Float (float32, onnx): every output within 1e-4 + 1e-3 x |Keras output|.
 Quantized (float16, dynamic, int8, int16x8, onnx-int8): accuracy at most --max-accuracy-drop
@@ -43,6 +45,18 @@ error (nothing was done).
 """
 
 
+def _size(flag: str):
+    """An argparse type for runtime.limits.size_bytes."""
+    def parse(text: str) -> int:
+        from runtime.limits import size_bytes
+
+        try:
+            return size_bytes(text, flag)
+        except EdgeKitError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(flag + " ")) from None
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Export a model to TFLite and ONNX, verifying every file.",
@@ -55,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.add_argument("--quantize", help="TFLite: float16, dynamic, int8, int16x8; ONNX: int8")
     kinds.add_argument("--format", action="append", default=[], metavar="KEY", help="a format by key (repeatable)")
     kinds.add_argument("--all", action="store_true", help="every format (int8 only for a QAT artifact)")
+    kinds.add_argument("--micro", action="store_true",
+                       help="a microcontroller file (format micro): int8 for TensorFlow Lite Micro, verified in its "
+                            "interpreter, with model.micro.cc and .h (C array, op resolver) and the arena measured; "
+                            "needs the micro extra")
+    kinds.add_argument("--max-ram", type=_size("--max-ram"), metavar="SIZE",
+                       help="with --micro: refuse a file whose tensor arena exceeds SIZE (256KiB, 1MiB, bytes)")
+    kinds.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
+                       help="with --micro: refuse a file larger than SIZE (its flash)")
     parser.add_argument("--out", help="output directory (default: the artifact directory itself)")
     parser.add_argument("--calibration-samples", type=int, default=300,
                         help="training images used to calibrate integer formats (default: 300; at most the "
@@ -96,8 +118,8 @@ def _choose(args) -> list[str]:
     from export.formats import FORMATS
 
     if args.all:
-        return list(FORMATS)
-    keys = list(args.format)
+        return [*FORMATS, *(["micro"] if args.micro else [])]
+    keys = list(args.format) + (["micro"] if args.micro else [])
     for flag, table in (("tflite", TFLITE_QUANTIZE), ("onnx", ONNX_QUANTIZE)):
         if getattr(args, flag):
             if args.quantize not in table:
@@ -108,7 +130,7 @@ def _choose(args) -> list[str]:
     if args.quantize and not (args.tflite or args.onnx):
         raise EdgeKitError("--quantize needs --tflite or --onnx, e.g. `--tflite --quantize int8`.")
     if not keys:
-        raise EdgeKitError("nothing to export; pass --tflite, --onnx, --format KEY or --all.")
+        raise EdgeKitError("nothing to export; pass --tflite, --onnx, --micro, --format KEY or --all.")
     return list(dict.fromkeys(keys))
 
 
@@ -127,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
-                     mean=args.mean, std=args.std, layout=args.layout, sparse=not args.dense)
+                     mean=args.mean, std=args.std, layout=args.layout, sparse=not args.dense,
+                     max_ram=args.max_ram, max_flash=args.max_flash)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     width = max([10, *(len(r.format) for r in results)])
@@ -142,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         status = "verified" if r.passed else f"FAILED: {r.message}"
         print(f"{r.format:<{width}} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
               f"{f['sqnr_db']:>8.1f} {f['agreement']:>7.2%} {f['accuracy']:>9.2%}  {status}")
+    for r in results:
+        micro = r.figures.get("micro") if r.passed else None
+        if micro:
+            ref = micro["reference"]
+            print(f"{r.format}: tensor arena {micro['arena_bytes']:,} bytes (RAM, measured by TFLM), flash "
+                  f"{micro['flash_bytes']:,} bytes, {micro['macs']:,} MACs per inference; operators "
+                  f"{', '.join(micro['operators'])}; TFLM vs LiteRT's reference kernels: {ref['bit_equal_images']} of "
+                  f"{ref['images']} images bit-equal, at most {ref['max_lsb']} step apart")
     if results and results[0].figures:
         print(f"(accuracy on {results[0].figures['test_samples']} test images; "
               f"{results[0].figures.get('reference', 'Keras')}: {results[0].figures['keras_accuracy']:.2%})")

@@ -25,7 +25,7 @@ from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, ch
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
-from runtime.fsutil import atomic_write_json, output_lock, sha256_file, temp_file, write_error
+from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
 from runtime.preprocessing import pixel_statistics
 from runtime.text import terminal
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
@@ -179,7 +179,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
            progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
            keep_float: list[str] | str | None = None, explain: bool = False, mean=None, std=None,
-           layout: str | None = None, sparse: bool = True) -> list[Result]:
+           layout: str | None = None, sparse: bool = True, max_ram: int | None = None,
+           max_flash: int | None = None) -> list[Result]:
     """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
 
     An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
@@ -188,6 +189,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     A pruned model's float32, dynamic and int8 files (a third or more of its kernel weights zero) are written with
     the converter's sparse encoding when that makes them at least 1% smaller, unless not `sparse`.
 
+    The `micro` format (export/micro.py) is held to `max_ram` (its tensor arena) and `max_flash` (its bytes).
+
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
     model that needs code to load is refused unless `trust`. Every format is attempted; each
     failure (a converter's refusal, a failed check) is returned in its Result, not raised.
@@ -195,6 +198,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     fmts = check_settings(formats, calibration_samples=calibration_samples, opset=opset,
                           calibration_method=calibration_method, max_accuracy_drop=max_accuracy_drop,
                           keep_float=keep_float, explain=explain)
+    if (max_ram is not None or max_flash is not None) and all(f.key != "micro" for f in fmts):
+        raise EdgeKitError("--max-ram and --max-flash hold a microcontroller file to its budget: add --micro.")
     path = Path(source)
     options = _source_options(path, fmts, opset, mean, std, layout)
     if options is not None and all(f.key != "onnx-float32" for f in fmts):  # the report's baseline comes too
@@ -209,7 +214,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         check_out_apart(out, [path])
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust, float(max_accuracy_drop), keep_float, explain, options, sparse)
+                       trust, float(max_accuracy_drop), keep_float, explain, options, sparse,
+                       {"ram": max_ram, "flash": max_flash})
 
 
 def _source_options(path: Path, fmts, opset, mean, std, layout):
@@ -233,7 +239,8 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=True) -> list[Result]:
+            trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=True,
+            budgets=None) -> list[Result]:
     from export import convert
     from runtime.load import load
 
@@ -296,8 +303,10 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
                 data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1], **(src.made or {})}
-            elif fmt.key == "int8" and quantization_aware:
+            elif fmt.key in ("int8", "micro") and quantization_aware:
                 data, record = _qat_int8(src, calibration, trust, progress)
+            elif fmt.key == "micro":
+                data = convert.to_tflite(src.model, "int8", calibration, False)
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
                 if fmt.key in convert.SPARSE_FORMATS and zeros >= convert.SPARSE_ZEROS:
@@ -315,7 +324,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                 gc.collect()  # the converter's graphs: a large model's memory goes back before the next format
             results.append(_verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load,
                                                len(calibration), calibration_method, opset, max_accuracy_drop,
-                                               record))
+                                               record, budgets))
         except EdgeKitError as exc:  # every format is attempted; each failure is reported with the others
             if exc.exit_code != 1:
                 raise
@@ -530,12 +539,12 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
 
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
-                        max_accuracy_drop, record=None) -> Result:
+                        max_accuracy_drop, record=None, budgets=None) -> Result:
     import gzip
 
     from runtime.errors import VerificationError
 
-    tmp = None
+    tmp, sources = None, None
     try:
         fd, tmp = temp_file(out, fmt.filename, fmt.suffix)
         with os.fdopen(fd, "wb") as fh:
@@ -546,7 +555,13 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             reason = first_line(exc.__cause__) if exc.__cause__ is not None else str(exc)
             raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
                                     f"run the file the converter wrote: {reason}") from exc
-        logits = model.logits(x_test, batch_size=VERIFY_BATCH)
+        if fmt.key == "micro":  # TFLM computes the outputs that are verified; LiteRT's reference kernels check them
+            from export.micro import check
+
+            logits, micro_record, sources = check(tmp, data, model, x_test, budgets or {})
+            record = {**(record or {}), "micro": micro_record}
+        else:
+            logits = model.logits(x_test, batch_size=VERIFY_BATCH)
         figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop, src.reference)
         figures["reference"] = src.reference
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
@@ -557,6 +572,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         if failure:
             return Result(fmt.key, None, False, figures, f"{fmt.key}: {failure}")
         final = out / fmt.filename
+        for name, text in (sources or {}).items():  # the C sources first: a file that is there has its sources
+            atomic_write_text(out / name, text)
         os.replace(tmp, final)
     except OSError as exc:
         raise write_error(out / fmt.filename, exc) from exc
@@ -580,8 +597,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
                         if calibrated else None),
         "opset": _opset_written(src, opset) if fmt.backend == "onnx" else None,
         **(record or {}),
-        "verification": {**figures, "passed": True, "runtime": "ai-edge-litert" if fmt.backend == "tflite"
-                         else "onnxruntime"},
+        "verification": {**figures, "passed": True, "runtime": "tflite-micro" if fmt.key == "micro" else
+                         "ai-edge-litert" if fmt.backend == "tflite" else "onnxruntime"},
         "versions": library_versions(), "created": utc_now(),
     }
     atomic_write_json(out / fmt.sidecar, sidecar)
@@ -654,11 +671,11 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
     known = dict(manifest.get("files", {}))
     for result in results:
         fmt = get_format(result.format)
-        for name in (fmt.filename, fmt.sidecar):
+        for name in fmt.files:
             known.pop(name, None)
             if not result.passed and (out / name).exists():  # a failed export leaves nothing that looks valid
                 (out / name).unlink()
-    written = {name for r in results if r.passed for name in (get_format(r.format).filename, get_format(r.format).sidecar)}
+    written = {name for r in results if r.passed for name in get_format(r.format).files}
     if manifest.get("kind") == "export":
         manifest.pop("versions", None)  # refreshed by write_manifest
     names = sorted(name for name in set(known) | written if (out / name).is_file() or name in known)

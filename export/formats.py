@@ -56,6 +56,12 @@ class Format(FileFormat):
     options: frozenset = frozenset()
     description: str = ""
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the format writes: the model, its sidecar, and a micro file's C sources."""
+        extra = (f"model.{self.key}.cc", f"model.{self.key}.h") if self.key == "micro" else ()
+        return (self.filename, self.sidecar, *extra)
+
 
 _CALIBRATED = frozenset({"calibration_samples"})
 _HOW = {  # what export adds to runtime.formats' table: options and a description
@@ -74,17 +80,23 @@ _MIXED = {  # made only with --keep-float (export/selective.py): not part of --a
     "onnx-int8-mixed": (frozenset({"opset", "calibration_samples", "calibration_method", "keep_float"}),
                         "ONNX int8 (QDQ) with the layers int8 hurts kept float (nodes_to_exclude)"),
 }
+_MICRO = {  # made only when asked (export --micro, pipeline --target micro): not part of --all
+    "micro": (_CALIBRATED, "TFLite full integer for TensorFlow Lite Micro: int8 input and output, TFLM's operators "
+                           "only, verified in TFLM's interpreter, with model.micro.cc/.h (C array, op resolver)"),
+}
 MIXED_OF = {"int8": "int8-mixed", "onnx-int8": "onnx-int8-mixed"}  # the format --keep-float turns each into
 FORMATS = {f.key: Format(**dataclasses.asdict(f), options=_HOW[f.key][0], description=_HOW[f.key][1])
            for f in FILE_FORMATS.values() if f.key in _HOW}
 MIXED_FORMATS = {f.key: Format(**dataclasses.asdict(f), options=_MIXED[f.key][0], description=_MIXED[f.key][1])
                  for f in FILE_FORMATS.values() if f.key in _MIXED}
-QAT_FORMATS = ("int8",)
+MICRO_FORMATS = {f.key: Format(**dataclasses.asdict(f), options=_MICRO[f.key][0], description=_MICRO[f.key][1])
+                 for f in FILE_FORMATS.values() if f.key in _MICRO}
+QAT_FORMATS = ("int8", "micro")
 
 
 def get_format(key: str) -> Format:
     key = ALIASES.get(key, key)
-    known = {**FORMATS, **MIXED_FORMATS}
+    known = {**FORMATS, **MIXED_FORMATS, **MICRO_FORMATS}
     if key not in known:
         raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(known)}."
                            f"{suggest(key, [*known, *ALIASES])}")
@@ -95,7 +107,7 @@ def check_options(fmt: Format, options: dict) -> None:
     """Reject an option the format does not take (e.g. --opset for a TFLite file)."""
     for name, value in options.items():
         if value is not None and name not in fmt.options:
-            takers = [f.key for f in {**FORMATS, **MIXED_FORMATS}.values() if name in f.options]
+            takers = [f.key for f in {**FORMATS, **MIXED_FORMATS, **MICRO_FORMATS}.values() if name in f.options]
             raise EdgeKitError(
                 f"format {fmt.key} does not take --{name.replace('_', '-')}; formats that do: {', '.join(takers)}."
             )

@@ -142,7 +142,7 @@ def _load(args):
 def _model_options(args) -> dict:
     """--mean, --std, --resize, --labels and --layout, as runtime.load takes them."""
     return {"mean": args.mean, "std": args.std, "resize": args.resize,
-            "labels": getattr(args, "labels", None), "layout": args.layout}
+            "labels": getattr(args, "labels", None), "layout": args.layout, "backend": getattr(args, "backend", None)}
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -183,6 +183,10 @@ def _add_model_options(parser, labels: bool = True) -> None:
         group.add_argument("--labels", metavar="FILE", help="class names, one a line, optionally after their index "
                            "('0 matured'); default: the sidecar's, else the file packed in the model's TFLite "
                            "metadata, else indices")
+    parser.add_argument("--backend", choices=("micro",),
+                        help="micro: run a fully integer .tflite file in TensorFlow Lite Micro's interpreter, one image "
+                             "per invoke, as a microcontroller does (the micro extra); its latency here is TFLM's "
+                             "reference kernels on this CPU, not a board's (README, Microcontrollers)")
 
 
 def _predict(args) -> int:

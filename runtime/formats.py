@@ -15,6 +15,7 @@ type, named by one key that is also the file's name: `model.<format><suffix>`, s
     onnx-int8     model.onnx-int8.onnx       onnx     quantized (QDQ)
     int8-mixed    model.int8-mixed.tflite    tflite   quantized (int8, the layers int8 hurts kept float)
     onnx-int8-mixed  model.onnx-int8-mixed.onnx  onnx  quantized (onnx-int8, the same)
+    micro         model.micro.tflite         tflite   quantized (int8 for TensorFlow Lite Micro; .cc and .h beside)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ FILE_FORMATS = {f.key: f for f in (  # in display order; the first is the float 
     FileFormat("onnx-int8", ".onnx", "onnx", "quantized", "#8c564b"),
     FileFormat("int8-mixed", ".tflite", "tflite", "quantized", "#e377c2"),  # int8 with named layers float
     FileFormat("onnx-int8-mixed", ".onnx", "onnx", "quantized", "#bcbd22"),
+    FileFormat("micro", ".tflite", "tflite", "quantized", "#393b79"),  # int8 for TensorFlow Lite Micro (+ .cc, .h)
 )}
 ALIASES = {"onnx": "onnx-float32"}  # accepted on the command line, never written
 

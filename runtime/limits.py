@@ -48,3 +48,25 @@ def positive_normal(values, what: str) -> tuple[float, ...]:
             raise EdgeKitError(f"{what} must be a positive normal number (at least {MIN_NORMAL:.4g}, it divides); "
                                f"got {v!r}.")
     return tuple(float(v) for v in values)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+
+
+def size_bytes(text, flag: str) -> int:
+    """A memory size as microcontroller datasheets give it: '256KiB', '1MiB', '32kB' or plain bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = found.group(2).lower() if found else None
+    if not found or unit not in _UNITS or float(found.group(1)) * _UNITS[unit] < 1:
+        raise EdgeKitError(f"{flag} takes a size such as 256KiB, 1MiB, 32kB or a number of bytes; got {text!r}.")
+    return int(float(found.group(1)) * _UNITS[unit])
+
+
+def size_text(n: int) -> str:
+    """'256 KiB (262,144 bytes)'."""
+    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"

@@ -68,7 +68,7 @@ def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | No
 
 
 def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, resize: str | None = None,
-         labels=None, layout: str | None = None) -> Model:
+         labels=None, layout: str | None = None, backend: str | None = None) -> Model:
     """Load a .tflite or .onnx model (and its sidecar, if any) for CPU inference.
 
     `threads`: the interpreter's thread count (None: the backend's default).
@@ -82,7 +82,11 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
         file packed in a TFLite model's metadata, else the indices.
     `layout`: "nchw" or "nhwc", for an input shape that reads both ways (read from the shape otherwise).
         Images are always given as (H, W, C) pixels or (N, H, W, C) batches, and transposed for an NCHW model.
+    `backend`: "micro" runs a fully integer .tflite file in TensorFlow Lite Micro's interpreter (runtime/micro.py;
+        the micro extra), one image per invoke as on a microcontroller; default: LiteRT or onnxruntime.
     """
+    if backend not in (None, "micro"):
+        raise EdgeKitError(f"backend must be 'micro' or None (LiteRT or onnxruntime by the file); got {backend!r}.")
     options = Options(mean, std, resize, labels, layout)
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
@@ -103,6 +107,15 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     manifest = read_manifest(path.parent) if (path.parent / MANIFEST).is_file() else None  # read once, for both
     sidecar = read_sidecar(path, manifest)
     _check_file(path, size, sidecar, manifest)
+    if backend == "micro":
+        if fmt != "tflite":
+            raise EdgeKitError(f"{path.name}: TensorFlow Lite Micro runs .tflite files; an ONNX file has no micro "
+                               "backend.")
+        if threads not in (None, 1):
+            raise EdgeKitError("TensorFlow Lite Micro runs on one thread (a microcontroller's core); drop --threads.")
+        from runtime.micro import MicroModel
+
+        return MicroModel(path, None, sidecar, options)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
     return cls(path, threads, sidecar, options)
 

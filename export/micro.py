@@ -1,0 +1,61 @@
+"""The `micro` format: the int8 file checked for TensorFlow Lite Micro and verified in TFLM's interpreter.
+
+What `check` does to a converted file, before it is written (runtime/micro.py does the TFLM work):
+1. every operator has a TFLM kernel, and input and output are int8 (one line naming each missing operator);
+2. the tensor arena TFLM allocates is measured (its RecordingMicroAllocator) and, with the flash (the file's bytes),
+   held to --max-ram and --max-flash: over either, nothing is written (exit 1, one line);
+3. TFLM runs the whole test split one image at a time, and LiteRT's reference kernels (BUILTIN_REF) run the same
+   int8 inputs: the outputs are compared value by value, recorded, and must be within MAX_LSB;
+4. TFLM's outputs go through the one verification rule (accuracy budget and agreement against Keras), and the C
+   sources are made: model.micro.cc (the array) and model.micro.h (its length, the arena, the op resolver).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.errors import ConversionError, VerificationError
+from runtime.limits import size_text
+
+# TFLM and LiteRT's reference kernels implement the same integer arithmetic; measured on EdgeKit's digits CNN, 2 of
+# 3,590 output values differ by one step of the output's quantization, in TFLM's FULLY_CONNECTED (every earlier
+# tensor bit-equal). More than one step would be a different computation.
+MAX_LSB = 1
+
+
+def check(path, data: bytes, model, x_test, budgets: dict) -> tuple[np.ndarray, dict, dict]:
+    """(TFLM's outputs as float, the sidecar's `micro` record, {file name: C source}) of a micro file."""
+    from runtime import micro
+
+    ops = micro.operators(data)
+    missing = micro.unsupported(ops)
+    if missing:
+        raise ConversionError(f"the int8 file uses {', '.join(missing)}, which TensorFlow Lite Micro has no kernel "
+                              "for; change those layers (e.g. a ReLU for a GELU) or ship the int8 file to a CPU.")
+    if (model.input.dtype, model.output.dtype) != ("int8", "int8"):
+        raise ConversionError(f"a micro file takes int8 input and gives int8 output; the converter wrote "
+                              f"{model.input.dtype} and {model.output.dtype}.")
+    arena, flash = micro.arena_bytes(path), len(data)
+    over = [f"{what} of {size_text(value)} against --max-{flag} {size_text(limit)}"
+            for what, flag, value, limit in (("a tensor arena (RAM)", "ram", arena, budgets.get("ram")),
+                                             ("flash", "flash", flash, budgets.get("flash")))
+            if limit is not None and value > limit]
+    if over:
+        raise VerificationError(f"the model needs {' and '.join(over)}; nothing was written. Choose a smaller model "
+                                "or a larger budget.")
+    x, pixels = model._checked(x_test)
+    fed = model._feed(x, pixels)
+    raw, ref = micro.outputs(path, fed), micro.reference_outputs(path, fed)
+    diff = np.abs(raw.astype(np.int32) - ref.astype(np.int32))
+    record = {"arena_bytes": arena, "flash_bytes": flash, "operators": ops, "macs": micro.macs(data),
+              "interpreter": f"tflite-micro {micro.version()}",
+              "reference": {"kernels": "LiteRT BUILTIN_REF", "images": int(len(raw)),
+                            "bit_equal_images": int((diff == 0).all(axis=1).sum()),
+                            "equal_values": int((diff == 0).sum()), "values": int(diff.size),
+                            "max_lsb": int(diff.max()) if diff.size else 0}}
+    if diff.size and diff.max() > MAX_LSB:
+        raise VerificationError(f"TFLM's outputs differ from LiteRT's reference kernels by up to {int(diff.max())} "
+                                f"steps (on {int((diff > 0).any(axis=1).sum())} of {len(raw)} images); at most "
+                                f"{MAX_LSB} is rounding, more is a different computation.")
+    cc, h = micro.c_sources(data, arena=arena, ops=ops)
+    return model._fetch(raw), record, {"model.micro.cc": cc, "model.micro.h": h}

@@ -1,0 +1,328 @@
+"""TensorFlow Lite for Microcontrollers (TFLM): a fully integer .tflite file as a microcontroller runs it.
+
+The `tflite-micro` package (the `micro` extra, imported lazily) is TFLM's interpreter as a CPython extension:
+the same C++ kernels a Cortex-M firmware links (the reference ones), the same arena allocator. So here:
+
+    arena_bytes(path)       the tensor arena the file needs, measured by TFLM's RecordingMicroAllocator
+    operators(data)         the builtin operators the file uses, in first-use order
+    unsupported(ops)        those TFLM has no kernel for (MicroMutableOpResolver's Add* methods)
+    macs(data)              multiply-accumulates per inference (convolutions and fully connected layers)
+    c_sources(data, ...)    model.micro.cc / .h: the file as a 16-byte aligned C array, its length, the arena
+                            size and a MicroMutableOpResolver<N> registering exactly its operators
+    MicroModel              `runtime.load(path, backend="micro")`: predict, eval and bench in TFLM
+    reference_outputs(...)  LiteRT's reference kernels (BUILTIN_REF) on the same inputs, for bit-equality
+
+Flash is the model's bytes (the array is `const`, so it stays in flash); RAM is the arena, plus the
+application's own stack and buffers, which no tool can know.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
+from runtime.tflite_backend import _TFLiteModel
+
+EXTRA = "pip install 'edgekit-ml[micro]' (the tflite-micro package)"
+ARENA_MAX = 64 * 2**20  # what a microcontroller could hold, with room; the search for a file's arena stops here
+# TFLM's builtin kernels, by the TFLite operator name, and the MicroMutableOpResolver method that adds each
+# (tensorflow/lite/micro/micro_mutable_op_resolver.h). Most are the name in CamelCase; these are not:
+_METHOD_EXCEPTIONS = {"PADV2": "PadV2", "CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D",
+                      "AVERAGE_POOL_2D": "AveragePool2D", "MAX_POOL_2D": "MaxPool2D", "L2_POOL_2D": "L2Pool2D",
+                      "TRANSPOSE_CONV": "TransposeConv", "BATCH_MATMUL": "BatchMatMul"}
+TFLM_OPERATORS = frozenset((
+    "ABS", "ADD", "ADD_N", "ARG_MAX", "ARG_MIN", "ASSIGN_VARIABLE", "AVERAGE_POOL_2D", "BATCH_MATMUL",
+    "BATCH_TO_SPACE_ND", "BROADCAST_ARGS", "BROADCAST_TO", "CALL_ONCE", "CAST", "CEIL", "CONCATENATION", "CONV_2D",
+    "COS", "CUMSUM", "DEPTH_TO_SPACE", "DEPTHWISE_CONV_2D", "DEQUANTIZE", "DIV", "ELU", "EMBEDDING_LOOKUP", "EQUAL",
+    "EXP", "EXPAND_DIMS", "FILL", "FLOOR", "FLOOR_DIV", "FLOOR_MOD", "FULLY_CONNECTED", "GATHER", "GATHER_ND",
+    "GREATER", "GREATER_EQUAL", "HARD_SWISH", "IF", "L2_NORMALIZATION", "L2_POOL_2D", "LEAKY_RELU", "LESS",
+    "LESS_EQUAL", "LOG", "LOG_SOFTMAX", "LOGICAL_AND", "LOGICAL_NOT", "LOGICAL_OR", "LOGISTIC", "MAX_POOL_2D",
+    "MAXIMUM", "MEAN", "MINIMUM", "MIRROR_PAD", "MUL", "NEG", "NOT_EQUAL", "PACK", "PAD", "PADV2", "PRELU",
+    "QUANTIZE", "READ_VARIABLE", "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RESHAPE", "RESIZE_BILINEAR",
+    "RESIZE_NEAREST_NEIGHBOR", "REVERSE_V2", "ROUND", "RSQRT", "SELECT_V2", "SHAPE", "SIN", "SLICE", "SOFTMAX",
+    "SPACE_TO_BATCH_ND", "SPACE_TO_DEPTH", "SPLIT", "SPLIT_V", "SQRT", "SQUARE", "SQUARED_DIFFERENCE", "SQUEEZE",
+    "STRIDED_SLICE", "SUB", "SUM", "SVDF", "TANH", "TRANSPOSE", "TRANSPOSE_CONV", "UNIDIRECTIONAL_SEQUENCE_LSTM",
+    "UNPACK", "VAR_HANDLE", "WHILE", "ZEROS_LIKE", "DYNAMIC_UPDATE_SLICE"))
+
+
+def tflm():
+    """TFLM's Python interpreter module, or one line saying how to install it."""
+    try:
+        from tflite_micro.python.tflite_micro import runtime
+    except ImportError:
+        raise EdgeKitError(f"microcontroller files run in TensorFlow Lite Micro's interpreter, which is not "
+                           f"installed: {EXTRA}.") from None
+    return runtime
+
+
+def method(operator: str) -> str:
+    """The MicroMutableOpResolver method that registers an operator: 'CONV_2D' -> 'AddConv2D'."""
+    return "Add" + _METHOD_EXCEPTIONS.get(operator, "".join(part.capitalize() for part in operator.split("_")))
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def _model(data: bytes):
+    schema = _schema()
+    if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):
+        raise ArtifactError("not a TFLite flatbuffer (no TFL3 identifier); export it again.")
+    return schema, schema.Model.GetRootAs(data, 0)
+
+
+def _op_names(schema) -> dict[int, str]:
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _code(schema, model, op) -> str:
+    code = model.OperatorCodes(op.OpcodeIndex())
+    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())  # the deprecated field holds codes < 127
+    name = _op_names(schema).get(builtin, f"BUILTIN_{builtin}")
+    return f"CUSTOM:{code.CustomCode().decode('utf-8', 'replace')}" if name == "CUSTOM" else name
+
+
+def operators(data: bytes) -> list[str]:
+    """The operators a .tflite file uses, in first-use order ('CUSTOM:name' for a custom one)."""
+    schema, model = _model(data)
+    seen: list[str] = []
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+        for i in range(graph.OperatorsLength()):
+            name = _code(schema, model, graph.Operators(i))
+            if name not in seen:
+                seen.append(name)
+    return seen
+
+
+def unsupported(ops: list[str]) -> list[str]:
+    return [op for op in ops if op not in TFLM_OPERATORS]
+
+
+def macs(data: bytes) -> int:
+    """Multiply-accumulates of one inference: CONV_2D (output elements x kernel height x width x input channels),
+    DEPTHWISE_CONV_2D (output elements x kernel height x width), FULLY_CONNECTED and BATCH_MATMUL (output
+    elements x the reduced dimension), TRANSPOSE_CONV (input elements x kernel height x width x output
+    channels). Elementwise operators, pooling and softmax are not multiply-accumulates and are not counted."""
+    schema, model = _model(data)
+    total = 0
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+
+        def shape(index):
+            if index < 0:
+                return []
+            return [max(1, int(d)) for d in graph.Tensors(index).ShapeAsNumpy()] if \
+                graph.Tensors(index).ShapeLength() else []
+
+        for i in range(graph.OperatorsLength()):
+            op = graph.Operators(i)
+            name = _code(schema, model, op)
+            ins = [int(v) for v in op.InputsAsNumpy()] if op.InputsLength() else []
+            outs = [int(v) for v in op.OutputsAsNumpy()] if op.OutputsLength() else []
+            if not ins or not outs:
+                continue
+            out = int(np.prod(shape(outs[0]), dtype=np.int64)) if shape(outs[0]) else 0
+            weights = shape(ins[1]) if len(ins) > 1 else []
+            if name == "CONV_2D" and len(weights) == 4:  # [out_c, kh, kw, in_c]
+                total += out * weights[1] * weights[2] * weights[3]
+            elif name == "DEPTHWISE_CONV_2D" and len(weights) == 4:  # [1, kh, kw, out_c]
+                total += out * weights[1] * weights[2]
+            elif name == "FULLY_CONNECTED" and len(weights) == 2:  # [units, in]
+                total += out * weights[1]
+            elif name == "BATCH_MATMUL" and len(weights) >= 2:
+                total += out * shape(ins[0])[-1]
+            elif name == "TRANSPOSE_CONV" and len(ins) > 2 and len(shape(ins[1])) == 4:  # [out_c, kh, kw, in_c]
+                w = shape(ins[1])
+                total += int(np.prod(shape(ins[2]), dtype=np.int64)) * w[0] * w[1] * w[2]
+    return int(total)
+
+
+class _Stderr:
+    """What C++ code writes to file descriptor 2 while the block runs (TFLM prints its allocations there)."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read(2**20).decode("utf-8", "replace")
+        self._file.close()
+
+
+def interpreter(path: str | Path, arena: int | None = None):
+    """TFLM's interpreter for a file (its arena recorded as it is allocated); a file TFLM cannot run is one
+    line naming why."""
+    runtime = tflm()
+    data = Path(path).read_bytes()
+    missing = unsupported(operators(data))
+    if missing:
+        raise WorkFailed(f"{Path(path).name} uses {', '.join(missing)}, which TensorFlow Lite Micro has no kernel "
+                         "for; a microcontroller cannot run it.")
+    with _Stderr() as err:
+        try:
+            return runtime.Interpreter.from_file(str(path), arena_size=arena)
+        except (RuntimeError, ValueError) as exc:
+            failure = exc
+    reason = next((line.strip() for line in err.text.splitlines() if line.strip()), str(failure))
+    raise WorkFailed(f"TensorFlow Lite Micro cannot run {Path(path).name}: {reason[:300]}")
+
+
+def arena_bytes(path: str | Path) -> int:
+    """The tensor arena TFLM allocates for the file, as its RecordingMicroAllocator reports it after an invoke."""
+    it = interpreter(path)
+    details = it.get_input_details(0)
+    it.set_input(np.zeros(details["shape"], details["dtype"]), 0)
+    it.invoke()
+    with _Stderr() as err:
+        it.print_allocations()
+    found = re.search(r"Arena allocation total (\d+) bytes", err.text)
+    if not found:
+        raise WorkFailed(f"TensorFlow Lite Micro did not report the arena of {Path(path).name}.")
+    return int(found.group(1))
+
+
+def outputs(path: str | Path, fed: np.ndarray) -> np.ndarray:
+    """TFLM's raw output tensor for each input tensor in `fed` (N, ...) of the file's input dtype, one at a time."""
+    it = interpreter(path)
+    out = []
+    for x in fed:
+        it.set_input(x[None], 0)
+        it.invoke()
+        out.append(np.array(it.get_output(0)[0]))
+    return np.stack(out) if out else np.empty((0,))
+
+
+def reference_outputs(path: str | Path, fed: np.ndarray) -> np.ndarray:
+    """LiteRT's reference kernels (OpResolverType.BUILTIN_REF: no XNNPACK, no optimized kernels) on the same
+    inputs: the implementation TFLM's kernels follow, to the bit."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    it.allocate_tensors()
+    index_in, index_out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    out = []
+    for x in fed:
+        it.set_tensor(index_in, x[None])
+        it.invoke()
+        out.append(it.get_tensor(index_out)[0].copy())
+    return np.stack(out) if out else np.empty((0,))
+
+
+def c_identifier(name: str) -> str:
+    text = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return text if text and not text[0].isdigit() else f"m_{text}"
+
+
+def c_sources(data: bytes, header_name: str = "model.micro.h", arena: int | None = None,
+              ops: list[str] | None = None, name: str = "g_model") -> tuple[str, str]:
+    """(the .cc, the .h) of a microcontroller build: the model as `alignas(16) const unsigned char NAME[]` (TFLM
+    reads the flatbuffer in place, and needs it 16-byte aligned), `NAME_len`, the arena size TFLM measured, and
+    `EdgeKitOpResolver`, a MicroMutableOpResolver<N> with exactly the file's operators registered by
+    `RegisterEdgeKitOps(resolver)`. The header needs TFLM only for the resolver: without TFLM's headers it
+    declares the array alone."""
+    name = c_identifier(name)
+    ops = operators(data) if ops is None else ops
+    guard = c_identifier(header_name).upper() + "_"
+    rows = [", ".join(f"0x{b:02x}" for b in data[i:i + 12]) for i in range(0, len(data), 12)]
+    cc = "\n".join([
+        "// Generated by EdgeKit (python -m export --micro): the model file as a C array. Do not edit.",
+        f'#include "{header_name}"',
+        "",
+        f"alignas(16) const unsigned char {name}[] = {{",
+        *(f"    {row}," for row in rows),
+        "};",
+        f"const unsigned int {name}_len = {len(data)};",
+        ""])
+    registrations = "\n".join(f"  if (resolver.{method(op)}() != kTfLiteOk) return kTfLiteError;" for op in ops)
+    h = "\n".join([
+        "// Generated by EdgeKit (python -m export --micro). Do not edit.",
+        f"#ifndef {guard}",
+        f"#define {guard}",
+        "",
+        f"extern const unsigned char {name}[];  // 16-byte aligned, in flash",
+        f"extern const unsigned int {name}_len;  // {len(data):,} bytes",
+        *([f"// The tensor arena TFLM's RecordingMicroAllocator measured for this model: {arena:,} bytes (on a",
+           "// 64-bit host; a 32-bit core needs a little less). Add your application's own buffers.",
+           f"constexpr unsigned int {name}_arena_bytes = {arena};"] if arena is not None else []),
+        "",
+        '#if __has_include("tensorflow/lite/micro/micro_mutable_op_resolver.h")',
+        '#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"',
+        f"// Exactly the operators the model uses: {', '.join(ops)}.",
+        f"using EdgeKitOpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;",
+        "inline TfLiteStatus RegisterEdgeKitOps(EdgeKitOpResolver& resolver) {",
+        registrations,
+        "  return kTfLiteOk;",
+        "}",
+        "#endif",
+        "",
+        f"#endif  // {guard}",
+        ""])
+    return cc, h
+
+
+class MicroModel(_TFLiteModel):
+    """A .tflite file run by TFLM's interpreter (`runtime.load(path, backend="micro")`): one image per invoke, as
+    on a microcontroller. LiteRT reads the file's description (tensors, graph); TFLM computes every output."""
+
+    def __init__(self, path, threads, sidecar, options=None):
+        super().__init__(path, None, sidecar, options)
+        self.backend = "micro"
+        self._micro = interpreter(path)
+        self.batch, self._loop, self._resized, self._one_ready = 1, True, 1, True
+
+    def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        fed = self._tensor(self._feed(x, pixels))
+        return self._run_one(fed) if len(fed) == 1 else np.concatenate([self._run_one(f[None]) for f in fed])
+
+    def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
+        return self._invoke(x, pixels)
+
+    def _resize(self, n: int) -> bool:
+        return n == 1
+
+    def _one_runner(self):
+        micro = self._micro
+        first = self._channels_first if self._nchw else None
+
+        def run(fed: np.ndarray) -> np.ndarray:
+            micro.set_input(first(fed) if first else fed, 0)
+            micro.invoke()
+            return np.array(micro.get_output(0))
+        return run
+
+    def invoker(self, x: np.ndarray):
+        x, pixels = self._checked(x)
+        if len(x) != 1:
+            raise self._fixed_batch_error()
+        fed = self._tensor(self._feed(x, pixels))
+        micro = self._micro
+
+        def invoke():
+            micro.set_input(fed, 0)
+            micro.invoke()
+        return invoke
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tflite-micro")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,139 @@
+"""Microcontroller files: export --micro verified in TensorFlow Lite Micro's interpreter, the arena it measured, the
+C array a firmware compiles, the budgets, an operator TFLM lacks, and the runtime's micro backend."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tflite_micro") is None,
+                                reason="needs the micro extra (pip install -e '.[micro]')")
+
+# fashion_cnn with filters [8, 16] and dense 32 (the `tiny` fixture) on 28x28x1, counted by hand from its layers:
+# conv 3x3 1->8 and 8->8 at 28x28, conv 8->16 and 16->16 at 14x14, dense 784->32, logits 32->10
+TINY_MACS = 28 * 28 * 8 * 9 * 1 + 28 * 28 * 8 * 9 * 8 + 14 * 14 * 16 * 9 * 8 + 14 * 14 * 16 * 9 * 16 + 784 * 32 + 32 * 10
+
+
+@pytest.fixture(scope="module")
+def micro_artifact(tiny, tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("micro") / "tiny"
+    shutil.copytree(tiny, artifact)
+    done = run_module("export", "--micro", "--max-ram", "256KiB", "--max-flash", "1MiB", str(artifact))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return artifact, done.stdout
+
+
+def test_micro_export_records_what_tflm_measured(micro_artifact):
+    from runtime import micro
+
+    artifact, stdout = micro_artifact
+    path = artifact / "model.micro.tflite"
+    sidecar = json.loads((artifact / "model.micro.json").read_text())
+    record = sidecar["micro"]
+    assert record["arena_bytes"] == micro.arena_bytes(path)  # TFLM's own figure, measured again
+    assert 1_000 < record["arena_bytes"] < 64 * 1024
+    assert record["flash_bytes"] == path.stat().st_size
+    assert record["macs"] == TINY_MACS
+    assert record["operators"][0] == "CONV_2D" and "FULLY_CONNECTED" in record["operators"]
+    reference = record["reference"]
+    assert reference["images"] == 359 and reference["max_lsb"] <= 1 and reference["bit_equal_images"] >= 340
+    assert sidecar["verification"]["passed"] and sidecar["verification"]["runtime"] == "tflite-micro"
+    assert (sidecar["input"]["dtype"], sidecar["output"]["dtype"]) == ("int8", "int8")
+    assert f"tensor arena {record['arena_bytes']:,} bytes" in stdout
+    info = run_module("runtime", "info", str(artifact))  # the C sources are in the manifest, checked
+    assert info.returncode == 0 and "model.micro.cc" in info.stdout and "model.micro.h" in info.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_the_c_array_compiles_and_is_the_file_byte_for_byte(micro_artifact, tmp_path):
+    artifact, _ = micro_artifact
+    (tmp_path / "main.cc").write_text(
+        '#include <cstdint>\n#include <cstdio>\n#include "model.micro.h"\n'
+        "int main() {\n"
+        "  if (reinterpret_cast<std::uintptr_t>(g_model) % 16 != 0) return 3;\n"
+        '  std::fprintf(stderr, "%u", g_model_arena_bytes);\n'
+        "  return std::fwrite(g_model, 1, g_model_len, stdout) == g_model_len ? 0 : 4;\n"
+        "}\n")
+    program = tmp_path / "model"
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(artifact), str(tmp_path / "main.cc"),
+                    str(artifact / "model.micro.cc"), "-o", str(program)], check=True)
+    done = subprocess.run([str(program)], capture_output=True)
+    assert done.returncode == 0
+    assert done.stdout == (artifact / "model.micro.tflite").read_bytes()
+    arena = json.loads((artifact / "model.micro.json").read_text())["micro"]["arena_bytes"]
+    assert int(done.stderr) == arena
+    header = (artifact / "model.micro.h").read_text()
+    ops = json.loads((artifact / "model.micro.json").read_text())["micro"]["operators"]
+    assert f"MicroMutableOpResolver<{len(ops)}>" in header and "resolver.AddConv2D()" in header
+
+
+def test_the_runtime_runs_a_micro_file_in_tflm(micro_artifact, digits):
+    import runtime
+    from runtime.errors import EdgeKitError
+
+    artifact, _ = micro_artifact
+    path = artifact / "model.micro.tflite"
+    model = runtime.load(path, backend="micro")
+    assert model.backend == "micro"
+    tflm, litert = model.predict(digits.x_test[:40]), runtime.load(path).predict(digits.x_test[:40])
+    assert np.abs(tflm - litert).max() < 0.05 and (tflm.argmax(1) == litert.argmax(1)).mean() >= 0.95
+    assert model.predict(digits.x_test[0]).shape == (1, 10)  # one image, the fast path
+    with pytest.raises(EdgeKitError, match="one thread"):
+        runtime.load(path, threads=2, backend="micro")
+    done = run_module("runtime", "eval", str(path), "--backend", "micro", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["backend"] == "micro" and result["accuracy"] == result["recorded_accuracy"]  # TFLM's, verified
+    bench = run_module("runtime", "bench", str(path), "--backend", "micro", "--runs", "5", "--json")
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["results"][0]["backend"] == "micro"
+
+
+def test_a_budget_the_model_does_not_fit_is_refused_in_one_line(micro_artifact, tmp_path):
+    artifact = tmp_path / "tiny"
+    shutil.copytree(micro_artifact[0], artifact)
+    done = run_module("export", "--micro", "--max-ram", "2KiB", str(artifact))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--max-ram 2 KiB (2,048 bytes)" in lines[0] and "nothing was written" in lines[0]
+    assert not list(artifact.glob("model.micro.*"))
+    for args, words in ((["--micro", "--max-ram", "12 parsecs"], "256KiB"), (["--tflite", "--max-flash", "1MiB"],
+                                                                              "add --micro")):
+        wrong = run_module("export", *args, str(artifact))
+        assert wrong.returncode == 2 and words in wrong.stderr, wrong.stderr
+
+
+def _gelu_model(path):
+    from train.backend import keras
+
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(16, activation="gelu")(x)
+    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
+
+
+def test_an_operator_tflm_lacks_is_named(tmp_path):
+    from conftest import in_subprocess
+
+    in_subprocess(_gelu_model, str(tmp_path / "gelu.keras"))
+    done = run_module("export", "--micro", str(tmp_path / "gelu.keras"), "--dataset", "digits")
+    assert done.returncode == 1
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "GELU" in error[0] and "no kernel" in error[0], done.stderr
+    assert not list(tmp_path.glob("*/model.micro.*"))
+
+
+def test_sizes_read_as_datasheets_write_them():
+    from runtime.errors import EdgeKitError
+    from runtime.limits import size_bytes
+
+    assert [size_bytes(t, "--max-ram") for t in ("256KiB", "1MiB", "32kB", "4096", "1.5 KiB")] == \
+        [262144, 1048576, 32000, 4096, 1536]
+    for bad in ("", "0", "-5", "12 parsecs", "1e9"):
+        with pytest.raises(EdgeKitError, match="256KiB"):
+            size_bytes(bad, "--max-ram")
