@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.__main__ import add_normalization
+from runtime.__main__ import _size, add_normalization
 from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
@@ -43,18 +43,6 @@ Exit codes: 0 all verified; 1 a format failed (every format is still attempted, 
 reported; a failed file is removed), the artifact is damaged, or the disk is full; 2 a usage
 error (nothing was done).
 """
-
-
-def _size(flag: str):
-    """An argparse type for runtime.limits.size_bytes."""
-    def parse(text: str) -> int:
-        from runtime.limits import size_bytes
-
-        try:
-            return size_bytes(text, flag)
-        except EdgeKitError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(flag + " ")) from None
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

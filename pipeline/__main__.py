@@ -8,6 +8,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them
 
+from runtime.__main__ import _size
 from runtime.errors import ArgumentParser, run_cli
 
 
@@ -61,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the accuracy budget in points below the float model: export fails a quantized file "
                              "further below its Keras model, and the report marks a file further below the float "
                              f"baseline as over budget, never recommended (default {MAX_ACCURACY_DROP:g})")
-    parser.add_argument("--objective", choices=("size", "gzip", "latency"),
+    micro = parser.add_argument_group(
+        "microcontrollers", "Every variant is also exported for TensorFlow Lite Micro (format micro: verified in its "
+        "interpreter, arena measured, C sources beside it; the micro extra), and the report answers for a "
+        "microcontroller: the micro file with the smallest tensor arena within every budget.")
+    micro.add_argument("--target", choices=("micro",), help="micro: make and report microcontroller files")
+    micro.add_argument("--max-ram", type=_size("--max-ram"), metavar="SIZE",
+                       help="the board's RAM for the tensor arena (256KiB, 1MiB, bytes); implies --target micro")
+    micro.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
+                       help="the board's flash for the model; implies --target micro")
+    parser.add_argument("--objective", choices=("size", "gzip", "latency", "arena"),
                         help="what the report's recommendation answers first, and what the search minimizes: the "
                              "smallest file (size), the smallest download (gzip) or the fastest at 1 thread "
                              "(latency); default size, gzip with --search (where pruning's gain shows)")
@@ -115,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
                 threads=parse_threads(args.threads) if args.threads and not device else None,
                 bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop,
-                objective=args.objective or ("gzip" if args.search else "size"))
+                objective=args.objective or ("arena" if args.target or args.max_ram or args.max_flash else
+                                             "gzip" if args.search else "size"),
+                target=args.target, max_ram=args.max_ram, max_flash=args.max_flash)
     if args.search:
         from pipeline.run import Pipeline
         from pipeline.search import parse_techniques, run_search

@@ -80,8 +80,15 @@ class Plan:
     bench: bool = True
     max_accuracy_drop: float = MAX_ACCURACY_DROP  # the budget of export's verification and of the report
     objective: str = "size"  # what the report's recommendation answers first (runtime.report.decide.CHOICES)
+    target: str | None = None  # "micro": every variant also exported for TensorFlow Lite Micro, the report's answer
+    max_ram: int | None = None  # a microcontroller's RAM for the tensor arena: micro files over it are marked
+    max_flash: int | None = None  # and its flash
 
     def __post_init__(self):
+        if self.target not in (None, "micro"):
+            raise unknown("target", self.target, ["micro"])
+        if self.max_ram is not None or self.max_flash is not None:
+            self.target = "micro"  # a budget for a microcontroller asks for its files
         if self.quick:
             self.epochs = self.epochs or QUICK["epochs"]
             self.finetune_epochs = self.finetune_epochs or QUICK["finetune_epochs"]
@@ -130,7 +137,8 @@ class Plan:
         allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].verb in ("qat", "pqat", "cqat") \
             else FLOAT_FORMATS
         chosen = self.formats or FLOAT_FORMATS
-        return [f for f in chosen if f in allowed] or ([] if self.formats else list(allowed))
+        formats = [f for f in chosen if f in allowed] or ([] if self.formats else list(allowed))
+        return formats + (["micro"] if self.target == "micro" else [])
 
     def identity(self) -> dict:
         """What the artifacts depend on: a rerun with other values here must not reuse them."""
@@ -340,7 +348,8 @@ class Pipeline:
             threads = device.threads(self.threads_text or ("1" if plan.quick else "1,all")) if device else plan.threads
             report = build(self.out, threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
                            data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop,
-                           objective=plan.objective, device=device)
+                           objective=plan.objective, device=device, max_ram=plan.max_ram,
+                           max_flash=plan.max_flash)
             verified = sum(r["status"] == "verified" for r in report["rows"])
             replaced = {r["artifact"] for r in report["rows"] if r["format"] == "int8-mixed" and r["status"] == "verified"}
             failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]

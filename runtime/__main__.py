@@ -439,6 +439,18 @@ def _class_mapping(dataset, model):
     return mapping, ours + (["(other)"] if other is not None else [])
 
 
+def _size(flag: str):
+    """An argparse type for runtime.limits.size_bytes."""
+    def parse(text: str) -> int:
+        from runtime.limits import size_bytes
+
+        try:
+            return size_bytes(text, flag)
+        except EdgeKitError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(flag + " ")) from None
+    return parse
+
+
 def _seconds(text: str) -> float:
     """An argparse type for runtime.bench.check_seconds."""
     from runtime.bench import check_seconds
@@ -490,8 +502,14 @@ def _report(args) -> int:
     from contextlib import nullcontext
 
     from runtime.remote import Session, target
+    from runtime.report.decide import DEFAULT_CHOICE
 
     device, rounds = target(args), check_rounds(args.rounds)
+    if args.target == "micro":
+        if args.objective not in (DEFAULT_CHOICE, "arena"):
+            raise EdgeKitError(f"--target micro answers for the smallest tensor arena; it does not take --objective "
+                               f"{args.objective}.")
+        args.objective = "arena"
     if device and args.no_bench:
         raise EdgeKitError("--host measures latency on the device; it has nothing to do with --no-bench.")
     progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -499,7 +517,8 @@ def _report(args) -> int:
         threads = session.threads(args.threads) if session else parse_threads(args.threads)
         report = build(args.directory, threads, args.seconds, args.runs, bench=not args.no_bench,
                        rebench=args.rebench, data_dir=args.data_dir, progress=not args.quiet,
-                       budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective, device=session)
+                       budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective, device=session,
+                       max_ram=args.max_ram, max_flash=args.max_flash)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
@@ -658,8 +677,16 @@ def build_parser() -> argparse.ArgumentParser:
                              f"never Pareto-optimal and never recommended (default {MAX_ACCURACY_DROP:g}, as export)")
     report.add_argument("--objective", choices=CHOICES, default=DEFAULT_CHOICE,
                         help="what the recommendation at the top answers: the smallest file (size, the default), the "
-                             "smallest download (gzip) or the fastest file at 1 thread (latency, as the search); the others "
-                             "follow, one line each")
+                             "smallest download (gzip), the fastest file at 1 thread (latency, as the search) or the "
+                             "smallest tensor arena of a microcontroller file (arena); the others follow, one line each")
+    report.add_argument("--target", choices=("micro",),
+                        help="micro: the recommendation is for a microcontroller, the micro file with the smallest "
+                             "tensor arena within the budgets (same as --objective arena)")
+    report.add_argument("--max-ram", type=_size("--max-ram"), metavar="SIZE",
+                        help="a microcontroller's RAM for the tensor arena (256KiB, 1MiB, bytes): a micro file needing "
+                             "more is marked over and never recommended")
+    report.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
+                        help="a microcontroller's flash for the model: a micro file larger is marked over")
     report.add_argument("--threads", default="1,all", metavar="LIST",
                         help="thread counts to benchmark; the first and the last are reported (default 1,all)")
     report.add_argument("--seconds", type=_seconds, default=0.5, metavar="S",

@@ -2,6 +2,7 @@
 and the report: rows, Pareto fronts, and the CSV and JSON schemas."""
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -359,3 +360,19 @@ def test_pipeline_measures_latency_on_the_device(quick_copy, sshd):
     refused = run_module("pipeline", "--quick", "--out", str(quick_copy),
                          *[o if not o.isdigit() else str(free_port()) for o in sshd["options"]])
     assert refused.returncode == 1 and "failed: " in refused.stdout and "refused the connection" in refused.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tflite_micro") is None, reason="needs the micro extra")
+def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy):
+    """--max-ram: every variant's micro file is made and verified in TFLM, and the recommendation is the micro file
+    with the smallest arena that fits."""
+    done = run_module("pipeline", "--quick", "--out", str(quick_copy), "--max-ram", "1MiB", "--no-bench")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((quick_copy / "report.json").read_text())
+    micro = [r for r in report["rows"] if r["format"] == "micro"]
+    assert {r["variant"] for r in micro} == {"base", "pruned80", "qat"} and all(r["status"] == "verified" for r in micro)
+    assert all(r["arena_bytes"] > 0 and r["macs"] > 0 for r in micro)
+    chosen = next(r for r in report["recommendations"] if r["objective"] == "arena")["choice"]
+    assert chosen["format"] == "micro" and chosen["arena_bytes"] == min(r["arena_bytes"] for r in micro
+                                                                         if not r["over_budget"])
+    assert "smallest RAM on a microcontroller" in (quick_copy / "report.md").read_text().splitlines()[2]

@@ -224,3 +224,22 @@ def test_report_html_escapes_what_came_from_outside():
     line = _inline("**Ship base int8**: `a.tflite`; " + markdown("**not bold** <b>x</b> `tick`"))
     assert line.startswith("<strong>Ship base int8</strong>: <code>a.tflite</code>")
     assert "<b>" not in line and "**not bold**" in line and "<code>tick</code>" not in line
+
+
+def test_a_microcontroller_answer_is_the_smallest_arena_that_fits_every_budget():
+    base = _row("base", "float32", 400_000, 396)
+    small = {**_row("base", "micro", 100_000, 395), "arena_bytes": 50_000, "flash_bytes": 100_000}
+    tiny = {**_row("micro_cnn", "micro", 12_000, 394), "arena_bytes": 5_000, "flash_bytes": 12_000}
+    broken = {**_row("pruned80", "micro", 30_000, 166), "arena_bytes": 1_000, "flash_bytes": 30_000}
+    judge([base, small, tiny, broken], 1.0, max_ram=32 * 1024)
+    assert small["over_memory"] and not tiny["over_memory"] and not broken["over_memory"]
+    assert "over_memory" not in base  # a file that is no microcontroller's has no RAM budget
+    comparer = Comparer()
+    fronts([base, small, tiny, broken], comparer)
+    arena = next(r for r in recommend([base, small, tiny, broken], comparer, 1.0) if r["objective"] == "arena")
+    assert arena["choice"] is tiny  # broken is over the accuracy budget, small over the RAM
+    judge([base, small, tiny], 1.0, max_ram=4 * 1024)  # nothing fits: the answer names the smallest arena
+    rec = next(r for r in recommend([base, small, tiny], Comparer(), 1.0) if r["objective"] == "arena")
+    assert rec["choice"] is None and rec["closest"] is tiny
+    judge([base, small, tiny], 1.0, max_flash=50_000)
+    assert small["over_memory"] and not tiny["over_memory"]

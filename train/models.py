@@ -242,10 +242,34 @@ def mobilenet(input_shape, num_classes, width=1.0, stages=MOBILENET_STAGES, head
     return keras.Model(inputs, outputs, name="mobilenet")
 
 
+# --- micro_cnn ------------------------------------------------------------------
+
+def micro_cnn(input_shape, num_classes, filters=(8, 16, 32), bn_momentum=0.9):
+    """A CNN for microcontrollers: each stage one 3x3 conv-BN-ReLU with stride 2, then global average pooling.
+
+    28x28x1 -> 14x14x8 -> 7x7x16 -> 4x4x32 -> logits: every activation stays small, so TFLM's tensor arena does
+    (the largest two live tensors at once, with its bookkeeping); about 6k parameters.
+    """
+    keras = _keras()
+    _check_positive("micro_cnn", **{f"filters[{i}]": f for i, f in enumerate(filters)})
+    inputs = keras.Input(input_shape, name="input")
+    x = inputs
+    for s, width in enumerate(filters, start=1):
+        x = _conv_bn(x, width, 3, (f"stage{s}_conv", f"stage{s}_bn", f"stage{s}_relu"), strides=2,
+                     momentum=bn_momentum)
+    outputs = _head(x, num_classes, dropout=0.0)
+    return keras.Model(inputs, outputs, name="micro_cnn")
+
+
 register_model("fashion_cnn", fashion_cnn, min_size=8,
                description="classic Fashion-MNIST CNN: 2 blocks of conv-BN-ReLU x2, max pool, dropout; dense head")
 register_model("resnet", resnet, min_size=8, depth=8,
-               description="small ResNet (ResNet-8): residual units of 3x3 conv-BN, projection shortcuts")
+               description="small ResNet (ResNet-8, the shape of MLPerf Tiny's image classifier: stacks of 16/32/64 "
+                           "filters, about 78k parameters at 32x32x3): residual units of 3x3 conv-BN, projection "
+                           "shortcuts")
+register_model("micro_cnn", micro_cnn, min_size=8,
+               description="a CNN for microcontrollers: three stride-2 conv-BN-ReLU (8/16/32 filters), global "
+                           "average pool; about 6k parameters, a TFLM arena under 32 KB at 28x28")
 register_model("resnet20", resnet, min_size=8, depth=20,
                description="ResNet-20: the resnet with 3 units per stage")
 register_model("mobilenet", mobilenet, min_size=16, width=1.0,

@@ -38,10 +38,11 @@ __all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "bui
 def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0.5, runs: int | None = None,
           bench: bool = True, rebench: bool = False, data_dir=None, progress: bool = False,
           budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE,
-          device=None) -> dict:
+          device=None, max_ram: int | None = None, max_flash: int | None = None) -> dict:
     """Evaluate, judge, benchmark and write the report for every exported file under `root`; `objective` (size,
     gzip, latency) is what its recommendation answers first. `device`: an open `runtime.remote.Session`, where
-    latency is measured instead of here."""
+    latency is measured instead of here. `max_ram`, `max_flash`: a microcontroller file whose tensor arena or bytes
+    exceed them is marked over RAM/flash and never recommended (`objective` "arena" recommends among them)."""
     from runtime.report.plots import FIGURES, missing, plot
 
     budget = check_max_accuracy_drop(budget)
@@ -55,7 +56,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     threads = threads or sorted({1, cores()})
     rows = collect(root)
     evaluate(rows, data_dir, progress)
-    base = judge(rows, budget)
+    base = judge(rows, budget, max_ram, max_flash)
     where = {**device.info, "host": device.target.name} if device else machine()
     settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress, device) if bench else None
     comparer = Comparer()

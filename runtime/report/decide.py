@@ -38,7 +38,7 @@ class Objective:
 
 
 # what `--objective` names (report, pipeline) -> the objectives that answer it, the first measured one decides
-CHOICES = {"size": ("size",), "gzip": ("gzip",), "latency": ("latency_1t", "latency_all")}
+CHOICES = {"size": ("size",), "gzip": ("gzip",), "latency": ("latency_1t", "latency_all"), "arena": ("arena",)}
 DEFAULT_CHOICE = "size"
 
 OBJECTIVES = (
@@ -46,14 +46,20 @@ OBJECTIVES = (
     Objective("gzip", "gzip_bytes", "smallest download (gzip)", "gzip size"),
     Objective("latency_1t", "latency_median_ms_1t", "fastest at 1 thread", "latency at 1 thread", "1t"),
     Objective("latency_all", "latency_median_ms_all", "fastest at all threads", "latency at all threads", "all"),
+    # microcontroller files only (format micro): the tensor arena TFLM measured, the RAM a board must have
+    Objective("arena", "arena_bytes", "smallest RAM on a microcontroller (tensor arena)", "tensor arena"),
 )
 
 
-def judge(rows: list[dict], budget: float) -> dict | None:
+def judge(rows: list[dict], budget: float, max_ram: int | None = None, max_flash: int | None = None) -> dict | None:
     """Each evaluated row's interval, change against the baseline with its significance, and whether it is
-    over the budget. Returns the baseline row."""
+    over the budget (accuracy) or, a microcontroller file, over `max_ram` (its arena) or `max_flash` (its bytes):
+    `over_memory`, which also keeps it out of every recommendation. Returns the baseline row."""
     base = baseline(rows)
     for row in rows:
+        if row.get("arena_bytes") is not None:
+            row["over_memory"] = bool(max_ram is not None and row["arena_bytes"] > max_ram
+                                      or max_flash is not None and row["flash_bytes"] > max_flash)
         if row.get("accuracy") is None:
             continue
         row["accuracy_low"], row["accuracy_high"] = accuracy_interval(row["correct"], row["test_images"])
@@ -126,7 +132,7 @@ def candidates(rows: list[dict], objective: Objective) -> list[dict]:
     """Evaluated files within the budget that have the objective's cost (for latency, no quantized file slower
     than the baseline)."""
     return [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None
-            and not r.get("over_budget") and r.get(objective.cost) is not None
+            and not r.get("over_budget") and not r.get("over_memory") and r.get(objective.cost) is not None
             and not (objective.tag and slower_quantized(r, objective.tag))]
 
 
@@ -209,7 +215,9 @@ def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]
             continue
         pool = candidates(rows, objective)
         if not pool:
-            closest = max(measured, key=lambda r: (r.get("accuracy_change_pts", 0), -r[objective.cost]))
+            fitting = [r for r in measured if not r.get("over_budget")]  # within the accuracy budget, over RAM/flash
+            closest = (min(fitting, key=lambda r: r[objective.cost]) if fitting and objective.key == "arena" else
+                       max(measured, key=lambda r: (r.get("accuracy_change_pts", 0), -r[objective.cost])))
             out.append({"objective": objective.key, "goal": objective.goal, "choice": None, "closest": closest,
                         "budget": budget})
             continue

@@ -22,7 +22,8 @@ CSV_COLUMNS = (
     "size_ratio", "latency_median_ms_1t", "latency_low_ms_1t", "latency_high_ms_1t", "latency_p90_ms_1t",
     "speedup_1t", "vs_baseline_1t", "threads_all", "latency_median_ms_all", "latency_low_ms_all",
     "latency_high_ms_all", "latency_p90_ms_all", "speedup_all", "vs_baseline_all", "pareto_size", "pareto_gzip",
-    "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact")
+    "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact", "macs", "arena_bytes", "flash_bytes",
+    "over_memory", "pareto_arena")
 
 
 # --- figures as text ---------------------------------------------------------------------------------
@@ -57,6 +58,8 @@ def cost_text(row: dict, objective) -> str:
     if objective.tag:
         return (f"{ms(value)} median at {row.get('threads_all', 1) if objective.tag == 'all' else 1} thread(s) "
                 f"(95% CI {ms(row[f'latency_low_ms_{objective.tag}'])} to {ms(row[f'latency_high_ms_{objective.tag}'])})")
+    if objective.key == "arena":
+        return f"{kib(value)} of RAM, {kib(row['flash_bytes'])} of flash"
     return kib(value) + (" gzip" if objective.key == "gzip" else "")
 
 
@@ -121,6 +124,16 @@ def commands(row: dict) -> str:
         version = metadata.version("edgekit-ml")
     except metadata.PackageNotFoundError:
         version = "VERSION"
+    if row.get("format") == "micro":  # a firmware's files, not a Python install
+        folder = relative(Path(row["file"]).parent, Path.cwd())
+        sources = " ".join(shlex.quote(str(Path(folder) / f"model.micro.{ext}")) for ext in ("cc", "h"))
+        return "\n".join([
+            f"python -m runtime eval {shlex.quote(here)} --backend micro   # in TFLM's interpreter, here",
+            f"cp {sources} FIRMWARE/src/   # the model as a C array, its arena size and op resolver",
+            "# in the firmware (TFLM): const tflite::Model* model = tflite::GetModel(g_model);",
+            "#   EdgeKitOpResolver resolver; RegisterEdgeKitOps(resolver);",
+            "#   alignas(16) static uint8_t arena[g_model_arena_bytes];",
+            "#   tflite::MicroInterpreter interpreter(model, resolver, arena, sizeof(arena));"])
     sdist = f"edgekit_ml-{version}.tar.gz"
     copy = " ".join(shlex.quote(p) for p in (f"dist/{sdist}", here, *([sidecar] if Path(sidecar).is_file() else [])))
     return "\n".join([
@@ -149,7 +162,12 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                 + (" (latency needs benchmarks: drop --no-bench)." if choice_name == "latency" else ".")]
     objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
     md = [f"## Recommendation: {rec['goal']}, within the budget of {points(rec['budget'])}", ""]
-    if rec["choice"] is None:
+    if rec["choice"] is None and rec["closest"].get("over_memory"):
+        c = rec["closest"]
+        md += [f"No microcontroller file fits `--max-ram`/`--max-flash`: the smallest arena, {label(c)} "
+               f"(`{markdown(relative(c['file'], root))}`), needs {cost_text(c, objective)}. Choose a smaller model "
+               "(`micro_cnn`) or a board with more memory."]
+    elif rec["choice"] is None:
         c = rec["closest"]
         md += [f"No file is within the budget of {points(rec['budget'])} below the float baseline; the closest is "
                f"{label(c)} (`{markdown(relative(c['file'], root))}`) at {accuracy_text(c)}, {change_text(c)}. "
@@ -181,7 +199,11 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                       f"{(info.get('bench_settings') or {}).get('rounds', '?')} rounds; `--rounds 30 --rebench` "
                       "measures it again, longer.")
         m = info["machine"]
-        if m.get("host"):
+        if objective.key == "arena":
+            md.append("- The arena is TensorFlow Lite Micro's own figure (its RecordingMicroAllocator, on this 64-bit "
+                      "machine; a 32-bit core's is slightly smaller); accuracy is TFLM's outputs, verified at export. "
+                      "Add your firmware's own buffers to the RAM.")
+        elif m.get("host"):
             md.append(f"- Latency measured on the device, {machine_md(m)}. "
                       + ("This ranking is that device's." if objective.tag else
                          "Size and accuracy are the same on any device."))
@@ -218,7 +240,9 @@ def console_summary(recommendations: list[dict], root: Path, choice: str = "size
         objective = next(o for o in OBJECTIVES if o.key == rec["objective"])
         if rec["choice"] is None:
             c = rec["closest"]
-            out.append(f"{rec['goal']}: nothing within the {rec['budget']:g}-point budget; closest {label(c)} "
+            out.append(f"{rec['goal']}: no micro file fits --max-ram/--max-flash; the smallest, {label(c)}, needs "
+                       f"{cost_text(c, objective)}" if c.get("over_memory") else
+                       f"{rec['goal']}: nothing within the {rec['budget']:g}-point budget; closest {label(c)} "
                        f"({c['accuracy_change_pts']:+.2f} points)")
             continue
         c = rec["choice"]
@@ -292,8 +316,9 @@ def markdown_table(rows: list[dict]) -> str:
     n_all = next((r["threads_all"] for r in rows if r.get("threads_all")), None)
     head = ["variant", "format", "size KiB", "gzip KiB", "size vs float", "accuracy (95% CI)", "change (pts)",
             "McNemar p", "agreement", "p50 ms 1t (95% CI)", f"p50 ms {n_all}t (95% CI)", "speed vs float 1t",
-            "Pareto", "budget", "status"]
-    keep = [i for i, h in enumerate(head) if n_all or f"{n_all}t" not in h]
+            "MACs", "arena KiB", "Pareto", "budget", "status"]
+    micro = any(r.get("arena_bytes") is not None for r in rows)
+    keep = [i for i, h in enumerate(head) if (n_all or f"{n_all}t" not in h) and (micro or h != "arena KiB")]
     lines = ["| " + " | ".join(head[i] for i in keep) + " |", "|" + "---|" * len(keep)]
     for r in rows:
         fronts = ", ".join(tag for tag, key in (("size", "pareto_size"), ("gzip", "pareto_gzip"),
@@ -312,7 +337,10 @@ def markdown_table(rows: list[dict]) -> str:
                  _cell(r.get("size_ratio"), "ratio"), acc, change,
                  "-" if r.get("p_value") is None else f"{r['p_value']:.3g}",
                  "-" if r.get("agreement") is None else f"{r['agreement']:.2%}", latency["1t"], latency["all"],
-                 speed, fronts, "**over**" if r.get("over_budget") else ("within" if "over_budget" in r else "-"),
+                 speed, "-" if r.get("macs") is None else f"{r['macs'] / 1e6:,.2f} M",
+                 _cell(r.get("arena_bytes"), "kib"), fronts,
+                 "**over**" if r.get("over_budget") else "**over RAM/flash**" if r.get("over_memory") else
+                 ("within" if "over_budget" in r else "-"),
                  "verified" if r["status"] == "verified" else f"failed: {markdown(r['reason'])}"]
         lines.append("| " + " | ".join(str(cells[i]).replace("|", "/") for i in keep) + " |")
     return "\n".join(lines)

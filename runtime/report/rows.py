@@ -132,9 +132,35 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
                    size_bytes=model.size_bytes, graph=hashlib.sha256(structure.encode()).hexdigest()[:16],
                    _correct=correct, _predicted=predicted, _images=key,
                    gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
+        row.update(_micro_fields(Path(row["file"]), model.sidecar or {}))
         encoding = (model.sidecar or {}).get("sparse_encoding")
         if isinstance(encoding, dict) and type(encoding.get("dense_bytes")) is int and encoding["dense_bytes"] > 0:
             row["sparse_encoding"] = {"dense_bytes": encoding["dense_bytes"]}
+
+
+    for row in rows:  # an ONNX file is the same network as its artifact's TFLite files: the same MACs
+        if row.get("macs") is None and row["status"] == "verified":
+            twin = next((r for r in rows if r["artifact"] == row["artifact"] and r.get("macs") is not None), None)
+            if twin is not None:
+                row["macs"] = twin["macs"]
+
+
+def _micro_fields(path: Path, sidecar: dict) -> dict:
+    """MACs per inference of a TFLite file; a microcontroller file's tensor arena and flash, as its sidecar
+    recorded them from TFLM (whole numbers, or nothing: a sidecar is untrusted)."""
+    fields = {}
+    if path.suffix == ".tflite":
+        from runtime.micro import macs
+
+        try:
+            fields["macs"] = macs(path.read_bytes())
+        except Exception:  # a file LiteRT ran but whose tables this reader cannot walk: no figure, no failure
+            pass
+    record = sidecar.get("micro") if sidecar.get("format") == "micro" else None
+    if isinstance(record, dict) and all(type(record.get(k)) is int and record[k] > 0
+                                        for k in ("arena_bytes", "flash_bytes")):
+        fields.update(arena_bytes=record["arena_bytes"], flash_bytes=record["flash_bytes"])
+    return fields
 
 
 def _gzip_bytes(path: Path) -> int:
