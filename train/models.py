@@ -255,7 +255,7 @@ def micro_cnn(input_shape, num_classes, filters=(8, 16, 32), bn_momentum=0.9):
     inputs = keras.Input(input_shape, name="input")
     x = inputs
     for s, width in enumerate(filters, start=1):
-        x = _conv_bn(x, width, 3, (f"stage{s}_conv", f"stage{s}_bn", f"stage{s}_relu"), strides=2,
+        x = _conv_bn(x, width, 3, (f"block{s}_conv", f"block{s}_bn", f"block{s}_relu"), strides=2,
                      momentum=bn_momentum)
     outputs = _head(x, num_classes, dropout=0.0)
     return keras.Model(inputs, outputs, name="micro_cnn")
