@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the board's flash for the model; implies --target micro")
     parser.add_argument("--objective", choices=("size", "gzip", "latency", "arena"),
                         help="what the report's recommendation answers first, and what the search minimizes: the "
-                             "smallest file (size), the smallest download (gzip) or the fastest at 1 thread "
-                             "(latency); default size, gzip with --search (where pruning's gain shows)")
+                             "smallest file (size), the smallest download (gzip), the fastest at 1 thread "
+                             "(latency) or a microcontroller's smallest tensor arena (arena: every trial a micro file); "
+                             "default size, gzip with --search (where pruning's gain shows), arena with --target micro")
     search = parser.add_argument_group("search (Optuna): the best file within the budget, beyond the fixed menu")
     search.add_argument("--search", action="store_true",
                         help="search the recipe space (technique, its settings, fine-tuning epochs, format) for the "
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_seconds=args.bench_seconds, bench=not args.no_bench, max_accuracy_drop=args.max_accuracy_drop,
                 objective=args.objective or ("arena" if args.target or args.max_ram or args.max_flash else
                                              "gzip" if args.search else "size"),
-                target=args.target, max_ram=args.max_ram, max_flash=args.max_flash)
+                target=args.target or ("micro" if args.objective == "arena" else None), max_ram=args.max_ram,
+                max_flash=args.max_flash)
     if args.search:
         from pipeline.run import Pipeline
         from pipeline.search import parse_techniques, run_search

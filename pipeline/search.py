@@ -45,7 +45,7 @@ from runtime.text import public_url
 STUDY = "edgekit-search"
 DB_FILE = "search.db"
 LOG_FILE = "search.log"  # a line per trial started: when, which trial, recipe, format, host:pid
-OBJECTIVES = {"gzip": "gzip_bytes", "size": "size_bytes", "latency": "latency_ms"}
+OBJECTIVES = {"gzip": "gzip_bytes", "size": "size_bytes", "latency": "latency_ms", "arena": "arena_bytes"}
 TECHNIQUES = ("none", "prune", "prune24", "cluster", "qat", "pqat", "cqat")
 FORMATS = ("float16", "dynamic", "int8", "onnx-int8", "int8-mixed")
 QUANTIZATION_AWARE = ("qat", "pqat", "cqat")
@@ -110,8 +110,9 @@ class Recipe:
         return {"verb": verb, **settings}
 
 
-def suggest(trial, max_epochs: int = 8, techniques: tuple[str, ...] = TECHNIQUES) -> Recipe:
-    """The recipe space, define-by-run; fine-tuning epochs from 1 to `max_epochs`, among `techniques`."""
+def suggest(trial, max_epochs: int = 8, techniques: tuple[str, ...] = TECHNIQUES, fmt: str | None = None) -> Recipe:
+    """The recipe space, define-by-run; fine-tuning epochs from 1 to `max_epochs`, among `techniques`; `fmt`: one
+    format for every trial (micro, when the search minimizes the arena)."""
     technique = trial.suggest_categorical("technique", techniques)
     sparsity = clusters = init = epochs = None
     if technique in ("prune", "pqat"):
@@ -121,7 +122,7 @@ def suggest(trial, max_epochs: int = 8, techniques: tuple[str, ...] = TECHNIQUES
         init = trial.suggest_categorical("init", ("linear", "kmeans++", "density"))
     if technique != "none":
         epochs = trial.suggest_int("epochs", 1, max_epochs)
-    fmt = "int8" if technique in QUANTIZATION_AWARE else trial.suggest_categorical("format", FORMATS)
+    fmt = fmt or ("int8" if technique in QUANTIZATION_AWARE else trial.suggest_categorical("format", FORMATS))
     return Recipe(technique, epochs, sparsity, clusters, init, fmt)
 
 
@@ -246,7 +247,8 @@ class Search:
     def _objective(self, trial):
         import optuna
 
-        recipe = suggest(trial, self.plan.finetune_epochs or 8, self.techniques)
+        recipe = suggest(trial, self.plan.finetune_epochs or 8, self.techniques,
+                         "micro" if self.objective == "arena" else None)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as log:  # one short append: whole lines, any worker
@@ -265,6 +267,8 @@ class Search:
             raise optuna.TrialPruned(f"{self.name(recipe)}: {drop:.2f} points below the baseline after fine-tuning")
         file = self._export(directory, recipe.format)
         accuracy, value = self._measure(file)
+        if value is None:
+            raise WorkFailed(f"{file.name} has no {self.objective} figure in its sidecar; export it again.")
         trial.set_user_attr("file", os.path.relpath(file, self.out))
         trial.set_user_attr("accuracy", accuracy)
         drop = (self._baseline_accuracy() - accuracy) * 100
@@ -332,9 +336,11 @@ class Search:
             value = run_worker(file, 1, 1, None, 0.5, 10)["call_ms"]["median"]
         elif self.objective == "size":
             value = file.stat().st_size
+        elif self.objective == "arena":  # TFLM's measurement, recorded by export
+            value = ((model.sidecar or {}).get("micro") or {}).get("arena_bytes")
         else:
             value = (model.sidecar or {}).get("gzip_bytes")
-        return accuracy, float(value)
+        return accuracy, None if value is None else float(value)  # the baseline's float32 file has no arena
 
     def _data(self):
         if self._dataset is None:

@@ -150,3 +150,17 @@ def test_a_trial_line_survives_what_another_machine_wrote(tmp_path):
     console.search = Search()
     line = console.line(study.trials[0])
     assert "\x1b" not in line and "\\x1b" in line and ": ?, -, within budget" in line
+
+
+def test_an_arena_search_makes_every_trial_a_micro_file():
+    """--objective arena: whatever the technique (QAT's too), the trial's file is the micro format, and the value
+    minimized is the arena TFLM measured (the sidecar's micro.arena_bytes)."""
+    import optuna
+
+    from pipeline.search import OBJECTIVES, suggest
+
+    for params in ({"technique": "qat", "epochs": 2}, {"technique": "prune", "sparsity": 0.5, "epochs": 1},
+                   {"technique": "none"}):
+        assert suggest(optuna.trial.FixedTrial(params), 8, fmt="micro").format == "micro"
+    assert suggest(optuna.trial.FixedTrial({"technique": "none", "format": "dynamic"}), 8).format == "dynamic"
+    assert OBJECTIVES["arena"] == "arena_bytes"

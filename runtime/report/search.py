@@ -20,7 +20,8 @@ MENU = ("base", "pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat", "c
 # the search's --objective -> (the row's field, axis label, scale, the report objective whose Pareto flag applies)
 UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024, "gzip"),
          "size": ("size_bytes", "file size (KiB)", 1 / 1024, "size"),
-         "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0, "latency_1t")}
+         "latency": ("latency_median_ms_1t", "latency at 1 thread (ms)", 1.0, "latency_1t"),
+         "arena": ("arena_bytes", "tensor arena (KiB)", 1 / 1024, "arena")}
 
 
 MAX_BYTES = 64 << 20
@@ -116,7 +117,7 @@ def value_text(objective: str, value: float | None) -> str:
         return "-"
     if objective == "latency":
         return f"{value:.3f} ms at 1 thread"
-    return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else "")
+    return f"{value / 1024:,.1f} KiB" + (" gzip" if objective == "gzip" else " of arena" if objective == "arena" else "")
 
 
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
