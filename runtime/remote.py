@@ -657,7 +657,8 @@ class _Agent:
 
     def receive(self, request: dict) -> bool:
         files = request.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        if not isinstance(files, list) or not all(isinstance(f, dict) and type(f.get("size")) is int
+                                                  and 0 <= f["size"] <= 2**40 for f in files):
             self.send({"error": "the host's request is not EdgeKit's", "kind": "protocol"})
             return False
         base = request.get("dir") or tempfile.gettempdir()

@@ -16,7 +16,6 @@ import pytest
 
 from conftest import NEEDS_SSHD, ROOT, free_port, keygen, run_module
 
-pytestmark = NEEDS_SSHD
 FIXTURES = ROOT / "tests" / "fixtures" / "sparse"
 
 
@@ -50,6 +49,7 @@ def one_line_failure(done, *words):
     return lines[0]
 
 
+@NEEDS_SSHD
 def test_bench_on_the_device(sshd):
     files = [FIXTURES / "int8.dense.tflite", FIXTURES / "float32.dense.tflite"]
     done = run_module("runtime", "bench", *map(str, files), *sshd["options"], "--threads", "1,all", "--runs", "20",
@@ -77,6 +77,7 @@ def test_bench_on_the_device(sshd):
     assert header.endswith(",model,device") and f"127.0.0.1:{sshd['port']} (" in row
 
 
+@NEEDS_SSHD
 def test_eval_on_the_device_computes_what_this_machine_computes(sshd, exported):
     artifact, _ = exported
     model = artifact / "model.int8.tflite"
@@ -92,6 +93,7 @@ def test_eval_on_the_device_computes_what_this_machine_computes(sshd, exported):
     assert left_on_device(sshd) == []
 
 
+@NEEDS_SSHD
 def test_report_measures_latency_on_the_device(sshd, exported, tmp_path):
     artifact = tmp_path / "tiny"
     shutil.copytree(exported[0], artifact)
@@ -114,6 +116,7 @@ def test_report_measures_latency_on_the_device(sshd, exported, tmp_path):
     assert len(json.loads((artifact / "bench.json").read_text())["runs"]) == 2
 
 
+@NEEDS_SSHD
 def test_each_way_of_failing_is_one_line_and_leaves_nothing(sshd, tmp_path):
     model = str(FIXTURES / "int8.dense.tflite")
     base = sshd["options"]
@@ -157,6 +160,7 @@ def test_each_way_of_failing_is_one_line_and_leaves_nothing(sshd, tmp_path):
     assert left_on_device(sshd) == []
 
 
+@NEEDS_SSHD
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="a tiny tmpfs needs root")
 def test_a_full_disk_on_the_device(sshd, tmp_path):
     full = tmp_path / "full"
@@ -171,6 +175,7 @@ def test_a_full_disk_on_the_device(sshd, tmp_path):
         subprocess.run(["umount", str(full)], check=True)
 
 
+@NEEDS_SSHD
 def test_interrupted_it_leaves_nothing_on_the_device(sshd):
     command = [sys.executable, "-m", "runtime", "bench", str(FIXTURES / "int8.dense.tflite"), *sshd["options"],
                "--seconds", "60"]
@@ -197,3 +202,29 @@ def test_device_options_are_checked_first():
                            (["--host", "pi@raspberrypi", "--ssh-option=-F/dev/null"], "KEY=VALUE")):
         done = run_module("runtime", "bench", str(FIXTURES / "int8.dense.tflite"), *options)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+
+
+def _agent(request: dict, payload: bytes = b"") -> tuple[int, list[dict]]:
+    """The device's side of a session, run here on stdin and stdout as sshd would run it."""
+    done = subprocess.run([sys.executable, "-m", "runtime.remote", "agent"], cwd=ROOT, capture_output=True,
+                          input=json.dumps(request).encode() + b"\n" + payload, timeout=120)
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_agent_refuses_what_a_host_should_never_send_and_keeps_nothing(tmp_path):
+    """The agent's own checks, without SSH: a name that leaves its directory, a negative size, bytes whose sha256
+    is not the one announced. Each is one error message; the directory it made is gone when it exits."""
+    import hashlib
+
+    data = b"model bytes"
+    good = {"name": "model.tflite", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    cases = (({**good, "name": "../escape.tflite"}, "name"), ({**good, "size": -1}, "protocol"),
+             ({**good, "sha256": "0" * 64}, "sha256"))
+    for record, kind in cases:
+        code, messages = _agent({"files": [record], "dir": str(tmp_path)}, data)
+        assert "hello" in messages[0] and messages[-1].get("kind") == kind, messages
+        assert code == 1 and list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escape.tflite").exists()
+    code, messages = _agent({"files": [good], "dir": str(tmp_path)}, data)  # stored, then the host went away
+    assert code == 0 and messages[-1] == {"stored": 1} and list(tmp_path.iterdir()) == []
+    code, messages = _agent({"files": [good], "dir": str(tmp_path)}, data[:4])  # cut off mid-file
+    assert code == 1 and list(tmp_path.iterdir()) == []
