@@ -252,8 +252,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                  "was trained")
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
-        raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to "
-                           f"{', '.join(QAT_FORMATS)} only (its learned ranges make the integer model).")
+        raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to int8 only (its "
+                           "learned ranges make the integer model), and to micro, that file made for a microcontroller.")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = temp_file(out, "write-test")

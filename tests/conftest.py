@@ -57,7 +57,8 @@ def _release_memory(request):
 
 # Tests that run TensorFlow-heavy processes beside this one (search workers, in_subprocess children): first, while
 # this one is small, so that the two together stay small (the suite's summed peak, README: Tests)
-FIRST = ("test_search.py", "test_qat_int8.py", "test_foreign.py", "test_zoo.py", "test_backbones.py")
+FIRST = ("test_search.py", "test_qat_int8.py", "test_foreign.py", "test_zoo.py", "test_backbones.py",
+         "test_train_devices.py")
 
 
 def pytest_collection_modifyitems(items):

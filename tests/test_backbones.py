@@ -106,6 +106,11 @@ def mobilenet_v2(tmp_path_factory):
     return out
 
 
+# float16 and int16x8 (which LiteRT refuses for MobileNetV2's depthwise convolutions) took a minute more of the
+# suite on 2 cores, through the same converter paths as the others: `python -m export --all` makes them
+BACKBONE_FORMATS = ("float32", "dynamic", "int8", "onnx-float32", "onnx-int8")
+
+
 def _qat_and_export(artifact: str, qat_out: str):
     """`optimize qat` and `export --all` (32 calibration images, as test_foreign), in a subprocess
     (conftest.in_subprocess)."""
@@ -131,18 +136,15 @@ def test_two_phase_training_records_the_backbones_preprocessing(mobilenet_v2):
 
 
 def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp_path, digits):
-    """What `optimize qat` and `export --all` do (in a subprocess: what the converters hold goes back)."""
-    from export import FORMATS
+    """What `optimize qat` and `export` do (in a subprocess: what the converters hold goes back)."""
     from runtime.load import load
 
     manifest, results = in_subprocess(_qat_and_export, str(mobilenet_v2), str(tmp_path / "qat"))
     assert manifest["kind"] == "qat" and manifest["model"] == "mobilenet_v2"
-    assert set(results) == set(FORMATS)
+    assert set(results) == set(BACKBONE_FORMATS)
     assert {"float32", "int8", "onnx-float32"} <= {k for k, r in results.items() if r.passed}
     for key, result in results.items():  # verified, or failed with the runtime's reason
         assert result.passed or result.message.startswith(f"{key}: "), (key, result.message)
-    if not results["int16x8"].passed:  # LiteRT refuses MobileNetV2's int16x8 depthwise convolutions
-        assert "cannot run the file the converter wrote" in results["int16x8"].message
     model = load(mobilenet_v2 / "model.int8.tflite")
     assert model.input_shape == (32, 32, 3) and model.preprocessing.scale == pytest.approx(1 / 127.5)
     from PIL import Image

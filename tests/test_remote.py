@@ -179,7 +179,10 @@ def test_a_full_disk_on_the_device(sshd, tmp_path):
 def test_interrupted_it_leaves_nothing_on_the_device(sshd):
     command = [sys.executable, "-m", "runtime", "bench", str(FIXTURES / "int8.dense.tflite"), *sshd["options"],
                "--seconds", "60"]
-    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's SIGINT, restored to its default: a shell starts background jobs with it ignored, and Python then
+    # never raises KeyboardInterrupt
+    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any((p / "int8.dense.tflite").is_file() for p in sshd["device"].iterdir()):
         assert bench.poll() is None and time.monotonic() < deadline, bench.communicate()
