@@ -112,13 +112,13 @@ BACKBONE_FORMATS = ("float32", "dynamic", "int8", "onnx-float32", "onnx-int8")
 
 
 def _qat_and_export(artifact: str, qat_out: str):
-    """`optimize qat` and `export --all` (32 calibration images, as test_foreign), in a subprocess
-    (conftest.in_subprocess)."""
-    from export import FORMATS, export
+    """`optimize qat` and the export of each backend's float and 8-bit formats (32 calibration images, as
+    test_foreign), in a subprocess (conftest.in_subprocess)."""
+    from export import export
     from optimize import qat
 
     manifest = qat(artifact, qat_out, epochs=1, quiet=True)
-    return manifest, {r.format: r for r in export(artifact, list(FORMATS), calibration_samples=32,
+    return manifest, {r.format: r for r in export(artifact, list(BACKBONE_FORMATS), calibration_samples=32,
                                                   progress=lambda s: None)}
 
 
