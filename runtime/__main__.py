@@ -370,9 +370,9 @@ def _eval(args) -> int:
               "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if device:
-        from runtime.remote import add_device
+        from runtime.remote import device_record
 
-        result["device"] = add_device([{}], where, device.name)[0]["device"]
+        result["device"] = device_record(where, device.name)
         result["this_machine"] = {"accuracy": float(np.mean(here == y)), "same_predictions": int(np.sum(here == predicted))}
     if args.json:
         print(json.dumps(result, indent=1))

@@ -18,6 +18,7 @@ application's own stack and buffers, which no tool can know.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -65,19 +66,16 @@ def method(operator: str) -> str:
     return "Add" + _METHOD_EXCEPTIONS.get(operator, "".join(part.capitalize() for part in operator.split("_")))
 
 
-def _schema():
-    from ai_edge_litert import schema_py_generated as schema
-
-    return schema
-
-
 def _model(data: bytes):
+    from runtime.sparse import _schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
+
     schema = _schema()
     if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):
         raise ArtifactError("not a TFLite flatbuffer (no TFL3 identifier); export it again.")
     return schema, schema.Model.GetRootAs(data, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _op_names(schema) -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 

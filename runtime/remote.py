@@ -436,11 +436,10 @@ class Session:
         from runtime.text import terminal
 
         result = self.run(module, args, timeout, returned)
-        lines = [line for line in result["stdout"].splitlines() if line.strip()]
+        lines = result["stdout"].strip().splitlines()  # a job prints its result as one JSON line, last
         if result["returncode"] == 0 and lines:
             try:
-                return json.loads(result["stdout"] if result["stdout"].lstrip().startswith("{\n") else lines[-1]), \
-                    result["files"]
+                return json.loads(lines[-1]), result["files"]
             except ValueError:
                 pass
         last = (result["stderr"].strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
@@ -457,7 +456,7 @@ def remote_names(paths: list[Path]) -> dict[str, Path]:
     repeated = len({p.name for p in paths}) < len(paths)
     for path in paths:
         folder = f"{len(names)}-{path.parent.name}"[:80] + "/" if repeated else ""
-        for companion in (path, sidecar_path(path), Path(str(path) + ".data"), path.with_suffix(".onnx.data")):
+        for companion in (path, sidecar_path(path), Path(str(path) + ".data")):  # model.onnx.data: external data
             if companion.is_file() and companion.resolve() not in {p.resolve() for p in names.values()}:
                 names[folder + _safe(companion.name)] = companion
     return names
@@ -471,9 +470,14 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "file"
 
 
+def device_record(info: dict, host: str) -> dict:
+    """Where a figure was measured: the host as given and what the device said of itself."""
+    return {"host": host, **{k: info.get(k) for k in ("machine", "cpu", "board", "cores", "python", "edgekit")}}
+
+
 def add_device(rows: list[dict], info: dict, host: str) -> list[dict]:
     """Name the device in every row measured on it."""
-    device = {"host": host, **{k: info.get(k) for k in ("machine", "cpu", "board", "cores", "python", "edgekit")}}
+    device = device_record(info, host)
     for row in rows:
         row["device"] = device
     return rows
