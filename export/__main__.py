@@ -122,6 +122,19 @@ def _choose(args) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def _differing(ref: dict) -> str:
+    """What the micro check found of the images whose TFLM outputs are not bit-equal to LiteRT's reference."""
+    differing = ref.get("differing")
+    if not differing:
+        return ""
+    if differing["rounding_alone"] == differing["examined"] == differing["images"]:
+        return (f"; the other {differing['images']} differ only by FULLY_CONNECTED's rounding, both recomputed "
+                f"exactly ({differing['why']})")
+    return (f"; the other {differing['images']} at most {ref['max_lsb']} step apart, first in "
+            f"{', '.join(differing['first_operator'])} ({differing['rounding_alone']} of {differing['examined']} "
+            f"examined by FULLY_CONNECTED's rounding alone)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = _choose(args)
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.format}: tensor arena {micro['arena_bytes']:,} bytes (RAM, measured by TFLM), flash "
                   f"{micro['flash_bytes']:,} bytes, {micro['macs']:,} MACs per inference; operators "
                   f"{', '.join(micro['operators'])}; TFLM vs LiteRT's reference kernels: {ref['bit_equal_images']} of "
-                  f"{ref['images']} images bit-equal, at most {ref['max_lsb']} step apart")
+                  f"{ref['images']} images bit-equal{_differing(ref)}")
     if results and results[0].figures:
         print(f"(accuracy on {results[0].figures['test_samples']} test images; "
               f"{results[0].figures.get('reference', 'Keras')}: {results[0].figures['keras_accuracy']:.2%})")

@@ -304,9 +304,9 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                                             "the validation split; nothing was written")
                 data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1], **(src.made or {})}
             elif fmt.key in ("int8", "micro") and quantization_aware:
-                data, record = _qat_int8(src, calibration, trust, progress)
+                data, record = _qat_int8(src, calibration, trust, progress, fmt.key)
             elif fmt.key == "micro":
-                data = convert.to_tflite(src.model, "int8", calibration, False)
+                data = convert.to_tflite(src.model, "micro", calibration, False)
             elif fmt.backend == "tflite":
                 data = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware)
                 if fmt.key in convert.SPARSE_FORMATS and zeros >= convert.SPARSE_ZEROS:
@@ -372,16 +372,16 @@ def _unsupported(src) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none listed"
 
 
-def _qat_int8(src, calibration, trust, progress) -> tuple[bytes, dict | None]:
+def _qat_int8(src, calibration, trust, progress, key: str = "int8") -> tuple[bytes, dict | None]:
     from optimize.api import qat_float_twin
 
     return qat_int8_file(src.model, lambda: qat_float_twin(src.path, src.manifest, src.model, trust), calibration,
                          excludes=bool(((src.manifest or {}).get("recipe") or {}).get("exclude")),
-                         unsupported=_unsupported(src), progress=progress)
+                         unsupported=_unsupported(src), progress=progress, key=key)
 
 
 def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = False, unsupported: str = "",
-                  progress=print) -> tuple[bytes, dict | None]:
+                  progress=print, key: str = "int8") -> tuple[bytes, dict | None]:
     """The int8 file of a quantization-aware model, and None when it comes from the learned ranges, or the
     sidecar's record of how it was made otherwise. `twin()` gives (the float twin: the base model with the
     weights QAT trained, `optimize.api.qat_float_twin`; the layers the recipe's --exclude names).
@@ -391,7 +391,8 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     graph nodes denylisted, so those layers and no other are float; or (2) the learned ranges leave float
     operators (layers tfmot's 8-bit scheme does not support, such as TFOpLambda, Multiply, Rescaling:
     MobileNetV3's hard-swish, EfficientNet's swish and squeeze-excite, which the converter leaves float):
-    the float twin calibrated makes a fully integer file."""
+    the float twin calibrated makes a fully integer file. `key` "micro": fully connected weights per tensor
+    (convert.to_tflite)."""
     from export import convert
     from export import selective as sel
     from runtime.load import tflite_census
@@ -399,7 +400,7 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     twin = functools.cache(twin)  # built once: an --exclude that names no graph node falls through to below
     if excludes:
         model, names = twin()
-        chooser = sel.Selective(model, calibration)
+        chooser = sel.Selective(model, calibration, dense_per_tensor=key == "micro")
         kept = [name for name in names if name in chooser.layers]
         if kept:
             progress(f"int8: keeping {', '.join(kept)} float (the recipe's --exclude): the trained weights, "
@@ -409,7 +410,7 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
                 "how": "the weights quantization-aware training gave, activation ranges calibrated, the layers' "
                        "graph nodes denylisted: the converter quantizes a layer whose neighbours carry learned "
                        "ranges, so the learned ranges cannot keep it float"}}
-    learned = convert.to_tflite(quantized, "int8", None, True)
+    learned = convert.to_tflite(quantized, key, None, True)
     float_ops = len(tflite_census(learned)["float_ops"])
     if not float_ops:
         return learned, None
@@ -417,7 +418,8 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     progress(f"int8: the learned ranges leave {float_ops} float ops (layers tfmot's 8-bit scheme does not "
              f"support: {unsupported or 'see facts.skipped'}); making the file from the trained weights with "
              f"activation ranges calibrated on {len(calibration)} training images: fully integer")
-    return sel.Selective(twin()[0], calibration).quantize([]), {"activation_ranges": {
+    chooser = sel.Selective(twin()[0], calibration, dense_per_tensor=key == "micro")
+    return chooser.quantize([]), {"activation_ranges": {
         "source": "calibrated",
         "why": f"from the learned ranges the file held {float_ops} float ops: tfmot's 8-bit scheme leaves layers "
                f"it does not support ({unsupported or 'see facts.skipped'}) without ranges, and the converter "

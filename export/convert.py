@@ -43,8 +43,13 @@ def zero_fraction(model) -> float:
 def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_aware: bool,
               sparse: bool = False) -> bytes:
     """`sparse`: the converter's sparse encoding (Optimize.EXPERIMENTAL_SPARSITY), for pruned weights; the runtime
-    densifies such a file when it loads it (runtime/sparse.py)."""
+    densifies such a file when it loads it (runtime/sparse.py). `micro` is `int8` with fully connected weights
+    quantized per tensor: TFLM refused per-channel FULLY_CONNECTED until September 2024 (tflite-micro #2602,
+    #2673), and one multiplier is less arena than one per unit."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if key == "micro":
+        key = "int8"
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     if key != "float32" or quantization_aware:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if sparse:

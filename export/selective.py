@@ -134,8 +134,8 @@ class Selective(_Selective):
 
     suffix, format = ".tflite", "int8"
 
-    def __init__(self, model, calibration: np.ndarray):
-        self.model = model
+    def __init__(self, model, calibration: np.ndarray, dense_per_tensor: bool = False):
+        self.model, self.dense_per_tensor = model, dense_per_tensor  # the micro format's fully connected weights
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
@@ -167,7 +167,8 @@ class Selective(_Selective):
         try:
             with held_output():
                 return lite_convert.mlir_quantize(self.calibrated, fully_quantize=True, input_data_type=tf.int8,
-                                                  output_data_type=tf.int8, denylisted_nodes=nodes)
+                                                  output_data_type=tf.int8, denylisted_nodes=nodes,
+                                                  disable_per_channel_for_dense_layers=self.dense_per_tensor)
         except Exception as exc:
             raise ConversionError(f"the TFLite quantizer could not keep {', '.join(keep_float)} float: "
                                   f"{exc}") from exc

@@ -42,11 +42,52 @@ def test_micro_export_records_what_tflm_measured(micro_artifact):
     assert record["operators"][0] == "CONV_2D" and "FULLY_CONNECTED" in record["operators"]
     reference = record["reference"]
     assert reference["images"] == 359 and reference["max_lsb"] <= 1 and reference["bit_equal_images"] >= 340
+    differing = reference.get("differing", {"images": 0, "examined": 0, "rounding_alone": 0})
+    assert reference["bit_equal_images"] + differing["images"] == 359
+    assert differing["rounding_alone"] == differing["examined"] == differing["images"]  # each explained
     assert sidecar["verification"]["passed"] and sidecar["verification"]["runtime"] == "tflite-micro"
     assert (sidecar["input"]["dtype"], sidecar["output"]["dtype"]) == ("int8", "int8")
     assert f"tensor arena {record['arena_bytes']:,} bytes" in stdout
     info = run_module("runtime", "info", str(artifact))  # the C sources are in the manifest, checked
     assert info.returncode == 0 and "model.micro.cc" in info.stdout and "model.micro.h" in info.stdout
+
+
+def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact, digits):
+    """Operator by operator on the whole test split: given the same inputs, every TFLM kernel gives LiteRT's
+    reference output, but FULLY_CONNECTED, whose output is exactly its input requantized with two roundings in TFLM
+    (gemmlowp's) and with one in LiteRT; the micro file's fully connected weights are per tensor (what TFLM before
+    September 2024 requires)."""
+    import runtime
+    from runtime import micro
+
+    # The roundings on a value where they part: 1 x 0.75 x 2^-1 = 0.375. gemmlowp first rounds 1 x 0.75 to 1, then
+    # 1 / 2 = 0.5 away from zero to 1; one rounding of 0.375 gives 0.
+    assert micro.quantize_multiplier(0.375) == (3 << 29, -1)
+    assert micro.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=False).tolist() == [1, -1, 2]
+    assert micro.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=True).tolist() == [0, 0, 2]
+    path = micro_artifact[0] / "model.micro.tflite"
+    model = runtime.load(path)
+    fed = model._feed(*model._checked(digits.x_test))
+    firsts = micro.first_differences(path, fed)
+    assert all(first == {} or first["rounding"] for first in firsts), [f for f in firsts if f and not f["rounding"]]
+    it, tm = micro._reference(path, every_tensor=True), micro.interpreter(path, every_tensor=True)
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    dense = [op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
+    assert len(dense) == 2 and all(len(details[op["inputs"][1]]["quantization_parameters"]["scales"]) == 1
+                                   for op in dense)
+    data = path.read_bytes()
+    for x in fed[:60]:  # each dense layer recomputed from each interpreter's own input
+        it.set_tensor(it.get_input_details()[0]["index"], x[None])
+        it.invoke()
+        tm.set_input(x[None], 0)
+        tm.invoke()
+        for op in dense:
+            out = op["outputs"][0]
+            tflm = lambda index: micro._tflm_tensor(tm, index)  # noqa: E731
+            assert np.array_equal(micro.fully_connected(op, data, details, tflm, single=False).ravel(),
+                                  tflm(out).ravel())
+            assert np.array_equal(micro.fully_connected(op, data, details, it.get_tensor, single=True).ravel(),
+                                  it.get_tensor(out).ravel())
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
