@@ -235,9 +235,9 @@ def reference_outputs(path: str | Path, fed: np.ndarray) -> np.ndarray:
 
 # Where TFLM and LiteRT's reference kernels part: requantizing an accumulator (x real_multiplier, as a 31-bit
 # fixed-point multiplier and a shift), TFLM rounds twice, gemmlowp's way (a rounding doubling high multiply, then a
-# rounding right shift) in every kernel; LiteRT's reference FULLY_CONNECTED
-# rounds the 64-bit product once (TFLITE_SINGLE_ROUNDING's arithmetic), its CONV_2D twice. The two agree but where
-# the first rounding lands on a tie of the second: one step apart, on a few values in a thousand.
+# rounding right shift) in every kernel; LiteRT's reference FULLY_CONNECTED rounds the 64-bit product once
+# (TFLITE_SINGLE_ROUNDING's arithmetic), its CONV_2D twice. The two agree but where the first rounding lands on a
+# tie of the second: one step apart, on a few values in a thousand.
 ROUNDING = "TFLM rounds twice, gemmlowp's way; LiteRT's reference FULLY_CONNECTED rounds once"
 
 
