@@ -15,6 +15,8 @@ What `check` does to a converted file, before it is written (runtime/micro.py do
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from runtime.errors import ConversionError, VerificationError
@@ -73,10 +75,8 @@ def check(path, data: bytes, model, x_test, budgets: dict) -> tuple[np.ndarray, 
 def _differing(firsts: list[dict], images: int) -> dict:
     """The record of the images whose outputs differ: how many, how many were run again tensor by tensor, the
     operator each first differs in, and how many of those differences are FULLY_CONNECTED's rounding alone."""
-    operators: dict[str, int] = {}
-    for first in firsts:
-        operators[first.get("operator", "none")] = operators.get(first.get("operator", "none"), 0) + 1
     from runtime.micro import ROUNDING
 
-    return {"images": images, "examined": len(firsts), "first_operator": operators,
+    return {"images": images, "examined": len(firsts),
+            "first_operator": dict(Counter(first.get("operator", "none") for first in firsts)),
             "rounding_alone": sum(bool(first.get("rounding")) for first in firsts), "why": ROUNDING}

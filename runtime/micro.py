@@ -334,28 +334,27 @@ def first_differences(path: str | Path, fed: np.ndarray) -> list[dict]:
     ops = it._get_ops_details()  # noqa: SLF001 (LiteRT lists its operators no other way)
     details = {d["index"]: d for d in it.get_tensor_details()}
     made = {int(i) for op in ops for i in op["outputs"]}  # tensors an operator writes: the ones that can differ
-    found = []
+    mine, found = functools.partial(_tflm_tensor, tm), []
     for x in fed:
         tm.set_input(x[None], 0)
         tm.invoke()
         it.set_tensor(it.get_input_details()[0]["index"], x[None])
         it.invoke()
-        mine = functools.partial(_tflm_tensor, tm)
         differ: set[int] = set()
         first, rounding = {}, True
         for op in ops:
             out = int(op["outputs"][0])
             if np.array_equal(mine(out).reshape(-1), it.get_tensor(out).reshape(-1)):
                 continue
-            differ.add(out)
             first = first or {"operator": op["op_name"], "tensor": details.get(out, {}).get("name", str(out))}
-            if differ & {int(i) for i in op["inputs"] if int(i) in made and int(i) != out}:
-                continue  # fed a tensor that already differs
-            twice, once = ((fully_connected(op, data, details, get, single=single) for get, single in
-                            ((mine, False), (it.get_tensor, True))) if op["op_name"] == "FULLY_CONNECTED"
-                           else (None, None))
-            rounding = rounding and twice is not None and np.array_equal(twice.reshape(-1), mine(out).reshape(-1)) \
-                and np.array_equal(once.reshape(-1), it.get_tensor(out).reshape(-1))
+            fed_a_difference = bool(differ & {int(i) for i in op["inputs"] if int(i) in made})
+            differ.add(out)
+            if fed_a_difference:
+                continue  # an operator fed a tensor that already differs cannot be compared
+            rounding = rounding and op["op_name"] == "FULLY_CONNECTED" and all(
+                (exact := fully_connected(op, data, details, get, single=single)) is not None
+                and np.array_equal(exact.reshape(-1), np.asarray(get(out)).reshape(-1))
+                for get, single in ((mine, False), (it.get_tensor, True)))
         found.append({**first, "rounding": rounding} if first else {})
     return found
 
