@@ -27,6 +27,7 @@ from export.formats import BUDGET_MISS
 from runtime.errors import EdgeKitError, unknown
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.fsutil import atomic_write_json, output_lock
+from runtime.limits import json_loads
 from runtime.manifest import (QUANTIZATION_AWARE, core_names, export_problem, model_sha256, read_manifest,
                               utc_now, verify_files)
 
@@ -201,7 +202,7 @@ class Pipeline:
                 raise EdgeKitError(f"{self.out} is not empty and holds no {PLAN_FILE}: it is not a pipeline's "
                                    "output. Choose another --out.")
             try:
-                previous = json.loads(plan_file.read_text("utf-8"))["identity"]
+                previous = json_loads(plan_file.read_text("utf-8"))["identity"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
                 previous = None  # a damaged plan file: the stages' own manifests decide
             if previous is not None and previous != self.plan.identity():

@@ -7,6 +7,7 @@ import json
 import sys
 
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
+from runtime.limits import json_loads
 
 
 def _number(value, spec: str, unit: str = "") -> str:
@@ -104,14 +105,14 @@ def _run_info(directory, as_json: bool) -> int:
     from runtime.manifest import MANIFEST
 
     try:
-        status = json.loads((directory / "pipeline.json").read_text("utf-8"))
+        status = json_loads((directory / "pipeline.json").read_text("utf-8"))
         plan, stages = status["plan"], status.get("stages", {})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{directory}/pipeline.json is damaged ({exc}); rerun `python -m pipeline`.") from None
     artifacts = sorted(p.name for p in directory.iterdir() if (p / MANIFEST).is_file())
     report = None
     try:
-        report = json.loads((directory / "report.json").read_text("utf-8"))
+        report = json_loads((directory / "report.json").read_text("utf-8"))
     except (OSError, ValueError):
         pass
     if as_json:

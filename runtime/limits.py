@@ -8,13 +8,18 @@ number: a subnormal one (1e-45) turns every pixel into an infinity.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 
 from runtime.errors import EdgeKitError
 
 # the smallest positive normal float32: a std below it makes (pixel - mean) / std overflow or lose every bit
 MIN_NORMAL = 1.1754944e-38
+# JSON from outside (a manifest, a sidecar, a device's answer, a host's request) nests at most this deep: EdgeKit's
+# own deepest is 5 (a manifest's metrics), and Python's parser meets 200,000 '[' with a RecursionError
+MAX_JSON_DEPTH = 64
 # preprocessed input past this is no image (float32 holds 3.4e38; the interpreters' arithmetic needs headroom)
 MAX_INPUT = 1e6
 
@@ -70,3 +75,26 @@ def size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.4g} {unit} ({n:,} bytes)"
     return f"{n:,} bytes"
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_loads(data: str | bytes):
+    """`json.loads` of untrusted text, nested at most MAX_JSON_DEPTH deep; anything else (bad JSON, too deep) is a
+    json.JSONDecodeError, a ValueError, so one `except ValueError` holds every way it can be wrong."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # only then can it be too deep: walk its brackets
+        depth = 0
+        for token in _JSON_TOKENS.finditer(raw):
+            bracket = token.group()
+            if bracket in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", "", token.start())
+            elif bracket in (b"]", b"}"):
+                depth -= 1
+    try:
+        return json.loads(raw)
+    except RecursionError:  # cannot happen after the walk; kept so that no input reaches past this function
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", "", 0) from None

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import atomic_write_json, sha256_file
+from runtime.limits import json_loads
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"  # trained, pruned and clustered artifacts
@@ -162,7 +163,7 @@ def read_manifest(directory: str | Path) -> dict:
         )
     check_readable_file(artifact_file(directory, MANIFEST, "the manifest"), "manifest")
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = json_loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _damaged(path, f"is not valid JSON ({exc})") from None
     except OSError as exc:
@@ -296,7 +297,7 @@ def lineage_paths(directory: str | Path, manifest: dict | None = None, limit: in
         seen.add(parent)
         chain.append(Path(parent).resolve())
         try:
-            manifest = json.loads((Path(parent) / MANIFEST).read_text("utf-8"))
+            manifest = json_loads((Path(parent) / MANIFEST).read_text("utf-8"))
             manifest = manifest if isinstance(manifest, dict) else None
         except (OSError, ValueError):
             manifest = None
@@ -417,7 +418,7 @@ def read_sidecar(model: str | Path, manifest: dict | None = None) -> dict | None
                 raise ArtifactError(f"sidecar {path} does not match the sha256 that {manifest_path} records for "
                                     "it: it was changed after export. Export the model again.")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"sidecar {path} is not valid JSON ({exc}); export the model again.") from None
     return validate_sidecar(data, path)
@@ -439,7 +440,7 @@ def export_problem(directory: Path, manifest: dict, key: str, filename: str, mod
         return "; ".join(problems) + "; export again"
     if model_sha is not None:
         try:
-            sidecar = json.loads((directory / names[1]).read_text("utf-8"))
+            sidecar = json_loads((directory / names[1]).read_text("utf-8"))
         except (OSError, ValueError):
             return f"{names[1]} is unreadable; export again"
         if not isinstance(sidecar, dict) or (sidecar.get("source") or {}).get("sha256") != model_sha:

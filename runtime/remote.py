@@ -11,21 +11,25 @@ object a line:
 
     device -> host   {"hello": {...}}                      what the device is (machine, CPU, board, versions)
     host -> device   {"files": [{name, size, sha256}], "dir": DIR|null}, then the files' bytes in that order
-    device -> host   {"stored": N} | {"error": ..., "kind": "space"|"sha256"|"name"}
-    host -> device   {"run": [MODULE, ARG...], "timeout": S, "return": [NAME...]}
-    device -> host   {"progress": LINE}..., then {"done": {"returncode", "stdout", "stderr", "files"}}
+    device -> host   {"stored": N}
+    host -> device   {"run": ["runtime.remote", "bench"|"classes"|"rounds", SPEC], "timeout": S}
+    device -> host   {"progress": LINE}..., then {"done": {"returncode", "stdout", "stderr"}}
     host -> device   {"bye": true}, or end of input
+    device -> host   {"error": ..., "kind": ...} at any point, and the agent exits 1
 
-The files live in a private temporary directory (mode 0700) made by the agent under DIR (default the device's
-TMPDIR), which the job also gets as its TMPDIR; the agent removes it when the host says bye, when its input
-ends (the host was interrupted or killed, the connection dropped) and on any error, and kills a running job's
-process group first. What the device sends back is untrusted: lines are bounded, JSON is checked, and text is
-escaped before it reaches a terminal.
+The agent makes a private directory (mode 0700) under DIR (default the device's TMPDIR): the files go in its
+`uploads/`, and a job runs with its working directory in the empty `run/` and its TMPDIR in `tmp/`, so nothing the
+host sent is ever on a job's import path (`python -m` puts the working directory first; PYTHONSAFEPATH too on
+Python 3.11+); a job reaches the files by name through EDGEKIT_UPLOADS, and only those. The agent runs EdgeKit's
+three jobs and nothing else. It removes its directory when the host says bye, when its input ends (the host was
+interrupted or killed, the connection dropped) and on any error (a refused request, a line that is not the
+protocol, JSON nested too deep, any exception: one error message, exit 1), and kills a running job's process group
+first. What the device sends back is untrusted too: every line is bounded before it is held (stdout and stderr
+alike), every figure checked for type and range, and text escaped before it reaches a terminal or a spreadsheet.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -41,11 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from runtime.errors import EdgeKitError, WorkFailed
+from runtime.text import terminal
 
 DISTRIBUTION = "edgekit-ml"
 MAX_LINE = 32 * 2**20  # one protocol line (a bench's JSON, an eval's predictions) is far smaller
-MAX_RETURNED = 16 * 2**20  # bytes of files a job may send back
-JOBS = ("runtime.bench", "runtime.remote")  # the modules the agent runs
+MAX_FILES = 1000  # files in one request (a report's run sends a few dozen)
+MAX_STDERR = 2**16  # bytes of the device's stderr kept (ssh's and the shell's messages: why it failed)
+MAX_TEXT = 300  # characters of any text a device sends that is printed
+UPLOADS = "uploads"  # the agent's directory for the host's files, beside the job's empty working directory
+UPLOADS_ENV = "EDGEKIT_UPLOADS"  # where a job finds them
 HELLO_SECONDS = 120  # a Pi Zero imports numpy in a few seconds; an agent that says nothing in 2 minutes is hung
 BYE_SECONDS = 30
 SPACE_MARGIN = 2**20
@@ -110,8 +118,6 @@ def device_info() -> dict:
 def describe(info: dict, host: str | None = None) -> str:
     """'pi@raspberrypi (Raspberry Pi 4 Model B Rev 1.4, Cortex-A72, 4 cores, aarch64; Python 3.11.2, EdgeKit
     0.1.0)', every part escaped for a terminal."""
-    from runtime.text import terminal
-
     parts = [info.get("board"), info.get("cpu"), f"{info.get('cores')} cores", info.get("machine")]
     what = ", ".join(terminal(p) for p in parts if p)
     versions = f"Python {terminal(info.get('python'))}, EdgeKit {terminal(info.get('edgekit'))}"
@@ -209,8 +215,6 @@ def target(args) -> Target | None:
 
 def _reason(stderr: str) -> str:
     """The line of ssh's stderr that says why, escaped."""
-    from runtime.text import terminal
-
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("@")
              and "Warning: Permanently added" not in line]
     return terminal(lines[-1] if lines else "no message")[:300]
@@ -219,8 +223,6 @@ def _reason(stderr: str) -> str:
 def connection_error(target: Target, returncode: int, stderr: str) -> DeviceError:
     """One line for why ssh or the agent did not start: unreachable, refused, authentication, host key, no
     Python, no EdgeKit."""
-    from runtime.text import terminal
-
     name, reason, py = terminal(target.name), _reason(stderr), terminal(target.python)
     if reason == "no message":
         reason = f"exit {returncode}"
@@ -307,34 +309,42 @@ class Session:
             proc.wait()
 
     def _read_stdout(self) -> None:
+        """The agent's lines, each read with its bound (MAX_LINE) before it is held; whatever ends the reading,
+        the waiting side hears of it."""
+        from runtime.limits import json_loads
+
         stream = self._proc.stdout
-        while True:
-            line = stream.readline(MAX_LINE + 1)
-            if not line:
-                break
-            if len(line) > MAX_LINE and not line.endswith(b"\n"):
-                self._lines.put(("broken", f"a line longer than {MAX_LINE} bytes"))
-                break
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue  # not the agent's (a login banner, the shell's chatter)
-            if isinstance(message, dict) and len(message) >= 1:
-                self._lines.put(("message", message))
-        self._lines.put(("eof", None))
+        try:
+            while True:
+                line = stream.readline(MAX_LINE + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE:
+                    self._lines.put(("broken", f"a line longer than {MAX_LINE} bytes"))
+                    break
+                try:
+                    message = json_loads(line)
+                except ValueError:
+                    continue  # not the agent's (a login banner, the shell's chatter), or nested past the bound
+                if isinstance(message, dict) and len(message) >= 1:
+                    self._lines.put(("message", message))
+        except Exception as exc:  # noqa: BLE001 -- a reader that dies silently would leave the host waiting
+            self._lines.put(("broken", f"a line EdgeKit cannot read ({type(exc).__name__})"))
+        finally:
+            self._lines.put(("eof", None))
 
     def _read_stderr(self) -> None:
+        """ssh's and the device's stderr, read in lines of at most 4 KiB; the first MAX_STDERR bytes kept, the rest
+        read and dropped (a device writing gigabytes without a newline holds 4 KiB here)."""
         kept = 0
-        for line in iter(self._proc.stderr.readline, b""):
-            if kept < 2**16:
+        for line in iter(lambda: self._proc.stderr.readline(4096), b""):
+            if kept < MAX_STDERR:
                 text = line.decode("utf-8", "replace")
                 self._stderr.append(text)
                 kept += len(text)
 
     def _next(self, expected: str, timeout: float) -> dict:
         """The next message of kind `expected` (progress passed on), or a DeviceError saying why none came."""
-        from runtime.text import terminal
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -351,10 +361,10 @@ class Session:
             if kind == "broken":
                 raise DeviceError(f"{terminal(self.target.name)} sent {message}; is its EdgeKit the host's?")
             if "error" in message:
-                raise DeviceError(f"{terminal(self.target.name)}: {terminal(message['error'])[:500]}")
+                raise DeviceError(f"{terminal(self.target.name)}: {terminal(str(message['error'])[:500])}")
             if "progress" in message:
                 if self.progress:
-                    self.progress(terminal(message["progress"])[:300])
+                    self.progress(terminal(str(message["progress"])[:MAX_TEXT]))
                 continue
             if expected in message:
                 return message[expected]
@@ -366,8 +376,6 @@ class Session:
             return -1
 
     def _check_hello(self, hello) -> dict:
-        from runtime.text import terminal
-
         if not isinstance(hello, dict) or not isinstance(hello.get("edgekit"), str):
             raise DeviceError(f"{terminal(self.target.name)} answered, but not as EdgeKit's agent does; install "
                               f"EdgeKit {edgekit_version()} there.")
@@ -376,9 +384,7 @@ class Session:
             raise DeviceError(f"{terminal(self.target.name)} runs EdgeKit {terminal(theirs)[:40]} and this machine "
                               f"{ours}: its figures would not be this version's. Install {ours} there (README: On "
                               "a device), or pass --allow-version-mismatch.")
-        cores = hello.get("cores")
-        hello["cores"] = cores if type(cores) is int and 0 < cores < 4096 else 1
-        return hello
+        return checked_hello(hello)
 
     def threads(self, text: str) -> list[int]:
         """A --threads list as the device counts its cores ('all' is the device's)."""
@@ -415,36 +421,32 @@ class Session:
         except BrokenPipeError:
             pass
 
-    def run(self, module: str, args: list[str], timeout: float = 3600, returned: tuple[str, ...] = ()) -> dict:
-        """Run `python -m MODULE ARGS...` in the device's directory; {"returncode", "stdout", "stderr",
-        "files": {name: bytes}}."""
-        self._write(json.dumps({"run": [module, *args], "timeout": timeout, "return": list(returned)}).encode()
+    def run(self, job: str, spec: dict, timeout: float = 3600) -> dict:
+        """Run the device's job `python -m runtime.remote JOB SPEC`; {"returncode", "stdout", "stderr"}, each of
+        the type it must be."""
+        self._write(json.dumps({"run": ["runtime.remote", job, json.dumps(spec)], "timeout": timeout}).encode()
                     + b"\n")
         done = self._next("done", timeout + 60)
-        if not isinstance(done, dict) or type(done.get("returncode")) is not int:
-            raise DeviceError(f"{self.target.name} sent a result EdgeKit does not read.")
-        files = {}
-        for name, text in (done.get("files") or {}).items():
-            if name in returned and isinstance(text, str):
-                files[name] = base64.b64decode(text)
-        return {"returncode": done["returncode"], "stdout": str(done.get("stdout", "")),
-                "stderr": str(done.get("stderr", "")), "files": files}
+        if (not isinstance(done, dict) or type(done.get("returncode")) is not int
+                or not -256 < done["returncode"] < 256
+                or not all(isinstance(done.get(k, ""), str) for k in ("stdout", "stderr"))):
+            raise DeviceError(f"{terminal(self.target.name)} sent a result EdgeKit does not read.")
+        return {"returncode": done["returncode"], "stdout": done.get("stdout", ""), "stderr": done.get("stderr", "")}
 
-    def run_json(self, module: str, args: list[str], what: str, timeout: float = 3600,
-                 returned: tuple[str, ...] = ()) -> tuple[object, dict]:
+    def run_json(self, job: str, spec: dict, what: str, timeout: float = 3600) -> object:
         """`run`, its stdout's last JSON line parsed; the device's error becomes this side's, with its exit code."""
-        from runtime.text import terminal
+        from runtime.limits import json_loads
 
-        result = self.run(module, args, timeout, returned)
+        result = self.run(job, spec, timeout)
         lines = result["stdout"].strip().splitlines()  # a job prints its result as one JSON line, last
         if result["returncode"] == 0 and lines:
             try:
-                return json.loads(lines[-1]), result["files"]
+                return json_loads(lines[-1])
             except ValueError:
                 pass
         last = (result["stderr"].strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
         error = (WorkFailed if result["returncode"] == 1 else EdgeKitError)
-        raise error(f"{what} on {terminal(self.target.name)} failed: {terminal(last)[:400]}")
+        raise error(f"{what} on {terminal(self.target.name)} failed: {terminal(last[:400])}")
 
 
 def remote_names(paths: list[Path]) -> dict[str, Path]:
@@ -455,7 +457,7 @@ def remote_names(paths: list[Path]) -> dict[str, Path]:
     names: dict[str, Path] = {}
     repeated = len({p.name for p in paths}) < len(paths)
     for path in paths:
-        folder = f"{len(names)}-{path.parent.name}"[:80] + "/" if repeated else ""
+        folder = _safe(f"{len(names)}-{path.parent.name}"[:80]) + "/" if repeated else ""
         for companion in (path, sidecar_path(path), Path(str(path) + ".data")):  # model.onnx.data: external data
             if companion.is_file() and companion.resolve() not in {p.resolve() for p in names.values()}:
                 names[folder + _safe(companion.name)] = companion
@@ -483,42 +485,67 @@ def add_device(rows: list[dict], info: dict, host: str) -> list[dict]:
     return rows
 
 
-def _number(value) -> bool:
+# What a device may send, each figure with its type and range (anything else: one line, exit 1). Generous: a Pi
+# Zero is slow and a server has many cores, but no figure is negative, infinite, or a 400-digit number.
+MS = (float, 0.0, 1e7)  # milliseconds: up to about 3 hours
+ROW_FIGURES = {"size_bytes": (int, 1, 2**40), "threads": (int, 1, 4096), "batch": (int, 1, 2**16),
+               "warmup": (int, 0, 10**6), "load_ms": MS, "first_ms": MS, "overhead": (float, -1.0, 1e6),
+               "throughput_ips": (float, 0.0, 1e9), "throughput_p50_ips": (float, 0.0, 1e9),
+               "peak_rss_mb": (float, 0.0, 1e7)}
+STAT_FIGURES = {"median": MS, "p90": MS, "p99": MS, "mean": MS, "std": MS, "min": MS, "n": (int, 1, 10**9)}
+ROW_TEXT = ("name", "backend", "format", "input_dtype", "inputs", "one_image_path")
+HELLO_TEXT = ("machine", "cpu", "board", "system", "python", "edgekit", "tmp")
+
+
+def figure(value, kind: tuple) -> bool:
+    """Whether a device's `value` is a figure of `kind` (type, low, high): an int where an int belongs (a float
+    where a float does, an int accepted), finite, within the range."""
     import math
 
-    return type(value) in (int, float) and math.isfinite(value)
+    want, low, high = kind
+    if type(value) is bool or type(value) not in ((int,) if want is int else (int, float)):
+        return False
+    return math.isfinite(value) and low <= value <= high
 
 
-ROW_NUMBERS = ("size_bytes", "threads", "batch", "load_ms", "first_ms", "overhead", "throughput_ips",
-               "throughput_p50_ips", "peak_rss_mb")
-ROW_TEXT = ("name", "backend", "format", "input_dtype", "inputs", "one_image_path")
+def device_text(value, limit: int = 100) -> str:
+    """A device's text for a table or a terminal: a string cut to `limit` characters, then escaped."""
+    return terminal(value[:limit]) if isinstance(value, str) else "-"
+
+
+def checked_hello(hello: dict) -> dict:
+    """The hello with only what EdgeKit reads: its texts cut and escaped, its core count a number."""
+    checked = {k: device_text(hello.get(k), 200) if hello.get(k) is not None else None for k in HELLO_TEXT}
+    versions = hello.get("versions")
+    checked["versions"] = ({device_text(k, 60): device_text(v, 60) for k, v in list(versions.items())[:60]}
+                           if isinstance(versions, dict) else {})
+    checked["cores"] = hello["cores"] if figure(hello.get("cores"), (int, 1, 4096)) else 1
+    return checked
 
 
 def checked_rows(results, back: dict[str, Path], where: str) -> list[dict]:
-    """A device's bench rows, every figure a finite number and every text escaped, each row's model its file here
-    (`back`: the device's name -> the local path)."""
-    from runtime.text import terminal
-
-    bad = DeviceError(f"{where} sent bench rows EdgeKit does not read; is its EdgeKit the host's?")
-    if not isinstance(results, list):
+    """A device's bench rows rebuilt from what EdgeKit reads: every figure of its type and range, every text cut
+    and escaped, each row's model its file here (`back`: the name it was sent under -> the local path)."""
+    bad = DeviceError(f"{terminal(where)} sent bench rows EdgeKit does not read; is its EdgeKit the host's?")
+    if not isinstance(results, list) or len(results) > 10**5:
         raise bad
     rows = []
     for row in results:
-        if not isinstance(row, dict) or row.get("model") not in back:
+        if not isinstance(row, dict) or not isinstance(row.get("model"), str) or row["model"] not in back:
             raise bad
-        stats = [row.get("invoke_ms"), row.get("call_ms")]
+        stats = {part: row.get(part) for part in ("invoke_ms", "call_ms")}
         cold = row.get("cold_start")
-        if (not all(_number(row.get(k)) for k in ROW_NUMBERS)
-                or not all(isinstance(s, dict) and all(_number(s.get(k)) for k in ("median", "p90", "p99", "mean",
-                                                                                     "std", "min", "n")) for s in stats)
-                or not all(s["median"] > 0 for s in stats)
-                or not isinstance(cold, dict) or not _number(cold.get("peak_rss_mb"))
-                or not (cold.get("seconds") is None or _number(cold.get("seconds")))):
+        if (not all(figure(row.get(k), kind) for k, kind in ROW_FIGURES.items())
+                or not all(isinstance(s, dict) and all(figure(s.get(k), kind) for k, kind in STAT_FIGURES.items())
+                           and s["median"] > 0 for s in stats.values())
+                or not isinstance(cold, dict) or not figure(cold.get("peak_rss_mb"), ROW_FIGURES["peak_rss_mb"])
+                or not (cold.get("seconds") is None or figure(cold.get("seconds"), (float, 0.0, 1e5)))):
             raise bad
         local = back[row["model"]]
-        row.update({k: terminal(row.get(k, "-"))[:100] for k in ROW_TEXT})
-        row.update(model=str(local), name=local.name, remote_model=terminal(row["model"])[:300])
-        rows.append(row)
+        rows.append({**{k: row[k] for k in ROW_FIGURES}, **{k: device_text(row.get(k)) for k in ROW_TEXT},
+                     **{part: {k: s[k] for k in STAT_FIGURES} for part, s in stats.items()},
+                     "cold_start": {"seconds": cold.get("seconds"), "peak_rss_mb": cold["peak_rss_mb"]},
+                     "model": str(local), "name": local.name, "remote_model": device_text(row["model"], MAX_TEXT)})
     return rows
 
 
@@ -537,7 +564,7 @@ def bench_on(target: Target, paths, threads_text: str, batch: int = 1, runs=None
         spec = {"paths": [remote_path(names, f) for f in files], "threads": threads, "batch": batch, "runs": runs,
                 "seconds": seconds, "warmup": warmup, "inputs": inputs, "options": options}
         budget = len(files) * len(threads) * (120 + (seconds or runs * 0.5))
-        data, _ = session.run_json("runtime.remote", ["bench", json.dumps(spec)], "bench", 300 + budget)
+        data = session.run_json("bench", spec, "bench", 300 + budget)
         info = session.info
     back = {remote_path(names, f): f for f in files}
     rows = checked_rows(data.get("results") if isinstance(data, dict) else None, back, target.name)
@@ -562,20 +589,19 @@ def classes_on(target: Target, model_path: Path, x, threads: int | None, options
             spec = {"model": remote_path(names, model_path), "data": "split.npz", "threads": threads,
                     "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
                                 if v is not None and k != "labels"}, "batch_size": batch_size}
-            data, _ = session.run_json("runtime.remote", ["classes", json.dumps(spec)], "eval",
-                                       600 + len(x) * 0.1)
+            data = session.run_json("classes", spec, "eval", 600 + len(x) * 0.1)
             info = session.info
     predicted = data.get("predicted") if isinstance(data, dict) else None
     if (not isinstance(predicted, list) or len(predicted) != len(x)
             or not all(type(v) is int and 0 <= v < num_classes for v in predicted)):
-        raise DeviceError(f"{target.name} sent predictions EdgeKit does not read (expected {len(x)} class indices "
+        raise DeviceError(f"{terminal(target.name)} sent predictions EdgeKit does not read (expected {len(x)} class indices "
                           f"below {num_classes}).")
     return predicted, info
 
 
 class Rounds:
     """The report's latency rounds on a device: one session, the files sent once (when first measured), then
-    `runtime.bench`'s rounds worker per thread count; called as `runtime.bench.run_rounds_worker`."""
+    the device's rounds job per thread count; called as `runtime.bench.run_rounds_worker`."""
 
     def __init__(self, session: Session):
         self.session, self.names = session, None
@@ -590,36 +616,98 @@ class Rounds:
         if self.names is None:
             self.names = remote_names(paths)
             self.session.send(self.names)
-        spec = {"mode": "rounds", "paths": [remote_path(self.names, p) for p in paths], "threads": threads,
-                "rounds": rounds, "runs": runs, "seconds": seconds, "warmup": warmup}
+        spec = {"paths": [remote_path(self.names, p) for p in paths], "threads": threads, "rounds": rounds,
+                "runs": runs, "seconds": seconds, "warmup": warmup}
         expected = len(paths) * (seconds or rounds * runs * 0.05)
-        data, _ = self.session.run_json("runtime.bench", [json.dumps(spec)], "the latency rounds",
-                                        600 + 20 * expected + 30 * len(paths))
+        data = self.session.run_json("rounds", spec, "the latency rounds", 600 + 20 * expected + 30 * len(paths))
         back = {remote_path(self.names, p): str(p) for p in paths}
+        bad = DeviceError(f"{terminal(self.session.target.name)} sent latency rounds EdgeKit does not read.")
         if not isinstance(data, dict) or set(data) - set(back):
-            raise DeviceError(f"{self.session.target.name} sent latency rounds EdgeKit does not read.")
+            raise bad
         results = {}
         for name, result in data.items():
-            medians = result.get("round_medians_ms") if isinstance(result, dict) else None
-            if isinstance(result, dict) and "error" in result:
-                from runtime.text import terminal
-
-                results[back[name]] = {"error": terminal(result["error"])[:300]}
-            elif (isinstance(medians, list) and medians and all(_number(m) and m > 0 for m in medians)
-                  and _number(result.get("p90_ms")) and _number(result.get("n"))):
+            if not isinstance(result, dict):
+                raise bad
+            medians = result.get("round_medians_ms")
+            if "error" in result:
+                results[back[name]] = {"error": device_text(result["error"], MAX_TEXT)}
+            elif (isinstance(medians, list) and 0 < len(medians) <= 10**4
+                  and all(figure(m, MS) and m > 0 for m in medians)
+                  and figure(result.get("p90_ms"), MS) and figure(result.get("n"), STAT_FIGURES["n"])):
                 results[back[name]] = {"round_medians_ms": medians, "p90_ms": result["p90_ms"], "n": result["n"]}
             else:
-                raise DeviceError(f"{self.session.target.name} sent latency rounds EdgeKit does not read.")
+                raise bad
         return results
 
 
 # --- the device's side ----------------------------------------------------------------------------------------
+class Refused(Exception):
+    """What the host sent cannot be served; `kind` says which rule it broke (the host shows the message)."""
+
+    def __init__(self, message: str, kind: str = "protocol"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _checked_files(request: dict) -> list[dict]:
+    """The announced files, each {name, size, sha256} with a name of one or two plain parts (letters, digits, '.',
+    '_', '-'; no part starting with '.'), a size from 0 to 1 TiB and a sha256 in hex; no name twice and none that
+    is another's folder. Everything is checked before the first byte is stored."""
+    import re
+
+    files = request.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES:
+        raise Refused(f"the host's request names no files or more than {MAX_FILES}")
+    names = set()
+    for record in files:
+        if not isinstance(record, dict) or type(record.get("size")) is not int or not 0 <= record["size"] <= 2**40:
+            raise Refused("the host's request is not EdgeKit's (each file needs a size from 0 to 1 TiB)")
+        name = record.get("name")
+        parts = name.split("/") if isinstance(name, str) and len(name) <= 200 else []
+        if not 1 <= len(parts) <= 2 or not all(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,99}", p) for p in parts):
+            raise Refused(f"refused the file name {str(name)[:100]!r} (one or two plain parts: letters, digits, "
+                          "'.', '_', '-')", "name")
+        if not isinstance(record.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", record["sha256"]):
+            raise Refused(f"{name} comes without a sha256 in hex", "protocol")
+        names.add(name)
+    folders = {name.split("/")[0] for name in names if "/" in name}
+    if len(names) < len(files) or folders & names:
+        raise Refused("the host's request names a file twice, or a file and a folder alike", "name")
+    return files
+
+
+def _storage(request: dict) -> Path:
+    """The existing directory the agent's private directory goes in: the request's "dir", or the TMPDIR."""
+    base = request.get("dir")
+    if base is None:
+        return Path(tempfile.gettempdir())
+    if not isinstance(base, str) or not base or len(base) > 4096 or "\0" in base:
+        raise Refused(f"--remote-dir takes a directory on the device; got {str(base)[:100]!r}", "dir")
+    path = Path(os.path.expanduser(base))
+    if not path.is_dir():
+        raise Refused(f"{base} is not a directory on the device; give --remote-dir DIR", "dir")
+    return path
+
+
+def _job_argv(command: dict) -> list[str]:
+    """The job a "run" asks for: `runtime.remote NAME SPEC`, NAME one of the device's jobs; nothing else runs."""
+    argv = command.get("run")
+    if (not isinstance(argv, list) or len(argv) != 3 or argv[0] != "runtime.remote" or argv[1] not in DEVICE_JOBS
+            or not isinstance(argv[2], str)):
+        raise Refused(f"refused the job {str(argv)[:200]} (the agent runs EdgeKit's own jobs only: "
+                      f"runtime.remote {'|'.join(DEVICE_JOBS)} SPEC)")
+    return argv
+
+
 class _Agent:
+    """The agent's state: the private directory (its files in `uploads/`, the job's working directory `run/`,
+    its TMPDIR `tmp/`), the running job, and the host's messages read by a thread into `commands`."""
+
     def __init__(self, stdin, stdout):
         self.stdin, self.stdout = stdin, stdout
         self.lock = threading.Lock()
-        self.commands: queue.Queue = queue.Queue()
-        self.work: Path | None = None
+        self.commands: queue.Queue = queue.Queue()  # dict | None (end of input) | Refused (a bad line)
+        self.root: Path | None = None
         self.job = None
 
     def send(self, message: dict) -> None:
@@ -627,66 +715,80 @@ class _Agent:
             self.stdout.write(json.dumps(message).encode() + b"\n")
             self.stdout.flush()
 
-    def read_line(self):
+    def read_line(self) -> dict | None:
+        """The host's next message, None at the end of its input; Refused for a line that is not one."""
+        from runtime.limits import json_loads
+
         line = self.stdin.readline(MAX_LINE + 1)
         if not line:
             return None
+        if len(line) > MAX_LINE:
+            raise Refused(f"the host sent a line longer than {MAX_LINE} bytes")
         try:
-            message = json.loads(line)
-        except ValueError:
-            return None
-        return message if isinstance(message, dict) else None
+            message = json_loads(line)
+        except ValueError as exc:
+            raise Refused(f"the host sent a line that is not EdgeKit's JSON ({str(exc)[:100]})") from None
+        if not isinstance(message, dict):
+            raise Refused("the host sent JSON that is not an object")
+        return message
 
     def serve(self) -> int:
         self.send({"hello": device_info()})
         request = self.read_line()
-        if not request or "files" not in request:
+        if request is None or "bye" in request:
             return 0
+        if "files" not in request:
+            raise Refused("the host's first request names no files")
         if not self.receive(request):
-            return 1
+            return 1  # the host went away mid-file
         threading.Thread(target=self._commands, daemon=True).start()
         while True:
             command = self.commands.get()
+            if isinstance(command, Refused):
+                raise command
             if command is None or "run" not in command:
                 return 0
             if not self.run(command):
                 return 1
 
     def _commands(self) -> None:
-        while True:
-            message = self.read_line()
-            self.commands.put(message)
-            if message is None:
-                return
+        """The reader thread: every message into `commands`; whatever ends it (the end of input, a line that is
+        not the protocol, any exception) is put there too, so the main loop never waits for nothing."""
+        try:
+            while True:
+                message = self.read_line()
+                self.commands.put(message)
+                if message is None:
+                    return
+        except Refused as exc:
+            self.commands.put(exc)
+        except BaseException as exc:  # noqa: BLE001 -- a reader that dies silently would hang the agent
+            self.commands.put(Refused(f"the agent could not read the host's input ({type(exc).__name__})"))
 
     def receive(self, request: dict) -> bool:
-        files = request.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, dict) and type(f.get("size")) is int
-                                                  and 0 <= f["size"] <= 2**40 for f in files):
-            self.send({"error": "the host's request is not EdgeKit's", "kind": "protocol"})
-            return False
-        base = request.get("dir") or tempfile.gettempdir()
+        files = _checked_files(request)
+        base = _storage(request)
+        total = sum(f["size"] for f in files)
         try:
-            total = sum(int(f["size"]) for f in files)
             free = shutil.disk_usage(base).free
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            self.send({"error": f"cannot use {base} for the files ({exc}); give --remote-dir DIR", "kind": "dir"})
-            return False
+        except OSError as exc:
+            raise Refused(f"cannot use {base} for the files ({exc.strerror}); give --remote-dir DIR", "dir") from None
         if free < total + SPACE_MARGIN:
-            self.send({"error": f"{base} has {free / 2**20:.1f} MiB free and the files need "
-                                f"{(total + SPACE_MARGIN) / 2**20:.1f} MiB; free space there or give --remote-dir DIR",
-                       "kind": "space"})
-            return False
-        self.work = Path(tempfile.mkdtemp(prefix="edgekit-device-", dir=base))
+            raise Refused(f"{base} has {free / 2**20:.1f} MiB free and the files need "
+                          f"{(total + SPACE_MARGIN) / 2**20:.1f} MiB; free space there or give --remote-dir DIR",
+                          "space")
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix="edgekit-device-", dir=base))
+            for part in (UPLOADS, "run", "tmp"):
+                (self.root / part).mkdir(mode=0o700)
+        except OSError as exc:
+            raise Refused(f"cannot make a private directory in {base} ({exc.strerror}); give --remote-dir DIR",
+                          "dir") from None
         for record in files:
-            name = PurePosixPath(str(record.get("name")))
-            if name.is_absolute() or any(part in ("", ".", "..") for part in name.parts) or len(name.parts) > 2:
-                self.send({"error": f"refused the file name {str(name)!r}", "kind": "name"})
-                return False
-            target = self.work / name
-            target.parent.mkdir(exist_ok=True)
-            digest, left = hashlib.sha256(), int(record["size"])
+            target = self.root / UPLOADS / record["name"]
+            digest, left = hashlib.sha256(), record["size"]
             try:
+                target.parent.mkdir(mode=0o700, exist_ok=True)
                 with open(target, "xb") as fh:
                     while left:
                         chunk = self.stdin.read(min(left, 2**20))
@@ -699,25 +801,24 @@ class _Agent:
                 import errno
 
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                self.send({"error": f"{'the disk is full' if full else 'cannot write'} in {base} while copying "
-                                    f"{name} ({exc.strerror}); free space there or give --remote-dir DIR",
-                           "kind": "space" if full else "write"})
-                return False
-            if digest.hexdigest() != record.get("sha256"):
-                self.send({"error": f"{name} arrived with sha256 {digest.hexdigest()}, not the host's "
-                                    f"{record.get('sha256')}", "kind": "sha256"})
-                return False
+                raise Refused(f"{'the disk is full' if full else 'cannot write'} in {base} while copying "
+                              f"{record['name']} ({exc.strerror}); free space there or give --remote-dir DIR",
+                              "space" if full else "write") from None
+            if digest.hexdigest() != record["sha256"]:
+                raise Refused(f"{record['name']} arrived with sha256 {digest.hexdigest()}, not the host's "
+                              f"{record['sha256']}", "sha256")
         self.send({"stored": len(files)})
         return True
 
     def run(self, command: dict) -> bool:
-        argv = command.get("run")
-        if not isinstance(argv, list) or not argv or argv[0] not in JOBS or not all(isinstance(a, str) for a in argv):
-            self.send({"error": f"refused the job {str(argv)[:200]}", "kind": "protocol"})
-            return False
-        timeout = command.get("timeout") if type(command.get("timeout")) in (int, float) else 3600
-        env = {**os.environ, "TMPDIR": str(self.work), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        self.job = subprocess.Popen([sys.executable, "-m", *argv], cwd=self.work, stdin=subprocess.DEVNULL,
+        """Run one job in a fresh Python whose working directory (`run/`, empty) holds nothing the host sent, so
+        `-m` puts no uploaded module on its path; the files are reached through EDGEKIT_UPLOADS."""
+        argv = _job_argv(command)
+        timeout = command.get("timeout")
+        timeout = float(timeout) if type(timeout) in (int, float) and 0 < timeout <= 86400 else 3600.0
+        env = {**os.environ, "TMPDIR": str(self.root / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
+               UPLOADS_ENV: str(self.root / UPLOADS), "PYTHONSAFEPATH": "1"}  # Python 3.11+: no cwd on sys.path
+        self.job = subprocess.Popen([sys.executable, "-m", *argv], cwd=self.root / "run", stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
         out: list[bytes] = []
         err: list[str] = []
@@ -732,32 +833,27 @@ class _Agent:
             except queue.Empty:
                 if time.monotonic() > deadline:
                     self.stop_job()
-                    self.send({"error": f"the job took longer than {timeout:.0f} s and was stopped", "kind": "time"})
-                    return False
+                    raise Refused(f"the job took longer than {timeout:.0f} s and was stopped", "time") from None
                 continue
             self.commands.put(message)  # the next command, or the end: either waits for this job, or ends it
-            if message is None or "bye" in message:
+            if message is None or isinstance(message, Refused) or "bye" in message:
                 self.stop_job()
                 return False
         for reader in readers:
             reader.join(10)
-        files = {}
-        for name in command.get("return") or []:
-            path = self.work / str(name)
-            if path.is_file() and path.resolve().parent == self.work.resolve() and path.stat().st_size <= MAX_RETURNED:
-                files[str(name)] = base64.b64encode(path.read_bytes()).decode()
         self.send({"done": {"returncode": self.job.returncode, "stdout": b"".join(out).decode("utf-8", "replace"),
-                            "stderr": "".join(err[-20:]), "files": files}})
+                            "stderr": "".join(err[-20:])}})
         self.job = None
         return True
 
     def _progress(self, kept: list[str]) -> None:
-        for line in iter(self.job.stderr.readline, b""):
-            text = line.decode("utf-8", "replace").rstrip()
+        """The job's stderr, line by line (each cut at 4 KiB): the last lines kept, each sent as progress."""
+        for line in iter(lambda: self.job.stderr.readline(4096), b""):
+            text = line.decode("utf-8", "replace").rstrip()[:300]
             kept.append(text + "\n")
             del kept[:-40]
             if text and not text.startswith("error:"):
-                self.send({"progress": text[:300]})
+                self.send({"progress": text})
 
     def stop_job(self) -> None:
         import signal
@@ -778,12 +874,14 @@ class _Agent:
 
     def cleanup(self) -> None:
         self.stop_job()
-        if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def agent() -> int:
-    """The device's side of a session: serve the host on stdin/stdout, and leave nothing behind."""
+    """The device's side of a session: serve the host on stdin/stdout, and leave nothing behind. Whatever goes
+    wrong (a request it refuses, a line that is not the protocol, any exception) ends it with one error message,
+    its directory removed, exit 1."""
     import signal
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -799,8 +897,26 @@ def agent() -> int:
         return state.serve()
     except (BrokenPipeError, ConnectionError):
         return 1
+    except Exception as exc:  # noqa: BLE001 -- one message to the host, never a traceback, nothing left behind
+        refused = exc if isinstance(exc, Refused) else Refused(f"the agent failed ({type(exc).__name__}: "
+                                                               f"{str(exc)[:200]})", "agent")
+        try:
+            state.send({"error": str(refused), "kind": refused.kind})
+        except OSError:
+            pass
+        return 1
     finally:
         state.cleanup()
+
+
+# --- the jobs the agent runs (python -m runtime.remote NAME SPEC, in a fresh process) ---------------------------
+def uploaded(name) -> str:
+    """The path of a file the host sent, by the name it sent it under: a relative name inside the agent's
+    uploads directory (EDGEKIT_UPLOADS), never a path elsewhere on the device."""
+    base = Path(os.environ.get(UPLOADS_ENV, "."))
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/") or "\0" in name:
+        raise EdgeKitError(f"a job names {str(name)[:100]!r}; expected the name of a file the host sent.")
+    return str(base / name)
 
 
 def _classes(spec: dict) -> dict:
@@ -809,29 +925,53 @@ def _classes(spec: dict) -> dict:
 
     from runtime.load import finite, load
 
-    model = load(spec["model"], threads=spec.get("threads"), **(spec.get("options") or {}))
-    with np.load(spec["data"], allow_pickle=False) as data:
+    model = load(uploaded(spec["model"]), threads=spec.get("threads"), **(spec.get("options") or {}))
+    with np.load(uploaded(spec["data"]), allow_pickle=False) as data:
         x = data["x"]
     predicted = finite(model.logits(x, batch_size=int(spec.get("batch_size") or 256)), model).argmax(axis=1)
     return {"predicted": predicted.astype(int).tolist()}
 
 
 def _bench(spec: dict) -> dict:
-    """The device's side of `bench --host`: `runtime.bench.bench`, its progress on stderr for the host to show."""
+    """The device's side of `bench --host`: `runtime.bench.bench`, its progress on stderr for the host to show;
+    each row's model the name the host sent it under."""
     from runtime.bench import bench, machine
 
-    results = bench(spec["paths"], spec["threads"], spec["batch"], spec["runs"], spec["seconds"], spec["warmup"],
+    paths = {uploaded(name): name for name in spec["paths"]}
+    results = bench(list(paths), spec["threads"], spec["batch"], spec["runs"], spec["seconds"], spec["warmup"],
                     progress=lambda m: print(m, file=sys.stderr, flush=True), inputs=spec["inputs"],
                     options=spec["options"])
+    for row in results:
+        row["model"], row["baseline"] = paths.get(row["model"], row["model"]), paths.get(row["baseline"])
     return {"machine": machine(), "results": results}
 
 
+def _rounds(spec: dict) -> dict:
+    """The device's side of the report's latency rounds (`runtime.bench.measure_rounds`, in this fresh process),
+    keyed by the names the host sent."""
+    from runtime.bench import measure_rounds
+
+    paths = {uploaded(name): name for name in spec["paths"]}
+    results = measure_rounds(list(paths), spec["threads"], spec["rounds"], spec["runs"], spec["seconds"],
+                             spec["warmup"])
+    return {paths[path]: result for path, result in results.items()}
+
+
+DEVICE_JOBS = {"bench": _bench, "classes": _classes, "rounds": _rounds}
+
+
 def job(name: str, spec_text: str) -> int:
-    """`python -m runtime.remote bench|classes SPEC`: one job of the agent, its result as one JSON line."""
+    """`python -m runtime.remote bench|classes|rounds SPEC`: one job of the agent, its result as one JSON line."""
     from runtime.errors import run_cli
+    from runtime.limits import json_loads
 
     def main(_argv):
-        print(json.dumps({"bench": _bench, "classes": _classes}[name](json.loads(spec_text))))
+        try:
+            spec = json_loads(spec_text)
+            result = DEVICE_JOBS[name](spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgeKitError(f"the job's spec is not EdgeKit's ({type(exc).__name__}: {str(exc)[:200]}).") from exc
+        print(json.dumps(result))
         return 0
 
     return run_cli(main, [])
@@ -840,7 +980,7 @@ def job(name: str, spec_text: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:
         sys.exit(agent())
-    if sys.argv[1:2] in (["bench"], ["classes"]) and len(sys.argv) == 3:
+    if len(sys.argv) == 3 and sys.argv[1] in DEVICE_JOBS:
         sys.exit(job(sys.argv[1], sys.argv[2]))
     print("usage: python -m runtime.remote agent   (run by the host through ssh; see python -m runtime bench --help)",
           file=sys.stderr)

@@ -64,6 +64,40 @@ def _vector(union) -> np.ndarray:
     return np.asarray(union.values if union is not None and union.values is not None else [], dtype=np.int64)
 
 
+def _level_sizes(shape: list[int], order: list[int], block_map: list[int], meta) -> list[int]:
+    """How many places each traversal level has: a dimension's size (over its block size, where blocked), or a
+    block dimension's size."""
+    rank = len(shape)
+    blocks = {}
+    for b, dim in enumerate(block_map):
+        size = int(meta[order.index(rank + b)].denseSize)
+        if not 0 <= dim < rank or size < 1 or shape[dim] % size:
+            raise ValueError(f"a block of {size} in dimension {dim} of a tensor of shape {shape}")
+        blocks[dim] = size
+    return [shape[d] // blocks.get(d, 1) if d < rank else blocks[block_map[d - rank]] for d in order]
+
+
+def _check_csr(segments: np.ndarray, where: np.ndarray, rows: int, size: int) -> None:
+    """A SPARSE_CSR level as TFLite writes it, or ValueError: one segment per row (rows + 1 offsets, from 0 to the
+    number of indices, never decreasing), every index in [0, size), and within a row increasing (no index twice).
+    numpy would otherwise wrap a negative index and keep the last of two values at one place: a silent wrong
+    weight."""
+    if len(segments) != rows + 1 or segments[0] != 0 or segments[-1] != len(where):
+        raise ValueError(f"a segment array of {len(segments)} offsets (from {segments[:1].tolist()} to "
+                         f"{segments[-1:].tolist()}) for {rows} rows and {len(where)} indices; expected {rows + 1}, "
+                         f"from 0 to {len(where)}")
+    if (np.diff(segments) < 0).any():
+        raise ValueError("a segment array that goes back")
+    if len(where) and (where.min() < 0 or where.max() >= size):
+        raise ValueError(f"indices from {where.min()} to {where.max()} in a dimension of {size}")
+    steps = np.diff(where)
+    first = segments[1:-1]  # where a row starts: the step into it is not within a row
+    within = np.ones(len(steps), bool)
+    within[first[(first > 0) & (first < len(where))] - 1] = False
+    if (steps[within] <= 0).any():
+        raise ValueError("indices within a row that repeat or go back")
+
+
 def dense_values(values: np.ndarray, shape: list[int], sparsity) -> np.ndarray:
     """The dense array of a sparse tensor: `values` (its stored non-zeros, in traversal order) put back at their
     places in an array of `shape`."""
@@ -75,27 +109,21 @@ def dense_values(values: np.ndarray, shape: list[int], sparsity) -> np.ndarray:
     rank = len(shape)
     if len(order) != len(meta) or len(order) != rank + len(block_map) or sorted(order) != list(range(len(order))):
         raise ValueError("inconsistent sparsity parameters")
+    sizes = _level_sizes(shape, order, block_map, meta)
     prev = np.zeros(1, np.int64)  # per entry so far: its position at this level (dense: flattened; CSR: index)
     indices: list[np.ndarray] = []
-    places = max(int(np.prod(shape, dtype=np.float64)), 1)
-    for level in meta:
+    for level, size in zip(meta, sizes):
         if level.format == DENSE:
-            size = int(level.denseSize)
-            if size < 0 or len(prev) * size > places:  # a level cannot visit more places than the tensor has
-                raise ValueError(f"a dense dimension of {size} in a tensor of shape {shape}")
+            if int(level.denseSize) != size:
+                raise ValueError(f"a dense dimension of {int(level.denseSize)} where the shape {shape} has {size}")
             indices = [np.repeat(i, size) for i in indices] + [np.tile(np.arange(size), len(prev))]
             prev = (prev[:, None] * size + np.arange(size)).ravel()
         else:
             segments, where = _vector(level.arraySegments), _vector(level.arrayIndices)
-            if len(prev) and (prev.max() + 1 >= len(segments)):
-                raise ValueError("a segment array shorter than its dimension")
+            _check_csr(segments, where, len(prev), size)
             starts, ends = segments[prev], segments[prev + 1]
-            counts = np.maximum(ends - starts, 0)
-            if counts.sum() > places:
-                raise ValueError(f"segments that list more values than a tensor of shape {shape} holds")
+            counts = ends - starts
             positions = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-            if positions.size and positions.max() >= len(where):
-                raise ValueError("an index array shorter than its segments say")
             indices = [np.repeat(i, counts) for i in indices] + [where[positions]]
             prev = positions
     if len(prev) != values.size:

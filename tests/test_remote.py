@@ -184,7 +184,7 @@ def test_interrupted_it_leaves_nothing_on_the_device(sshd):
     bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while not any((p / "int8.dense.tflite").is_file() for p in sshd["device"].iterdir()):
+    while not any((p / "uploads" / "int8.dense.tflite").is_file() for p in sshd["device"].iterdir()):
         assert bench.poll() is None and time.monotonic() < deadline, bench.communicate()
         time.sleep(0.05)
     time.sleep(1.0)  # the device's bench is running

@@ -106,3 +106,67 @@ def test_a_hostile_sparse_file_is_one_line_and_no_memory_bomb(tmp_path, change):
     done = run_module("runtime", "info", str(path), timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr
+
+
+# --- round three (issue 36): indices that numpy would have taken -----------------------------------------------
+
+def _negative_index(tensor):
+    """One index -3: numpy counts it from the end, and the file ran with scrambled weights (predict --raw, exit 0)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    level = tensor.sparsity.dimMetadata[1]
+    indices = schema.Int32VectorT()  # the converter wrote uint8 indices: a negative one needs int32
+    indices.values = np.array(level.arrayIndices.values, np.int32)
+    indices.values[0] = -3
+    level.arrayIndices, level.arrayIndicesType = indices, schema.SparseIndexVector.Int32Vector
+
+
+def _writable(tensor):
+    """The CSR level's indices and segments, as arrays the test may change."""
+    level = tensor.sparsity.dimMetadata[1]
+    level.arrayIndices.values = np.array(level.arrayIndices.values)  # a copy, of the type the file declares
+    level.arraySegments.values = np.array(level.arraySegments.values)
+    return level.arrayIndices.values, level.arraySegments.values
+
+
+def _repeated_index(tensor):
+    """A row's second index equal to its first: two values at one place, the first silently lost."""
+    indices, segments = _writable(tensor)
+    row = next(r for r in range(len(segments) - 1) if segments[r + 1] - segments[r] >= 2)
+    indices[segments[row] + 1] = indices[segments[row]]
+
+
+def _swapped_indices(tensor):
+    indices, segments = _writable(tensor)
+    row = next(r for r in range(len(segments) - 1) if segments[r + 1] - segments[r] >= 2)
+    a = segments[row]
+    indices[a], indices[a + 1] = indices[a + 1], indices[a]
+
+
+def _decreasing_segments(tensor):
+    segments = _writable(tensor)[1]
+    segments[1], segments[2] = segments[2], segments[1]
+
+
+@pytest.mark.parametrize("change", [_negative_index, _repeated_index, _swapped_indices, _decreasing_segments])
+def test_indices_and_segments_are_checked_for_range_order_and_repetition(tmp_path, change):
+    """The first three loaded before and ran with weights unlike the original's; now each is one line, exit 1,
+    from every command that reads it."""
+    from conftest import run_module
+
+    path = _hostile(tmp_path, change)
+    image = tmp_path / "x.npy"
+    np.save(image, np.zeros((1, 8, 8, 1), np.float32))
+    for command in (["info", str(path)], ["predict", "--raw", str(path), str(image), "--out", str(tmp_path / "o.npz")]):
+        done = run_module("runtime", *command, timeout=60)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "sparse tensors do not add up" in lines[0], done.stderr
+
+
+def test_the_checks_accept_every_sparse_tensor_the_converter_wrote():
+    """The converter's own files densify to their dense twins' weights (the checks refuse nothing it writes)."""
+    from runtime.sparse import densify
+
+    for key in ("float32", "int8"):
+        assert densify((FIXTURES / f"{key}.sparse.tflite").read_bytes())

@@ -13,11 +13,11 @@ its CPU); `cpu:N` is then refused, since the workers are the replicas.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from runtime.errors import EdgeKitError
+from runtime.limits import json_loads
 
 
 
@@ -59,7 +59,7 @@ def tf_config() -> dict:
     how = ('expected {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}} '
            "(MultiWorkerMirroredStrategy's format; a chief may be listed under \"chief\")")
     try:
-        config = json.loads(text)
+        config = json_loads(text)
     except (ValueError, RecursionError):
         raise EdgeKitError(f"TF_CONFIG is not JSON ({text[:40]!r}); {how}.") from None
     cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)

@@ -25,6 +25,7 @@ import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import atomic_write_text
+from runtime.limits import json_loads
 
 SUFFIX = ".checkpoint"
 STATE, CONFIG = "state.json", "config.json"
@@ -86,7 +87,7 @@ def read_state(directory: Path) -> list[dict]:
     try:
         if path.stat().st_size > MAX_STATE_BYTES:
             raise damaged(directory, f"{STATE} has {path.stat().st_size:,} bytes")
-        states = json.loads(path.read_text("utf-8"))["states"]
+        states = json_loads(path.read_text("utf-8"))["states"]
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -116,7 +117,7 @@ def prepare(directory: Path, config: dict, resume: bool, force: bool, chief: boo
         say(f"note: nothing to resume at {directory}; training from the start")
         return False
     try:
-        saved = json.loads((directory / CONFIG).read_text())
+        saved = json_loads((directory / CONFIG).read_text())
     except (OSError, ValueError, RecursionError) as exc:
         raise damaged(directory, f"{CONFIG} is unreadable ({type(exc).__name__})") from exc
     if not isinstance(saved, dict):

@@ -16,12 +16,12 @@ Hugging Face's `trust_remote_code`).
 
 from __future__ import annotations
 
-import json
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 from runtime.errors import ArtifactError, EdgeKitError, UntrustedModel, first_line
+from runtime.limits import json_loads
 from runtime.manifest import check_readable_file
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -56,7 +56,7 @@ def read_config(path: Path) -> dict:
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                return json.loads(archive.read("config.json"))
+                return json_loads(archive.read("config.json"))
         import h5py
 
         with h5py.File(path, "r") as handle:
@@ -64,7 +64,7 @@ def read_config(path: Path) -> dict:
             if raw is None:
                 raise EdgeKitError(f"{path} holds weights only (no model_config); expected a whole model saved "
                                    "with model.save().")
-            return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            return json_loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except EdgeKitError:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 from runtime.bench import REWARM_SECONDS, run_rounds_worker
 from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_json
+from runtime.limits import json_loads
 from runtime.progress import bar
 from runtime.report.rows import baseline
 from runtime.stats import median_interval
@@ -26,7 +27,7 @@ def _read_cache(path: Path, rebench: bool) -> dict:
     if rebench or not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = json_loads(path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}  # a damaged cache is only a cache: measure again
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("runs"), dict):

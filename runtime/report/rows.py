@@ -11,6 +11,7 @@ import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.formats import ALIASES, format_rank
+from runtime.limits import json_loads
 from runtime.manifest import MANIFEST, read_manifest
 from runtime.progress import bar
 
@@ -27,7 +28,7 @@ def artifacts(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str
                            "`python -m export`.")
     order = []
     try:
-        plan = json.loads((root / "pipeline.json").read_text("utf-8"))["plan"]
+        plan = json_loads((root / "pipeline.json").read_text("utf-8"))["plan"]
         order = [plan["model"], *(f"{plan['model']}-{v}" for v in plan["variants"])]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not a pipeline's directory, or its plan file is damaged: lineage order

@@ -8,9 +8,9 @@ search.json is read as untrusted data: anything but the expected shape is ignore
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from runtime.limits import json_loads
 from runtime.report.rows import label, points
 from runtime.text import markdown, public_url
 
@@ -35,7 +35,7 @@ def read(root: Path) -> tuple[dict | None, str | None]:
     try:
         if path.stat().st_size > MAX_BYTES:
             return None, f"it has {path.stat().st_size:,} bytes (at most {MAX_BYTES >> 20} MB expected)"
-        data = json.loads(path.read_text("utf-8"))
+        data = json_loads(path.read_text("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # truncated, not UTF-8, nested past Python's stack
         return None, f"it is not the JSON the search writes ({type(exc).__name__}: {str(exc)[:80]})"
     if not (isinstance(data, dict) and data.get("objective") in UNITS and isinstance(data.get("trials"), list)
