@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.errors import ConversionError, first_line
 from runtime.fsutil import held_output
+from runtime.progress import Ticking
 from train.backend import tf
 
 DEFAULT_OPSET = 17  # a current opset onnxruntime 1.31 runs fully
@@ -124,13 +125,21 @@ def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, s
                "percentile": CalibrationMethod.Percentile}
 
     class Reader(CalibrationDataReader):
-        def __init__(self, input_name):
+        def __init__(self, input_name, tick):
             self._items = iter({input_name: calibration[i:i + 1]} for i in range(len(calibration)))
+            self._tick, self._read = tick, 0
 
         def get_next(self):
-            return next(self._items, None)
+            item = next(self._items, None)
+            if item is not None:
+                self._read += 1
+                self._tick.note(f"calibrated on {self._read}/{len(calibration)} images")
+            return item
 
-    with tempfile.TemporaryDirectory() as tmp:
+    nodes = len((onnx.load(model, load_external_data=False) if isinstance(model, str) else model).graph.node)
+    # onnxruntime's quantizer takes time that grows with the square of the node count (its calibrator and QDQ pass
+    # search the whole graph for each tensor): seconds for a CNN, minutes for thousands of nodes (README, Trust)
+    with tempfile.TemporaryDirectory() as tmp, Ticking(f"onnx-int8: onnxruntime quantizing {nodes:,} nodes") as tick:
         target = os.path.join(tmp, "int8.onnx")
         try:
             if isinstance(model, str):
@@ -141,7 +150,7 @@ def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, s
                 quant_pre_process(source, prepared)
             input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(prepared, target, Reader(input_name), quant_format=QuantFormat.QDQ, per_channel=True,
+                quantize_static(prepared, target, Reader(input_name, tick), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=methods[method], nodes_to_exclude=list(exclude) or None,
                                 calibration_cache_path=cache,

@@ -22,7 +22,6 @@ TFLite files from an ONNX source are not made (see the README, "Models from PyTo
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -84,24 +83,44 @@ def is_onnx(path: Path) -> bool:
     return path.suffix.lower() == ".onnx"
 
 
+def _all_tensors(graph):
+    """Every tensor a graph holds, in its subgraphs too (an If's branches, a Loop's or Scan's body): initializers,
+    sparse initializers' values and indices, and the tensors of node attributes. Any of them may name external
+    data."""
+    for tensor in graph.initializer:
+        yield tensor
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(
+                    attribute.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_tensors(sub)
+
+
 def external_data(path: Path, proto) -> list[str]:
     """The external data files the graph names, each checked: a file inside the model's directory that holds
     every byte range the graph reads from it. Anything else is refused before onnx or onnxruntime opens it."""
     import onnx
 
-    directory = path.parent.resolve()
+    from runtime.onnx_proto import beside
+
     files: dict[str, int] = {}
-    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
+    for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entry = {e.key: e.value for e in tensor.external_data}
         location = entry.get("location", "")
-        target = (path.parent / location).resolve()
-        if not location or os.path.isabs(location) or ".." in Path(location).parts or \
-                not target.is_relative_to(directory):
+        try:
+            target = beside(path, location)
+        except ValueError:
             raise ArtifactError(f"{path} stores tensor {tensor.name!r} in {location!r}, outside the model's "
-                                "directory; external data must be a file beside the model. Refused.")
+                                "directory; external data must be a file beside the model. Refused.") from None
         if location not in files:
             if not target.is_file():
                 raise EdgeKitError(f"{path} stores its weights in {location}, which is not beside it; copy "
@@ -146,9 +165,13 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
     except NotAClassifier as exc:
         raise EdgeKitError(f"{exc} Export verifies classifiers only; `python -m runtime predict --raw` and "
                            "`bench` run any model.") from None
-    if runtime.input.dtype != "float32":
+    if runtime.input.dtype in ("int8", "uint8"):
         raise EdgeKitError(f"{path} takes {runtime.input.dtype} input: it is quantized already; export takes a "
                            "float model (the one it was quantized from).")
+    if runtime.input.dtype != "float32":
+        raise EdgeKitError(f"{path} takes {runtime.input.dtype} input; export takes an image classifier with "
+                           "float32 input (the pixels preprocessed). `python -m runtime predict --raw` and `bench` "
+                           "run any model.")
     h, w, c = runtime.input_shape
     dataset = load_dataset(dataset_name, data_dir, image_size=(h, w), channels=c)
     if runtime.num_classes != dataset.num_classes:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed
 from runtime.formats import format_of, format_rank
+from runtime.text import spreadsheet
 
 DEFAULT_SECONDS = 2.0
 DEFAULT_WARMUP = 10
@@ -414,7 +415,7 @@ def to_csv(results: list[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in results:
-        writer.writerow(flat(r))
+        writer.writerow({k: spreadsheet(v) for k, v in flat(r).items()})
     return buffer.getvalue()
 
 

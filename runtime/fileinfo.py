@@ -81,19 +81,14 @@ def _tflite(path: Path) -> dict:
 
 
 def _onnx(path: Path) -> dict:
-    import onnxruntime as ort
-
+    from runtime.onnx_backend import session as onnx_session
     from runtime.onnx_proto import ONNX_DTYPES, onnx_summary
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    session = onnx_session(path)  # its external data checked first
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         summary = onnx_summary(path.read_bytes())
     except ValueError as exc:
         raise ArtifactError(f"{path} is not a valid ONNX model ({exc}).") from exc
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}).") from exc
 
     def tensor(node) -> dict:
         shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]

@@ -3,29 +3,43 @@ file) through the compiled path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from runtime import tensors
 from runtime.errors import ArtifactError, first_line
 from runtime.model import Model, NotAClassifier
-from runtime.onnx_proto import ONNX_DTYPES, onnx_producers
+from runtime.onnx_proto import ONNX_DTYPES, external_files, onnx_producers
 from runtime.tensors import _F32, TensorInfo
+
+
+def session(path, threads: int | None = None):
+    """An onnxruntime CPU session of a file, its external data checked first (`onnx_proto.external_files`: files
+    beside the model, in subgraphs too), or ArtifactError in one line. Every ONNX file the runtime opens comes
+    through here."""
+    import onnxruntime as ort
+
+    try:
+        external_files(Path(path), Path(path).read_bytes())
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not a valid ONNX model ({exc}). Refused.") from exc
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path} ({exc.strerror}).") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}).") from exc
 
 
 class _ONNXModel(Model):
 
     def __init__(self, path, threads, sidecar, options=None):
-        import onnxruntime as ort
-
-        session = ort.SessionOptions()
-        if threads:
-            session.intra_op_num_threads = threads
-            session.inter_op_num_threads = 1
-        session.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(path), session, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}); export it again.") from exc
+        self._session = session(path, threads)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise NotAClassifier(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; "

@@ -5,6 +5,7 @@ against onnx's own parser."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 # onnxruntime's tensor type names as numpy dtype names
 ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -72,11 +73,55 @@ def _text(data: bytes, span) -> str:
     return bytes(data[span[0]:span[1]]).decode("utf-8", "replace") if isinstance(span, tuple) else ""
 
 
+# where tensors sit: GraphProto.initializer 5 and sparse_initializer 15, NodeProto.attribute 5; AttributeProto.t 5,
+# g 6 (a subgraph: If's branches, Loop's and Scan's body), tensors 10, graphs 11, sparse_tensor 22, sparse_tensors
+# 23; SparseTensorProto.values 1 and indices 2; TensorProto.external_data 13 (StringStringEntryProto: key 1, value 2)
+MAX_GRAPH_DEPTH = 32  # subgraphs within subgraphs: protobuf's own parser stops at 100 nested messages
+
+
+def _tensor_location(data: bytes, span) -> str | None:
+    for part, entry in _protobuf_fields(data, *span):
+        if part == 13 and entry is not None:
+            pair = dict(_protobuf_fields(data, *entry))
+            if pair.get(1) is not None and _text(data, pair[1]) == "location" and pair.get(2):
+                return _text(data, pair[2])
+    return None
+
+
+def _external_locations(data: bytes, graph, depth: int = 0) -> set[str]:
+    """The external data files named by any tensor of a GraphProto, in its subgraphs too, at any depth up to
+    MAX_GRAPH_DEPTH: an If's branch can name a file as well as the main graph's initializers."""
+    if depth > MAX_GRAPH_DEPTH:
+        raise ValueError(f"subgraphs nested deeper than {MAX_GRAPH_DEPTH}")
+    tensors, found = [], set()
+    for field, span in _protobuf_fields(data, *graph):
+        if span is None:
+            continue
+        if field == 5:
+            tensors.append(span)
+        elif field == 15:
+            tensors += [s for part, s in _protobuf_fields(data, *span) if part in (1, 2) and s is not None]
+        elif field == 1:
+            for part, attribute in _protobuf_fields(data, *span):
+                if part != 5 or attribute is None:
+                    continue
+                for kind, item in _protobuf_fields(data, *attribute):
+                    if item is None:
+                        continue
+                    if kind in (5, 10):
+                        tensors.append(item)
+                    elif kind in (22, 23):
+                        tensors += [s for p, s in _protobuf_fields(data, *item) if p in (1, 2) and s is not None]
+                    elif kind in (6, 11):
+                        found |= _external_locations(data, item, depth + 1)
+    return found | {name for span in tensors if (name := _tensor_location(data, span)) is not None}
+
+
 def onnx_summary(data: bytes) -> dict:
     """What an ONNX ModelProto says of itself: ir_version (1), producer_name (2) and producer_version (3), the
     default domain's opset (opset_import = 8: domain 1, version 2), the main graph's operator census (graph
-    = 7, node = 1, op_type = 4, domain = 7), and the files its initializers keep external data in (initializer
-    = 5, external_data = 13: key 1, value 2). Raises ValueError on a malformed file."""
+    = 7, node = 1, op_type = 4, domain = 7), and the files any of its tensors keep external data in, subgraphs
+    included (`_external_locations`). Raises ValueError on a malformed file."""
     summary = {"ir_version": None, "producer": "", "producer_version": "", "opsets": {}, "ops": Counter(),
                "external_data": set()}
     for field, value in _protobuf_fields(data, 0, len(data), values=True):
@@ -93,13 +138,8 @@ def onnx_summary(data: bytes) -> dict:
                     version = item
             summary["opsets"][domain or "ai.onnx"] = version
         elif field == 7 and isinstance(value, tuple):
+            summary["external_data"].update(_external_locations(data, value))
             for node_field, node in _protobuf_fields(data, *value):
-                if node_field == 5 and node is not None:  # an initializer: external_data (13) names its file
-                    for part, entry in _protobuf_fields(data, *node):
-                        if part == 13 and entry is not None:
-                            pair = dict(_protobuf_fields(data, *entry))
-                            if pair.get(1) is not None and _text(data, pair[1]) == "location" and pair.get(2):
-                                summary["external_data"].add(_text(data, pair[2]))
                 if node_field != 1 or node is None:
                     continue
                 op, domain = "", ""
@@ -112,3 +152,25 @@ def onnx_summary(data: bytes) -> dict:
     summary["ops"] = dict(summary["ops"])
     summary["external_data"] = sorted(summary["external_data"])
     return summary
+
+
+def beside(model: Path, location: str) -> Path:
+    """The file an external data `location` names, when it is a plain relative path inside the model's directory
+    (no absolute path, no '..', no link out of it); ValueError otherwise. The one rule for external data, here and
+    in export."""
+    directory = model.parent.resolve()
+    target = (model.parent / location).resolve() if location and "\0" not in location else None
+    if (target is None or Path(location).is_absolute() or ".." in Path(location).parts
+            or not target.is_relative_to(directory)):
+        raise ValueError(f"external data {location!r} outside the model's directory; external data must be a file "
+                         "beside the model")
+    return target
+
+
+def external_files(model: Path, data: bytes) -> list[Path]:
+    """The external data files any tensor of the model names (subgraphs included), each checked by `beside`.
+    Every tensor that names one carries the key "location": a file without the word has none."""
+    if b"location" not in data:
+        return []
+    summary = onnx_summary(data)
+    return [beside(model, name) for name in summary["external_data"]]

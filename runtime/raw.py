@@ -92,16 +92,14 @@ class RawModel:
         rng = np.random.default_rng(seed)
         feeds = {}
         for t in self.inputs:
-            shape, dtype = self.shapes[t.name], np.dtype(t.dtype)
+            shape, dtype = self.shapes[t.name], _numeric(t)
             if dtype.kind == "f":
                 feeds[t.name] = rng.standard_normal(shape).astype(dtype)
             elif dtype.kind in "iu":
                 info = np.iinfo(dtype)
                 feeds[t.name] = rng.integers(max(info.min, -128), min(info.max, 255) + 1, shape).astype(dtype)
-            elif dtype.kind == "b":
-                feeds[t.name] = rng.integers(0, 2, shape).astype(bool)
             else:
-                raise EdgeKitError(f"input {t.name!r} takes {t.dtype}; EdgeKit feeds numbers only.")
+                feeds[t.name] = rng.integers(0, 2, shape).astype(bool)
         return feeds
 
     def check(self, feeds: dict) -> dict[str, np.ndarray]:
@@ -114,7 +112,7 @@ class RawModel:
                                f"{'unknown ' + str(extra) if extra else ''}.")
         checked = {}
         for t in self.inputs:
-            x, dtype = np.asarray(feeds[t.name]), np.dtype(t.dtype)
+            x, dtype = np.asarray(feeds[t.name]), _numeric(t)
             if x.dtype != dtype:
                 if not (x.dtype.kind == "f" and dtype.kind == "f"):
                     raise EdgeKitError(f"input {t.name!r} takes {t.dtype}; got {x.dtype}. Convert it first.")
@@ -192,18 +190,10 @@ class _ONNXRaw(RawModel):
     backend = "onnx"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        import onnxruntime as ort
-
+        from runtime.onnx_backend import session
         from runtime.onnx_proto import ONNX_DTYPES
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}).") from exc
+        self._session = session(path, threads)
 
         def tensor(node):
             return Tensor(node.name, tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape),
@@ -222,6 +212,18 @@ class _ONNXRaw(RawModel):
     def invoker(self, feeds: dict):
         checked, run = self.check(feeds), self._session.run
         return lambda: run(None, checked)
+
+
+def _numeric(t: Tensor) -> np.dtype:
+    """The numpy dtype of a tensor EdgeKit can feed: numbers or booleans (an ONNX string tensor is neither)."""
+    try:
+        dtype = np.dtype(t.dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "fiub":
+        raise EdgeKitError(f"input {t.name!r} takes {t.dtype} values; EdgeKit feeds numbers and booleans only "
+                           "(.npy arrays of them).")
+    return dtype
 
 
 def load_raw(path: str | Path, threads: int | None = None, shapes: dict | None = None) -> RawModel:

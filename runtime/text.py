@@ -1,5 +1,6 @@
-"""Text that came from outside (a model file's labels, a labels file, search.json, a study database, a URL),
-made safe for where it is printed: a terminal, a Markdown report, or a line that names a storage URL.
+"""Text that came from outside (a model file's labels, a labels file, search.json, a study database, a URL, a
+device), made safe for where it is printed: a terminal, a Markdown report, a spreadsheet cell, or a line that names
+a storage URL.
 
 A label carrying `ESC ] 8 ;;` (an OSC hyperlink) or `ESC [ 2 J` (clear screen) would act on the user's
 terminal; a recipe of `# HEADING` or `![x](http://...)` would become a report's heading or a beacon image.
@@ -31,6 +32,22 @@ def markdown(text) -> str:
     """`text` as literal Markdown: controls escaped, every character Markdown or HTML gives meaning backslashed
     (so `# x` stays text, `![a](b)` is no image, `<script>` no tag), on one line."""
     return _MARKDOWN.sub(r"\\\1", terminal(unicodedata.normalize("NFC", str(text))))
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet(value):
+    """A CSV cell that a spreadsheet shows as text, never runs: a string starting with =, +, -, @, tab or CR gets
+    a leading ' (OWASP's CSV injection rule), unless it is a plain number ("-0.5"). Numbers, None and the rest pass
+    as they are."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
 
 
 def public_url(url: str) -> str:

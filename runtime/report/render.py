@@ -13,7 +13,7 @@ from runtime.fsutil import atomic_write_json, atomic_write_text
 from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label, slower_quantized
 from runtime.report.html import write_html
 from runtime.report.rows import label, points
-from runtime.text import markdown
+from runtime.text import markdown, spreadsheet
 from runtime.stats import ALPHA, CONFIDENCE
 
 CSV_COLUMNS = (
@@ -422,8 +422,8 @@ def _csv_value(key: str, value, root: Path):
     if isinstance(value, bool):
         return "true" if value else "false"
     if key in ("file", "artifact"):
-        return relative(value, root)
-    return value
+        return spreadsheet(relative(value, root))
+    return spreadsheet(value)
 
 
 def public(row: dict, root: Path) -> dict:
