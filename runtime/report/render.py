@@ -387,12 +387,7 @@ def write(root: Path, info: dict) -> None:
     """report.json, report.csv and report.md, each written atomically."""
     rows = info["rows"]
     atomic_write_json(root / "report.json", to_json(root, info))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: _csv_value(k, r.get(k), root) for k in CSV_COLUMNS})
-    atomic_write_text(root / "report.csv", buffer.getvalue())
+    atomic_write_text(root / "report.csv", to_csv(rows, root))
     verified = sum(r["status"] == "verified" for r in rows)
     md = [f"# EdgeKit report: {markdown(info['model'] or root.name)} on {markdown(info['dataset'] or '?')}", "",
           ]
@@ -416,6 +411,16 @@ def write(root: Path, info: dict) -> None:
         md += ["", f"Plots: {info['plots_missing']}"]
     atomic_write_text(root / "report.md", "\n".join(md) + "\n")
     write_html(root, info, recommendation, header_rows(info))
+
+
+def to_csv(rows: list[dict], root: Path) -> str:
+    """report.csv: one row per file, paths relative to the report, every cell a spreadsheet shows as text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _csv_value(k, r.get(k), root) for k in CSV_COLUMNS})
+    return buffer.getvalue()
 
 
 def _csv_value(key: str, value, root: Path):
