@@ -250,6 +250,9 @@ def connection_error(target: Target, returncode: int, stderr: str) -> DeviceErro
                            "--remote-python PATH (the venv where EdgeKit is installed).")
     if "no module named" in text:
         return DeviceError(f"EdgeKit is not installed for {py} on {name} ({reason}); {install}.")
+    if not stderr.strip():
+        return DeviceError(f"the session with {name} ended (exit {returncode}) before EdgeKit's agent there said "
+                           f"hello, and without a message; is {py} there the Python of EdgeKit {edgekit_version()}?")
     return DeviceError(f"ssh to {name} failed (exit {returncode}): {reason}.")
 
 

@@ -2,17 +2,20 @@
 
     python scripts/trust_table.py [--workdir DIR]
 
-Trains a tiny model on digits, exports it, then runs every command on the bad inputs of issues 10 and 25
+Trains a tiny model on digits, exports it, then runs every command on the bad inputs of issues 10, 25 and 36
 (code in model files, tampered artifacts, bad images and arrays, impossible options; unbounded counts, memory
-bombs, NaN models, storage passwords, escape sequences, crafted checkpoints, TF_CONFIG) and prints a
-Markdown table: input -> command -> exit code -> the one `error:` line. Takes about 3 minutes on
-2 cores. Nothing is downloaded.
+bombs, NaN models, storage passwords, escape sequences, crafted checkpoints, TF_CONFIG; round three: a hostile
+host talking to the device agent over its stdin, a hostile device played by a fake `ssh` on PATH, crafted sparse
+indices, ONNX external data in a subgraph, inputs EdgeKit does not feed) and prints a Markdown table: input ->
+command -> exit code -> the one `error:` line. Takes about 3 minutes on 2 cores. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
+import io
 import json
 import os
 import shutil
@@ -27,12 +30,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, prefix=()) -> tuple[int, str]:
-    """`python -m ARGS`, or with ARGS = ("@env", "NAME=value", python, "-m", ...) that command under env."""
+def run(*args, prefix=(), stdin: bytes | None = None, env: dict | None = None) -> tuple[int, str]:
+    """`python -m ARGS`, or with ARGS = ("@env", "NAME=value", python, "-m", ...) that command under env; `stdin`:
+    bytes for its standard input (the device agent's protocol)."""
     command = ["env", *map(str, args[1:])] if args and args[0] == "@env" else \
         [*prefix, sys.executable, "-m", *map(str, args)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "EDGEKIT_OFFLINE": "1"})
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, input=stdin, timeout=900,
+                          env={**os.environ, "EDGEKIT_OFFLINE": "1", **(env or {})})
+    done.stdout, done.stderr = (done.stdout or b"").decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+    if stdin is not None:  # the agent: its error is a protocol message on stdout
+        done.stderr += "".join(f"error: {m['error']} (kind {m['kind']})\n" for m in map(json.loads,
+                               done.stdout.splitlines()) if "error" in m)
     if "S3cretPW" in done.stdout + done.stderr:
         return done.returncode, "PASSWORD PRINTED"
     if "\x1b" in done.stdout:
@@ -239,9 +247,100 @@ def cases(w: Path) -> list[tuple[str, list]]:
          for what, command in round_two]
 
 
+def round_three(w: Path) -> list[tuple[str, str, int, str]]:
+    """Issue 36's cases: (input tried, command, exit code, message), each run as the tests run it."""
+    import hashlib
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import test_hostile_device as device
+    import test_sparse as sparse
+
+    rows = []
+    store, marker = w / "device", w / "imported"
+    store.mkdir(exist_ok=True)
+    model = (w / "art" / "model.int8.tflite").read_bytes()
+    evil = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n".encode()
+    spec = {**device.BENCH_SPEC, "paths": ["model.tflite"]}
+    for what, files in (("upload runtime/__init__.py, runtime/bench.py", {"runtime/__init__.py": evil,
+                                                                           "runtime/bench.py": evil}),
+                        ("upload json.py, argparse.py", {"json.py": evil, "argparse.py": evil})):
+        files = {"model.tflite": model, **files}
+        agent = device.Agent()
+        agent.write(device._request(files, store))
+        agent.read()
+        agent.write(device._run_line(["runtime.remote", "bench", json.dumps(spec)]))
+        done = agent.until("done")
+        code, _ = agent.end()
+        rows.append((f"{what}, then the bench job", "runtime.remote agent", code,
+                     f"job exit {done.get('done', {}).get('returncode')}; uploaded code imported: "
+                     f"{'YES' if marker.exists() else 'no'}; left on the device: {len(list(store.iterdir()))}"))
+    digest = hashlib.sha256(b"x").hexdigest()
+    stored = device._request({"model.tflite": model}, store)
+    for what, stdin in (
+            ("job runtime.bench (not EdgeKit's agent job)", stored + device._run_line(["runtime.bench", "{}"])),
+            ('`{"run":` + 200,000 `[` after the files', stored + b'{"run":' + b"[" * 200_000 + b"\n"),
+            ("a first line of 200,000 `[`", b"[" * 200_000 + b"\n"),
+            ("a file name with \\u0000", json.dumps({"files": [{"name": "a\u0000b", "size": 1, "sha256": digest}],
+                                                      "dir": str(store)}).encode() + b"\nx"),
+            ("files `a` then `a/b`", json.dumps({"files": [{"name": "a", "size": 1, "sha256": digest},
+                                                           {"name": "a/b", "size": 1, "sha256": digest}],
+                                                 "dir": str(store)}).encode() + b"\nxx"),
+            ('"dir": "/etc/hostname"', json.dumps({"files": [{"name": "a", "size": 1, "sha256": digest}],
+                                                   "dir": "/etc/hostname"}).encode() + b"\nx")):
+        code, message = run("runtime.remote", "agent", stdin=stdin)
+        rows.append((what, "runtime.remote agent", code, f"{message}; left: {len(list(store.iterdir()))}"))
+    # a hostile device: the fake ssh of the tests
+    fake = w / "fake-ssh"
+    fake.mkdir(exist_ok=True)
+    (fake / "ssh").write_text(device.FAKE_SSH.format(python=sys.executable, root=str(ROOT)))
+    (fake / "ssh").chmod(0o755)
+    bench = subprocess.run([sys.executable, "-m", "runtime", "bench", str(w / "art" / "model.int8.tflite"), "--runs",
+                            "3", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    fake_env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
+                "FAKE_ROW": json.dumps(json.loads(bench.stdout)["results"][0])}
+    formula = '=HYPERLINK("http://example.invalid/","x")'
+    for what, case, extra in (
+            ('a row with "size_bytes": 0', {"row": {"size_bytes": 0}}, []),
+            ('a row with "size_bytes": 1e308', {"row": {"size_bytes": 1e308}}, []),
+            ("a row whose model is a list", {"row": {"model": ["model.int8.tflite"]}}, []),
+            ('"done" with "stdout" an object', {"done": {"stdout": {"x": 1}}}, []),
+            ('"files" sent as a list (no longer read)', {"done": {"files": [1, 2]}}, []),
+            ("a hello nested 200,000 deep", {"hello_deep": 200_000}, []),
+            ("400 MiB on stderr, no newline (host's peak RSS)", {"stderr_mib": 400}, []),
+            (f"backend `{formula}` into --csv", {"row": {"backend": formula}}, ["--csv"])):
+        args = ["bench", str(w / "art" / "model.int8.tflite"), "--host", "pi@device", "--runs", "3", *extra]
+        env = {**fake_env, "FAKE_DEVICE": json.dumps(case)}
+        if "stderr_mib" in case:
+            code_text = ("import atexit, resource, runpy, sys\natexit.register(lambda: print('error: peak RSS', "
+                         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, 'MiB', file=sys.stderr))\n"
+                         f"sys.argv = ['runtime', *{args!r}]\nrunpy.run_module('runtime', run_name='__main__')\n")
+            code, message = run("@env", *[f"{k}={v}" for k, v in env.items()], sys.executable, "-c", code_text)
+        elif extra:
+            done = subprocess.run([sys.executable, "-m", "runtime", *args], cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, **env}, timeout=300)
+            cell = next(csv.DictReader(io.StringIO(done.stdout)))["backend"] if done.returncode == 0 else "-"
+            code, message = done.returncode, f"CSV cell: `{cell}`"
+        else:
+            code, message = run("runtime", *args, env=env)
+        rows.append((what, "runtime bench --host (fake ssh)", code, message))
+    # crafted files
+    for what, change in (("sparse CSR index -3", sparse._negative_index), ("sparse index repeated in a row",
+                                                                           sparse._repeated_index)):
+        path = sparse._hostile(w, change)
+        target = w / f"{change.__name__}.tflite"
+        path.rename(target)
+        rows.append((what, "runtime info", *run("runtime", "info", target)))
+    graph = device._classifier_with_an_if(w / "if.onnx", "/etc/passwd")
+    rows.append(("ONNX If branch with external data /etc/passwd", "export --onnx",
+                 *run("export", "--onnx", graph, "--dataset", "digits", "--out", w / "o20")))
+    rows.append(("the same file", "runtime info", *run("runtime", "info", graph)))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where to build the files (default: a temporary directory)")
+    parser.add_argument("--round", choices=("all", "3"), default="all", help="every round, or round three alone")
     args = parser.parse_args()
     w = Path(args.workdir or tempfile.mkdtemp(prefix="edgekit-trust-"))
     w.mkdir(parents=True, exist_ok=True)
@@ -251,13 +350,16 @@ def main() -> int:
     code, message = run("export", "--tflite", "--onnx", "--quantize", "int8", w / "art", "--quiet")
     assert code == 0, message
     print("| input tried | command | exit | message |\n|---|---|---|---|")
-    for what, command in cases(w):
+    for what, command in (cases(w) if args.round == "all" else []):
         prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--") \
             if "unreadable" in what and os.geteuid() == 0 else ()
         code, message = run(*command, prefix=prefix)
         shown = " ".join(str(a).replace(str(w) + "/", "") for a in
                          (command[:2] if command[0] != "@env" else ["TF_CONFIG=...", *command[4:5]]))
         print(f"| {what} | `{shown}` | {code} | {message.replace(str(w) + '/', '').replace('|', '/')} |", flush=True)
+    for what, shown, code, message in round_three(w):
+        message = message.replace(str(w) + "/", "").replace("|", "/")
+        print(f"| {what} | `{shown}` | {code} | {message} |", flush=True)
     marker = w / "pwned"
     print(f"\nfile created by model code: {'YES' if marker.exists() else 'no'}")
     return 0
