@@ -82,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep these Keras layers (comma-separated) float in an int8 file, written as the "
                                 "format int8-mixed (onnx-int8-mixed); 'auto': write plain int8 if it meets the "
                                 "budget, else keep the fewest most sensitive layers float until it does")
-    parser.add_argument("--dense", action="store_true",
-                        help="no sparse encoding: a pruned model's float32, dynamic and int8 files are otherwise "
-                             "written sparse when that makes them 1%% smaller (EdgeKit's runtime densifies them at "
-                             "load; other runtimes run them on their builtin kernels, or fail with XNNPACK)")
+    parser.add_argument("--sparse", action="store_true",
+                        help="a pruned model's float32, dynamic and int8 files in the converter's sparse encoding "
+                             "when that makes them 1%% smaller. Such a file needs EdgeKit's runtime on the device "
+                             "(it densifies them at load): bare LiteRT's XNNPACK refuses a sparse int8 or dynamic "
+                             "file, and its sidecar, info and the report say so. Default: dense files, which run "
+                             "in any LiteRT")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     foreign = parser.add_argument_group(
         "an .onnx source (PyTorch's torch.onnx.export, any exporter)",
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
-                     mean=args.mean, std=args.std, layout=args.layout, sparse=not args.dense,
+                     mean=args.mean, std=args.std, layout=args.layout, sparse=args.sparse,
                      max_ram=args.max_ram, max_flash=args.max_flash)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.format:<{width}} {f['size_bytes']:>10,} {f['gzip_bytes']:>10,} {ratio:>8} {f['max_abs_diff']:>9.2e} "
               f"{f['sqnr_db']:>8.1f} {f['agreement']:>7.2%} {f['accuracy']:>9.2%}  {status}")
     for r in results:
+        bare = r.figures.get("bare") if r.passed else None
+        if bare and not bare["passed"]:
+            print(f"{r.format}: needs EdgeKit's runtime on the device ({bare['reason']})")
         micro = r.figures.get("micro") if r.passed else None
         if micro:
             ref = micro["reference"]
@@ -174,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{micro['flash_bytes']:,} bytes, {micro['macs']:,} MACs per inference; operators "
                   f"{', '.join(micro['operators'])}; TFLM vs LiteRT's reference kernels: {ref['bit_equal_images']} of "
                   f"{ref['images']} images bit-equal{_differing(ref)}")
+    checked = [r for r in results if r.passed and (r.figures.get("bare") or {}).get("passed")]
+    if checked:
+        runtimes = "; ".join(dict.fromkeys(r.figures["bare"]["runtime"] for r in checked))
+        print(f"verified also as the user's own app runs them ({runtimes}; one image per call): "
+              f"{', '.join(r.format for r in checked)}")
     if results and results[0].figures:
         print(f"(accuracy on {results[0].figures['test_samples']} test images; "
               f"{results[0].figures.get('reference', 'Keras')}: {results[0].figures['keras_accuracy']:.2%})")

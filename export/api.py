@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import portable
 from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
@@ -179,15 +180,20 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
            calibration_method: str | None = None, dataset: str | None = None, data_dir=None,
            progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
            keep_float: list[str] | str | None = None, explain: bool = False, mean=None, std=None,
-           layout: str | None = None, sparse: bool = True, max_ram: int | None = None,
+           layout: str | None = None, sparse: bool = False, max_ram: int | None = None,
            max_flash: int | None = None) -> list[Result]:
     """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
 
     An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
     does, and exports to the ONNX formats only, onnx-float32 always (the report's baseline).
 
-    A pruned model's float32, dynamic and int8 files (a third or more of its kernel weights zero) are written with
-    the converter's sparse encoding when that makes them at least 1% smaller, unless not `sparse`.
+    Every TFLite and ONNX file is verified twice: in EdgeKit's runtime, and as the user's own app runs it (bare
+    LiteRT with its default options, a default onnxruntime session: export/portable.py); it fails if either
+    refuses it or answers outside the rule.
+
+    With `sparse`, a pruned model's float32, dynamic and int8 files (a third or more of its kernel weights zero)
+    are written with the converter's sparse encoding when that makes them at least 1% smaller: bare LiteRT's
+    XNNPACK refuses such an int8 or dynamic file, so its sidecar says it needs EdgeKit's runtime on the device.
 
     The `micro` format (export/micro.py) is held to `max_ram` (its tensor arena) and `max_flash` (its bytes).
 
@@ -239,7 +245,7 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-            trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=True,
+            trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=False,
             budgets=None) -> list[Result]:
     from export import convert
     from runtime.load import load
@@ -564,7 +570,18 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             record = {**(record or {}), "micro": micro_record}
         else:
             logits = model.logits(x_test, batch_size=VERIFY_BATCH)
-        figures, failure = verify(fmt, logits, reference, y_test, max_accuracy_drop, src.reference)
+
+        def judge(outputs):
+            return verify(fmt, outputs, reference, y_test, max_accuracy_drop, src.reference)
+
+        figures, failure = judge(logits)
+        bare = None
+        if fmt.key != "micro":  # where it runs: the user's own LiteRT or onnxruntime app (export/portable.py)
+            bare = portable.check(fmt, Path(tmp), model, x_test, logits, judge)
+            sparse = bool((record or {}).get("sparse_encoding"))
+            if not bare["passed"] and not sparse and not failure:
+                failure = (f"EdgeKit's runtime verifies it, but {bare['runtime']} does not: {bare['reason']}; "
+                           "a file must run where the user deploys it")
         figures["reference"] = src.reference
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if fmt.key == "int8" and src.kind in QUANTIZATION_AWARE:  # fully integer unless tfmot left layers float
@@ -601,9 +618,13 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         **(record or {}),
         "verification": {**figures, "passed": True, "runtime": "tflite-micro" if fmt.key == "micro" else
                          "ai-edge-litert" if fmt.backend == "tflite" else "onnxruntime"},
+        # the file in bare LiteRT (default options) or a default onnxruntime session; passed false: it needs
+        # EdgeKit's runtime on the device (a sparse file: runtime.manifest.needs_edgekit)
+        "bare": bare,
         "versions": library_versions(), "created": utc_now(),
     }
     atomic_write_json(out / fmt.sidecar, sidecar)
+    figures["bare"] = bare
     return Result(fmt.key, final, True, figures)
 
 

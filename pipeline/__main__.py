@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the board's RAM for the tensor arena (256KiB, 1MiB, bytes); implies --target micro")
     micro.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
                        help="the board's flash for the model; implies --target micro")
+    parser.add_argument("--runtime", choices=("litert", "edgekit"), default="litert",
+                        help="what runs the file on the device: litert (default), the user's own LiteRT or "
+                             "onnxruntime app, so every file is written to run there (dense); edgekit, EdgeKit's "
+                             "runtime installed there, so a pruned model's files are written sparse (smaller; it "
+                             "densifies them at load) and may be recommended")
     parser.add_argument("--objective", choices=("size", "gzip", "latency", "arena"),
                         help="what the report's recommendation answers first, and what the search minimizes: the "
                              "smallest file (size), the smallest download (gzip), the fastest at 1 thread "
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 objective=args.objective or ("arena" if args.target or args.max_ram or args.max_flash else
                                              "gzip" if args.search else "size"),
                 target=args.target or ("micro" if args.objective == "arena" else None), max_ram=args.max_ram,
-                max_flash=args.max_flash)
+                max_flash=args.max_flash, runtime=args.runtime)
     if args.search:
         from pipeline.run import Pipeline
         from pipeline.search import parse_techniques, run_search

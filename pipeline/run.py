@@ -28,8 +28,8 @@ from runtime.errors import EdgeKitError, unknown
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.fsutil import atomic_write_json, output_lock
 from runtime.limits import json_loads
-from runtime.manifest import (QUANTIZATION_AWARE, core_names, export_problem, model_sha256, read_manifest,
-                              utc_now, verify_files)
+from runtime.manifest import (QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
+                              read_manifest, read_sidecar, utc_now, verify_files)
 
 PLAN_FILE = "pipeline.json"
 
@@ -84,10 +84,13 @@ class Plan:
     target: str | None = None  # "micro": every variant also exported for TensorFlow Lite Micro, the report's answer
     max_ram: int | None = None  # a microcontroller's RAM for the tensor arena: micro files over it are marked
     max_flash: int | None = None  # and its flash
+    runtime: str = "litert"  # what runs the files on the device: the user's own LiteRT app, or EdgeKit's runtime
 
     def __post_init__(self):
         if self.target not in (None, "micro"):
             raise unknown("target", self.target, ["micro"])
+        if self.runtime not in ("litert", "edgekit"):
+            raise unknown("runtime", self.runtime, ["litert", "edgekit"])
         if self.max_ram is not None or self.max_flash is not None:
             self.target = "micro"  # a budget for a microcontroller asks for its files
         if self.quick:
@@ -133,6 +136,12 @@ class Plan:
             from runtime.manifest import check_out_apart
 
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
+
+    @property
+    def sparse(self) -> bool:
+        """A pruned model's files sparse-encoded (smaller): only for a device that runs EdgeKit's runtime (bare
+        LiteRT's XNNPACK refuses them), and not for a gzip objective (its zeros compress better dense)."""
+        return self.runtime == "edgekit" and self.objective != "gzip"
 
     def formats_for(self, variant: str) -> list[str]:
         allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].verb in ("qat", "pqat", "cqat") \
@@ -298,13 +307,13 @@ class Pipeline:
             if not formats:
                 return stage.skip("no format chosen applies")
             model_sha = model_sha256(manifest)
-            todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)]
+            todo = [f for f in formats if not self._export_valid(directory, manifest, f, model_sha)
+                    or self._needs_edgekit(directory, f)]
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
             progress = (lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None)
-            # a pruned model's files sparse (smaller), except for a gzip objective: its zeros compress better dense
             results = export(directory, todo, data_dir=self.plan.data_dir, max_accuracy_drop=self.plan.max_accuracy_drop,
-                             progress=progress, sparse=self.plan.objective != "gzip")
+                             progress=progress, sparse=self.plan.sparse)
             failed = [r for r in results if not r.passed]
             note = f"{len(results) - len(failed)}/{len(results)} verified" + (
                 f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")
@@ -323,6 +332,18 @@ class Pipeline:
             if failed:
                 return stage.fail(note + "; failed: " + "; ".join(r.message for r in failed))
             stage.done(note)
+
+    def _needs_edgekit(self, directory: Path, key: str) -> bool:
+        """A file written for a device with EdgeKit's runtime (sparse), where the plan's device has none: export it
+        again, dense."""
+        from export.formats import get_format
+
+        if self.plan.runtime == "edgekit":
+            return False
+        try:
+            return needs_edgekit(read_sidecar(directory / get_format(key).filename)) is not None
+        except EdgeKitError:
+            return False  # a damaged sidecar: _export_valid's check says so
 
     @staticmethod
     def _export_valid(directory: Path, manifest: dict, key: str, model_sha: str) -> bool:
@@ -350,7 +371,7 @@ class Pipeline:
             report = build(self.out, threads, plan.bench_seconds, plan.bench_runs, bench=plan.bench,
                            data_dir=plan.data_dir, progress=self.progress, budget=plan.max_accuracy_drop,
                            objective=plan.objective, device=device, max_ram=plan.max_ram,
-                           max_flash=plan.max_flash)
+                           max_flash=plan.max_flash, runtime=plan.runtime)
             verified = sum(r["status"] == "verified" for r in report["rows"])
             replaced = {r["artifact"] for r in report["rows"] if r["format"] == "int8-mixed" and r["status"] == "verified"}
             failed = [f"{r['variant']} {r['format']} ({r['reason']})" for r in report["rows"]

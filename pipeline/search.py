@@ -315,7 +315,7 @@ class Search:
                     return directory / record["file"]
             results = export(directory, [key], data_dir=self.plan.data_dir, max_accuracy_drop=100.0,
                              keep_float="auto" if fmt == "int8-mixed" else None, progress=lambda s: None,
-                             sparse=self.objective != "gzip")  # zeros compress better dense
+                             sparse=self.plan.runtime == "edgekit" and self.objective != "gzip")
         passed = [r for r in results if r.passed]
         if not passed:
             raise WorkFailed(f"{directory.name}: {fmt} failed: {results[0].message}")

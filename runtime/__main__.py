@@ -519,7 +519,7 @@ def _report(args) -> int:
         report = build(args.directory, threads, args.seconds, args.runs, bench=not args.no_bench,
                        rebench=args.rebench, data_dir=args.data_dir, progress=not args.quiet,
                        budget=args.max_accuracy_drop, rounds=rounds, objective=args.objective, device=session,
-                       max_ram=args.max_ram, max_flash=args.max_flash)
+                       max_ram=args.max_ram, max_flash=args.max_flash, runtime=args.runtime)
     verified = sum(r["status"] == "verified" for r in report["rows"])
     print(f"{verified} of {len(report['rows'])} files verified; baseline {report['baseline']}")
     for note in report["notes"]:
@@ -680,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the recommendation at the top answers: the smallest file (size, the default), the "
                              "smallest download (gzip), the fastest file at 1 thread (latency, as the search) or the "
                              "smallest tensor arena of a microcontroller file (arena); the others follow, one line each")
+    report.add_argument("--runtime", choices=("litert", "edgekit"), default="litert",
+                        help="what runs the file on the device: litert (default), the user's own LiteRT or "
+                             "onnxruntime app, where every recommended file was verified at export; edgekit, EdgeKit's "
+                             "runtime installed there, so files that need it (export --sparse) may be recommended")
     report.add_argument("--target", choices=("micro",),
                         help="micro: the recommendation is for a microcontroller, the micro file with the smallest "
                              "tensor arena within the budgets (same as --objective arena)")

@@ -121,11 +121,14 @@ def describe(path: str | Path) -> dict:
     info = {"path": str(path), "format": fmt, "size_bytes": size, "sha256": sha256_file(path),
             **(_tflite(path) if fmt == "tflite" else _onnx(path))}
     info["labels"] = packed_labels(path, None) if fmt == "tflite" else None
-    from runtime.manifest import sidecar_path
+    from runtime.manifest import needs_edgekit, sidecar_path
 
     info["sidecar"] = sidecar_path(path).name if sidecar_path(path).is_file() else None
     try:
         model = load(path)
+        bare = (model.sidecar or {}).get("bare")
+        info["deploy"] = {"needs_edgekit": needs_edgekit(model.sidecar),
+                          "verified_in": bare["runtime"] if isinstance(bare, dict) and bare.get("passed") else None}
         info["classifier"] = {"image_classifier": True, "layout": model.layout, "image": list(model.input_shape),
                               "classes": model.num_classes, "output": model.output_kind,
                               "preprocessing": model.preprocessing_source,
@@ -166,7 +169,13 @@ def show(info: dict) -> None:
               + (f", IR version {info['ir_version']}" if info.get("ir_version") else ""))
     if info.get("sparse_tensors"):
         print(f"sparse       {info['sparse_tensors']} weight tensors stored sparse (the converter's sparse encoding); "
-              "densified in memory when the runtime loads the file, so it runs as the dense file does")
+              "densified in memory when EdgeKit's runtime loads the file, so it runs as the dense file does")
+    deploy = info.get("deploy") or {}
+    if deploy.get("needs_edgekit") or (info.get("sparse_tensors") and not deploy.get("verified_in")):
+        print(f"deploy       needs EdgeKit's runtime on the device: "
+              f"{terminal(deploy.get('needs_edgekit') or 'bare LiteRT XNNPACK refuses sparse int8 and dynamic files')}")
+    elif deploy.get("verified_in"):
+        print(f"deploy       verified at export in {terminal(deploy['verified_in'])}, as the user's own app runs it")
     for data in info.get("external_data") or []:
         print(f"weights in   {terminal(data['file'])} ({data['bytes']:,} bytes, external data beside the file)")
     for kind in ("inputs", "outputs"):

@@ -382,6 +382,11 @@ def validate_sidecar(data, path: Path) -> dict:
     for key in ("format", "file"):
         if key in data and not isinstance(data[key], str):
             raise bad(f"has a {key!r} that is not a string")
+    bare = data.get("bare")
+    if bare is not None and not (isinstance(bare, dict) and isinstance(bare.get("passed"), bool)
+                                 and isinstance(bare.get("runtime", ""), str)
+                                 and (bare.get("reason") is None or isinstance(bare["reason"], str))):
+        raise bad("has a 'bare' record that is not {runtime, passed, reason}")
     stats = data.get("input_statistics")
     if stats is not None:
         records = [stats.get(key) for key in ("mean_intensity", "background") if key in stats or
@@ -391,6 +396,20 @@ def validate_sidecar(data, path: Path) -> dict:
                 for k in ("mean", "std", "p01", "p99")) for record in records):
             raise bad("has 'input_statistics' that are not mean, std, p01 and p99 intensities between 0 and 1")
     return data
+
+
+def needs_edgekit(sidecar: dict | None) -> str | None:
+    """Why a file needs EdgeKit's runtime on the device (bare LiteRT or onnxruntime refused it at export, or its
+    weights are sparse-encoded, which bare LiteRT's XNNPACK refuses), or None when it runs in the user's own
+    runtime. The one answer export, info, the report and the recommendation give."""
+    if not sidecar:
+        return None
+    bare = sidecar.get("bare")
+    if isinstance(bare, dict) and bare.get("passed") is False:
+        return str(bare.get("reason") or "bare LiteRT refused it at export")[:300]
+    if sidecar.get("sparse_encoding"):
+        return "its weights are sparse-encoded, which bare LiteRT's XNNPACK refuses (EdgeKit's runtime densifies them)"
+    return None
 
 
 def read_sidecar(model: str | Path, manifest: dict | None = None) -> dict | None:

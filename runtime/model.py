@@ -223,6 +223,17 @@ class Model(Feeding):
         probabilities for a model that ends in softmax (`output_kind`)."""
         return self._fetch(self._outputs(x, batch_size))
 
+    def input_tensors(self, x) -> np.ndarray:
+        """What the model's input tensor is fed for uint8 pixels or preprocessed float input (N, H, W, C): checked,
+        preprocessed, quantized for an integer input, laid out as the model takes it (channels first for NCHW).
+        Fed to a bare interpreter one row at a time, it gives this model's outputs: export's portable check."""
+        x, pixels = self._checked(x)
+        return self._tensor(self._feed(x, pixels))
+
+    def output_values(self, raw: np.ndarray) -> np.ndarray:
+        """The float values (`logits`' meaning) of the output tensor as an interpreter gives it (dequantized)."""
+        return self._fetch(np.asarray(raw))
+
     def graph(self) -> list:
         """The graph's structure without its weights' values (operators, shapes, dtypes), as JSON-able lists:
         files with equal structure run alike (the report lists them as one graph)."""

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -327,7 +328,7 @@ def round_three(w: Path) -> list[tuple[str, str, int, str]]:
     for what, change in (("sparse CSR index -3", sparse._negative_index), ("sparse index repeated in a row",
                                                                            sparse._repeated_index)):
         path = sparse._hostile(w, change)
-        target = w / f"{change.__name__}.tflite"
+        target = w / f"{change.__name__.strip('_')}.tflite"
         path.rename(target)
         rows.append((what, "runtime info", *run("runtime", "info", target)))
     graph = device._classifier_with_an_if(w / "if.onnx", "/etc/passwd")
@@ -359,6 +360,7 @@ def main() -> int:
         print(f"| {what} | `{shown}` | {code} | {message.replace(str(w) + '/', '').replace('|', '/')} |", flush=True)
     for what, shown, code, message in round_three(w):
         message = message.replace(str(w) + "/", "").replace("|", "/")
+        message = re.sub(r"(.)\1{19,}", lambda m: f"{m.group(1)}... ({len(m.group())} of them)", message)
         print(f"| {what} | `{shown}` | {code} | {message} |", flush=True)
     marker = w / "pwned"
     print(f"\nfile created by model code: {'YES' if marker.exists() else 'no'}")

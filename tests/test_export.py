@@ -4,6 +4,7 @@ dataset, an unwritable output directory, and a failed check leaving nothing behi
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,24 @@ def test_one_rule_fails_broken_and_untrained_models_and_passes_large_logits(kera
     figures, failure = verify(float32, large * (1 + 1e-6), large, y)
     assert failure == "" and figures["max_abs_diff"] > 1e-4 and figures["sqnr_db"] > 100
     assert "outputs differ" in verify(float32, large * 1.01, large, y)[1]
+
+
+def test_the_portable_check_runs_a_file_as_the_users_app_does():
+    """export/portable.py on real files: the dense int8 fixture answers in bare LiteRT (XNNPACK) exactly as in
+    EdgeKit's runtime; its sparse twin is refused by bare LiteRT, in LiteRT's own words."""
+    from export import portable
+
+    fixtures = Path(__file__).parent / "fixtures" / "sparse"
+    x = np.random.default_rng(0).random((40, 8, 8, 1), np.float32)
+    fmt = get_format("int8")
+    for name, portable_file in (("int8.dense.tflite", True), ("int8.sparse.tflite", False)):
+        model = load(fixtures / name)
+        logits = model.logits(x)
+        labels = logits.argmax(axis=1)
+        record = portable.check(fmt, fixtures / name, model, x, logits,
+                                lambda out: verify(fmt, out, logits, labels))
+        assert record["passed"] is portable_file and record["runtime"].startswith("ai-edge-litert"), record
+        if portable_file:
+            assert record["agreement"] == 1.0 and record["max_diff"] == 0.0 and record["reason"] is None
+        else:
+            assert "refuses it" in record["reason"] and "XNNPack" in record["reason"], record

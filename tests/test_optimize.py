@@ -212,19 +212,23 @@ def test_the_same_seed_gives_the_same_bits(tiny, pruned, clustered, tmp_path, ve
     assert first["metrics"]["accuracy"] == second["metrics"]["accuracy"]
 
 
-def test_a_pruned_models_files_are_sparse_smaller_and_run_as_the_dense_ones(pruned, digits, tmp_path):
-    """The converter's sparse encoding: smaller files, verified, that the runtime densifies at load into the dense
-    file's bits; LiteRT alone (XNNPACK, its default) refuses the sparse int8 file."""
+def test_a_pruned_models_files_are_dense_by_default_and_sparse_only_when_asked(pruned, digits, tmp_path):
+    """By default every file runs in bare LiteRT (XNNPACK, its default) and its sidecar says it was verified there.
+    With sparse=True (export --sparse): smaller files, verified, that EdgeKit's runtime densifies at load into the
+    dense file's bits; bare LiteRT refuses the sparse int8 file, and the sidecar, info and the report say that the
+    file needs EdgeKit's runtime."""
     from ai_edge_litert.interpreter import Interpreter
 
     from export import export
     from runtime.load import load
+    from runtime.manifest import needs_edgekit
     from runtime.sparse import sparse_tensors
 
     _, directory = pruned
     formats = ["float32", "int8"]
-    dense = {r.format: r for r in export(directory, formats, tmp_path / "dense", sparse=False, progress=lambda s: None)}
-    sparse = {r.format: r for r in export(directory, formats, tmp_path / "sparse", progress=lambda s: None)}
+    dense = {r.format: r for r in export(directory, formats, tmp_path / "dense", progress=lambda s: None)}
+    sparse = {r.format: r for r in export(directory, formats, tmp_path / "sparse", sparse=True,
+                                          progress=lambda s: None)}
     x, _ = digits.arrays("test")
     for fmt in formats:
         d, s = dense[fmt], sparse[fmt]
@@ -234,7 +238,13 @@ def test_a_pruned_models_files_are_sparse_smaller_and_run_as_the_dense_ones(prun
         assert np.array_equal(load(s.file).logits(x), load(d.file).logits(x))
         sidecar = json.loads(s.file.with_suffix(".json").read_text())
         assert sidecar["sparse_encoding"]["dense_bytes"] == d.file.stat().st_size
-        assert "sparse" in run_module("runtime", "info", str(s.file)).stdout
+        assert needs_edgekit(sidecar) and "needs EdgeKit's runtime" in run_module("runtime", "info", str(s.file)).stdout
+        dense_sidecar = json.loads(d.file.with_suffix(".json").read_text())
+        assert dense_sidecar["bare"]["passed"] and dense_sidecar["bare"]["agreement"] == 1.0
+        assert needs_edgekit(dense_sidecar) is None
+        interpreter = Interpreter(model_path=str(d.file))  # the user's own app: bare LiteRT takes the default file
+        interpreter.allocate_tensors()
+    assert sparse["int8"].figures["bare"]["passed"] is False and "refuses" in sparse["int8"].figures["bare"]["reason"]
     with pytest.raises((RuntimeError, ValueError)):
         interpreter = Interpreter(model_path=str(sparse["int8"].file))
         interpreter.allocate_tensors()

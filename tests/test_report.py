@@ -4,6 +4,7 @@ accuracy budget, ties, Pareto fronts and the recommendation, on rows whose figur
 import numpy as np
 import pytest
 
+from runtime.errors import EdgeKitError
 from runtime.report.decide import OBJECTIVES, Comparer, fronts, judge, recommend
 from runtime.stats import accuracy_interval, mcnemar, median_interval
 
@@ -243,3 +244,22 @@ def test_a_microcontroller_answer_is_the_smallest_arena_that_fits_every_budget()
     assert rec["choice"] is None and rec["closest"] is tiny
     judge([base, small, tiny], 1.0, max_flash=50_000)
     assert small["over_memory"] and not tiny["over_memory"]
+
+
+def test_a_file_that_needs_edgekits_runtime_is_recommended_only_for_a_device_that_runs_it():
+    """The default run's answer was a sparse file that plain LiteRT refuses (issue 37): for a device running the
+    user's own LiteRT app (the default) it is never a candidate; with --runtime edgekit it may be the answer."""
+    from runtime.report.decide import for_device
+
+    for runtime, expected in (("litert", "int8"), ("edgekit", "int8-sparse")):
+        base = _row("base", "float32", 400_000, 396)
+        dense = _row("pruned80", "int8", 100_000, 396)
+        sparse = {**_row("pruned80", "int8-sparse", 60_000, 396),
+                  "needs_edgekit": "its weights are sparse-encoded, which bare LiteRT's XNNPACK refuses"}
+        rows = [base, dense, sparse]
+        for_device(rows, runtime)
+        _, recs, _ = _decide(rows)
+        assert next(r for r in recs if r["objective"] == "size")["choice"]["format"] == expected, runtime
+        assert bool(sparse.get("excluded")) is (runtime == "litert") and not dense.get("excluded")
+    with pytest.raises(EdgeKitError, match="unknown runtime 'tflite'"):
+        for_device(rows, "tflite")

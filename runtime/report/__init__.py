@@ -24,7 +24,8 @@ from runtime.errors import EdgeKitError
 from runtime.limits import cores
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.manifest import utc_now
-from runtime.report.decide import CHOICES, DEFAULT_CHOICE, OBJECTIVES, Comparer, fronts, judge, recommend
+from runtime.report.decide import (CHOICES, DEFAULT_CHOICE, OBJECTIVES, RUNTIMES, Comparer, for_device, fronts, judge,
+                                   recommend)
 from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
 from runtime.bench import machine
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
@@ -32,17 +33,19 @@ from runtime.report.rows import collect, evaluate
 from runtime.report.search import PLOT as SEARCH_PLOT
 from runtime.report.search import section as search_section
 
-__all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "build"]
+__all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "RUNTIMES", "build"]
 
 
 def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0.5, runs: int | None = None,
           bench: bool = True, rebench: bool = False, data_dir=None, progress: bool = False,
           budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE,
-          device=None, max_ram: int | None = None, max_flash: int | None = None) -> dict:
+          device=None, max_ram: int | None = None, max_flash: int | None = None, runtime: str = "litert") -> dict:
     """Evaluate, judge, benchmark and write the report for every exported file under `root`; `objective` (size,
     gzip, latency) is what its recommendation answers first. `device`: an open `runtime.remote.Session`, where
     latency is measured instead of here. `max_ram`, `max_flash`: a microcontroller file whose tensor arena or bytes
-    exceed them is marked over RAM/flash and never recommended (`objective` "arena" recommends among them)."""
+    exceed them is marked over RAM/flash and never recommended (`objective` "arena" recommends among them).
+    `runtime`: what the device runs the file with, "litert" (the user's own LiteRT or onnxruntime app: a file that
+    needs EdgeKit's runtime is never recommended) or "edgekit" (EdgeKit's runtime is installed there)."""
     from runtime.report.plots import FIGURES, missing, plot
 
     budget = check_max_accuracy_drop(budget)
@@ -56,6 +59,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     threads = threads or sorted({1, cores()})
     rows = collect(root)
     evaluate(rows, data_dir, progress)
+    for_device(rows, runtime)
     base = judge(rows, budget, max_ram, max_flash)
     where = {**device.info, "host": device.target.name} if device else machine()
     settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress, device) if bench else None

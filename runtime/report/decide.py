@@ -52,6 +52,24 @@ OBJECTIVES = (
 )
 
 
+# what runs the file on the device (`--runtime`)
+RUNTIMES = {"litert": "the user's own LiteRT or onnxruntime app (default): every file recommended runs there",
+            "edgekit": "EdgeKit's runtime is installed on the device: files that need it (sparse) may be "
+                       "recommended"}
+
+
+def for_device(rows: list[dict], runtime: str) -> None:
+    """Mark `excluded` (never a candidate) each file the device cannot run: one that needs EdgeKit's runtime
+    (`needs_edgekit`, from its sidecar) when the device runs the user's own LiteRT or onnxruntime app."""
+    from runtime.errors import unknown
+
+    if runtime not in RUNTIMES:
+        raise unknown("runtime", runtime, RUNTIMES)
+    for row in rows:
+        if row.get("needs_edgekit") and runtime != "edgekit":
+            row["excluded"] = row["needs_edgekit"]
+
+
 def judge(rows: list[dict], budget: float, max_ram: int | None = None, max_flash: int | None = None) -> dict | None:
     """Each evaluated row's interval, change against the baseline with its significance, and whether it is
     over the budget (accuracy) or, a microcontroller file, over `max_ram` (its arena) or `max_flash` (its bytes):
@@ -131,9 +149,10 @@ def slower_quantized(row: dict, tag: str) -> bool:
 
 def candidates(rows: list[dict], objective: Objective) -> list[dict]:
     """Evaluated files within the budget that have the objective's cost (for latency, no quantized file slower
-    than the baseline)."""
+    than the baseline), and not `excluded` (a file that needs EdgeKit's runtime, for a device without it)."""
     return [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None
-            and not r.get("over_budget") and not r.get("over_memory") and r.get(objective.cost) is not None
+            and not r.get("over_budget") and not r.get("over_memory") and not r.get("excluded")
+            and r.get(objective.cost) is not None
             and not (objective.tag and slower_quantized(r, objective.tag))]
 
 

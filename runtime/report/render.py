@@ -23,7 +23,7 @@ CSV_COLUMNS = (
     "speedup_1t", "vs_baseline_1t", "threads_all", "latency_median_ms_all", "latency_low_ms_all",
     "latency_high_ms_all", "latency_p90_ms_all", "speedup_all", "vs_baseline_all", "pareto_size", "pareto_gzip",
     "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact", "macs", "arena_bytes", "flash_bytes",
-    "over_memory", "pareto_arena")
+    "over_memory", "pareto_arena", "needs_edgekit")
 
 
 # --- figures as text ---------------------------------------------------------------------------------
@@ -286,10 +286,15 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
         out.append(f"Clustering pays in gzip only: a clustered file stores every weight at full width, so it is as "
                    f"large as its parent's ({label(c)} {kib(c['size_bytes'])}, {label(b)} {kib(b['size_bytes'])}); "
                    f"gzip finds its repeated values ({kib(c['gzip_bytes'])} against {kib(b['gzip_bytes'])} gzip).")
+    excluded = [label(r) for r in rows if r.get("excluded")]
+    if excluded:
+        out.append(f"Needs EdgeKit's runtime on the device (bare LiteRT or onnxruntime refused it at export; never "
+                   f"recommended unless `--runtime edgekit` says the device runs EdgeKit): {', '.join(excluded)}.")
     sparse = [r for r in rows if (r.get("sparse_encoding") or {}).get("dense_bytes")]
     if sparse:
-        out.append("Sparse encoding (the converter's, for pruned weights; densified when the runtime loads the file, "
-                   "so it runs as fast as the dense one): " + ", ".join(
+        out.append("Sparse encoding (`export --sparse`, the converter's, for pruned weights; EdgeKit's runtime "
+                   "densifies it at load, so it runs as fast as the dense one there, and bare LiteRT's XNNPACK "
+                   "refuses an int8 or dynamic one): " + ", ".join(
                        f"{label(r)} {kib(r['size_bytes'])} instead of {kib(r['sparse_encoding']['dense_bytes'])}"
                        for r in sparse) + ". Its gzip may be larger than the dense file's, whose zeros compress: "
                    "`--objective gzip` writes pruned files dense.")
@@ -340,7 +345,7 @@ def markdown_table(rows: list[dict]) -> str:
                  speed, "-" if r.get("macs") is None else f"{r['macs'] / 1e6:,.2f} M",
                  _cell(r.get("arena_bytes"), "kib"), fronts,
                  "**over**" if r.get("over_budget") else "**over RAM/flash**" if r.get("over_memory") else
-                 ("within" if "over_budget" in r else "-"),
+                 "**needs EdgeKit**" if r.get("excluded") else ("within" if "over_budget" in r else "-"),
                  "verified" if r["status"] == "verified" else f"failed: {markdown(r['reason'])}"]
         lines.append("| " + " | ".join(str(cells[i]).replace("|", "/") for i in keep) + " |")
     return "\n".join(lines)

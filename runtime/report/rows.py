@@ -12,7 +12,7 @@ import numpy as np
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.formats import ALIASES, format_rank
 from runtime.limits import json_loads
-from runtime.manifest import MANIFEST, read_manifest
+from runtime.manifest import MANIFEST, needs_edgekit, read_manifest
 from runtime.progress import bar
 
 
@@ -134,6 +134,7 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
                    _correct=correct, _predicted=predicted, _images=key,
                    gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
         row.update(_micro_fields(Path(row["file"]), model.sidecar or {}))
+        row["needs_edgekit"] = needs_edgekit(model.sidecar)
         encoding = (model.sidecar or {}).get("sparse_encoding")
         if isinstance(encoding, dict) and type(encoding.get("dense_bytes")) is int and encoding["dense_bytes"] > 0:
             row["sparse_encoding"] = {"dense_bytes": encoding["dense_bytes"]}
