@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    keep_float=keep_float, explain=args.explain)  # before TensorFlow loads
     results = export(args.source, keys, args.out, calibration_samples=args.calibration_samples,
                      opset=args.opset, calibration_method=args.calibration_method, dataset=args.dataset,
-                     data_dir=args.data_dir, progress=(lambda s: None) if args.quiet else
+                     data_dir=args.data_dir, progress=None if args.quiet else
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
                      mean=args.mean, std=args.std, layout=args.layout, sparse=args.sparse,

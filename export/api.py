@@ -197,6 +197,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
 
     The `micro` format (export/micro.py) is held to `max_ram` (its tensor arena) and `max_flash` (its bytes).
 
+    `progress`: where each step's line goes (None: nowhere, and no live line for a long step either).
+
     The artifact's files are checked against its manifest first (ArtifactError, exit 1), and a
     model that needs code to load is refused unless `trust`. Every format is attempted; each
     failure (a converter's refusal, a failed check) is returned in its Result, not raised.
@@ -219,9 +221,13 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     else:
         check_out_apart(out, [path])
     with output_lock(out):
-        return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
-                       trust, float(max_accuracy_drop), keep_float, explain, options, sparse,
-                       {"ram": max_ram, "flash": max_flash})
+        return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir,
+                       progress or _silent, trust, float(max_accuracy_drop), keep_float, explain, options, sparse,
+                       {"ram": max_ram, "flash": max_flash}, ticking=progress is not None)
+
+
+def _silent(message: str) -> None:
+    del message
 
 
 def _source_options(path: Path, fmts, opset, mean, std, layout):
@@ -246,7 +252,7 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
             trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=False,
-            budgets=None) -> list[Result]:
+            budgets=None, ticking: bool = False) -> list[Result]:
     from export import convert
     from runtime.load import load
 
@@ -323,7 +329,7 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                     onnx_proto = _onnx_float(src, opset)
                 data = (onnx_proto.SerializeToString() if fmt.key == "onnx-float32" else
                         convert.onnx_int8(onnx_proto, src.onnx_input(calibration), calibration_method or "minmax",
-                                          _metadata(src)))
+                                          _metadata(src), ticking=ticking))
                 record = src.made
             _check_file(fmt, data)
             if large:

@@ -109,12 +109,13 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
 
 
 def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, str], exclude=(),
-              cache: str | None = None) -> bytes:
+              cache: str | None = None, ticking: bool = False) -> bytes:
     """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations.
 
     `model`: a float ModelProto, or the path of one already through `quant_pre_process`. `exclude`: graph nodes
     left float (`nodes_to_exclude`). `cache`: a file for onnxruntime's calibration cache, so that quantizing the
-    same model again (other nodes excluded) does not calibrate again.
+    same model again (other nodes excluded) does not calibrate again. `ticking`: show the step alive on stderr
+    when it runs past 5 s (runtime.progress.Ticking).
     """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -139,7 +140,8 @@ def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, s
     nodes = len((onnx.load(model, load_external_data=False) if isinstance(model, str) else model).graph.node)
     # onnxruntime's quantizer takes time that grows with the square of the node count (its calibrator and QDQ pass
     # search the whole graph for each tensor): seconds for a CNN, minutes for thousands of nodes (README, Trust)
-    with tempfile.TemporaryDirectory() as tmp, Ticking(f"onnx-int8: onnxruntime quantizing {nodes:,} nodes") as tick:
+    with tempfile.TemporaryDirectory() as tmp, \
+            Ticking(f"onnx-int8: onnxruntime quantizing {nodes:,} nodes", enabled=ticking) as tick:
         target = os.path.join(tmp, "int8.onnx")
         try:
             if isinstance(model, str):

@@ -311,7 +311,7 @@ class Pipeline:
                     or self._needs_edgekit(directory, f)]
             if not todo:
                 return stage.skip(f"{len(formats)} verified")
-            progress = (lambda m: self.say(f"      {m}")) if self.verbose else (lambda m: None)
+            progress = (lambda m: self.say(f"      {m}")) if self.verbose else None
             results = export(directory, todo, data_dir=self.plan.data_dir, max_accuracy_drop=self.plan.max_accuracy_drop,
                              progress=progress, sparse=self.plan.sparse)
             failed = [r for r in results if not r.passed]

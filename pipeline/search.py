@@ -314,7 +314,7 @@ class Search:
                 if record.get("passed") and record.get("file") and (directory / record["file"]).is_file():
                     return directory / record["file"]
             results = export(directory, [key], data_dir=self.plan.data_dir, max_accuracy_drop=100.0,
-                             keep_float="auto" if fmt == "int8-mixed" else None, progress=lambda s: None,
+                             keep_float="auto" if fmt == "int8-mixed" else None, progress=None,
                              sparse=self.plan.runtime == "edgekit" and self.objective != "gzip")
         passed = [r for r in results if r.passed]
         if not passed:

@@ -19,20 +19,22 @@ def bar(iterable, total: int | None = None, desc: str = "", enabled: bool = True
 class Ticking:
     """A step that cannot report its own progress (onnxruntime's quantizer, one call of minutes on a large graph),
     shown alive: `desc`, a note the step may set (`note`), and the time elapsed, redrawn every second on stderr.
-    Nothing appears for a step shorter than `delay` seconds; without tqdm, nothing at all.
+    Nothing appears for a step shorter than `delay` seconds; when not `enabled` or without tqdm, nothing at all.
 
         with Ticking("onnx-int8: quantizing 10,002 nodes in onnxruntime") as tick:
             ...; tick.note("calibration 120/300"); ...
     """
 
-    def __init__(self, desc: str, delay: float = 5.0):
-        self.desc, self.delay = desc, delay
+    def __init__(self, desc: str, delay: float = 5.0, enabled: bool = True):
+        self.desc, self.delay, self.enabled = desc, delay, enabled
         self._bar = None
         self._stop = None
 
     def __enter__(self) -> "Ticking":
         import threading
 
+        if not self.enabled:
+            return self
         try:
             from tqdm import tqdm
         except ImportError:

@@ -263,3 +263,23 @@ def test_a_file_that_needs_edgekits_runtime_is_recommended_only_for_a_device_tha
         assert bool(sparse.get("excluded")) is (runtime == "litert") and not dense.get("excluded")
     with pytest.raises(EdgeKitError, match="unknown runtime 'tflite'"):
         for_device(rows, "tflite")
+
+
+def test_targets_stay_apart():
+    """A run directory with micro files from an earlier `--target micro` run answered a Pi with "Ship base micro"
+    (issue 37): a Pi's answer never names a micro file, a board's answer names nothing else."""
+    from runtime.report.decide import for_device
+
+    def rows():
+        base, int8 = _row("base", "float32", 400_000, 396), _row("base", "int8", 100_000, 396)
+        micro = {**_row("base", "micro", 90_000, 396), "arena_bytes": 20_000, "flash_bytes": 90_000}
+        return [base, int8, micro]
+
+    for objective, expected in (("size", "int8"), ("gzip", "int8"), ("arena", "micro")):
+        table = rows()
+        for_device(table, "litert", objective)
+        _, recs, _ = _decide(table)
+        shipped = {r["objective"]: r["choice"]["format"] for r in recs if r["choice"] is not None}
+        key = "arena" if objective == "arena" else objective
+        assert shipped[key] == expected, (objective, shipped)
+        assert all(f == "micro" for f in shipped.values()) is (objective == "arena"), shipped

@@ -59,7 +59,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     threads = threads or sorted({1, cores()})
     rows = collect(root)
     evaluate(rows, data_dir, progress)
-    for_device(rows, runtime)
+    for_device(rows, runtime, objective)
     base = judge(rows, budget, max_ram, max_flash)
     where = {**device.info, "host": device.target.name} if device else machine()
     settings = benchmark(rows, root, threads, seconds, runs, rounds, rebench, progress, device) if bench else None

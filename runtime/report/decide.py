@@ -58,16 +58,26 @@ RUNTIMES = {"litert": "the user's own LiteRT or onnxruntime app (default): every
                        "recommended"}
 
 
-def for_device(rows: list[dict], runtime: str) -> None:
-    """Mark `excluded` (never a candidate) each file the device cannot run: one that needs EdgeKit's runtime
-    (`needs_edgekit`, from its sidecar) when the device runs the user's own LiteRT or onnxruntime app."""
+EXCLUDED = {"edgekit": "needs EdgeKit", "micro": "for a microcontroller", "not micro": "not for a microcontroller"}
+
+
+def for_device(rows: list[dict], runtime: str, objective: str = DEFAULT_CHOICE) -> None:
+    """Mark `excluded` (never a candidate; EXCLUDED says why) each file the target does not run: one that needs
+    EdgeKit's runtime (`needs_edgekit`, from its sidecar) when the device runs the user's own LiteRT or onnxruntime
+    app; a microcontroller file (format micro, run by TFLM) unless the answer is for a board (objective arena,
+    which `--target micro` means), and every other file when it is. Targets stay apart: a run directory that
+    holds both kinds (a --target micro run, then a plain one) never answers for a Pi with a firmware's file."""
     from runtime.errors import unknown
 
     if runtime not in RUNTIMES:
         raise unknown("runtime", runtime, RUNTIMES)
+    board = objective == "arena"
     for row in rows:
-        if row.get("needs_edgekit") and runtime != "edgekit":
-            row["excluded"] = row["needs_edgekit"]
+        micro = row.get("format") == "micro"
+        if micro != board:
+            row["excluded"] = EXCLUDED["not micro" if board else "micro"]
+        elif row.get("needs_edgekit") and runtime != "edgekit":
+            row["excluded"] = EXCLUDED["edgekit"]
 
 
 def judge(rows: list[dict], budget: float, max_ram: int | None = None, max_flash: int | None = None) -> dict | None:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
-from runtime.report.decide import OBJECTIVES, SIZE_TIE, group_label, slower_quantized
+from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, group_label, slower_quantized
 from runtime.report.html import write_html
 from runtime.report.rows import label, points
 from runtime.text import markdown, spreadsheet
@@ -286,7 +286,7 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
         out.append(f"Clustering pays in gzip only: a clustered file stores every weight at full width, so it is as "
                    f"large as its parent's ({label(c)} {kib(c['size_bytes'])}, {label(b)} {kib(b['size_bytes'])}); "
                    f"gzip finds its repeated values ({kib(c['gzip_bytes'])} against {kib(b['gzip_bytes'])} gzip).")
-    excluded = [label(r) for r in rows if r.get("excluded")]
+    excluded = [label(r) for r in rows if r.get("excluded") == EXCLUDED["edgekit"]]
     if excluded:
         out.append(f"Needs EdgeKit's runtime on the device (bare LiteRT or onnxruntime refused it at export; never "
                    f"recommended unless `--runtime edgekit` says the device runs EdgeKit): {', '.join(excluded)}.")
@@ -345,7 +345,7 @@ def markdown_table(rows: list[dict]) -> str:
                  speed, "-" if r.get("macs") is None else f"{r['macs'] / 1e6:,.2f} M",
                  _cell(r.get("arena_bytes"), "kib"), fronts,
                  "**over**" if r.get("over_budget") else "**over RAM/flash**" if r.get("over_memory") else
-                 "**needs EdgeKit**" if r.get("excluded") else ("within" if "over_budget" in r else "-"),
+                 f"**{r['excluded']}**" if r.get("excluded") else ("within" if "over_budget" in r else "-"),
                  "verified" if r["status"] == "verified" else f"failed: {markdown(r['reason'])}"]
         lines.append("| " + " | ".join(str(cells[i]).replace("|", "/") for i in keep) + " |")
     return "\n".join(lines)
