@@ -572,7 +572,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         if fmt.key == "micro":  # TFLM computes the outputs that are verified; LiteRT's reference kernels check them
             from export.micro import check
 
-            logits, micro_record, sources = check(tmp, data, model, x_test, budgets or {})
+            logits, micro_record, sources = check(tmp, data, model, x_test, budgets or {},
+                                                  src.dataset.preprocessing, list(src.dataset.labels), src.output_kind)
             record = {**(record or {}), "micro": micro_record}
         else:
             logits = model.logits(x_test, batch_size=VERIFY_BATCH)

@@ -29,8 +29,11 @@ MAX_LSB = 1
 EXAMINED = 64  # differing images run again tensor by tensor (two interpreters, each keeping every tensor)
 
 
-def check(path, data: bytes, model, x_test, budgets: dict) -> tuple[np.ndarray, dict, dict]:
-    """(TFLM's outputs as float, the sidecar's `micro` record, {file name: C source}) of a micro file."""
+def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels: list[str],
+          output_kind: str) -> tuple[np.ndarray, dict, dict]:
+    """(TFLM's outputs as float, the sidecar's `micro` record, {file name: C source}) of a micro file; the header
+    carries the model's contract (`preprocessing`, `labels`, `output_kind`: export/firmware.py)."""
+    from export import firmware
     from runtime import micro
 
     ops = micro.operators(data)
@@ -68,7 +71,8 @@ def check(path, data: bytes, model, x_test, budgets: dict) -> tuple[np.ndarray, 
                                 f"steps (on {len(differing)} of {len(raw)} images, first in "
                                 f"{', '.join(where) or 'the output'}); at most {MAX_LSB} is rounding, more is a "
                                 "different computation.")
-    cc, h = micro.c_sources(data, arena=arena, ops=ops)
+    constants = firmware.contract(model, preprocessing, labels, output_kind, "g_model")
+    cc, h = firmware.c_sources(data, ops, arena, constants)
     return model._fetch(raw), record, {"model.micro.cc": cc, "model.micro.h": h}
 
 

@@ -113,6 +113,57 @@ def test_the_c_array_compiles_and_is_the_file_byte_for_byte(micro_artifact, tmp_
     assert f"MicroMutableOpResolver<{len(ops)}>" in header and "resolver.AddConv2D()" in header
 
 
+def test_the_header_alone_turns_pixels_into_the_input_tensor_and_names_the_classes(micro_artifact, digits, tmp_path):
+    """A firmware needs nothing but model.micro.h (issue 37): from its constants alone, a C++ program turns each
+    test image's pixels into exactly the int8 input tensor EdgeKit's runtime feeds (every value of 40 images), and
+    reads the labels, the output's scale and zero point and whether it is probabilities."""
+    from runtime.load import load
+
+    artifact, _ = micro_artifact
+    images = digits.x_test[:40]
+    (tmp_path / "pixels.bin").write_bytes(images.tobytes())
+    (tmp_path / "main.cc").write_text(
+        '#include <cmath>\n#include <cstdio>\n#include <cstdint>\n#include "model.micro.h"\n'
+        "int main(int argc, char** argv) {\n"
+        "  const int h = g_model_input_dims[1], w = g_model_input_dims[2], c = g_model_input_dims[3];\n"
+        '  FILE* in = std::fopen(argv[1], "rb");\n'
+        "  unsigned char p;\n"
+        "  for (long i = 0; std::fread(&p, 1, 1, in) == 1; ++i) {\n"
+        "    const int channel = i % c;\n"
+        "    const float x = (p * g_model_pixel_scale - g_model_mean[channel]) / g_model_std[channel];\n"
+        "    long q = std::lround(x / g_model_input_scale) + g_model_input_zero_point;\n"
+        "    q = q < -128 ? -128 : q > 127 ? 127 : q;\n"
+        "    std::fwrite(&q, 1, 1, stdout);\n"  # little-endian: the low byte is the int8
+        "  }\n"
+        '  std::fprintf(stderr, "%s %d %d %s %d %g %d %s", g_model_input_layout, h * w * c, g_model_num_classes,\n'
+        "               g_model_labels[3], g_model_output_is_probabilities, g_model_output_scale,\n"
+        "               g_model_output_zero_point, argc > 2 ? argv[2] : \"\");\n"
+        "  return 0;\n"
+        "}\n")
+    program = tmp_path / "quantize"
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(artifact), str(tmp_path / "main.cc"),
+                    str(artifact / "model.micro.cc"), "-o", str(program)], check=True)
+    done = subprocess.run([str(program), str(tmp_path / "pixels.bin")], capture_output=True, check=True)
+    model = load(artifact / "model.micro.tflite")
+    expected = model.input_tensors(images)
+    assert np.array_equal(np.frombuffer(done.stdout, np.int8).reshape(expected.shape), expected)
+    layout, size, classes, label, probabilities, scale, zero = done.stderr.decode().split()
+    sidecar = json.loads((artifact / "model.micro.json").read_text())
+    assert (layout, int(size), int(classes), label) == ("NHWC", 28 * 28, 10, sidecar["labels"][3])
+    assert bool(int(probabilities)) == (sidecar["output"]["kind"] == "probabilities")
+    assert float(scale) == pytest.approx(sidecar["output"]["scale"], rel=1e-6)
+    assert int(zero) == sidecar["output"]["zero_point"]
+
+
+def test_labels_become_c_strings_that_cannot_escape_them():
+    from export.firmware import c_string
+
+    hostile = 'a"; system("rm -rf /"); //\\??=\n\u00e9'
+    literal = c_string(hostile)
+    assert literal.startswith('"') and literal.endswith('"') and '"' not in literal[1:-1]
+    assert "\n" not in literal and "??" not in literal and "\\303\\251" in literal
+
+
 def test_the_runtime_runs_a_micro_file_in_tflm(micro_artifact, digits):
     import runtime
     from runtime.errors import EdgeKitError
