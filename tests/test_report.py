@@ -283,3 +283,24 @@ def test_targets_stay_apart():
         key = "arena" if objective == "arena" else objective
         assert shipped[key] == expected, (objective, shipped)
         assert all(f == "micro" for f in shipped.values()) is (objective == "arena"), shipped
+
+
+def test_the_recommendation_states_size_accuracy_and_latency_and_says_when_it_is_slower():
+    """A PyTorch model's onnx-int8 file was recommended for size at 0.53x the float file's speed, said only in a
+    note (issue 37): the recommendation itself now gives its latency against the baseline, and says "slower"."""
+    from pathlib import Path
+
+    from runtime.report.render import recommendation_md
+
+    base = _row("base", "onnx-float32", 400_000, 396, latency=(0.30, 0.29, 0.31))
+    int8 = _row("base", "onnx-int8", 100_000, 396, latency=(0.57, 0.55, 0.59))
+    base.update(artifact="/r/base", file="/r/base/model.onnx-float32.onnx", speedup_1t=1.0)
+    int8.update(artifact="/r/base", file="/r/base/model.onnx-int8.onnx", speedup_1t=0.30 / 0.57)
+    _, recs, _ = _decide([base, int8])
+    info = {"recommendations": recs, "objective": "size", "machine": {"cpu": "x86"}, "bench_settings": {}}
+    text = "\n".join(recommendation_md(info, Path("/r")))
+    assert "**Ship base onnx-int8**" in text and "- File size: 98 KiB" in text, text
+    assert "- Accuracy: 99.00%" in text, text
+    latency = next(line for line in text.splitlines() if line.startswith("- Latency at 1 thread"))
+    assert "0.570 ms" in latency and "1.90x slower (intervals separate)" in latency, latency
+    assert "**Slower than the float baseline**" in latency, latency

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
-from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, group_label, slower_quantized
+from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, Comparer, group_label, slower_quantized
 from runtime.report.html import write_html
 from runtime.report.rows import label, points
 from runtime.text import markdown, spreadsheet
@@ -64,15 +64,35 @@ def cost_text(row: dict, objective) -> str:
 
 
 def _versus(a: dict, b: dict, objective, verdict: int) -> str:
-    """'4.02x smaller' / '1.31x faster, intervals separate' / 'tied'."""
+    """'4.02x smaller' / '1.90x larger' / '1.31x faster (intervals separate)' / '1.90x slower (...)' / 'tied':
+    the ratio always at least 1, read with its word."""
     x, y = a[objective.cost], b[objective.cost]
     if objective.tag:
         if verdict == 0:
             return f"tied ({y / x:.2f}x, intervals overlap)"
-        return f"{y / x:.2f}x {'faster' if verdict < 0 else 'slower'} (intervals separate)"
+        return f"{max(x, y) / min(x, y):.2f}x {'faster' if verdict < 0 else 'slower'} (intervals separate)"
     if verdict == 0:
         return f"tied (within {SIZE_TIE:.0%})"
-    return f"{y / x:.2f}x {'smaller' if verdict < 0 else 'larger'}"
+    return f"{max(x, y) / min(x, y):.2f}x {'smaller' if verdict < 0 else 'larger'}"
+
+
+def _other_costs(choice: dict, base: dict | None, objective) -> list[str]:
+    """The recommendation's size and latency lines besides its objective's: each against the float baseline with
+    its interval, and a quantized file slower than the baseline said so in the recommendation itself."""
+    lines = []
+    for other in (o for o in OBJECTIVES if o.key in ("size", "latency_1t") and o.key != objective.key
+                  and not (objective.tag and o.tag)):
+        if choice.get(other.cost) is None:
+            continue
+        line = f"- {other.axis.capitalize()}: {cost_text(choice, other)}"
+        if base is not None and base is not choice and base.get(other.cost) is not None:
+            line += (f"; against the float baseline ({cost_text(base, other)}): "
+                     f"{_versus(choice, base, other, Comparer.cost(choice, base, other))}")
+        if other.tag and slower_quantized(choice, other.tag):
+            line += (f". **Slower than the float baseline** at 1 thread: quantized for {objective.axis}, it costs "
+                     "speed here (`--objective latency` answers for speed)")
+        lines.append(line + ".")
+    return lines
 
 
 def relative(path, root: Path) -> str | None:
@@ -182,6 +202,7 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
         md.append(cost + ".")
         md.append(f"- Accuracy: {accuracy_text(choice)}" + (f"; against the float baseline: {change_text(choice)}."
                                                             if base is not None and base is not choice else "."))
+        md += _other_costs(choice, base, objective)
         if base is choice:
             md.append("- It is the float baseline itself: no optimized file within the budget beats it here.")
         runner = rec.get("runner_up")
