@@ -136,7 +136,11 @@ def _run_info(directory, as_json: bool) -> int:
 
 def _load(args):
     from runtime.load import load
+    from runtime.run_directory import is_run_directory, recommended
 
+    if is_run_directory(args.model):  # a pipeline's run: the file its report recommends
+        args.model = str(recommended(args.model))
+        print(f"the report's recommended file: {args.model}", file=sys.stderr)
     return load(args.model, threads=args.threads, **_model_options(args))
 
 
@@ -184,10 +188,12 @@ def _add_model_options(parser, labels: bool = True) -> None:
         group.add_argument("--labels", metavar="FILE", help="class names, one a line, optionally after their index "
                            "('0 matured'); default: the sidecar's, else the file packed in the model's TFLite "
                            "metadata, else indices")
-    parser.add_argument("--backend", choices=("micro",),
+    parser.add_argument("--backend", choices=("micro", "litert"),
                         help="micro: run a fully integer .tflite file in TensorFlow Lite Micro's interpreter, one image "
                              "per invoke, as a microcontroller does (the micro extra); its latency here is TFLM's "
-                             "reference kernels on this CPU, not a board's (README, Microcontrollers)")
+                             "reference kernels on this CPU, not a board's (README, Microcontrollers). A micro file "
+                             "(export --micro) runs in TFLM by default; litert runs it in LiteRT instead, for its "
+                             "figure beside TFLM's")
 
 
 def _predict(args) -> int:
@@ -381,7 +387,8 @@ def _eval(args) -> int:
     correct = int(round(summary["accuracy"] * summary["samples"]))
     print(f"{model.path.name} on {dataset.name}, {args.split} split: {summary['samples']} images "
           f"in {seconds:.2f} s" + (f" on {describe(where, device.name)}" if device else ""))
-    line = f"accuracy  {summary['accuracy']:.2%}  ({correct}/{summary['samples']})"
+    line = f"accuracy  {summary['accuracy']:.2%}  ({correct}/{summary['samples']})" + (
+        "  by TFLM's interpreter" if model.backend == "micro" else "")
     if recorded is not None and args.split == "test":
         line += f"   recorded at export: {recorded:.2%}"
     print(line)
@@ -472,6 +479,13 @@ def _bench(args) -> int:
 
     from runtime.remote import bench_on, describe, target
 
+    from runtime.run_directory import every_file, is_run_directory, recommended
+
+    if args.all and not any(is_run_directory(m) for m in args.models):
+        raise EdgeKitError("--all benches every file of a pipeline's run directory; give one (runs/...), or name "
+                           "the files.")
+    args.models = [str(f) for m in args.models for f in (
+        (every_file(m) if args.all else [recommended(m)]) if is_run_directory(m) else [m])]
     options = {**_model_options(args), "shapes": parse_shapes(args.shape) or None}
     device = target(args)
     if device:
@@ -585,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "preprocessed.",
         epilog="example: python -m runtime predict artifacts/fashion_cnn-digits/model.int8.tflite digit.png")
     predict.add_argument("model", help="a .tflite or .onnx file (its sidecar model.<variant>.json gives labels "
-                                       "and preprocessing)")
+                                       "and preprocessing), or a pipeline's run directory (the file its report "
+                                       "recommends)")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG, JPEG, BMP, GIF or WebP images, or .npy arrays")
     predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels to show per image (default 3)")
     predict.add_argument("--invert", action="store_true", help="images and uint8 arrays become 255 - pixels first: a "
@@ -610,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "used, through the TensorFlow-free data code. Without --dataset, the dataset is the one "
                     "recorded in the manifest.json next to the model.",
         epilog="example: python -m runtime eval artifacts/fashion_cnn-digits/model.int8.tflite --dataset digits")
-    evaluate.add_argument("model", help="a .tflite or .onnx file")
+    evaluate.add_argument("model", help="a .tflite or .onnx file, or a pipeline's run directory (the file its "
+                                        "report recommends)")
     evaluate.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10 or folder:PATH "
                                             "(default: the artifact's own, from its manifest)")
     evaluate.add_argument("--data-dir", help="directory holding the dataset's files (IDX, CIFAR batches)")
@@ -635,7 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python -m runtime bench artifacts/fashion_cnn-digits --threads 1,2   "
                "(a directory benches every exported model in it, float32 first)")
     bench.add_argument("models", nargs="+", metavar="MODEL",
-                       help=".tflite/.onnx files, or artifact directories (all their exported models)")
+                       help=".tflite/.onnx files, artifact directories (all their exported models), or a pipeline's "
+                            "run directory (the file its report recommends; --all: every file)")
+    bench.add_argument("--all", action="store_true",
+                       help="with a run directory: every verified file of its report, the float baseline first")
     bench.add_argument("--threads", default="1", metavar="LIST",
                        help="thread counts separated by commas; 'all' = every core (default 1)")
     budget = bench.add_mutually_exclusive_group()

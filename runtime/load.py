@@ -38,6 +38,15 @@ from runtime.tflite_backend import _TFLiteModel, tflite_census  # noqa: F401
 
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
+# load(backend=...): None chooses by the file (TFLM for a micro file when the micro extra is there, else LiteRT or
+# onnxruntime); "micro" asks for TFLM; "litert" for LiteRT even for a micro file (its figure beside TFLM's)
+BACKEND_CHOICES = (None, "micro", "litert")
+
+
+def micro_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tflite_micro") is not None
 __all__ = ["BACKENDS", "IMAGE_CHANNELS", "LAYOUTS", "NUMPY_SUFFIX", "Model", "NotAClassifier", "Options", "TensorInfo",
            "check_labels", "dequantize", "finite", "input_layout", "load", "packed_labels", "parse_labels",
            "quantize", "read_inputs", "read_labels", "read_npy", "softmax", "tflite_census"]
@@ -83,10 +92,13 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     `layout`: "nchw" or "nhwc", for an input shape that reads both ways (read from the shape otherwise).
         Images are always given as (H, W, C) pixels or (N, H, W, C) batches, and transposed for an NCHW model.
     `backend`: "micro" runs a fully integer .tflite file in TensorFlow Lite Micro's interpreter (runtime/micro.py;
-        the micro extra), one image per invoke as on a microcontroller; default: LiteRT or onnxruntime.
+        the micro extra), one image per invoke as on a microcontroller; "litert" runs it in LiteRT; default (None):
+        TFLM for a micro file (its sidecar's format; `threads` ignored: TFLM runs on one) when the micro extra is
+        installed, else LiteRT or onnxruntime.
     """
-    if backend not in (None, "micro"):
-        raise EdgeKitError(f"backend must be 'micro' or None (LiteRT or onnxruntime by the file); got {backend!r}.")
+    if backend not in BACKEND_CHOICES:
+        raise EdgeKitError(f"backend must be 'micro', 'litert' or None (by the file: TFLM for a micro file, else "
+                           f"LiteRT or onnxruntime); got {backend!r}.")
     options = Options(mean, std, resize, labels, layout)
     if not isinstance(path, (str, Path)) or not str(path):
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
@@ -107,6 +119,8 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     manifest = read_manifest(path.parent) if (path.parent / MANIFEST).is_file() else None  # read once, for both
     sidecar = read_sidecar(path, manifest)
     _check_file(path, size, sidecar, manifest)
+    if backend is None and fmt == "tflite" and (sidecar or {}).get("format") == "micro" and micro_installed():
+        backend, threads = "micro", None  # a microcontroller's file: its figures are TFLM's, on one thread
     if backend == "micro":
         if fmt != "tflite":
             raise EdgeKitError(f"{path.name}: TensorFlow Lite Micro runs .tflite files; an ONNX file has no micro "

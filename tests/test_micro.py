@@ -172,8 +172,13 @@ def test_the_runtime_runs_a_micro_file_in_tflm(micro_artifact, digits):
     path = artifact / "model.micro.tflite"
     model = runtime.load(path, backend="micro")
     assert model.backend == "micro"
-    tflm, litert = model.predict(digits.x_test[:40]), runtime.load(path).predict(digits.x_test[:40])
+    tflm, litert = model.predict(digits.x_test[:40]), runtime.load(path, backend="litert").predict(digits.x_test[:40])
     assert np.abs(tflm - litert).max() < 0.05 and (tflm.argmax(1) == litert.argmax(1)).mean() >= 0.95
+    # a micro file's figures are TFLM's by default (issue 37): load, eval and the report; LiteRT's only when asked
+    assert runtime.load(path).backend == "micro" and runtime.load(path, threads=2).backend == "micro"
+    assert runtime.load(path, backend="litert").backend == "tflite"
+    done = run_module("runtime", "eval", str(path))
+    assert done.returncode == 0 and "by TFLM's interpreter" in done.stdout, done.stdout + done.stderr
     assert model.predict(digits.x_test[0]).shape == (1, 10)  # one image, the fast path
     with pytest.raises(EdgeKitError, match="one thread"):
         runtime.load(path, threads=2, backend="micro")

@@ -4,6 +4,7 @@ and the report: rows, Pareto fronts, and the CSV and JSON schemas."""
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,14 +123,17 @@ def test_one_recommendation_for_the_objective_with_commands_that_run_from_here(q
     assert report["summary"][0].startswith("fastest at 1 thread: ")  # the console's first line answers it too
     block = first.split("```bash\n")[1].split("```")[0].splitlines()
     evaluate = shlex.split(block[0].split("#")[0])
-    assert evaluate[:4] == ["python", "-m", "runtime", "eval"] and not Path(evaluate[4]).is_absolute()
-    done = subprocess.run([sys.executable, *evaluate[1:]], capture_output=True, text=True, cwd=quick_copy.parent)
+    assert evaluate[:4] == [sys.executable, "-m", "runtime", "eval"] and not Path(evaluate[4]).is_absolute()
+    # as printed, in a new shell at that directory: no venv activated, nothing on PATH but the system's
+    done = subprocess.run(["bash", "-c", block[0]], capture_output=True, text=True, cwd=quick_copy.parent,
+                          env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")})
     assert done.returncode == 0 and f"{rec['choice']['accuracy']:.2%}" in done.stdout, done.stderr
     copy = next(line for line in block if line.startswith("scp "))
     copied = shlex.split(copy.split("#")[0])[1:-1]  # EdgeKit's sdist, the file and its sidecar
     assert [Path(p).suffix for p in copied] == [".gz", ".tflite", ".json"] and all(Path(p).is_file() for p in copied[1:])
-    build = shlex.split(next(line for line in block if line.startswith("python -m build")).split("#")[0])
+    build = shlex.split(next(line for line in block if " -m build " in line).split("#")[0])
     assert (Path(build[-1]) / "pyproject.toml").is_file()  # the repository, from here
+    assert subprocess.run([build[0], "-m", "build", "--version"], capture_output=True).returncode == 0
     assert f"pip install ~/{Path(copied[0]).name}" in first
 
 
@@ -376,3 +380,30 @@ def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy):
     row = next(r for r in micro if r["file"] == chosen["file"])
     assert row["arena_bytes"] == min(r["arena_bytes"] for r in micro if not r["over_budget"])
     assert "smallest RAM on a microcontroller" in (quick_copy / "report.md").read_text().splitlines()[2]
+
+
+def test_a_run_directory_is_a_model_argument_and_every_suggested_fix_works(quick_copy, digits):
+    """predict, eval and bench refused the run directory that info accepts, and bench's suggested fix failed too
+    (issue 37): now they take the file the report recommends (bench --all: every verified file), and a run without
+    a report names the command that makes it, which works."""
+    import numpy as np
+
+    report = json.loads((quick_copy / "report.json").read_text())
+    chosen = next(r["choice"]["file"] for r in report["recommendations"] if r["choice"])
+    np.save(quick_copy / "digit.npy", digits.x_test[0])
+    for command in (["eval", str(quick_copy)], ["predict", str(quick_copy), str(quick_copy / "digit.npy")]):
+        done = run_module("runtime", *command)
+        assert done.returncode == 0 and f"recommended file: {quick_copy / chosen}" in done.stderr, done.stderr
+    done = run_module("runtime", "bench", str(quick_copy), "--runs", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [Path(r["model"]) for r in json.loads(done.stdout)["results"]] == [quick_copy / chosen]
+    done = run_module("runtime", "bench", str(quick_copy), "--all", "--runs", "2", "--json")
+    verified = [quick_copy / r["file"] for r in report["rows"] if r["status"] == "verified"]
+    assert done.returncode == 0 and [Path(r["model"]) for r in json.loads(done.stdout)["results"]] == verified
+    (quick_copy / "report.json").unlink()
+    done = run_module("runtime", "eval", str(quick_copy))
+    assert done.returncode == 2 and done.stderr.count("error:") == 1, done.stderr
+    fix = done.stderr.split("make it with: ")[1].strip().split()
+    assert fix[:3] == ["python", "-m", "runtime"]
+    assert run_module(*fix[2:], "--runs", "2", "--rounds", "2").returncode == 0  # the fix, as suggested
+    assert run_module("runtime", "eval", str(quick_copy)).returncode == 0

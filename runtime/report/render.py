@@ -23,7 +23,7 @@ CSV_COLUMNS = (
     "speedup_1t", "vs_baseline_1t", "threads_all", "latency_median_ms_all", "latency_low_ms_all",
     "latency_high_ms_all", "latency_p90_ms_all", "speedup_all", "vs_baseline_all", "pareto_size", "pareto_gzip",
     "pareto_latency_1t", "pareto_latency_all", "kind", "parent", "artifact", "macs", "arena_bytes", "flash_bytes",
-    "over_memory", "pareto_arena", "needs_edgekit")
+    "over_memory", "pareto_arena", "needs_edgekit", "evaluated_by")
 
 
 # --- figures as text ---------------------------------------------------------------------------------
@@ -126,9 +126,21 @@ def fence(text: str, info: str = "bash") -> list[str]:
     return [ticks + info, text, ticks]
 
 
+def interpreter() -> str:
+    """The Python that runs EdgeKit here, as a new shell at the current directory reaches it (`.venv/bin/python`
+    below it, else its absolute path): printed commands then run without activating anything."""
+    import shlex
+    import sys
+
+    path = Path(sys.executable)
+    shown = relative(path, Path.cwd()) if path.is_absolute() else str(path)
+    return shlex.quote(shown if not shown.startswith("..") else str(path))
+
+
 def commands(row: dict) -> str:
-    """What to run, from the current directory: evaluate the file here; build EdgeKit's source package (one file
-    for any CPU: pip builds it on the device), copy it with the model and its sidecar, install and run there."""
+    """What to run, from the current directory, as printed in a new shell: evaluate the file here (with the
+    Python that made the report); build EdgeKit's source package (one file for any CPU: pip builds it on the
+    device), copy it with the model and its sidecar, install and run there."""
     import shlex
     from importlib import metadata
 
@@ -136,6 +148,7 @@ def commands(row: dict) -> str:
     from runtime.manifest import sidecar_path
 
     here = relative(row["file"], Path.cwd())
+    py = interpreter()
     name = Path(row["file"]).name
     sidecar = relative(sidecar_path(row["file"]), Path.cwd())
     repository = Path(runtime.__file__).resolve().parents[1]
@@ -148,7 +161,7 @@ def commands(row: dict) -> str:
         folder = relative(Path(row["file"]).parent, Path.cwd())
         sources = " ".join(shlex.quote(str(Path(folder) / f"model.micro.{ext}")) for ext in ("cc", "h"))
         return "\n".join([
-            f"python -m runtime eval {shlex.quote(here)} --backend micro   # in TFLM's interpreter, here",
+            f"{py} -m runtime eval {shlex.quote(here)} --backend micro   # in TFLM's interpreter, here",
             f"cp {sources} FIRMWARE/src/   # the model as a C array, its arena size and op resolver",
             "# in the firmware (TFLM): const tflite::Model* model = tflite::GetModel(g_model);",
             "#   EdgeKitOpResolver resolver; RegisterEdgeKitOps(resolver);",
@@ -157,16 +170,16 @@ def commands(row: dict) -> str:
     sdist = f"edgekit_ml-{version}.tar.gz"
     copy = " ".join(shlex.quote(p) for p in (f"dist/{sdist}", here, *([sidecar] if Path(sidecar).is_file() else [])))
     return "\n".join([
-        f"python -m runtime eval {shlex.quote(here)}          # again, here",
-        f"python -m build --sdist --outdir dist {shlex.quote(source)}   # EdgeKit as one file for any CPU "
-        "(pip install build)",
+        f"{py} -m runtime eval {shlex.quote(here)}          # again, here",
+        f"{py} -m build --sdist --outdir dist {shlex.quote(source)}   # EdgeKit as one file for any CPU",
         f"scp {copy} pi@raspberrypi.local:   # your device",
         "# on the device: the runtime only, no TensorFlow (README, Raspberry Pi)",
         f"python3 -m venv ~/edgekit && ~/edgekit/bin/pip install ~/{sdist}",
         f"~/edgekit/bin/python -m runtime predict ~/{shlex.quote(name)} IMAGE.png",
-        f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,4   # its latency there",
+        f"~/edgekit/bin/python -m runtime bench ~/{shlex.quote(name)} --threads 1,all   # its latency there, at 1 "
+        "thread and all of its cores",
         "# or, back here, over SSH: the device's figures beside this machine's (README, Raspberry Pi)",
-        f"python -m runtime bench {shlex.quote(here)} --host pi@raspberrypi.local "
+        f"{py} -m runtime bench {shlex.quote(here)} --host pi@raspberrypi.local "
         "--remote-python '~/edgekit/bin/python' --threads 1,all"])
 
 
@@ -351,6 +364,7 @@ def markdown_table(rows: list[dict]) -> str:
                                                 ("1t", "pareto_latency_1t"), (f"{n_all}t", "pareto_latency_all"))
                            if r.get(key))
         acc = (f"{r['accuracy']:.2%} ({r['accuracy_low']:.1%}-{r['accuracy_high']:.1%})"
+               + (" by TFLM" if r.get("evaluated_by") == "tflite-micro" else "")
                if r.get("accuracy") is not None else "-")
         change = "-" if r.get("accuracy_change_pts") is None else (
             f"{r['accuracy_change_pts']:+.2f}" + ("" if r.get("significant") or r.get("p_value") == 1.0

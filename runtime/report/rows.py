@@ -135,6 +135,9 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
                    gzip_bytes=(model.sidecar or {}).get("gzip_bytes") or _gzip_bytes(Path(row["file"])))
         row.update(_micro_fields(Path(row["file"]), model.sidecar or {}))
         row["needs_edgekit"] = needs_edgekit(model.sidecar)
+        # who computed the accuracy: TFLM for a micro file (runtime.load's default, the micro extra), else LiteRT or
+        # onnxruntime
+        row["evaluated_by"] = {"micro": "tflite-micro", "tflite": "ai-edge-litert"}.get(model.backend, model.backend)
         encoding = (model.sidecar or {}).get("sparse_encoding")
         if isinstance(encoding, dict) and type(encoding.get("dense_bytes")) is int and encoding["dense_bytes"] > 0:
             row["sparse_encoding"] = {"dense_bytes": encoding["dense_bytes"]}
