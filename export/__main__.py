@@ -130,8 +130,10 @@ def _differing(ref: dict) -> str:
     if not differing:
         return ""
     if differing["rounding_alone"] == differing["examined"] == differing["images"]:
-        return (f"; the other {differing['images']} differ only by FULLY_CONNECTED's rounding, both recomputed "
-                f"exactly ({differing['why']})")
+        grown = (f", grown to {ref['max_lsb']} steps at the output through the later layers"
+                 if ref.get("grown_from_rounding") else "")
+        return (f"; the other {differing['images']} differ only by FULLY_CONNECTED's rounding{grown}, both "
+                f"recomputed exactly ({differing['why']})")
     return (f"; the other {differing['images']} at most {ref['max_lsb']} step apart, first in "
             f"{', '.join(differing['first_operator'])} ({differing['rounding_alone']} of {differing['examined']} "
             f"examined by FULLY_CONNECTED's rounding alone)")

@@ -234,3 +234,50 @@ def test_sizes_read_as_datasheets_write_them():
     for bad in ("", "0", "-5", "12 parsecs", "1e9"):
         with pytest.raises(EdgeKitError, match="256KiB"):
             size_bytes(bad, "--max-ram")
+
+
+def _softmax_model(path, kind: str, epochs: int):
+    """A model ending in Softmax(), trained on digits: "cnn" (two convolutions, a dense layer) or "resnet8" (the
+    registry's ResNet-8, MLPerf Tiny's image classifier, with Softmax() after its logits)."""
+    from runtime.datasets import load_dataset
+    from train.backend import keras
+    from train.models import create_model
+
+    keras.utils.set_random_seed(0)
+    data = load_dataset("digits")
+    if kind == "cnn":
+        inputs = keras.Input((28, 28, 1))
+        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+        x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+        x = keras.layers.Dense(10)(keras.layers.Flatten()(x))
+        model = keras.Model(inputs, keras.layers.Softmax()(x))
+    else:
+        logits = create_model("resnet", input_shape=(28, 28, 1), num_classes=10)
+        model = keras.Model(logits.input, keras.layers.Softmax()(logits.output))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = data.arrays("train")
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    model.save(path)
+
+
+@pytest.mark.parametrize("kind, epochs", [
+    ("cnn", 3),
+    pytest.param("resnet8", 8, marks=pytest.mark.slow),  # minutes: `python -m pytest -m slow` (README, Tests)
+])
+def test_a_model_ending_in_softmax_passes_when_every_difference_is_fully_connecteds_rounding(tmp_path, kind, epochs):
+    """TFLM and LiteRT's reference kernels part by one step at a FULLY_CONNECTED; in a deeper model the step
+    travels through the later layers and softmax stretches it (a published ResNet-8: up to 11 steps, refused). The
+    file passes when every differing image is examined and each first differs by that rounding alone."""
+    from conftest import in_subprocess
+
+    in_subprocess(_softmax_model, str(tmp_path / f"{kind}.keras"), kind, epochs)
+    done = run_module("export", "--micro", str(tmp_path / f"{kind}.keras"), "--dataset", "digits", "--out",
+                      str(tmp_path / "out"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sidecar = json.loads((tmp_path / "out" / "model.micro.json").read_text())
+    reference = sidecar["micro"]["reference"]
+    assert sidecar["output"]["kind"] == "probabilities" and reference["images"] == 359
+    differing = reference.get("differing", {"images": 0, "examined": 0, "rounding_alone": 0})
+    assert differing["rounding_alone"] == differing["examined"] == differing["images"]
+    assert reference["bit_equal_images"] + differing["images"] == 359
+    assert (reference["max_lsb"] > 1) == bool(reference.get("grown_from_rounding"))

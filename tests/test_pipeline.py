@@ -407,3 +407,41 @@ def test_a_run_directory_is_a_model_argument_and_every_suggested_fix_works(quick
     assert fix[:3] == ["python", "-m", "runtime"]
     assert run_module(*fix[2:], "--runs", "2", "--rounds", "2").returncode == 0  # the fix, as suggested
     assert run_module("runtime", "eval", str(quick_copy)).returncode == 0
+
+
+def test_deploy_predict_py_predicts_what_edgekit_predicts_without_edgekit(quick_run, digits, tmp_path):
+    """The report writes deploy/ beside the recommended file (issue 37): predict.py, run in a Python that cannot
+    import EdgeKit (no site-packages, only numpy, Pillow and ai_edge_litert on its path), gives EdgeKit's predicted
+    class for every image of the test split."""
+    import numpy as np
+
+    from runtime.load import load
+
+    out, report = quick_run
+    answer = json.loads((out / "report.json").read_text())
+    chosen = out / next(r["choice"]["file"] for r in answer["recommendations"] if r["choice"])
+    deploy = out / "deploy"
+    assert sorted(p.name for p in deploy.iterdir()) == sorted(["predict.py", chosen.name])
+    assert (deploy / chosen.name).read_bytes() == chosen.read_bytes()
+    site = tmp_path / "site"  # what `pip install ai-edge-litert numpy Pillow` gives a device, and nothing else
+    site.mkdir()
+    installed = Path(np.__file__).parents[1]
+    for name in ("numpy", "numpy.libs", "PIL", "pillow.libs", "ai_edge_litert", "flatbuffers"):
+        if (installed / name).exists():
+            (site / name).symlink_to(installed / name)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)}
+    python = [sys.executable, "-S"]  # no site: EdgeKit's install is not on the path
+    assert subprocess.run([*python, "-c", "import runtime"], env=env, capture_output=True, cwd=tmp_path).returncode == 1
+    np.save(tmp_path / "test.npy", digits.x_test)
+    done = subprocess.run([*python, str(deploy / "predict.py"), "--npy", str(tmp_path / "test.npy")], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    theirs = [line.split()[1] for line in done.stdout.splitlines()]
+    model = load(chosen)
+    ours = [model.labels[i] for i in model.predict(digits.x_test).argmax(axis=1)]
+    assert len(theirs) == len(digits.x_test) and theirs == ours
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    Image.fromarray(digits.x_test[0, ..., 0]).save(tmp_path / "digit.png")
+    one = subprocess.run([*python, str(deploy / "predict.py"), str(tmp_path / "digit.png")], env=env,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0 and one.stdout.startswith(f"{tmp_path / 'digit.png'}: {ours[0]} "), one.stdout

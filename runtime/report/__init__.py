@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import EdgeKitError
+from runtime.errors import EdgeKitError, WriteFailed
 from runtime.limits import cores
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.manifest import utc_now
+from runtime.report import deploy
 from runtime.report.decide import (CHOICES, DEFAULT_CHOICE, OBJECTIVES, RUNTIMES, Comparer, for_device, fronts, judge,
-                                   recommend)
+                                   primary, recommend)
 from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
 from runtime.bench import machine
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
@@ -66,6 +67,11 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     comparer = Comparer()
     groups = fronts(rows, comparer)
     recommendations = recommend(rows, comparer, budget)
+    answer = primary(recommendations, objective)
+    try:  # an extra beside the report: a full disk costs deploy/, not the report
+        deployed, deploy_problem = deploy.write(root, answer["choice"] if answer else None), None
+    except WriteFailed as exc:
+        deployed, deploy_problem = [], str(exc)
     plots = plot(rows, root, budget, base, where)
     search_lines, search_plots = search_section(root, rows, recommendations, budget)
     for stale in {*FIGURES, SEARCH_PLOT} - {*plots, *search_plots}:  # e.g. a latency plot from a run with benchmarks
@@ -75,6 +81,8 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
             "budget": budget, "objective": objective, "baseline_row": base, "bench_settings": settings, "rows": rows,
             "recommendations": recommendations, "notes": notes(rows, groups, budget),
             "summary": console_summary(recommendations, root, objective), "plots": plots, "plots_missing": missing(),
-            "search_lines": search_lines, "search_plots": search_plots}
+            "search_lines": search_lines, "search_plots": search_plots, "deploy": deployed}
+    if deploy_problem:
+        info["notes"].append(f"deploy/ was not written: {deploy_problem}")
     write(root, info)
     return {**info, "baseline": f"{base['variant']} {base['format']}" if base else None}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shlex
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_json, atomic_write_text
@@ -247,6 +248,16 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                          "below)." if objective.tag else "Size and accuracy are the same on any device; latency is "
                                                          "not (`--host` measures it there)."))
         md += ["", *fence(commands(choice))]
+        deployed = info.get("deploy") or []
+        if "deploy/predict.py" in deployed:
+            package = "onnxruntime" if str(choice["file"]).endswith(".onnx") else "ai-edge-litert"
+            md += ["", f"Without EdgeKit on the device: `deploy/` holds the file and `predict.py`, which needs only "
+                   f"`{package}`, numpy and Pillow (the preprocessing, quantization and labels are written in):", "",
+                   *fence(f"scp -r {shlex.quote(relative(root / 'deploy', Path.cwd()))} pi@raspberrypi.local:\n"
+                          f"# on the device\npip install {package} numpy Pillow\npython3 deploy/predict.py IMAGE.png")]
+        elif "deploy/main.cc" in deployed:
+            md += ["", "`deploy/main.cc` classifies one image with nothing but TFLM and the generated header "
+                   "(`deploy/model.micro.cc`, `deploy/model.micro.h`): copy the three into the firmware."]
     others = [r for r in recs if r is not rec]
     if others:
         md += ["", "Other objectives, within the same budget:", ""]
