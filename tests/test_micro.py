@@ -91,6 +91,14 @@ def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def _compile(artifact, main) -> str:
+    """A program of `main` and the artifact's model.micro.cc, built as a firmware's sources are (-Wall -Werror)."""
+    program = main.with_suffix("")
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(artifact), str(main),
+                    str(artifact / "model.micro.cc"), "-o", str(program)], check=True)
+    return str(program)
+
+
 def test_the_c_array_compiles_and_is_the_file_byte_for_byte(micro_artifact, tmp_path):
     artifact, _ = micro_artifact
     (tmp_path / "main.cc").write_text(
@@ -100,10 +108,7 @@ def test_the_c_array_compiles_and_is_the_file_byte_for_byte(micro_artifact, tmp_
         '  std::fprintf(stderr, "%u", g_model_arena_bytes);\n'
         "  return std::fwrite(g_model, 1, g_model_len, stdout) == g_model_len ? 0 : 4;\n"
         "}\n")
-    program = tmp_path / "model"
-    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(artifact), str(tmp_path / "main.cc"),
-                    str(artifact / "model.micro.cc"), "-o", str(program)], check=True)
-    done = subprocess.run([str(program)], capture_output=True)
+    done = subprocess.run([_compile(artifact, tmp_path / "main.cc")], capture_output=True)
     assert done.returncode == 0
     assert done.stdout == (artifact / "model.micro.tflite").read_bytes()
     arena = json.loads((artifact / "model.micro.json").read_text())["micro"]["arena_bytes"]
@@ -140,10 +145,8 @@ def test_the_header_alone_turns_pixels_into_the_input_tensor_and_names_the_class
         "               g_model_output_zero_point, argc > 2 ? argv[2] : \"\");\n"
         "  return 0;\n"
         "}\n")
-    program = tmp_path / "quantize"
-    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(artifact), str(tmp_path / "main.cc"),
-                    str(artifact / "model.micro.cc"), "-o", str(program)], check=True)
-    done = subprocess.run([str(program), str(tmp_path / "pixels.bin")], capture_output=True, check=True)
+    done = subprocess.run([_compile(artifact, tmp_path / "main.cc"), str(tmp_path / "pixels.bin")],
+                          capture_output=True, check=True)
     model = load(artifact / "model.micro.tflite")
     expected = model.input_tensors(images)
     assert np.array_equal(np.frombuffer(done.stdout, np.int8).reshape(expected.shape), expected)
