@@ -4,10 +4,12 @@ format written dense and sparse, from the same artifact, measured together in in
     python scripts/bench_sparse.py runs/fashion_cnn-digits/fashion_cnn-pruned50 runs/fashion_cnn-digits/fashion_cnn-pruned80 \
         runs/fashion_cnn-digits/fashion_cnn-2of4 --threads 1 --seconds 4
 
-Each artifact is exported twice into a temporary directory (`export --dense` and the default) to float32,
-dynamic and int8, every file verified as export verifies it; then every file is benchmarked through the
-runtime's whole `predict` on one image (runtime.bench.measure_rounds: one fresh process, rounds interleaved,
-the median of round medians with its 95% interval). The sparse files run densified (runtime/sparse.py).
+Each artifact is exported twice into a temporary directory (the default, dense, and `export --sparse`) to
+float32, dynamic and int8, every file verified as export verifies it, in EdgeKit's runtime and in bare LiteRT
+(its default options, XNNPACK: the sidecar's `bare`); then every file is benchmarked through EdgeKit's whole
+`predict` on one image (runtime.bench.measure_rounds: one fresh process, rounds interleaved, the median of round
+medians with its 95% interval). The sparse files run densified there (runtime/sparse.py); the table says whether
+bare LiteRT runs each sparse file at all.
 """
 
 from __future__ import annotations
@@ -40,28 +42,30 @@ def main() -> int:
         for artifact in args.artifacts:
             for dense in (True, False):
                 out = Path(tmp) / f"{artifact.name}-{'dense' if dense else 'sparse'}"
-                for result in export(artifact, FORMATS, out, sparse=not dense, progress=lambda s: None):
+                for result in export(artifact, FORMATS, out, sparse=not dense, progress=None):
                     if not result.passed:
                         print(f"{artifact.name} {result.format}: {result.message}", file=sys.stderr)
                         return 1
                     rows.append({"artifact": artifact.name, "format": result.format,
                                  "encoding": "dense" if dense else "sparse", "file": result.file,
-                                 "accuracy": result.figures["accuracy"]})
+                                 "accuracy": result.figures["accuracy"],
+                                 "bare": "runs" if result.figures["bare"]["passed"] else "refused"})
         measured = run_rounds_worker([r["file"] for r in rows], args.threads, args.rounds, None, args.seconds)
         for r in rows:
             median, low, high = median_interval(measured[str(r["file"])]["round_medians_ms"])
             data = Path(r["file"]).read_bytes()
             r.update(size=len(data), gzip=len(gzip.compress(data, 9, mtime=0)), ms=median, low=low, high=high)
     print(f"| artifact | format | dense bytes | sparse bytes | sparse/dense | gzip dense | gzip sparse | "
-          f"latency dense ms ({args.threads}t) | latency sparse ms | accuracy dense / sparse |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"EdgeKit dense ms ({args.threads}t) | EdgeKit sparse ms | bare LiteRT, sparse | accuracy dense / sparse |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for artifact in args.artifacts:
         for fmt in FORMATS:
             d, s = (next(r for r in rows if r["artifact"] == artifact.name and r["format"] == fmt
                          and r["encoding"] == e) for e in ("dense", "sparse"))
             print(f"| {artifact.name} | {fmt} | {d['size']:,} | {s['size']:,} | {s['size'] / d['size']:.2f}x | "
                   f"{d['gzip']:,} | {s['gzip']:,} | {d['ms']:.3f} ({d['low']:.3f}-{d['high']:.3f}) | "
-                  f"{s['ms']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | {d['accuracy']:.2%} / {s['accuracy']:.2%} |")
+                  f"{s['ms']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | {s['bare']} | "
+                  f"{d['accuracy']:.2%} / {s['accuracy']:.2%} |")
     return 0
 
 

@@ -312,8 +312,10 @@ def round_three(w: Path) -> list[tuple[str, str, int, str]]:
         args = ["bench", str(w / "art" / "model.int8.tflite"), "--host", "pi@device", "--runs", "3", *extra]
         env = {**fake_env, "FAKE_DEVICE": json.dumps(case)}
         if "stderr_mib" in case:
-            code_text = ("import atexit, resource, runpy, sys\natexit.register(lambda: print('error: peak RSS', "
-                         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, 'MiB', file=sys.stderr))\n"
+            code_text = ("import atexit, runpy, sys\ndef peak():  # VmHWM: ru_maxrss would count the parent it forked from\n"
+                         "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+                         "    print('error: peak RSS', int(line.split()[1]) // 1024, 'MiB', file=sys.stderr)\n"
+                         "atexit.register(peak)\n"
                          f"sys.argv = ['runtime', *{args!r}]\nrunpy.run_module('runtime', run_name='__main__')\n")
             code, message = run("@env", *[f"{k}={v}" for k, v in env.items()], sys.executable, "-c", code_text)
         elif extra:
