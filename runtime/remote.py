@@ -279,7 +279,8 @@ class Session:
             raise DeviceError("ssh is not installed here; --host needs OpenSSH's client (apt-get install "
                               "openssh-client).") from None
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         try:
             hello = self._next("hello", HELLO_SECONDS)
             self.info = self._check_hello(hello)
@@ -373,10 +374,14 @@ class Session:
                 return message[expected]
 
     def _wait_exit(self) -> int:
+        """ssh's exit code, once its stderr is read to the end (why it failed is there: reading it races the end
+        of stdout otherwise)."""
         try:
-            return self._proc.wait(BYE_SECONDS)
+            code = self._proc.wait(BYE_SECONDS)
         except subprocess.TimeoutExpired:
             return -1
+        self._stderr_reader.join(5)
+        return code
 
     def _check_hello(self, hello) -> dict:
         if not isinstance(hello, dict) or not isinstance(hello.get("edgekit"), str):
