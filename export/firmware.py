@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 
+from runtime.model import contract as model_contract
+
 # the MicroMutableOpResolver method that adds each operator: the name in CamelCase, except these
 _METHOD_EXCEPTIONS = {"PADV2": "PadV2", "CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D",
                       "AVERAGE_POOL_2D": "AveragePool2D", "MAX_POOL_2D": "MaxPool2D", "L2_POOL_2D": "L2Pool2D",
@@ -56,34 +58,32 @@ def c_float(value: float) -> str:
 
 
 def contract(model, preprocessing, labels: list[str], output_kind: str, name: str) -> list[str]:
-    """The header's constants for the model's input and output (see the module docstring)."""
+    """The header's constants for the model's input and output (see the module docstring), from the one record of
+    them (runtime.model.contract)."""
+    c = model_contract(model, preprocessing, labels, output_kind)
     dims = [int(d) if d and d > 0 else 1 for d in model.input.shape]  # the batch of one a firmware runs
-    channels = dims[1] if model.layout == "nchw" else dims[-1]
-
-    def per_channel(values) -> list[float]:  # one value broadcasts to every channel, as in the runtime
-        return [values[0]] * channels if len(values) == 1 else list(values)
-
-    mean, std = per_channel(preprocessing.mean), per_channel(preprocessing.std)
+    channels = len(c["mean"])
+    probabilities = c["output_is_probabilities"]
     return [
-        f"// The input tensor: int8 {dims} {model.layout.upper()}. A pixel p (0..255) of channel c becomes",
+        f"// The input tensor: int8 {dims} {c['layout'].upper()}. A pixel p (0..255) of channel c becomes",
         f"//   x = (p * {name}_pixel_scale - {name}_mean[c]) / {name}_std[c]",
         f"//   q = clamp(round(x / {name}_input_scale) + {name}_input_zero_point, -128, 127)",
         f"constexpr int {name}_input_dims[4] = {{{', '.join(map(str, dims))}}};",
-        f'constexpr char {name}_input_layout[] = "{model.layout.upper()}";',
-        f"constexpr float {name}_pixel_scale = {c_float(preprocessing.scale)};",
-        f"constexpr float {name}_mean[{channels}] = {{{', '.join(map(c_float, mean))}}};",
-        f"constexpr float {name}_std[{channels}] = {{{', '.join(map(c_float, std))}}};",
-        f"constexpr float {name}_input_scale = {c_float(model.input.scale)};",
-        f"constexpr int {name}_input_zero_point = {int(model.input.zero_point)};",
-        f"// The output tensor: int8 [1, {len(labels)}]; a value q is (q - {name}_output_zero_point) * "
+        f'constexpr char {name}_input_layout[] = "{c["layout"].upper()}";',
+        f"constexpr float {name}_pixel_scale = {c_float(c['pixel_scale'])};",
+        f"constexpr float {name}_mean[{channels}] = {{{', '.join(map(c_float, c['mean']))}}};",
+        f"constexpr float {name}_std[{channels}] = {{{', '.join(map(c_float, c['std']))}}};",
+        f"constexpr float {name}_input_scale = {c_float(c['input_scale'])};",
+        f"constexpr int {name}_input_zero_point = {c['input_zero_point']};",
+        f"// The output tensor: int8 [1, {len(c['labels'])}]; a value q is (q - {name}_output_zero_point) * "
         f"{name}_output_scale,",
-        "// " + ("probabilities (the graph ends in softmax)." if output_kind == "probabilities" else
+        "// " + ("probabilities (the graph ends in softmax)." if probabilities else
                  "logits: the largest is the class (apply softmax for probabilities)."),
-        f"constexpr float {name}_output_scale = {c_float(model.output.scale)};",
-        f"constexpr int {name}_output_zero_point = {int(model.output.zero_point)};",
-        f"constexpr bool {name}_output_is_probabilities = {'true' if output_kind == 'probabilities' else 'false'};",
-        f"constexpr int {name}_num_classes = {len(labels)};",
-        f"constexpr const char* {name}_labels[{len(labels)}] = {{{', '.join(c_string(v) for v in labels)}}};",
+        f"constexpr float {name}_output_scale = {c_float(c['output_scale'])};",
+        f"constexpr int {name}_output_zero_point = {c['output_zero_point']};",
+        f"constexpr bool {name}_output_is_probabilities = {'true' if probabilities else 'false'};",
+        f"constexpr int {name}_num_classes = {len(c['labels'])};",
+        f"constexpr const char* {name}_labels[{len(c['labels'])}] = {{{', '.join(c_string(v) for v in c['labels'])}}};",
     ]
 
 

@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, erro
 
 from runtime.__main__ import _size
 from runtime.errors import ArgumentParser, run_cli
+from runtime.manifest import DEVICE_RUNTIMES
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the board's RAM for the tensor arena (256KiB, 1MiB, bytes); implies --target micro")
     micro.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
                        help="the board's flash for the model; implies --target micro")
-    parser.add_argument("--runtime", choices=("litert", "edgekit"), default="litert",
+    parser.add_argument("--runtime", choices=DEVICE_RUNTIMES, default="litert",
                         help="what runs the file on the device: litert (default), the user's own LiteRT or "
                              "onnxruntime app, so every file is written to run there (dense); edgekit, EdgeKit's "
                              "runtime installed there, so a pruned model's files are written sparse (smaller; it "

@@ -28,7 +28,7 @@ from runtime.errors import EdgeKitError, unknown
 from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.fsutil import atomic_write_json, output_lock
 from runtime.limits import json_loads
-from runtime.manifest import (QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
+from runtime.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
                               read_manifest, read_sidecar, utc_now, verify_files)
 
 PLAN_FILE = "pipeline.json"
@@ -89,8 +89,8 @@ class Plan:
     def __post_init__(self):
         if self.target not in (None, "micro"):
             raise unknown("target", self.target, ["micro"])
-        if self.runtime not in ("litert", "edgekit"):
-            raise unknown("runtime", self.runtime, ["litert", "edgekit"])
+        if self.runtime not in DEVICE_RUNTIMES:
+            raise unknown("runtime", self.runtime, DEVICE_RUNTIMES)
         if self.max_ram is not None or self.max_flash is not None:
             self.target = "micro"  # a budget for a microcontroller asks for its files
         if self.quick:

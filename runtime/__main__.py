@@ -8,6 +8,7 @@ import sys
 
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
 from runtime.limits import json_loads
+from runtime.manifest import DEVICE_RUNTIMES
 
 
 def _number(value, spec: str, unit: str = "") -> str:
@@ -699,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the recommendation at the top answers: the smallest file (size, the default), the "
                              "smallest download (gzip), the fastest file at 1 thread (latency, as the search) or the "
                              "smallest tensor arena of a microcontroller file (arena); the others follow, one line each")
-    report.add_argument("--runtime", choices=("litert", "edgekit"), default="litert",
+    report.add_argument("--runtime", choices=DEVICE_RUNTIMES, default="litert",
                         help="what runs the file on the device: litert (default), the user's own LiteRT or "
                              "onnxruntime app, where every recommended file was verified at export; edgekit, EdgeKit's "
                              "runtime installed there, so files that need it (export --sparse) may be recommended")

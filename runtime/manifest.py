@@ -398,6 +398,13 @@ def validate_sidecar(data, path: Path) -> dict:
     return data
 
 
+# what runs a file on the device (`--runtime` of report and pipeline): the user's own LiteRT or onnxruntime app, or
+# EdgeKit's runtime, which alone runs a file that `needs_edgekit`
+DEVICE_RUNTIMES = {"litert": "the user's own LiteRT or onnxruntime app (default): every file recommended runs there",
+                   "edgekit": "EdgeKit's runtime is installed on the device: files that need it (sparse) may be "
+                              "recommended"}
+
+
 def needs_edgekit(sidecar: dict | None) -> str | None:
     """Why a file needs EdgeKit's runtime on the device (bare LiteRT or onnxruntime refused it at export, or its
     weights are sparse-encoded, which bare LiteRT's XNNPACK refuses), or None when it runs in the user's own

@@ -358,6 +358,28 @@ class Model(Feeding):
 REDO = "Export the model again, or delete {name} to run it without labels and preprocessing."
 
 
+def contract(model: Model, preprocessing=None, labels=None, output_kind: str | None = None) -> dict:
+    """What an application needs to run the file without EdgeKit, as plain values: how pixels become the input
+    tensor (size, channels, resize filter, background, pixel scale, per-channel mean and std, input dtype, scale,
+    zero point, layout) and what the output means (its quantization, probabilities or logits, the labels). The
+    model's own preprocessing, labels and output kind unless given (export knows them before the sidecar exists).
+    deploy/predict.py and the micro header (export/firmware.py) are both written from it."""
+    pre = preprocessing or model.preprocessing
+    channels = pre.channels
+
+    def per_channel(values) -> list[float]:  # one value broadcasts to every channel, as in the runtime
+        return [float(values[0])] * channels if len(values) == 1 else [float(v) for v in values]
+
+    return {"file": model.path.name, "backend": "tflite" if model.backend in ("tflite", "micro") else "onnx",
+            "image": [*pre.size, channels], "resize": pre.resize, "background": int(pre.background),
+            "pixel_scale": float(pre.scale), "mean": per_channel(pre.mean), "std": per_channel(pre.std),
+            "input_dtype": model.input.dtype, "input_scale": float(model.input.scale or 0.0),
+            "input_zero_point": int(model.input.zero_point or 0), "layout": model.layout,
+            "output_scale": float(model.output.scale or 0.0), "output_zero_point": int(model.output.zero_point or 0),
+            "output_is_probabilities": (output_kind or model.output_kind) == "probabilities",
+            "labels": [str(v) for v in (labels if labels is not None else model.labels)]}
+
+
 def finite(values: np.ndarray, model: Model) -> np.ndarray:
     """`values` (a model's outputs) if every one is a number: NaN is never a prediction or an accuracy."""
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from runtime.manifest import DEVICE_RUNTIMES
 from runtime.report.rows import agreement, baseline, label
 from runtime.stats import ALPHA, accuracy_interval, mcnemar
 
@@ -52,10 +53,7 @@ OBJECTIVES = (
 )
 
 
-# what runs the file on the device (`--runtime`)
-RUNTIMES = {"litert": "the user's own LiteRT or onnxruntime app (default): every file recommended runs there",
-            "edgekit": "EdgeKit's runtime is installed on the device: files that need it (sparse) may be "
-                       "recommended"}
+RUNTIMES = DEVICE_RUNTIMES
 
 
 EXCLUDED = {"edgekit": "needs EdgeKit", "micro": "for a microcontroller", "not micro": "not for a microcontroller"}

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_text, staged_dir
+from runtime.model import contract
 
 DEPLOY = "deploy"
 
@@ -162,23 +163,6 @@ int Classify(const uint8_t* pixels) {{
   return best;  // g_model_labels[best] names it
 }}
 '''
-
-
-def contract(model) -> dict:
-    """What predict.py needs of a loaded runtime Model: the constants of its input and output."""
-    pre = model.preprocessing
-    channels = pre.channels
-
-    def per_channel(values) -> list[float]:
-        return [float(values[0])] * channels if len(values) == 1 else [float(v) for v in values]
-
-    return {"file": model.path.name, "backend": "tflite" if model.backend in ("tflite", "micro") else "onnx",
-            "image": [*pre.size, channels], "resize": pre.resize, "background": int(pre.background),
-            "pixel_scale": float(pre.scale), "mean": per_channel(pre.mean), "std": per_channel(pre.std),
-            "input_dtype": model.input.dtype, "input_scale": float(model.input.scale or 0.0),
-            "input_zero_point": int(model.input.zero_point or 0), "layout": model.layout,
-            "output_scale": float(model.output.scale or 0.0), "output_zero_point": int(model.output.zero_point or 0),
-            "output_is_probabilities": model.output_kind == "probabilities", "labels": [str(v) for v in model.labels]}
 
 
 def write(root: Path, row: dict | None) -> list[str]:
