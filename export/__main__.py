@@ -7,6 +7,7 @@ import sys
 
 from runtime.__main__ import _size, add_normalization
 from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
+from runtime.text import terminal
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         bare = r.figures.get("bare") if r.passed else None
         if bare and not bare["passed"]:
-            print(f"{r.format}: needs EdgeKit's runtime on the device ({bare['reason']})")
+            print(f"{r.format}: needs EdgeKit's runtime on the device ({terminal(bare['reason'])})")
         micro = r.figures.get("micro") if r.passed else None
         if micro:
             ref = micro["reference"]

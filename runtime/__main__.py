@@ -141,7 +141,9 @@ def _load(args):
 
     if is_run_directory(args.model):  # a pipeline's run: the file its report recommends
         args.model = str(recommended(args.model))
-        print(f"the report's recommended file: {args.model}", file=sys.stderr)
+        from runtime.text import terminal
+
+        print(f"the report's recommended file: {terminal(args.model)}", file=sys.stderr)
     return load(args.model, threads=args.threads, **_model_options(args))
 
 

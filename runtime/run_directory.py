@@ -45,7 +45,7 @@ def _inside(directory: Path, name, what: str) -> Path:
                             f"directory; make the report again: python -m runtime report {directory}")
     path = directory / name
     if not path.resolve().is_relative_to(directory.resolve()) or not path.is_file():
-        raise ArtifactError(f"{directory / REPORT} names {what} {name}, which is not in {directory}; make the "
+        raise ArtifactError(f"{directory / REPORT} names {what} {name!r}, which is not in {directory}; make the "
                             f"report again: python -m runtime report {directory}")
     return path
 
