@@ -301,8 +301,9 @@ def test_report_html_is_self_contained_with_every_file(quick_run):
     links = [a.get(k) for _, a in tags.seen for k in ("src", "href") if a.get(k)]
     assert links == [] and not any(t in ("link", "iframe", "object", "embed") for t, _ in tags.seen)  # loads nothing
     assert sum(t == "tr" and a.get("class") is not None for t, a in tags.seen) == len(report["rows"])
-    circles = [a for t, a in tags.seen if t == "circle"]
-    assert len(circles) >= len(report["rows"]) and page.count("<title>") >= len(circles)  # a tooltip per point
+    points = [a["id"] for t, a in tags.seen if t == "g" and a.get("id", "").startswith("ekpt-")]
+    assert len(points) >= len(report["rows"]) and page.count("<title>") >= len(points)  # a tooltip per point
+    assert page.count("<figure><svg") == len(report["plots"]) == 2  # the PNG figures, the same drawing
     assert "Ship " in page and "python -m runtime eval " in page
 
 
@@ -341,7 +342,7 @@ def test_report_html_in_a_real_browser(quick_run, tmp_path):
         driver.find_element(By.ID, "filter").send_keys("int8")
         shown = [r for r in driver.find_elements(By.CSS_SELECTOR, "#files tbody tr") if r.is_displayed()]
         assert shown and len(shown) < len(report["rows"]) and all("int8" in r.text for r in shown)
-        tooltip = driver.execute_script("return document.querySelector('svg circle title').textContent")
+        tooltip = driver.execute_script("return document.querySelector('svg g[id^=ekpt] title').textContent")
         assert "accuracy" in tooltip and "KiB" in tooltip
         driver.save_screenshot(str(tmp_path / "report.html.png"))
         assert (tmp_path / "report.html.png").read_bytes()[:4] == b"\x89PNG"
@@ -367,9 +368,16 @@ def test_pipeline_measures_latency_on_the_device(quick_copy, sshd):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tflite_micro") is None, reason="needs the micro extra")
-def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy):
+def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy, digits):
     """--max-ram: every variant's micro file is made and verified in TFLM, and the recommendation is the micro file
-    with the smallest arena that fits."""
+    with the smallest arena that fits; deploy/ holds its C sources and main.cc, which carries the first test image
+    and the class EdgeKit's TFLM run gives it (scripts/check-micro-firmware builds and runs it against TFLM)."""
+    import re
+
+    import numpy as np
+
+    import runtime
+
     done = run_module("pipeline", "--quick", "--out", str(quick_copy), "--max-ram", "1MiB", "--no-bench")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((quick_copy / "report.json").read_text())
@@ -380,6 +388,15 @@ def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy):
     row = next(r for r in micro if r["file"] == chosen["file"])
     assert row["arena_bytes"] == min(r["arena_bytes"] for r in micro if not r["over_budget"])
     assert "smallest RAM on a microcontroller" in (quick_copy / "report.md").read_text().splitlines()[2]
+    deploy, artifact = quick_copy / "deploy", (quick_copy / chosen["file"]).parent
+    assert sorted(p.name for p in deploy.iterdir()) == ["main.cc", "model.micro.cc", "model.micro.h"]
+    assert all((deploy / n).read_bytes() == (artifact / n).read_bytes() for n in ("model.micro.cc", "model.micro.h"))
+    main = (deploy / "main.cc").read_text()
+    pixels = re.search(r"kTestImage\[(\d+)\] = \{([^}]*)\}", main)
+    assert int(pixels[1]) == digits.x_test[0].size
+    assert np.array_equal(np.array([int(v) for v in pixels[2].split(",")]), digits.x_test[0].ravel())
+    expected = runtime.load(quick_copy / chosen["file"]).logits(digits.x_test[:1]).argmax()
+    assert f"constexpr int kTestImageClass = {expected};" in main and "int Classify(const uint8_t* pixels)" in main
 
 
 def test_a_run_directory_is_a_model_argument_and_every_suggested_fix_works(quick_copy, digits):

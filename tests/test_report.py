@@ -174,54 +174,96 @@ def test_files_of_one_graph_are_one_option_for_size_and_latency_but_not_for_gzip
     assert size["choice"]["variant"] == "pruned50" and [r["variant"] for r in size["tied"]] == ["base"]
 
 
-def test_plot_labels_cover_no_point_no_interval_and_no_other_label(tmp_path):
-    """Twenty files at two sizes (every dynamic file is one graph): one label per group, none overlapping."""
+def _crowd():
+    """A default pipeline's crowd: 7 variants x 6 formats at four sizes, gzip sizes spread by pruning, accuracies
+    on seven levels, latency intervals."""
+    rng = np.random.default_rng(0)
+    base = _row("base", "float32", 1_875_000, 396, latency=(0.40, 0.38, 0.42))
+    rows = [base]
+    sizes = {"float32": 1_875_000, "float16": 940_000, "dynamic": 480_000, "int8": 482_000,
+             "onnx-float32": 1_880_000, "onnx-int8": 490_000}
+    for variant, pruned in [("base", 1.0), ("pruned50", 0.6), ("pruned80", 0.3), ("2of4", 0.55),
+                            ("clustered16", 0.35), ("qat", 1.0), ("pqat", 0.32)]:
+        for fmt, size in sizes.items():
+            if (variant, fmt) == ("base", "float32"):
+                continue
+            ms = 0.1 + rng.random() * 0.3
+            row = _row(variant, fmt, size + int(rng.integers(0, 300)), 392 + int(rng.integers(0, 6)),
+                       latency=(ms, ms * 0.95, ms * 1.05))
+            row["gzip_bytes"] = int(row["size_bytes"] * (0.9 if fmt in ("float32", "float16", "onnx-float32") else pruned))
+            rows.append(row)
+    return base, rows
+
+
+def test_plots_name_every_mark_and_no_label_or_leader_crosses_another_label(tmp_path):
+    """The report's figures as they are saved (runtime.report.plots.figures), on a default pipeline's crowd: a legend
+    entry for every format's colour and every variant's marker, the front, the budget and the ring; the ring on
+    each panel's recommended file and its label saying so; no two labels overlapping, no label on a point or a
+    latency bar, no leader line crossing another label's text (the bounding boxes matplotlib reports)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
 
-    from runtime.report.plots import _panel, _place_labels
+    from runtime.report.plots import FIGURES, figures
 
-    base = _row("base", "float32", 1_875_000, 396, latency=(0.40, 0.30, 0.55))
-    rows = [base]
-    for i in range(19):
-        fmt = "dynamic" if i < 12 else "int8"
-        rows.append(_row(f"prune0.{50 + i}-e3", fmt, 477_000 if fmt == "dynamic" else 481_000, 392 + i % 3,
-                         latency=(0.1 + 0.001 * i, 0.09, 0.13 + 0.001 * i)))
-    _decide(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(16, 6.5))
-    panels = [_panel(ax, objective, rows, 1.0, base, None, rows) for ax, objective in zip(axes, (SIZE, LATENCY))]
-    fig.tight_layout()
-    for ax, panel in zip(axes, panels):
-        _place_labels(ax, panel)
-    fig.savefig(tmp_path / "labels.png")  # to look at when this fails
-    renderer = fig.canvas.get_renderer()
-    for ax, (labels, bars) in zip(axes, panels):
-        assert len(ax.texts) == len(labels) < len(rows)
-        boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, not its leader line
-        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-        for x, y, _, _ in labels:
-            px, py = ax.transData.transform((x, y))
-            assert not any(b.contains(px, py) for b in boxes)
-        for low, high, y in bars:
-            (x0, py), (x1, _) = ax.transData.transform([(low, y), (high, y)])
-            assert not any(b.x0 < x1 and x0 < b.x1 and b.y0 < py < b.y1 for b in boxes)
-        assert any(t.get_text().endswith(" more") for t in ax.texts)  # a crowd: three names and a count
-    plt.close(fig)
+    base, rows = _crowd()
+    _, recs, _ = _decide(rows)
+    chosen = {r["objective"]: r["choice"] for r in recs}
+    seen = []
+    for name, fig in figures(rows, 1.0, base, None, recs):
+        fig.savefig(tmp_path / name)  # to look at when this fails
+        renderer = fig.canvas.get_renderer()
+        legend = {t.get_text() for t in fig.legends[0].get_texts()}
+        assert {f"format {r['format']}" for r in rows} | {f"variant {r['variant']}" for r in rows} <= legend
+        assert {"accuracy budget", "recommended for the panel's axis"} <= legend
+        assert any(text.startswith("Pareto front") for text in legend)
+        for ax, objective in zip(fig.axes, [o for o in OBJECTIVES if o.key in FIGURES[name]]):
+            seen.append(objective.key)
+            texts = ax.texts
+            boxes = [Text.get_window_extent(t, renderer) for t in texts]  # the text, not its leader line
+            assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), name
+            for i, text in enumerate(texts):
+                if text.arrow_patch is not None:
+                    leader = text.arrow_patch.get_transform().transform_path(text.arrow_patch.get_path())
+                    crossed = [texts[j].get_text() for j, b in enumerate(boxes) if j != i and leader.intersects_bbox(b)]
+                    assert crossed == [], (name, text.get_text(), crossed)
+            for r in rows:
+                px, py = ax.transData.transform((r[objective.cost] / (1024 if "bytes" in objective.cost else 1),
+                                                 r["accuracy"] * 100))
+                assert not any(b.contains(px, py) for b in boxes), (name, r["variant"], r["format"])
+                if objective.tag:
+                    (x0, _), (x1, _) = ax.transData.transform([(r["latency_low_ms_1t"], 0), (r["latency_high_ms_1t"], 0)])
+                    assert not any(b.x0 < x1 and x0 < b.x1 and b.y0 < py < b.y1 for b in boxes)
+            ring = [t for t in texts if t.get_text().startswith("recommended: ")]
+            choice = chosen[objective.key]
+            assert len(ring) == 1 and f"{choice['variant']} {choice['format']}" in ring[0].get_text()
+            assert len(texts) < len([r for r in rows if r.get(objective.cost) is not None])  # groups share labels
+            assert any(len(line.get_xdata()) > 1 and line.get_color() == "black" for line in ax.lines)  # the front
+        plt.close(fig)
+    assert seen == ["size", "gzip", "latency_1t"]
 
 
-def test_report_html_escapes_what_came_from_outside():
+def test_report_html_escapes_what_came_from_outside(tmp_path):
     from pathlib import Path
 
-    from runtime.report.html import _inline, _table
+    from runtime.report.html import _inline, _table, _with_tooltips
+    from runtime.report.plots import plot
     from runtime.text import markdown
 
     row = {"variant": "<img src=x onerror=alert(1)>", "format": "int8", "file": "/r/x/model.int8.tflite",
            "status": "failed", "reason": "</td><script>alert(1)</script>"}
     html = _table([row], Path("/r"))
     assert "<script>" not in html and "<img" not in html and "&lt;script&gt;" in html
+    base = _row("base", "float32", 400_000, 396, latency=(0.4, 0.3, 0.5))
+    rows = [base, _row("<script>alert(1)</script>", "int8", 100_000, 395, latency=(0.1, 0.09, 0.11)),
+            _row("b-->x<!--", "dynamic", 90_000, 395, latency=(0.2, 0.19, 0.21))]
+    _, recs, _ = _decide(rows)
+    figures = plot(rows, tmp_path, 1.0, base, {"host": "<img src=x onerror=alert(1)>", "cpu": "&"}, recs)
+    assert list(figures) == ["accuracy_vs_size.png", "accuracy_vs_latency.png"]
+    page = "".join(_with_tooltips(svg, rows, Path("/r")) for svg in figures.values())
+    assert "<script" not in page and "<img" not in page and "&lt;script&gt;alert(1)" in page  # a tooltip
     line = _inline("**Ship base int8**: `a.tflite`; " + markdown("**not bold** <b>x</b> `tick`"))
     assert line.startswith("<strong>Ship base int8</strong>: <code>a.tflite</code>")
     assert "<b>" not in line and "**not bold**" in line and "<code>tick</code>" not in line

@@ -59,7 +59,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
         raise EdgeKitError(f"{root} is not a directory; expected the output directory of `python -m pipeline`.")
     threads = threads or sorted({1, cores()})
     rows = collect(root)
-    evaluate(rows, data_dir, progress)
+    test_sets = evaluate(rows, data_dir, progress)
     for_device(rows, runtime, objective)
     base = judge(rows, budget, max_ram, max_flash)
     where = {**device.info, "host": device.target.name} if device else machine()
@@ -69,10 +69,13 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     recommendations = recommend(rows, comparer, budget)
     answer = primary(recommendations, objective)
     try:  # an extra beside the report: a full disk costs deploy/, not the report
-        deployed, deploy_problem = deploy.write(root, answer["choice"] if answer else None), None
+        choice = answer["choice"] if answer else None
+        deployed = deploy.write(root, choice, test_sets.get(choice["_images"]) if choice else None)
+        deploy_problem = None
     except WriteFailed as exc:
         deployed, deploy_problem = [], str(exc)
-    plots = plot(rows, root, budget, base, where)
+    figures = plot(rows, root, budget, base, where, recommendations)  # {PNG name: the figure as SVG}
+    plots = list(figures)
     search_lines, search_plots = search_section(root, rows, recommendations, budget)
     for stale in {*FIGURES, SEARCH_PLOT} - {*plots, *search_plots}:  # e.g. a latency plot from a run with benchmarks
         (root / stale).unlink(missing_ok=True)
@@ -80,7 +83,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     info = {"created": utc_now(), "machine": where, "model": first.get("model"), "dataset": first.get("dataset"),
             "budget": budget, "objective": objective, "baseline_row": base, "bench_settings": settings, "rows": rows,
             "recommendations": recommendations, "notes": notes(rows, groups, budget),
-            "summary": console_summary(recommendations, root, objective), "plots": plots, "plots_missing": missing(),
+            "summary": console_summary(recommendations, root, objective), "plots": plots, "plots_svg": figures, "plots_missing": missing(),
             "search_lines": search_lines, "search_plots": search_plots, "deploy": deployed}
     if deploy_problem:
         info["notes"].append(f"deploy/ was not written: {deploy_problem}")

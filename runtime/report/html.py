@@ -4,8 +4,9 @@ are inline), beside report.md.
     the recommendation   as report.md says it
     the table            every file; a click on a column header sorts by it (again: the other way), the box
                          above it keeps the rows whose text holds what is typed
-    the plots            accuracy against file size, gzip size and latency, drawn as SVG: hovering a point
-                         shows its file, variant, format, accuracy with its interval, sizes and latency
+    the plots            the report's figures (runtime.report.plots: legend, Pareto front, labels, the
+                         recommended file ringed) as inline SVG: hovering a point shows its file, variant,
+                         format, accuracy with its interval, sizes and latency
 
 Every text that came from outside (a manifest's names, a dataset name, a path) is escaped with html.escape;
 the page runs no code but its own and loads nothing.
@@ -18,7 +19,6 @@ import math
 import re
 from pathlib import Path
 
-from runtime.formats import colour
 from runtime.report.decide import OBJECTIVES
 from runtime.report.rows import label
 
@@ -32,8 +32,8 @@ table{border-collapse:collapse;font-size:12px;width:100%}th,td{border-bottom:1px
 th{cursor:pointer;background:#fafafa;position:sticky;top:0;user-select:none}th:hover{background:#eee}
 td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}tr.over td{color:#888}tr.failed td{color:#b00}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-#filter{width:24em;padding:4px;margin:.5em 0}.plots{display:flex;flex-wrap:wrap;gap:1em}
-svg text{font:11px system-ui,sans-serif}svg circle{cursor:default}svg circle:hover{stroke:#000;stroke-width:2}
+#filter{width:24em;padding:4px;margin:.5em 0}.plots figure{margin:0 0 1.5em}.plots svg{max-width:100%;height:auto}
+.plots g[id^=ekpt]:hover path{stroke:#000;stroke-width:2}
 .meta td{text-align:left}.meta{width:auto}
 """
 
@@ -181,64 +181,13 @@ def _tooltip(r: dict, root: Path) -> str:
     return "\n".join(lines)
 
 
-def _svg(rows: list[dict], objective, root: Path, budget_line: float | None) -> str | None:
-    """One objective's scatter (log x, accuracy in % on y), a <title> per point: what hovering it shows."""
-    points = [r for r in rows if r.get(objective.cost) is not None and r.get("accuracy") is not None]
-    if not points:
-        return None
-    w, h, left, right, top, bottom = 560, 360, 56, 16, 24, 44
-    scale = 1 / 1024 if objective.cost.endswith("bytes") else 1.0
-    xs = [math.log10(max(r[objective.cost] * scale, 1e-9)) for r in points]
-    ys = [r["accuracy"] * 100 for r in points] + ([budget_line] if budget_line is not None else [])
-    x0, x1 = min(xs), max(xs)
-    pad = max((x1 - x0) * 0.08, 0.05)
-    x0, x1 = x0 - pad, x1 + pad
-    y0, y1 = min(ys), max(ys)
-    ypad = max((y1 - y0) * 0.1, 0.2)
-    y0, y1 = y0 - ypad, y1 + ypad
+def _with_tooltips(svg: str, rows: list[dict], root: Path) -> str:
+    """A report figure's SVG (runtime.report.plots) with a <title> in every point's group: what hovering shows."""
+    def titled(match) -> str:
+        index = int(match.group(2))
+        return match.group(1) + (f"<title>{_e(_tooltip(rows[index], root))}</title>" if index < len(rows) else "")
 
-    def px(v):
-        return left + (v - x0) / (x1 - x0) * (w - left - right)
-
-    def py(v):
-        return top + (y1 - v) / (y1 - y0) * (h - top - bottom)
-
-    unit = "KiB" if scale != 1 else "ms"
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' "
-           f"aria-label='accuracy vs {_e(objective.axis)}'>",
-           f"<text x='{w / 2}' y='14' text-anchor='middle'>accuracy vs {_e(objective.axis)}</text>",
-           f"<rect x='{left}' y='{top}' width='{w - left - right}' height='{h - top - bottom}' fill='none' "
-           "stroke='#999'/>"]
-    for e in range(math.floor(x0), math.ceil(x1) + 1):
-        for m in (1, 2, 5):
-            v = math.log10(m) + e
-            if x0 <= v <= x1:
-                out.append(f"<line x1='{px(v):.1f}' x2='{px(v):.1f}' y1='{top}' y2='{h - bottom}' stroke='#eee'/>"
-                           f"<text x='{px(v):.1f}' y='{h - bottom + 14}' text-anchor='middle'>{m * 10 ** e:g}</text>")
-    step = 10 ** math.floor(math.log10(max(y1 - y0, 1e-6)))
-    while (y1 - y0) / step < 4:
-        step /= 2
-    tick = math.ceil(y0 / step) * step
-    while tick <= y1:
-        out.append(f"<line x1='{left}' x2='{w - right}' y1='{py(tick):.1f}' y2='{py(tick):.1f}' stroke='#eee'/>"
-                   f"<text x='{left - 4}' y='{py(tick) + 4:.1f}' text-anchor='end'>{tick:.4g}</text>")
-        tick += step
-    out.append(f"<text x='{(left + w - right) / 2}' y='{h - 8}' text-anchor='middle'>{_e(objective.axis)} "
-               f"({unit}, log scale)</text>"
-               f"<text transform='translate(14,{(top + h - bottom) / 2}) rotate(-90)' text-anchor='middle'>"
-               "test accuracy (%)</text>")
-    if budget_line is not None:
-        out.append(f"<line x1='{left}' x2='{w - right}' y1='{py(budget_line):.1f}' y2='{py(budget_line):.1f}' "
-                   "stroke='#d62728' stroke-dasharray='5,4'><title>accuracy budget</title></line>")
-    for r, x in sorted(zip(points, xs), key=lambda p: p[0]["format"].startswith("onnx")):
-        fill = "#b0b0b0" if r.get("over_budget") else colour(r["format"])
-        hollow = r["format"].startswith("onnx")
-        out.append(f"<circle cx='{px(x):.1f}' cy='{py(r['accuracy'] * 100):.1f}' r='{7 if hollow else 5}' "
-                   f"fill='{'none' if hollow else fill}' stroke='{fill}' stroke-width='{2 if hollow else 1}' "
-                   f"data-file='{_e(r.get('file') and Path(r['file']).name)}'><title>{_e(_tooltip(r, root))}</title>"
-                   "</circle>")
-    out.append("</svg>")
-    return "".join(out)
+    return re.sub(r'(<g id="ekpt-[a-z0-9_]+-(\d+)">)', titled, svg)
 
 
 def write_html(root: Path, info: dict, recommendation: list[str], header_rows: list[tuple[str, str]]) -> None:
@@ -246,9 +195,8 @@ def write_html(root: Path, info: dict, recommendation: list[str], header_rows: l
     from runtime.fsutil import atomic_write_text
     from runtime.report.rows import points as points_text
 
-    rows, base = info["rows"], info.get("baseline_row")
-    budget_line = base["accuracy"] * 100 - info["budget"] if base else None
-    plots = [svg for o in OBJECTIVES if (svg := _svg(rows, o, root, budget_line))]
+    rows = info["rows"]
+    plots = [f"<figure>{_with_tooltips(svg, rows, root)}</figure>" for svg in info.get("plots_svg", {}).values()]
     title = f"EdgeKit report: {info.get('model') or root.name} on {info.get('dataset') or '?'}"
     meta = "".join(f"<tr><th scope=row>{_e(k)}</th><td>{_inline(str(v))}</td></tr>" for k, v in header_rows)
     notes = "".join(f"<li>{_inline(n)}</li>" for n in info["notes"])
@@ -266,7 +214,8 @@ def write_html(root: Path, info: dict, recommendation: list[str], header_rows: l
 <input id=filter type=search placeholder="filter: int8, pruned, over..." aria-label="filter the table">
 {_table(rows, root)}
 <h2>Plots</h2>
-<p>Hover a point for its file and figures. Dashed red: the accuracy budget; grey: over it; hollow: ONNX.</p>
+<p>Hover a point for its file and figures; the legend under each figure names every colour, marker and line
+(the same figures as the PNG files beside this page).</p>
 <div class=plots>{''.join(plots)}</div>
 <h2>Notes</h2><ul>{notes}</ul>
 <script>{_SCRIPT}</script>

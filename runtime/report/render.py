@@ -256,8 +256,11 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                    *fence(f"scp -r {shlex.quote(relative(root / 'deploy', Path.cwd()))} pi@raspberrypi.local:\n"
                           f"# on the device\npip install {package} numpy Pillow\npython3 deploy/predict.py IMAGE.png")]
         elif "deploy/main.cc" in deployed:
-            md += ["", "`deploy/main.cc` classifies one image with nothing but TFLM and the generated header "
-                   "(`deploy/model.micro.cc`, `deploy/model.micro.h`): copy the three into the firmware."]
+            md += ["", "`deploy/main.cc` classifies images with nothing but TFLM and the generated header "
+                   "(`deploy/model.micro.cc`, `deploy/model.micro.h`): copy the three into the firmware; its "
+                   "`main()` checks the board on the first test image (`-DEDGEKIT_NO_MAIN` when the firmware has "
+                   "its own), and `python scripts/check-micro-firmware RUN` in EdgeKit's repository builds it "
+                   "against TFLM on this machine and runs the test split through it."]
     others = [r for r in recs if r is not rec]
     if others:
         md += ["", "Other objectives, within the same budget:", ""]

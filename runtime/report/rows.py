@@ -112,9 +112,10 @@ def _dataset_for(artifact: str, cache: dict, data_dir):
     return cache[artifact]
 
 
-def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
+def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> dict:
     """Accuracy of every verified file on its test split. Each row keeps which images it got right
-    (`_correct`, for the significance tests) and which test set they are (`_images`)."""
+    (`_correct`, for the significance tests), what it answered (`_predicted`) and which test set they are
+    (`_images`). Returns the test sets by `_images` key."""
     from runtime.load import finite, load
 
     datasets = {}
@@ -148,6 +149,7 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> None:
             twin = next((r for r in rows if r["artifact"] == row["artifact"] and r.get("macs") is not None), None)
             if twin is not None:
                 row["macs"] = twin["macs"]
+    return {key: dataset for key, dataset in datasets.items() if not isinstance(dataset, tuple)}
 
 
 def _micro_fields(path: Path, sidecar: dict) -> dict:
