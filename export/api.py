@@ -652,17 +652,32 @@ def _opset_written(src: Source, opset: int | None) -> int:
 
 
 def _output_kind(model, reference: np.ndarray) -> str:
-    """'probabilities' when the Keras model ends in softmax (its last layer's activation, or a Softmax layer)
-    and its outputs on the test split are probabilities (non-negative, rows summing to 1); else 'logits'.
-    An ONNX source: what the runtime reads from its graph."""
+    """'probabilities' when the Keras model ends in softmax (the layer that makes its output, followed into nested
+    models: a Softmax layer, an Activation('softmax'), or a layer with activation='softmax') and its outputs on the
+    test split are probabilities (non-negative, rows summing to 1); else 'logits'. An ONNX source: what the
+    runtime reads from its graph."""
     if hasattr(model, "output_kind"):
         return model.output_kind
-    last = model.layers[-1]
+    last = _output_layer(model)
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     declared = activation == "softmax" or type(last).__name__ == "Softmax"
     confirmed = bool(len(reference)) and bool((reference >= 0).all()) and \
         bool(np.allclose(reference.sum(axis=1), 1.0, atol=1e-3))
     return "probabilities" if declared and confirmed else "logits"
+
+
+def _output_layer(model):
+    """The layer that makes a Keras model's (first) output, inside nested models too: a wrapper whose last layer
+    is a model ending in Softmax ends in Softmax."""
+    layer = model
+    for _ in range(32):  # nesting depth; a model file is untrusted
+        inner = getattr(layer, "layers", None)
+        if not inner:
+            return layer
+        outputs = getattr(layer, "outputs", None) or []
+        history = getattr(outputs[0], "_keras_history", None) if outputs else None
+        layer = history.layer if history is not None else inner[-1]
+    return layer
 
 
 def _default_opset() -> int:

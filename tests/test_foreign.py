@@ -94,3 +94,56 @@ def test_softmax_outputs_are_recorded_and_not_normalized_again(foreign):
         assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02), (name, key)
         if FORMATS[key].kind == "float":
             assert np.allclose(probabilities, expected, atol=1e-4), (name, key)
+
+
+def _softmax_forms(directory: str) -> dict:
+    """Three tiny models whose softmax sits where a user's model puts it, trained 4 epochs on 1,024 digits, saved and
+    exported to float32, int8 and onnx-float32 (in a subprocess): {form: (export results, the Keras model's
+    outputs on the first 5 test images)}."""
+    from runtime.datasets import load_dataset
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+
+    def trunk():
+        inputs = keras.Input((28, 28, 1))
+        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+        return inputs, keras.layers.Flatten()(x)
+
+    inputs, x = trunk()
+    inner = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(10)(x)), name="inner")
+    outer_in = keras.Input((28, 28, 1))
+    wrapped = keras.Model(outer_in, inner(keras.layers.Rescaling(1.0)(outer_in)), name="wrapper")
+    inputs, x = trunk()
+    activation = keras.Model(inputs, keras.layers.Activation("softmax")(keras.layers.Dense(10)(x)))
+    inputs, x = trunk()
+    head = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dense(10, activation="softmax")], name="head")
+    sequential = keras.Model(inputs, head(x))
+    data = load_dataset("digits")
+    x_train, y_train = data.arrays("train")
+    out = {}
+    for form, model in {"nested wrapper": wrapped, "Activation('softmax')": activation,
+                        "nested Sequential head": sequential}.items():
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        model.fit(x_train[:1024], y_train[:1024], epochs=4, batch_size=64, verbose=0)
+        path = Path(directory) / f"{len(out)}.keras"
+        model.save(path)
+        results = export(path, ["float32", "int8", "onnx-float32"], Path(directory) / f"out{len(out)}",
+                         dataset="digits", calibration_samples=32, progress=None)
+        out[form] = ({r.format: r for r in results}, model.predict(data.arrays("test")[0][:5], verbose=0))
+    return out
+
+
+def test_softmax_is_found_where_it_is_and_never_applied_twice(tmp_path, digits):
+    """A wrapper around a model ending in Softmax (issue 38: recorded as logits, so every runtime applied softmax
+    again), an Activation('softmax'), a nested Sequential head with activation='softmax': each file's sidecar says
+    probabilities, and the runtime gives the Keras model's own probabilities (float files within 1e-4)."""
+    for form, (results, expected) in in_subprocess(_softmax_forms, str(tmp_path)).items():
+        for key, result in results.items():
+            assert result.passed, (form, key, result.message)
+            model = load(result.file)
+            assert model.sidecar["output"]["kind"] == "probabilities" and model.output_kind == "probabilities"
+            got = model.predict(digits.x_test[:5])
+            tolerance = 1e-4 if key != "int8" else 0.02
+            assert np.allclose(got, expected, atol=tolerance), (form, key, np.abs(got - expected).max())
