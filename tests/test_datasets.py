@@ -173,6 +173,19 @@ def test_cifar10_missing_in_data_dir(tmp_path):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
+def test_cifar10_test_split_needs_only_test_batch(tmp_path):
+    """Evaluating needs the official test set alone (issue 38: all five training batches were wanted)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").unlink()
+    data = load_dataset("cifar10", data_dir=tmp_path, test_only=True)
+    assert data.x_test.shape == (30, 32, 32, 3) and len(data.y_train) == len(data.y_val) == 0
+    assert data.y_test.tolist() == [i % 10 for i in range(30)]
+    with pytest.raises(EdgeKitError, match=r"lacks CIFAR-10 batches \['data_batch_1'.*needs only test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)  # training needs them
+
+
 # --- folder ---------------------------------------------------------------------
 
 def _write_folder(root, classes=("cat", "dog", "owl"), per_class=6, mode="L"):
@@ -260,3 +273,31 @@ def test_eval_on_mnist_needs_only_the_two_test_files(exported, tmp_path):
     result = run_module("runtime", "eval", model, "--dataset", "mnist", "--data-dir", str(tmp_path / "idx"),
                         "--split", "val")
     assert result.returncode == 2 and "Expected the four IDX files" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_folder_with_train_and_test_folders_is_split_as_given(tmp_path):
+    """torchvision's ImageFolder habit (issue 38): DIR/train/<class>, DIR/test/<class> [DIR/val/<class>] are the
+    splits; the classes are train/'s; validation is 10% of train when val/ is missing; eval reads test/ alone."""
+    _write_folder(tmp_path / "train", per_class=10)
+    _write_folder(tmp_path / "test", classes=("cat", "owl"), per_class=4)  # a test split may lack a class
+    data = load_dataset(f"folder:{tmp_path}")
+    assert data.labels == ("cat", "dog", "owl")
+    assert len(data.y_test) == 8 and set(data.y_test.tolist()) == {0, 2}
+    assert len(data.y_train) == 27 and len(data.y_val) == 3 and data.split["method"].startswith("given")
+    (tmp_path / "train" / "cat" / "0.jpg").write_bytes(b"not an image")  # eval never opens train/
+    only = load_dataset(f"folder:{tmp_path}", test_only=True)
+    assert np.array_equal(only.x_test, data.x_test) and len(only.y_train) == 0
+    _write_folder(tmp_path / "val", per_class=2)
+    (tmp_path / "train" / "cat" / "0.jpg").unlink()
+    given = load_dataset(f"folder:{tmp_path}")
+    assert (len(given.y_train), len(given.y_val), len(given.y_test)) == (29, 6, 8)
+    (tmp_path / "test" / "emu").mkdir()
+    (tmp_path / "test" / "emu" / "1.png").write_bytes((tmp_path / "test" / "cat" / "1.png").read_bytes())
+    with pytest.raises(EdgeKitError, match="class folders that .*train lacks: emu"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_a_flat_folder_whose_classes_are_called_train_and_test_stays_flat(tmp_path):
+    _write_folder(tmp_path, classes=("test", "train"))
+    data = load_dataset(f"folder:{tmp_path}")
+    assert data.labels == ("test", "train") and data.split["method"] == "stratified"

@@ -154,17 +154,18 @@ def load_dataset(
     when given); `download=False` or EDGEKIT_OFFLINE=1 forbids downloads.
     `image_size`/`channels` resize every split (and the preprocessing) to a model's input.
     `test_only`: the test split is all that is needed (eval): MNIST-style IDX data then needs only its two t10k
-    files in `data_dir`, and the train and validation splits may be empty.
+    files in `data_dir`, CIFAR-10 only `test_batch`, a folder with `train/` and `test/` only its `test/` images;
+    the train and validation splits may be empty.
     """
     if spec.startswith("folder:"):
         from runtime.datasets import folder
 
-        dataset = folder.load(spec, size=image_size, channels=channels)
+        dataset = folder.load(spec, size=image_size, channels=channels, test_only=test_only)
     else:
         loaders = _registry()
         if spec not in loaders:
             raise unknown("dataset", spec, list(loaders) + ["folder:PATH"])
-        extra = {"test_only": True} if test_only and spec in ("mnist", "fashion_mnist") else {}
+        extra = {"test_only": True} if test_only and spec in ("mnist", "fashion_mnist", "cifar10") else {}
         dataset = loaders[spec](data_dir=Path(data_dir) if data_dir else None, download=download, **extra)
     return resized(dataset, image_size, channels)
 

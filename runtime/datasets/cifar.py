@@ -83,15 +83,24 @@ def _locate(data_dir: Path | None, download: bool) -> Path:
     return _extract(archive, cache)
 
 
-def load(data_dir: Path | None = None, download: bool = True) -> Dataset:
+def load(data_dir: Path | None = None, download: bool = True, test_only: bool = False) -> Dataset:
+    """CIFAR-10 with its official test set; `test_only` (eval): `test_batch` alone suffices (the train and
+    validation splits are then empty)."""
     folder = _locate(data_dir, download)
     missing = [b for b in BATCHES if not (folder / b).is_file()]
-    if missing:
-        raise EdgeKitError(f"{folder} lacks CIFAR-10 batches {missing}; extract the archive again.")
-    parts = [_read_batch(folder / b) for b in BATCHES]
+    if test_only and missing and "test_batch" not in missing:
+        x_test, y_test = _read_batch(folder / "test_batch")
+        x_none, y_none = np.zeros((0, *x_test.shape[1:]), np.uint8), np.zeros(0, np.int64)
+        train, val, parts = slice(0, 0), slice(0, 0), [(x_none, y_none), (x_test, y_test)]
+    elif missing:
+        raise EdgeKitError(f"{folder} lacks CIFAR-10 batches {missing}; extract the archive again"
+                           + (" (evaluating needs only test_batch)." if "test_batch" not in missing else "."))
+    else:
+        parts = [_read_batch(folder / b) for b in BATCHES]
     x_all = np.concatenate([p[0] for p in parts[:-1]])
     y_all = np.concatenate([p[1] for p in parts[:-1]])
-    train, val, _ = stratified_split(y_all, VAL_FRACTION, 0.0, SPLIT_SEED)
+    if len(y_all):
+        train, val, _ = stratified_split(y_all, VAL_FRACTION, 0.0, SPLIT_SEED)
     return Dataset(
         name="cifar10",
         x_train=x_all[train], y_train=y_all[train], x_val=x_all[val], y_val=y_all[val],
