@@ -342,6 +342,8 @@ def _eval(args) -> int:
 
     target(args)  # --host's options checked before any work
     model = _load(args)
+    if args.dataset and model.preprocessing is None:  # a --dataset's own scaling would be a guess, silently wrong
+        raise model.unknown_preprocessing()
     dataset = _eval_dataset(args, model)
     if args.split == "all":
         pixels = np.concatenate([dataset.x_train, dataset.x_val, dataset.x_test])
@@ -352,7 +354,8 @@ def _eval(args) -> int:
     if len(y) == 0:
         raise EdgeKitError(f"the {args.split} split of {dataset.name} is empty; choose another --split.")
     started = time.perf_counter()
-    # the model's own preprocessing (from its sidecar) when it has one, else the dataset's
+    # the model's own preprocessing (its sidecar's, or --mean/--std) when it has one, else its artifact's (the
+    # manifest beside it says how it was trained)
     x = pixels if model.preprocessing is not None else dataset.preprocessing.apply(pixels)
     from runtime.load import finite
 

@@ -71,12 +71,16 @@ class Feeding:
         if x.shape[1:3] != (h, w):
             raise EdgeKitError(f"{self.path.name} takes {h}x{w}x{c} images; got {list(x.shape[1:])}.")
         if pixels and self.preprocessing is None:
-            raise EdgeKitError(
-                f"{self.path.name} takes {self.input.dtype} input and has no sidecar ({sidecar_path(self.path).name}) "
-                "saying how pixels become it; pass --mean and --std in pixel units (mean=, std= to runtime.load), "
-                "e.g. 127.5 and 127.5 for input in [-1, 1], 0 and 255 for [0, 1], or float32 input preprocessed "
-                "as in training.")
+            raise self.unknown_preprocessing()
         return (x, True) if pixels else (np.ascontiguousarray(x, dtype=np.float32), False)
+
+    def unknown_preprocessing(self) -> EdgeKitError:
+        """The error for images given to a float model whose preprocessing nothing records."""
+        return EdgeKitError(
+            f"{self.path.name} takes {self.input.dtype} input and has no sidecar ({sidecar_path(self.path).name}) "
+            "saying how pixels become it; pass --mean and --std in pixel units (mean=, std= to runtime.load), "
+            "e.g. 127.5 and 127.5 for input in [-1, 1], 0 and 255 for [0, 1], or float32 input preprocessed "
+            "as in training.")
 
     def float_range(self) -> tuple[float, float, float] | None:
         """(low, high, slack): preprocessing gives pixels 0..255 values in [low, high]; float input more than
