@@ -24,6 +24,7 @@ examples:
   python -m export --tflite --quantize int8 --keep-float auto artifacts/cnn   # int8, or int8-mixed within budget
   python -m export --onnx --quantize int8 --keep-float dense_1 artifacts/cnn  # onnx-int8-mixed, dense_1 float
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
+  python -m export --micro resnet8.h5 --dataset cifar10 --mean 0 --std 1   # one that takes raw 0..255 pixels
   python -m export --onnx --quantize int8 model.onnx --dataset digits --mean 127.5 --std 127.5
                                               # a PyTorch file: model-export/, float32 and int8 verified
 
@@ -91,11 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "in any LiteRT")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     foreign = parser.add_argument_group(
-        "an .onnx source (PyTorch's torch.onnx.export, any exporter)",
-        "Exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node name), each "
-        "verified against the source file run by onnxruntime on --dataset's test split. An opset below 13 is "
-        "upgraded first; external data (model.onnx.data) must be beside the file. No TFLite file is made from ONNX.")
-    add_normalization(foreign)  # without --mean/--std the dataset's 0..1 scaling is fed, and export says so
+        "a model file from elsewhere: .keras, .h5, SavedModel, or .onnx (PyTorch's torch.onnx.export, any exporter)",
+        "--dataset gives its labels, test and calibration images; --mean and --std say how pixels become its input "
+        "as it was trained (without them the dataset's own scaling is fed, and export says so; a model scoring "
+        "under twice chance on the test split is refused: its preprocessing is most likely another). An .onnx "
+        "file exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node "
+        "name), each verified against the source file run by onnxruntime; an opset below 13 is upgraded first; "
+        "external data (model.onnx.data) must be beside the file; no TFLite file is made from ONNX. --layout is "
+        "for an .onnx file (a Keras model takes NHWC).")
+    add_normalization(foreign)
+    foreign.add_argument("--allow-untrained", action="store_true",
+                         help="export a model that scores under twice chance on the test split (an untrained "
+                              "architecture, for its size and speed); its files are verified against it all the same")
     parser.add_argument("--data-dir", help="where the dataset files are")
     parser.add_argument("--trust-model", action="store_true",
                         help="load a model file even if loading runs code (Lambda layers, custom objects, a "
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                      (lambda s: print(s, flush=True)), trust=args.trust_model,
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
                      mean=args.mean, std=args.std, layout=args.layout, sparse=args.sparse,
-                     max_ram=args.max_ram, max_flash=args.max_flash)
+                     max_ram=args.max_ram, max_flash=args.max_flash, allow_untrained=args.allow_untrained)
     float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
                       None)
     width = max([10, *(len(r.format) for r in results)])

@@ -27,7 +27,7 @@ from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, ch
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
-from runtime.preprocessing import pixel_statistics
+from runtime.preprocessing import Preprocessing, pixel_statistics
 from runtime.text import terminal
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
                               model_file, model_sha256, read_manifest, utc_now, write_manifest)
@@ -112,6 +112,10 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
     if model.output_shape[-1] != dataset.num_classes:
         raise EdgeKitError(f"{path} outputs {model.output_shape[-1]} classes, but {dataset_name} has "
                            f"{dataset.num_classes}; pass the dataset the model was trained on.")
+    if options is not None:  # --mean/--std: the model's own preprocessing, not the dataset's
+        pre = Preprocessing.in_pixel_units((height, width), channels, options.mean, options.std,
+                                           dataset.preprocessing)
+        dataset = dataclasses.replace(dataset, preprocessing=pre)
     return Source(path, model, dataset, None, path, "bare")
 
 
@@ -181,11 +185,14 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
            progress=print, trust: bool = False, max_accuracy_drop: float = MAX_ACCURACY_DROP,
            keep_float: list[str] | str | None = None, explain: bool = False, mean=None, std=None,
            layout: str | None = None, sparse: bool = False, max_ram: int | None = None,
-           max_flash: int | None = None) -> list[Result]:
+           max_flash: int | None = None, allow_untrained: bool = False) -> list[Result]:
     """Export `source` (artifact dir, bare Keras model file, or .onnx file) to `formats`; verify and record each.
 
-    An .onnx source (export/onnx_source.py) takes `mean`, `std` (pixel units) and `layout` as runtime.load
-    does, and exports to the ONNX formats only, onnx-float32 always (the report's baseline).
+    A model file from elsewhere takes `mean`, `std` (pixel units, Preprocessing.in_pixel_units) as runtime.load
+    does; an .onnx source (export/onnx_source.py) `layout` too, and exports to the ONNX formats only,
+    onnx-float32 always (the report's baseline). Such a model scoring under twice chance on the test split is
+    refused (its preprocessing is most likely another) unless `allow_untrained` (an untrained architecture,
+    exported for its size and speed).
 
     Every TFLite and ONNX file is verified twice: in EdgeKit's runtime, and as the user's own app runs it (bare
     LiteRT with its default options, a default onnxruntime session: export/portable.py); it fails if either
@@ -210,7 +217,10 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         raise EdgeKitError("--max-ram and --max-flash hold a microcontroller file to its budget: add --micro.")
     path = Path(source)
     options = _source_options(path, fmts, opset, mean, std, layout)
-    if options is not None and all(f.key != "onnx-float32" for f in fmts):  # the report's baseline comes too
+    from export.onnx_source import is_onnx
+
+    onnx_file = is_onnx(path) and not path.is_dir()
+    if onnx_file and all(f.key != "onnx-float32" for f in fmts):  # the report's baseline comes too
         fmts = [get_format("onnx-float32"), *fmts]
     default = path if (path / MANIFEST).exists() else path.with_name(path.stem + "-export")
     out = Path(out) if out else default
@@ -223,7 +233,8 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
     with output_lock(out):
         return _export(path, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir,
                        progress or _silent, trust, float(max_accuracy_drop), keep_float, explain, options, sparse,
-                       {"ram": max_ram, "flash": max_flash}, ticking=progress is not None)
+                       {"ram": max_ram, "flash": max_flash}, ticking=progress is not None,
+                       allow_untrained=allow_untrained)
 
 
 def _silent(message: str) -> None:
@@ -231,16 +242,19 @@ def _silent(message: str) -> None:
 
 
 def _source_options(path: Path, fmts, opset, mean, std, layout):
-    """runtime.load's Options for an ONNX source (checked before anything loads); --mean, --std and --layout are
-    refused for any other source, whose preprocessing its artifact or dataset gives."""
+    """runtime.load's Options for a model file from elsewhere (checked before anything loads): --mean and --std for
+    an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
+    is its manifest's, so they are refused there."""
     from export.onnx_source import ONNX_FORMATS, TFLITE_REFUSAL, is_onnx
     from runtime.load import Options
 
     if not (is_onnx(path) and not path.is_dir()):
-        if mean is not None or std is not None or layout is not None:
-            raise EdgeKitError("--mean, --std and --layout are for an .onnx source; an artifact or Keras model "
-                               "takes its preprocessing from its manifest or --dataset.")
-        return None
+        if (path / MANIFEST).is_file() and (mean is not None or std is not None or layout is not None):
+            raise EdgeKitError(f"{path} is an EdgeKit artifact: its preprocessing is the one its manifest records; "
+                               "--mean, --std and --layout are for a model file from elsewhere.")
+        if layout is not None:
+            raise EdgeKitError("--layout is for an .onnx source; a Keras model takes channels-last (NHWC) input.")
+        return Options(mean, std, None, None, None) if mean is not None or std is not None else None
     other = [f.key for f in fmts if f.key not in ONNX_FORMATS]
     if other:
         raise EdgeKitError(f"{', '.join(other)}: {TFLITE_REFUSAL}.")
@@ -252,28 +266,18 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
             trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=False,
-            budgets=None, ticking: bool = False) -> list[Result]:
+            budgets=None, ticking: bool = False, allow_untrained: bool = False) -> list[Result]:
     from export import convert
     from runtime.load import load
 
     src = _load_source(source, dataset, data_dir, trust, options)
-    if src.kind == "onnx" and src.model.runtime.preprocessing is None:
-        pre = src.dataset.preprocessing
-        progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, pixels x "
-                 f"{pre.scale:.6g} - {list(pre.mean)} / {list(pre.std)} (0..1): pass --mean and --std as the model "
-                 "was trained")
+    if (src.kind == "onnx" and src.model.runtime.preprocessing is None) or (src.kind == "bare" and options is None):
+        progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, "
+                 f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std as the model was trained")
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
         raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to int8 only (its "
                            "learned ranges make the integer model), and to micro, that file made for a microcontroller.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = temp_file(out, "write-test")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise EdgeKitError(f"cannot write to output directory {out}: {exc.strerror}. Choose another --out.") from None
-
     x_test, y_test = src.dataset.arrays("test")
     reference = convert.keras_logits(src.model, x_test)
     bad = int(reference.size - np.count_nonzero(np.isfinite(reference)))
@@ -284,6 +288,15 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                                 "images; a model whose outputs are not numbers cannot be exported. Train it again "
                                 "(check its weights and learning rate).")
     src.output_kind = _output_kind(src.model, reference)
+    if not allow_untrained:
+        _check_reference(src, reference, y_test)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = temp_file(out, "write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EdgeKitError(f"cannot write to output directory {out}: {exc.strerror}. Choose another --out.") from None
     src.model_sha256 = (model_sha256(src.manifest) if src.manifest else
                         sha256_file(src.model_file) if src.model_file.is_file() else None)
     calibration = _calibration(src.dataset, calibration_samples)
@@ -664,6 +677,31 @@ def _output_kind(model, reference: np.ndarray) -> str:
     confirmed = bool(len(reference)) and bool((reference >= 0).all()) and \
         bool(np.allclose(reference.sum(axis=1), 1.0, atol=1e-3))
     return "probabilities" if declared and confirmed else "logits"
+
+
+def describe_preprocessing(pre) -> str:
+    """'(pixels x 0.00392157 - [0.0]) / [1.0], 0..255 to 0..1' for a message."""
+    values = pre.apply(np.array([[[[0] * pre.channels], [[255] * pre.channels]]], np.uint8)).ravel()
+    return (f"(pixels x {pre.scale:.6g} - {list(pre.mean)}) / {list(pre.std)}, 0..255 to "
+            f"{float(values.min()):.4g}..{float(values.max()):.4g}")
+
+
+def _check_reference(src: Source, reference: np.ndarray, y_test: np.ndarray) -> None:
+    """A model from elsewhere under twice chance (2/classes) on the test split is refused: every file made from it
+    would be verified against a broken reference. Most often it is fed other preprocessing than it was trained
+    with (raw 0..255 pixels, a Rescaling inside, Normalize(0.5, 0.5)). An EdgeKit artifact's preprocessing is the
+    one it was trained with, so it is not judged here."""
+    classes = reference.shape[1]
+    if src.manifest is not None or classes < 2 or len(y_test) < 10 * classes:  # too few images to tell
+        return
+    accuracy = float(np.mean(reference.argmax(axis=1) == y_test))
+    if accuracy < 2 / classes:
+        raise EdgeKitError(
+            f"{src.path.name} scores {accuracy:.2%} on the {len(y_test)} test images of {src.dataset.name}, under "
+            f"twice chance (1/{classes}): nothing made from it could be verified against it. Most likely it was "
+            f"trained on other preprocessing than the one given, {describe_preprocessing(src.dataset.preprocessing)}"
+            "; pass --mean and --std in pixel units as it was trained (0 and 1 for raw 0..255 pixels, 127.5 and "
+            "127.5 for [-1, 1]), or --dataset the one it was trained on (--allow-untrained exports it as it is).")
 
 
 def _output_layer(model):

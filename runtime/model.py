@@ -169,9 +169,7 @@ class Model(Feeding):
         h, w, c = self._shape
         if options.mean is not None or options.std is not None:  # pixel units, as TFLite Support's NormalizeOp
             base = Preprocessing.from_dict(record) if record else None
-            pre = Preprocessing((h, w), c if c in (1, 3) else 3, scale=1.0, mean=options.mean or (0.0,),
-                                std=options.std or (1.0,), resize=base.resize if base else "bilinear",
-                                background=base.background if base else 0)
+            pre = Preprocessing.in_pixel_units((h, w), c if c in (1, 3) else 3, options.mean, options.std, base)
             source = "options"
         elif record:
             pre, source = Preprocessing.from_dict(record), "sidecar"

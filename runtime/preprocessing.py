@@ -74,6 +74,15 @@ class Preprocessing:
         }
 
     @classmethod
+    def in_pixel_units(cls, size, channels: int, mean, std, base: "Preprocessing | None" = None) -> "Preprocessing":
+        """--mean/--std as a user gives them for a model from elsewhere: input = (pixel - mean) / std in pixel units
+        (TFLite Support's NormalizeOp; 127.5 and 127.5 for Normalize(0.5, 0.5)), one or the other defaulting to 0
+        and 1; the resize filter and background of `base` (the sidecar's or the dataset's) kept. The one rule for
+        every source: an .onnx or a Keras file in export, a file without a sidecar in the runtime."""
+        return cls(tuple(size), channels, scale=1.0, mean=mean or (0.0,), std=std or (1.0,),
+                   resize=base.resize if base else "bilinear", background=base.background if base else 0)
+
+    @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import in_subprocess
+from conftest import in_subprocess, run_module
 from export import FORMATS, export
 from runtime.load import load
 
@@ -58,7 +58,7 @@ def _make(name: str, directory: str):
     model.save(path)
     formats = FORMATS_OF.get(name, list(FORMATS))
     results = {r.format: r for r in export(path, formats, dataset="digits", calibration_samples=32,
-                                           progress=lambda s: None)}
+                                           progress=lambda s: None, allow_untrained=True)}  # one epoch: near chance
     return results, model.predict(data.preprocessing.apply(data.x_test[:5]), verbose=0)
 
 
@@ -147,3 +147,44 @@ def test_softmax_is_found_where_it_is_and_never_applied_twice(tmp_path, digits):
             got = model.predict(digits.x_test[:5])
             tolerance = 1e-4 if key != "int8" else 0.02
             assert np.allclose(got, expected, atol=tolerance), (form, key, np.abs(got - expected).max())
+
+
+def _raw_pixel_model(path: str) -> list:
+    """A Keras model that takes raw 0..255 pixels (a Rescaling(1/255) inside, as MLPerf Tiny's and many published
+    models do), trained 4 epochs on 1,024 digits and saved as .h5; its probabilities on the first 5 test images."""
+    from runtime.datasets import load_dataset
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    data = load_dataset("digits")
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    model.fit(data.x_train[:1024].astype("float32"), data.y_train[:1024], epochs=4, batch_size=64, verbose=0)
+    model.save(path)
+    return model.predict(data.x_test[:5].astype("float32"), verbose=0).tolist()
+
+
+def test_a_keras_file_takes_its_own_preprocessing_and_a_broken_reference_is_refused(tmp_path, digits):
+    """Issue 38: a Keras file that takes raw pixels was fed the dataset's 0..1 scaling and a chance-level int8 file
+    was 'verified' against a chance-level Keras reference. Now --mean/--std say how pixels become its input, and
+    without them export refuses the source in one line that names the preprocessing."""
+    path = tmp_path / "raw.h5"
+    expected = np.array(in_subprocess(_raw_pixel_model, str(path)))
+    refused = run_module("export", "--tflite", "--quantize", "int8", str(path), "--dataset", "digits")
+    assert refused.returncode == 2 and refused.stderr.count("error:") == 1, refused.stderr[-2000:]
+    assert "under twice chance (1/10)" in refused.stderr and "0..255 to 0..1" in refused.stderr
+    assert "pass --mean and --std" in refused.stderr and not (tmp_path / "raw-export").exists()
+    done = run_module("export", "--tflite", "--quantize", "int8", str(path), "--dataset", "digits", "--mean", "0",
+                      "--std", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    model = load(tmp_path / "raw-export" / "model.int8.tflite")
+    assert model.sidecar["preprocessing"]["scale"] == 1.0 and model.sidecar["preprocessing"]["mean"] == [0.0]
+    assert model.sidecar["verification"]["accuracy"] > 0.8
+    assert np.array_equal(model.predict(digits.x_test[:5]).argmax(axis=1), expected.argmax(axis=1))
+    for wrong, message in ((["--layout", "nchw"], "a Keras model takes channels-last"),):
+        bad = run_module("export", "--tflite", str(path), "--dataset", "digits", *wrong)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

@@ -81,7 +81,7 @@ def test_a_lambda_h5_is_refused_before_its_code_runs(code_models, tmp_path):
     _one_line(result, 2, "would run code when loaded", "Lambda", "--trust-model")
     assert not marker.exists()
     trusted = run_module("export", "--tflite", str(h5), "--dataset", "digits", "--out", str(tmp_path / "t"),
-                         "--trust-model")
+                         "--trust-model", "--allow-untrained")  # an untrained model: here for its code
     assert trusted.returncode == 0, trusted.stderr[-2000:]
     assert marker.exists()  # the user trusted it: it loaded, and its code ran
     marker.unlink()
@@ -94,7 +94,7 @@ def test_a_saved_model_is_a_program_and_needs_trust(code_models, tmp_path):
     _one_line(result, 2, "SavedModel", "a program", "--trust-model")
     assert not marker.exists() and not (tmp_path / "out").exists()
     trusted = run_module("export", "--tflite", str(saved), "--dataset", "digits", "--out", str(tmp_path / "t"),
-                         "--trust-model")
+                         "--trust-model", "--allow-untrained")  # an untrained model: here for its code
     assert trusted.returncode in (0, 1) and "Traceback" not in trusted.stderr, trusted.stderr[-2000:]
     assert marker.exists()  # loaded and run: its graph wrote the file
     marker.unlink()
