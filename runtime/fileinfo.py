@@ -80,6 +80,33 @@ def _tflite(path: Path) -> dict:
             "producer": tflite_description(head) or None, "opset": None, "sparse_tensors": sparse_file(path)}
 
 
+def _micro_figures(path: Path) -> dict:
+    """MACs per inference, and where TensorFlow Lite Micro could run the file, its tensor arena as TFLM measures
+    it (tflite-micro installed) or why not."""
+    import importlib.util
+
+    from runtime import micro
+
+    data = path.read_bytes()
+    out = {}
+    try:
+        out["macs"] = micro.macs(data)
+    except Exception:  # a file LiteRT opened but whose tables this reader cannot walk: no figure, no failure
+        out["macs"] = None
+    missing = micro.unsupported(micro.operators(data))
+    if missing:
+        out["micro"] = {"arena_bytes": None, "reason": f"uses {', '.join(missing)}, which TensorFlow Lite Micro has "
+                                                       "no kernel for"}
+    elif importlib.util.find_spec("tflite_micro") is None:
+        out["micro"] = {"arena_bytes": None, "reason": f"TFLM's arena not measured: {micro.EXTRA}"}
+    else:
+        try:
+            out["micro"] = {"arena_bytes": micro.arena_bytes(path), "reason": None}
+        except EdgeKitError as exc:
+            out["micro"] = {"arena_bytes": None, "reason": str(exc)}
+    return out
+
+
 def _onnx(path: Path) -> dict:
     from runtime.onnx_backend import session as onnx_session
     from runtime.onnx_proto import ONNX_DTYPES, onnx_summary
@@ -121,6 +148,8 @@ def describe(path: str | Path) -> dict:
     info = {"path": str(path), "format": fmt, "size_bytes": size, "sha256": sha256_file(path),
             **(_tflite(path) if fmt == "tflite" else _onnx(path))}
     info["labels"] = packed_labels(path, None) if fmt == "tflite" else None
+    if fmt == "tflite":
+        info.update(_micro_figures(path))
     from runtime.manifest import needs_edgekit, sidecar_path
 
     info["sidecar"] = sidecar_path(path).name if sidecar_path(path).is_file() else None
@@ -184,6 +213,13 @@ def show(info: dict) -> None:
             print(f"  {_tensor_line(t)}")
     ops = sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
     print(f"operators    {sum(info['ops'].values())} in all: " + ", ".join(f"{terminal(k)} {v}" for k, v in ops))
+    if info.get("macs"):
+        print(f"MACs         {info['macs']:,} per inference (convolutions, fully connected layers)")
+    record = info.get("micro")
+    if record:
+        print(f"micro        TFLM's tensor arena {record['arena_bytes']:,} bytes (measured here; a 32-bit core's is "
+              f"slightly smaller), flash {info['size_bytes']:,} bytes (the file)" if record["arena_bytes"] else
+              f"micro        {terminal(record['reason'])}")
     labels = info.get("labels")
     if labels:
         shown = ", ".join(map(terminal, labels[:8])) + (", ..." if len(labels) > 8 else "")

@@ -99,6 +99,20 @@ def _compile(artifact, main) -> str:
     return str(program)
 
 
+def test_info_shows_the_macs_and_tflms_arena_of_a_file_from_anywhere(micro_artifact, tmp_path):
+    """Issue 38: the arena of a .tflite you already have was reachable only through a Python function. `info` on
+    the micro file copied without its sidecar gives TFLM's arena and the MACs the export recorded."""
+    artifact, _ = micro_artifact
+    shutil.copyfile(artifact / "model.micro.tflite", tmp_path / "theirs.tflite")
+    done = run_module("runtime", "info", str(tmp_path / "theirs.tflite"), "--json")
+    assert done.returncode == 0, done.stderr
+    info, record = json.loads(done.stdout), json.loads((artifact / "model.micro.json").read_text())["micro"]
+    assert info["sidecar"] is None and info["micro"] == {"arena_bytes": record["arena_bytes"], "reason": None}
+    assert info["macs"] == record["macs"] == TINY_MACS
+    text = run_module("runtime", "info", str(tmp_path / "theirs.tflite")).stdout
+    assert f"TFLM's tensor arena {record['arena_bytes']:,} bytes" in text and f"MACs         {TINY_MACS:,}" in text
+
+
 def test_the_c_array_compiles_and_is_the_file_byte_for_byte(micro_artifact, tmp_path):
     artifact, _ = micro_artifact
     (tmp_path / "main.cc").write_text(
