@@ -25,6 +25,7 @@ examples:
   python -m export --onnx --quantize int8 --keep-float dense_1 artifacts/cnn  # onnx-int8-mixed, dense_1 float
   python -m export --tflite model.keras --dataset digits       # a bare Keras file
   python -m export --micro resnet8.h5 --dataset cifar10 --mean 0 --std 1   # one that takes raw 0..255 pixels
+  python -m export --micro model_int8.tflite --dataset cifar10              # a fully integer .tflite, for TFLM
   python -m export --onnx --quantize int8 model.onnx --dataset digits --mean 127.5 --std 127.5
                                               # a PyTorch file: model-export/, float32 and int8 verified
 

@@ -58,7 +58,7 @@ class Source:
     @property
     def reference(self) -> str:
         """What every file is verified against."""
-        return "the source ONNX file" if self.kind == "onnx" else "Keras"
+        return {"onnx": "the source ONNX file", "tflite": "the source TFLite file"}.get(self.kind, "Keras")
 
     def onnx_input(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed NHWC images as the ONNX graph's input: tf2onnx's graphs take NHWC, an ONNX source's its own."""
@@ -76,13 +76,16 @@ class Result:
 
 
 def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
-    from export import onnx_source
+    from export import onnx_source, tflite_source
     from train.safe_load import KERAS_SUFFIXES, is_saved_model, load_model_file
 
     path = Path(source)
     if onnx_source.is_onnx(path) and not path.is_dir():
         model, dataset = onnx_source.load_source(path, dataset_name, data_dir, options)
         return Source(path, model, dataset, None, path, "onnx")
+    if tflite_source.is_tflite(path):
+        model, dataset = tflite_source.load_source(path, dataset_name, data_dir, options)
+        return Source(path, model, dataset, None, path, "tflite")
     if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
         from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
 
@@ -92,10 +95,10 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
     if not (is_saved_model(path) or path.suffix in KERAS_SUFFIXES):
         if not path.exists():
             raise EdgeKitError(f"{path} does not exist; expected an EdgeKit artifact directory, a .keras or .h5 "
-                               "file, a SavedModel directory, or an .onnx file.")
+                               "file, a SavedModel directory, an .onnx or a .tflite file.")
         raise EdgeKitError(
             f"{path} is neither an EdgeKit artifact directory nor a model file; expected an artifact, "
-            "a .keras or .h5 file, a SavedModel directory, or an .onnx file."
+            "a .keras or .h5 file, a SavedModel directory, an .onnx or a .tflite file."
         )
     if dataset_name is None:
         raise EdgeKitError(
@@ -246,8 +249,14 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
     an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
     is its manifest's, so they are refused there."""
     from export.onnx_source import ONNX_FORMATS, TFLITE_REFUSAL, is_onnx
+    from export.tflite_source import check_formats, is_tflite
     from runtime.load import Options
 
+    if is_tflite(path):
+        check_formats(path, [f.key for f in fmts])
+        if layout is not None:
+            raise EdgeKitError("--layout is for an .onnx source; a .tflite file's layout is read from its shape.")
+        return Options(mean, std, None, None, None) if mean is not None or std is not None else None
     if not (is_onnx(path) and not path.is_dir()):
         if (path / MANIFEST).is_file() and (mean is not None or std is not None or layout is not None):
             raise EdgeKitError(f"{path} is an EdgeKit artifact: its preprocessing is the one its manifest records; "
@@ -274,6 +283,10 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     if (src.kind == "onnx" and src.model.runtime.preprocessing is None) or (src.kind == "bare" and options is None):
         progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, "
                  f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std as the model was trained")
+    elif src.kind == "tflite" and options is None:
+        progress(f"note: no --mean/--std given; pixels become the file's int8 input as its own quantization says "
+                 f"(pixels - 128), {describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std if "
+                 "the model was trained otherwise")
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
         raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to int8 only (its "
@@ -328,6 +341,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
                 data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1], **(src.made or {})}
+            elif src.kind == "tflite":  # a fully integer file: it is the micro file, checked and verified as one
+                data = src.model.data
             elif fmt.key in ("int8", "micro") and quantization_aware:
                 data, record = _qat_int8(src, calibration, trust, progress, fmt.key)
             elif fmt.key == "micro":
@@ -650,6 +665,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
 
 def _origin(src: Source) -> dict:
     """What a sidecar and the manifest record of an ONNX source: its producer and opset, how it was upgraded."""
+    if src.kind == "tflite":
+        return {"producer": src.model.producer(), "layout": src.layout}
     if src.kind != "onnx":
         return {}
     return {"producer": src.model.producer(), "opset": src.model.opset(), "layout": src.layout,
@@ -738,7 +755,7 @@ def _record(out: Path, src: Source, results: list[Result]) -> None:
                     "dataset": src.dataset.describe(), "parent": {"path": str(src.path.resolve())},
                     "preprocessing": pre.to_dict(), "labels": list(src.dataset.labels),
                     "input_shape": list(pre.input_shape), "metrics": {}, "files": {}}
-        if src.kind == "onnx":
+        if src.kind in ("onnx", "tflite"):
             manifest["source"] = {"file": src.path.name, "sha256": src.model_sha256, **_origin(src)}
             manifest["layout"] = src.layout
         if (out / MANIFEST).is_file():

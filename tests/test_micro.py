@@ -308,3 +308,63 @@ def test_a_model_ending_in_softmax_passes_when_every_difference_is_fully_connect
     assert (reference["max_lsb"] > 1) == bool(reference.get("grown_from_rounding"))
     if kind == "mlp":  # refused before: more than one step apart (issue 37)
         assert reference["max_lsb"] > 1 and differing["images"] > 0, reference
+
+
+def _int8_tflite_made_elsewhere(path: str) -> None:
+    """A small CNN trained on raw 0..255 digits pixels and converted by the TFLite converter itself (no EdgeKit
+    code): full integer, int8 input and output, as a microcontroller benchmark's files are made."""
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from runtime.datasets import load_dataset
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+    data = load_dataset("digits")
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x)))
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data.x_train[:1024].astype("float32"), data.y_train[:1024], epochs=4, batch_size=64, verbose=0)
+    Path(path).with_suffix(".float.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([data.x_train[i:i + 1].astype("float32")] for i in range(100))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    Path(path).write_bytes(converter.convert())
+
+
+def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path, digits):
+    """Issue 38: `export --micro model_int8.tflite` was refused. The file, made by the TFLite converter alone, is
+    written byte for byte as model.micro.tflite after TFLM's checks: its kernels, its arena, TFLM against LiteRT's
+    reference kernels on the test split, TFLM's accuracy judged against the source run by LiteRT; C sources
+    written. A float .tflite and a format other than micro are refused in one line each."""
+    from conftest import in_subprocess
+    from runtime import micro
+
+    source = tmp_path / "theirs.tflite"
+    in_subprocess(_int8_tflite_made_elsewhere, str(source))
+    done = run_module("export", "--micro", str(source), "--dataset", "digits", "--mean", "0", "--std", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "theirs-export"
+    assert (out / "model.micro.tflite").read_bytes() == source.read_bytes()
+    assert {"model.micro.cc", "model.micro.h", "manifest.json"} <= {p.name for p in out.iterdir()}
+    sidecar = json.loads((out / "model.micro.json").read_text())
+    assert sidecar["source"]["kind"] == "tflite" and sidecar["verification"]["runtime"] == "tflite-micro"
+    assert sidecar["verification"]["reference"] == "the source TFLite file"
+    assert sidecar["micro"]["arena_bytes"] == micro.arena_bytes(source) and sidecar["preprocessing"]["scale"] == 1.0
+    accuracy = sidecar["verification"]["accuracy"]
+    assert accuracy > 0.8 and abs(accuracy - sidecar["verification"]["keras_accuracy"]) <= 0.01
+    for args, message in ((["--tflite", str(source)], "a .tflite source is exported with --micro"),
+                          (["--micro", str(tmp_path / "theirs.float.tflite")], "takes float32 input"),
+                          (["--micro", str(source), "--layout", "nchw"], "read from its shape")):
+        refused = run_module("export", *args, "--dataset", "digits")
+        assert refused.returncode == 2 and refused.stderr.count("error:") == 1 and message in refused.stderr, \
+            refused.stderr[-1500:]
+    wrong = run_module("export", "--micro", str(source), "--dataset", "digits", "--out", str(tmp_path / "wrong"),
+                       "--mean", "127.5", "--std", "127.5")  # fed [-1, 1] where it was trained on raw pixels
+    assert wrong.returncode == 2 and "under twice chance" in wrong.stderr, wrong.stderr[-1500:]
