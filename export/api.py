@@ -27,6 +27,7 @@ from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, ch
 from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
+from runtime.metrics import check_above_chance, describe_preprocessing
 from runtime.preprocessing import Preprocessing, pixel_statistics
 from runtime.text import terminal
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
@@ -688,51 +689,20 @@ def _output_kind(model, reference: np.ndarray) -> str:
     runtime reads from its graph."""
     if hasattr(model, "output_kind"):
         return model.output_kind
-    last = _output_layer(model)
-    activation = getattr(getattr(last, "activation", None), "__name__", "")
-    declared = activation == "softmax" or type(last).__name__ == "Softmax"
+    from train.foreign import ends_in_softmax
+
+    declared = ends_in_softmax(model)
     confirmed = bool(len(reference)) and bool((reference >= 0).all()) and \
         bool(np.allclose(reference.sum(axis=1), 1.0, atol=1e-3))
     return "probabilities" if declared and confirmed else "logits"
 
 
-def describe_preprocessing(pre) -> str:
-    """'(pixels x 0.00392157 - [0.0]) / [1.0], 0..255 to 0..1' for a message."""
-    values = pre.apply(np.array([[[[0] * pre.channels], [[255] * pre.channels]]], np.uint8)).ravel()
-    return (f"(pixels x {pre.scale:.6g} - {list(pre.mean)}) / {list(pre.std)}, 0..255 to "
-            f"{float(values.min()):.4g}..{float(values.max()):.4g}")
-
-
 def _check_reference(src: Source, reference: np.ndarray, y_test: np.ndarray) -> None:
-    """A model from elsewhere under twice chance (2/classes) on the test split is refused: every file made from it
-    would be verified against a broken reference. Most often it is fed other preprocessing than it was trained
-    with (raw 0..255 pixels, a Rescaling inside, Normalize(0.5, 0.5)). An EdgeKit artifact's preprocessing is the
-    one it was trained with, so it is not judged here."""
-    classes = reference.shape[1]
-    if src.manifest is not None or classes < 2 or len(y_test) < 10 * classes:  # too few images to tell
-        return
-    accuracy = float(np.mean(reference.argmax(axis=1) == y_test))
-    if accuracy < 2 / classes:
-        raise EdgeKitError(
-            f"{src.path.name} scores {accuracy:.2%} on the {len(y_test)} test images of {src.dataset.name}, under "
-            f"twice chance (1/{classes}): nothing made from it could be verified against it. Most likely it was "
-            f"trained on other preprocessing than the one given, {describe_preprocessing(src.dataset.preprocessing)}"
-            "; pass --mean and --std in pixel units as it was trained (0 and 1 for raw 0..255 pixels, 127.5 and "
-            "127.5 for [-1, 1]), or --dataset the one it was trained on (--allow-untrained exports it as it is).")
-
-
-def _output_layer(model):
-    """The layer that makes a Keras model's (first) output, inside nested models too: a wrapper whose last layer
-    is a model ending in Softmax ends in Softmax."""
-    layer = model
-    for _ in range(32):  # nesting depth; a model file is untrusted
-        inner = getattr(layer, "layers", None)
-        if not inner:
-            return layer
-        outputs = getattr(layer, "outputs", None) or []
-        history = getattr(outputs[0], "_keras_history", None) if outputs else None
-        layer = history.layer if history is not None else inner[-1]
-    return layer
+    """A model from elsewhere must score above chance (runtime.metrics.check_above_chance); an EdgeKit artifact's
+    preprocessing is the one it was trained with, so it is not judged here."""
+    if src.manifest is None:
+        check_above_chance(src.path.name, float(np.mean(reference.argmax(axis=1) == y_test)), len(y_test),
+                           reference.shape[1], src.dataset.name, src.dataset.preprocessing)
 
 
 def _default_opset() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.errors import ArgumentParser, run_cli, unknown
+from runtime.errors import ArgumentParser, EdgeKitError, run_cli, unknown
 
 TECHNIQUES = {
     "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
@@ -22,6 +22,8 @@ examples:
   python -m optimize qat artifacts/cnn --out artifacts/cnn-qat
   python -m optimize pqat artifacts/cnn-pruned80 --out artifacts/cnn-pqat
   python -m optimize cqat artifacts/cnn-clustered16 --out artifacts/cnn-cqat
+  python -m optimize prune resnet8.h5 --dataset cifar10 --mean 0 --std 1 --out runs/mine/resnet8-pruned80
+                                  # a Keras file from elsewhere: imported as runs/mine/resnet8 first
 
 The dataset, split and preprocessing come from the parent's manifest; the new manifest
 records the recipe, the parent, accuracy on the same test split, measured sparsity and
@@ -30,7 +32,8 @@ unique values per layer, and gzip size against the parent's.
 
 
 def _common(parser, epochs, lr):
-    parser.add_argument("parent", help="artifact directory to optimize (from python -m train or optimize)")
+    parser.add_argument("parent", help="artifact directory to optimize (from python -m train or optimize), or a "
+                                       "Keras model file from elsewhere (.keras, .h5) with --dataset")
     parser.add_argument("--out", help="artifact directory to write (default: PARENT-TECHNIQUE)")
     parser.add_argument("--epochs", type=int, default=epochs, help=f"fine-tuning epochs (default: {epochs})")
     parser.add_argument("--lr", type=float, default=lr, help=f"fine-tuning Adam learning rate (default: {lr:g})")
@@ -46,6 +49,18 @@ def _common(parser, epochs, lr):
                         help="load the parent's model even if loading runs code (Lambda layers, custom objects)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
+    from runtime.__main__ import add_normalization
+
+    foreign = parser.add_argument_group(
+        "a Keras model file from elsewhere",
+        "Imported first as an artifact beside --out, named after the file (train/foreign.py: nested models "
+        "flattened, so a layer inside a sub-model is optimized too; evaluated on --dataset's test split; refused "
+        "under twice chance, most likely other preprocessing), then optimized like a trained model.")
+    foreign.add_argument("--dataset", help="the dataset it was trained on: digits, mnist, fashion_mnist, cifar10 or "
+                                           "folder:PATH (labels, splits, fine-tuning data)")
+    add_normalization(foreign)
+    foreign.add_argument("--allow-untrained", action="store_true",
+                         help="take a model that scores under twice chance as it is")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(preserve_sparsity=args.preserve_sparsity)
     recipe = RECIPES[args.technique](**settings)  # validates before TensorFlow is imported
     parent = Path(args.parent)
-    out = Path(args.out) if args.out else parent.with_name(f"{parent.name}-{_suffix(recipe)}")
     from runtime.fsutil import check_output_dir
-    from runtime.manifest import read_manifest
+    from runtime.manifest import check_out_apart, lineage_paths, read_manifest
+    from train.safe_load import KERAS_SUFFIXES
 
-    from runtime.manifest import check_out_apart, lineage_paths
-
+    if parent.suffix.lower() in KERAS_SUFFIXES and not parent.is_dir():
+        out = Path(args.out) if args.out else parent.with_name(f"{parent.stem}-{_suffix(recipe)}")
+        parent = _imported(parent, out, args)
+    elif args.dataset or args.mean is not None or args.std is not None or args.layout or args.allow_untrained:
+        raise EdgeKitError(f"--dataset, --mean, --std, --layout and --allow-untrained are for a Keras model file from "
+                           f"elsewhere; {parent} is an artifact, whose manifest records them.")
+    out = Path(args.out) if args.out else parent.with_name(f"{parent.name}-{_suffix(recipe)}")
     # clear errors for a missing or non-artifact parent, or an --out in its lineage, before the slow imports
     check_out_apart(out, lineage_paths(parent, read_manifest(parent)))
     check_output_dir(out, args.force)
@@ -145,6 +165,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"next: python -m export {export} {out}")
     print(f"      python -m runtime info {out}")
     return 0
+
+
+def _imported(path, out, args):
+    """The artifact of the Keras file `path`, beside `out` and named after the file: made now, or an earlier
+    import of the same file (its sha256) with the same dataset and preprocessing reused."""
+    from runtime.fsutil import sha256_file
+    from runtime.manifest import MANIFEST, read_manifest
+
+    if not args.dataset:
+        raise EdgeKitError(f"{path} is a bare model file, so its labels, splits and fine-tuning data are unknown; "
+                           "pass --dataset NAME (and --mean/--std as it was trained).")
+    if args.layout:
+        raise EdgeKitError("--layout is for an .onnx file; a Keras model takes channels-last (NHWC) input.")
+    artifact = out.parent / path.stem
+    if (artifact / MANIFEST).is_file():
+        manifest = read_manifest(artifact)
+        source = manifest.get("source") or {}
+        if manifest.get("kind") == "imported" and source.get("sha256") == sha256_file(path):
+            print(f"{path.name}: imported earlier as {artifact}/ (test accuracy {manifest['metrics']['accuracy']:.2%})")
+            return artifact
+        raise EdgeKitError(f"{artifact} exists and is not an import of {path.name}; choose another --out directory.")
+    from train.foreign import import_model
+
+    manifest = import_model(path, args.dataset, artifact, data_dir=args.data_dir, mean=args.mean, std=args.std,
+                            trust=args.trust_model, allow_untrained=args.allow_untrained)
+    flattened = " (nested models flattened)" if manifest["source"]["nested_models_flattened"] else ""
+    print(f"{path.name}: imported as {artifact}/{flattened}, test accuracy {manifest['metrics']['accuracy']:.2%} on "
+          f"{sum(map(sum, manifest['metrics']['confusion']))} images")
+    return artifact
 
 
 if __name__ == "__main__":

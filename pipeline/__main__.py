@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m pipeline --quick                          # a smoke run in about a minute\n"
                "  python -m pipeline --model mobilenet --variants pruned80,qat\n"
                "  python -m pipeline --dataset fashion_mnist --data-dir ~/data/fashion   # IDX files there\n"
-               "  python -m pipeline --search --objective gzip --trials 16   # the smallest file within 1 point")
-    parser.add_argument("--model", default="fashion_cnn", help="a registered model (listed below; default fashion_cnn)")
+               "  python -m pipeline --search --objective gzip --trials 16   # the smallest file within 1 point\n"
+               "  python -m pipeline --from resnet8.h5 --dataset cifar10 --mean 0 --std 1   # a model you have")
+    parser.add_argument("--model", help="a registered model (listed below; default fashion_cnn)")
+    parser.add_argument("--from", dest="source", metavar="MODEL",
+                        help="a Keras model file from elsewhere (.keras, .h5) as the base model, instead of training "
+                             "one: imported (nested models flattened, evaluated on --dataset with --mean/--std), "
+                             "then the whole menu and the report as for a trained model")
     parser.add_argument("--dataset", default="digits",
                         help="digits (default, embedded), mnist, fashion_mnist, cifar10 or folder:PATH")
     parser.add_argument("--data-dir", help="where the dataset's files are (IDX .gz, CIFAR batches)")
@@ -105,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_device_arguments(parser, "Measure the report's latency on the device (training, export and accuracy stay "
                                  "here; a search's trials are timed here too).")
+    from runtime.__main__ import add_normalization
+
+    foreign = parser.add_argument_group("--from: how pixels become the model's input, as it was trained")
+    add_normalization(foreign)
+    foreign.add_argument("--allow-untrained", action="store_true",
+                         help="take a --from model that scores under twice chance on the test split as it is")
     parser.add_argument("--force", action="store_true", help="start over: delete the output directory's results")
     parser.add_argument("--verbose", action="store_true", help="show every epoch and every export step")
     return parser
@@ -126,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         raise EdgeKitError("--search --objective latency times its trials on this machine, not on --host; search "
                            "for size or gzip, or run the search here and `runtime report DIR --host` after it.")
     variants = () if args.variants == ("none",) or args.search else args.variants
-    plan = Plan(model=args.model, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
+    if args.source and args.model:
+        raise EdgeKitError("give --model (a registered model, trained here) or --from (a model file you have), not "
+                           "both.")
+    plan = Plan(model=args.model or "fashion_cnn", dataset=args.dataset, data_dir=args.data_dir, variants=variants,
                 formats=args.formats or (("float32",) if args.search else None), out=args.out, quick=args.quick,
                 epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs, seed=args.seed,
@@ -135,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                 objective=args.objective or ("arena" if args.target or args.max_ram or args.max_flash else
                                              "gzip" if args.search else "size"),
                 target=args.target or ("micro" if args.objective == "arena" else None), max_ram=args.max_ram,
-                max_flash=args.max_flash, runtime=args.runtime)
+                max_flash=args.max_flash, runtime=args.runtime, source=args.source, mean=args.mean, std=args.std,
+                allow_untrained=args.allow_untrained)
+    if args.layout:
+        raise EdgeKitError("--layout is for an .onnx file; a Keras model takes channels-last (NHWC) input.")
     if args.search:
         from pipeline.run import Pipeline
         from pipeline.search import parse_techniques, run_search

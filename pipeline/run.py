@@ -85,6 +85,10 @@ class Plan:
     max_ram: int | None = None  # a microcontroller's RAM for the tensor arena: micro files over it are marked
     max_flash: int | None = None  # and its flash
     runtime: str = "litert"  # what runs the files on the device: the user's own LiteRT app, or EdgeKit's runtime
+    source: Path | None = None  # --from: a Keras model file from elsewhere, imported instead of training one
+    mean: tuple[float, ...] | None = None  # how pixels become its input, in pixel units (--mean/--std)
+    std: tuple[float, ...] | None = None
+    allow_untrained: bool = False  # take a source that scores under twice chance
 
     def __post_init__(self):
         if self.target not in (None, "micro"):
@@ -111,7 +115,14 @@ class Plan:
         from runtime.datasets import _registry
         from train.models import get_spec
 
-        get_spec(self.model)  # an unknown model or dataset fails here, before anything is written
+        if self.source is not None:
+            self._check_source()
+        else:
+            get_spec(self.model)  # an unknown model or dataset fails here, before anything is written
+            if self.mean is not None or self.std is not None or self.allow_untrained:
+                raise EdgeKitError("--mean, --std and --allow-untrained are for a model file from elsewhere "
+                                   "(--from MODEL.keras|.h5); a registered model is trained on the dataset's own "
+                                   "preprocessing.")
         if not self.dataset.startswith("folder:") and self.dataset not in _registry():
             raise unknown("dataset", self.dataset, [*_registry(), "folder:PATH"])
         if self.formats is not None:
@@ -137,6 +148,17 @@ class Plan:
 
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
+    def _check_source(self) -> None:
+        from runtime.manifest import check_readable_file
+        from train.safe_load import KERAS_SUFFIXES
+
+        self.source = Path(self.source)
+        if self.source.suffix.lower() not in KERAS_SUFFIXES or self.source.is_dir():
+            raise EdgeKitError(f"--from takes a Keras model file (.keras, .h5); got {self.source}. For an .onnx or "
+                               ".tflite file: python -m export FILE --dataset D, then python -m runtime report.")
+        check_readable_file(self.source, "model file")
+        self.model = self.source.stem  # the artifacts' names: runs/<stem>-<dataset>/<stem>, <stem>-pruned80, ...
+
     @property
     def sparse(self) -> bool:
         """A pruned model's files sparse-encoded (smaller): only for a device that runs EdgeKit's runtime (bare
@@ -152,12 +174,19 @@ class Plan:
 
     def identity(self) -> dict:
         """What the artifacts depend on: a rerun with other values here must not reuse them."""
-        return {"model": self.model, "dataset": self.dataset, "epochs": self.epochs, "seed": self.seed,
-                "model_args": self.model_args, "finetune_epochs": self.finetune_epochs}
+        identity = {"model": self.model, "dataset": self.dataset, "epochs": self.epochs, "seed": self.seed,
+                    "model_args": self.model_args, "finetune_epochs": self.finetune_epochs}
+        if self.source is not None:  # another file, or other preprocessing, is another base model
+            from runtime.fsutil import sha256_file
+
+            identity.update(source=sha256_file(self.source), mean=self.mean and list(self.mean),
+                            std=self.std and list(self.std))
+        return identity
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["out"] = str(self.out)
+        data["source"] = str(self.source) if self.source is not None else None
         return data
 
 
@@ -254,6 +283,8 @@ class Pipeline:
         from train.trainer import TrainConfig, train, write_artifact
 
         plan, directory = self.plan, self.dir_of("base")
+        if plan.source is not None:
+            return self._import()
         with self._stage("train", f"train {plan.model} on {plan.dataset}") as stage:
             manifest = self._core_intact(directory)
             if manifest is not None and manifest.get("kind") == "trained":
@@ -264,6 +295,22 @@ class Pipeline:
             manifest = write_artifact(result, directory, force=True)
             stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}, "
                        f"{manifest['training']['epochs_run']} epochs")
+
+    def _import(self) -> None:
+        """--from: the model file as the base artifact (train/foreign.py), instead of training one."""
+        from runtime.fsutil import sha256_file
+        from train.foreign import import_model
+
+        plan, directory = self.plan, self.dir_of("base")
+        with self._stage("train", f"import {plan.source.name} on {plan.dataset}") as stage:
+            manifest = self._core_intact(directory)
+            if manifest is not None and manifest.get("kind") == "imported" and \
+                    (manifest.get("source") or {}).get("sha256") == sha256_file(plan.source):
+                return stage.skip(f"{manifest['metrics']['accuracy']:.2%}")
+            manifest = import_model(plan.source, plan.dataset, directory, data_dir=plan.data_dir, mean=plan.mean,
+                                    std=plan.std, force=True, allow_untrained=plan.allow_untrained)
+            flat = ", nested models flattened" if manifest["source"]["nested_models_flattened"] else ""
+            stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}{flat}")
 
     def optimize(self, variant: str) -> None:
         import optimize

@@ -188,3 +188,62 @@ def test_a_keras_file_takes_its_own_preprocessing_and_a_broken_reference_is_refu
     for wrong, message in ((["--layout", "nchw"], "a Keras model takes channels-last"),):
         bad = run_module("export", "--tflite", str(path), "--dataset", "digits", *wrong)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+
+
+def _nested_raw_model(path: str) -> None:
+    """A wrapper (Rescaling(1/255) on raw 0..255 pixels) around an inner model that ends in Softmax, with an L2
+    regularizer inside, trained 5 epochs on the digits training split and saved as .h5 by plain Keras."""
+    from runtime.datasets import load_dataset
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+    data = load_dataset("digits")
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-4))(inputs)
+    inner = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(10)(keras.layers.Flatten()(x))),
+                        name="inner")
+    outer = keras.Input((28, 28, 1))
+    wrapper = keras.Model(outer, inner(keras.layers.Rescaling(1 / 255)(outer)), name="wrapper")
+    wrapper.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    wrapper.fit(data.x_train.astype("float32"), data.y_train, epochs=5, batch_size=64, verbose=0)
+    wrapper.save(path)
+
+
+def test_a_nested_keras_file_goes_through_every_stage(tmp_path, digits):
+    """Issue 38: optimize refused every foreign Keras model, and a nested one ending in Softmax was taken for logits.
+    `pipeline --from` imports it (nested models flattened: the inner Conv2D and Dense are pruned, clustered and
+    quantization-aware trained; its regularizer kept), derives pruned80 and qat, exports every format and the
+    micro file, each verified, and reports; `optimize prune MODEL.h5` works on the file too, reusing the import."""
+    import json
+
+    source = tmp_path / "nested.h5"
+    in_subprocess(_nested_raw_model, str(source))
+    formats = "float32,float16,dynamic,int8,int16x8,onnx-float32,onnx-int8"
+    done = run_module("pipeline", "--from", str(source), "--dataset", "digits", "--mean", "0", "--std", "1",
+                      "--quick", "--formats", formats, "--target", "micro", "--no-bench", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "run"
+    base = json.loads((run / "nested" / "manifest.json").read_text())
+    assert base["kind"] == "imported" and base["source"]["nested_models_flattened"]
+    assert base["metrics"]["accuracy"] > 0.85 and base["preprocessing"]["scale"] == 1.0
+    report = json.loads((run / "report.json").read_text())
+    rows = {(r["variant"], r["format"]): r for r in report["rows"]}
+    assert {v for v, _ in rows} == {"base", "pruned80", "qat"}
+    assert len(rows) == 7 + 7 + 2 and all(r["status"] == "verified" for r in rows.values()), \
+        [(k, r.get("reason")) for k, r in rows.items() if r["status"] != "verified"]
+    pruned = json.loads((run / "nested-pruned80" / "manifest.json").read_text())
+    assert pruned["metrics"]["sparsity"] > 0.7  # the inner model's kernels were pruned
+    header = (run / "nested" / "model.micro.h").read_text()
+    assert "g_model_output_is_probabilities = true" in header  # the inner Softmax, found through the wrapper
+    sidecar = json.loads((run / "nested" / "model.int8.json").read_text())
+    assert sidecar["output"]["kind"] == "probabilities"
+    pruned_again = run_module("optimize", "prune", str(source), "--dataset", "digits", "--mean", "0", "--std", "1",
+                              "--epochs", "1", "--out", str(tmp_path / "alone" / "pruned"))
+    assert pruned_again.returncode == 0, pruned_again.stderr[-2000:]
+    assert "imported as" in pruned_again.stdout and (tmp_path / "alone" / "nested" / "manifest.json").is_file()
+    again = run_module("optimize", "cluster", str(source), "--dataset", "digits", "--mean", "0", "--std", "1",
+                       "--epochs", "1", "--out", str(tmp_path / "alone" / "clustered"))
+    assert again.returncode == 0 and "imported earlier" in again.stdout, again.stderr[-2000:]
+    raw = run_module("optimize", "prune", str(source), "--dataset", "digits", "--out", str(tmp_path / "raw" / "p"))
+    assert raw.returncode == 2 and "under twice chance" in raw.stderr  # fed 0..1: refused, preprocessing named

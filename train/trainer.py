@@ -153,12 +153,15 @@ def _tensorboard(keras, log_dir: Path):
 
 
 def compile_model(model, lr: float, steps_per_execution: int = 1) -> None:
-    """Adam, cross-entropy on logits, accuracy. `steps_per_execution` runs that many batches per call into
-    TensorFlow (less Python per step; the same updates)."""
+    """Adam, cross-entropy (on logits, or on probabilities for a model from elsewhere that ends in softmax),
+    accuracy. `steps_per_execution` runs that many batches per call into TensorFlow (less Python per step; the
+    same updates)."""
     from train.backend import keras
+    from train.foreign import ends_in_softmax
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), steps_per_execution=steps_per_execution,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not ends_in_softmax(model))
+    model.compile(optimizer=keras.optimizers.Adam(lr), steps_per_execution=steps_per_execution, loss=loss,
+                  metrics=["accuracy"])
 
 
 def fit(model, dataset: Dataset, *, epochs: int, batch_size: int, seed: int, quiet: bool,
@@ -191,7 +194,9 @@ def evaluate(model, dataset: Dataset) -> dict:
                                 "images (its loss diverged, or its starting weights hold NaN); nothing was written. "
                                 "Check --weights, lower --lr, and train again.")
     summary = classification_summary(y_test, logits.argmax(axis=1), dataset.labels)
-    summary["loss"] = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y_test, logits).numpy())
+    probabilities = bool((logits >= 0).all()) and bool(np.allclose(logits.sum(axis=1), 1.0, atol=1e-3))  # a softmax end
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+    summary["loss"] = float(loss(y_test, logits).numpy())
     return summary
 
 
