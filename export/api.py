@@ -285,9 +285,12 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
         progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, "
                  f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std as the model was trained")
     elif src.kind == "tflite" and options is None:
-        progress(f"note: no --mean/--std given; pixels become the file's int8 input as its own quantization says "
-                 f"(pixels - 128), {describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std if "
-                 "the model was trained otherwise")
+        how = "as its own int8 quantization says (pixels - 128)" if src.model.integer else "as the dataset's"
+        progress(f"note: no --mean/--std given; pixels become the file's input {how}, "
+                 f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std if the model was "
+                 "trained otherwise")
+    if src.kind == "tflite" and src.model.integer and any(f.key != "micro" for f in fmts):
+        raise EdgeKitError(f"{src.path.name} is fully integer already: it is a source for --micro only.")
     quantization_aware = src.kind in QUANTIZATION_AWARE
     if quantization_aware and any(f.key not in QAT_FORMATS for f in fmts):
         raise EdgeKitError(f"{src.path.name} is quantization-aware ({src.kind}): it exports to int8 only (its "
@@ -342,8 +345,8 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
                     raise VerificationError("even with every layer float, the file misses the accuracy budget on "
                                             "the validation split; nothing was written")
                 data, record = mixed[fmt.key][0], {"kept_float": mixed[fmt.key][1], **(src.made or {})}
-            elif src.kind == "tflite":  # a fully integer file: it is the micro file, checked and verified as one
-                data = src.model.data
+            elif src.kind == "tflite":  # the integer file (a float one quantized once), checked and verified
+                data, record = src.model.int8(calibration)
             elif fmt.key in ("int8", "micro") and quantization_aware:
                 data, record = _qat_int8(src, calibration, trust, progress, fmt.key)
             elif fmt.key == "micro":
@@ -635,8 +638,10 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed", "onnx-int8-mixed") and (
-        src.kind not in QUANTIZATION_AWARE or record is not None)  # a QAT file not from its learned ranges
+    calibrated = fmt.key in ("int8", "int16x8", "onnx-int8", "int8-mixed", "onnx-int8-mixed", "micro") and (
+        src.kind not in QUANTIZATION_AWARE or bool(record and set(record) - {"micro"})) and not (
+        src.kind == "tflite" and src.model.integer)  # QAT from its learned ranges, or an integer source: none
+    tool = (record or {}).get("quantized_by")
     figures.update(record or {})
     sidecar = {
         "format": fmt.key, "description": fmt.description, "file": fmt.filename, "backend": fmt.backend,
@@ -648,7 +653,8 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         "source": {"path": str(src.path), "kind": src.kind, "model_file": src.model_file.name,
                    "sha256": src.model_sha256, **_origin(src)},
         "calibration": ({"samples": samples, "split": "train", "seed": SPLIT_SEED,
-                         "method": (method or "minmax") if fmt.backend == "onnx" else "tflite-minmax"}
+                         "method": (method or "minmax") if fmt.backend == "onnx" else
+                         f"{tool['tool']} {tool['recipe']}" if tool else "tflite-minmax"}
                         if calibrated else None),
         "opset": _opset_written(src, opset) if fmt.backend == "onnx" else None,
         **(record or {}),

@@ -1,5 +1,7 @@
-"""A .tflite file EdgeKit did not make as a source of export: a fully integer file becomes a microcontroller's.
+"""A .tflite file EdgeKit did not make as a source of export: a float file becomes int8 and a microcontroller's file,
+a fully integer one a microcontroller's.
 
+    python -m export --tflite --quantize int8 --micro model_float.tflite --dataset digits --mean 0 --std 255
     python -m export --micro model_int8.tflite --dataset cifar10 --mean 0 --std 1
 
 The source file run by LiteRT on the test split is the reference every file is verified against, as the Keras
@@ -10,6 +12,14 @@ checked against TFLM's kernels, TFLM's tensor arena and the flash measured (and 
 answers judged by the one verification rule against the source, the C sources written. The preprocessing is
 `--mean/--std` (pixel units) when given, else the file's own input quantization (pixels - 128 as int8, what a
 model that takes raw pixels quantized this way expects); the labels are the dataset's.
+
+A float file (float32 input and output) is quantized by Google's ai-edge-quantizer (TensorFlow-free, on
+LiteRT's own model utilities): its static int8 recipe (`static_wi8_ai8`: int8 weights and activations, int8
+input and output), calibrated on the dataset's training split, the same images in the same order as EdgeKit's
+other int8 files (export.api._calibration: its seed and --calibration-samples), one image per run. The one
+quantized file is `model.int8.tflite` (verified in LiteRT, and as the user's own app runs it) and, when it is
+fully integer with TFLM's operators, `model.micro.tflite` (verified in TFLM). The float file's preprocessing is
+`--mean/--std`, else the dataset's, and export says so.
 
 Everything read from the file is untrusted: LiteRT must open it as an image classifier, its size is bounded.
 """
@@ -23,7 +33,8 @@ import numpy as np
 
 from runtime.errors import EdgeKitError
 
-TFLITE_FORMATS = ("micro",)  # what a TFLite source gives
+TFLITE_FORMATS = ("int8", "micro")  # what a TFLite source gives (an integer one: micro only)
+RECIPE = "static_wi8_ai8"  # ai-edge-quantizer's full-integer recipe
 
 
 @dataclasses.dataclass
@@ -33,6 +44,7 @@ class TFLiteSource:
     path: Path
     runtime: object  # runtime.load's Model of the file, in LiteRT
     data: bytes
+    quantized: bytes | None = None  # a float file's int8 file, made once for int8 and micro
 
     @property
     def layout(self) -> str:
@@ -54,6 +66,19 @@ class TFLiteSource:
     def count_params(self) -> int:
         return 0  # nothing is converted: no converter's memory to give back between formats
 
+    def int8(self, calibration: np.ndarray) -> tuple[bytes, dict]:
+        """(the fully integer file, the sidecar's record of how it was made): the file itself when it is integer,
+        else ai-edge-quantizer's static int8 of it calibrated on `calibration` (preprocessed images)."""
+        if self.integer:
+            return self.data, {}
+        import importlib.metadata
+
+        if self.quantized is None:
+            self.quantized = _quantize(self.data, calibration)
+        return self.quantized, {"quantized_by": {"tool": "ai-edge-quantizer",
+                                                 "version": importlib.metadata.version("ai-edge-quantizer"),
+                                                 "recipe": RECIPE}}
+
     def producer(self) -> str | None:
         from runtime.fileinfo import tflite_description
 
@@ -67,9 +92,9 @@ def is_tflite(path: Path) -> bool:
 def check_formats(path: Path, keys: list[str]) -> None:
     other = [key for key in keys if key not in TFLITE_FORMATS]
     if other:
-        raise EdgeKitError(f"{', '.join(other)}: a .tflite source is exported with --micro (a fully integer file, "
-                           f"checked and verified for TensorFlow Lite Micro, its C sources written); {path.name} is "
-                           "a TFLite file already, which `python -m runtime` runs as it is.")
+        raise EdgeKitError(f"{', '.join(other)}: a .tflite source is exported to int8 (a float file, quantized) and "
+                           f"micro (checked and verified for TensorFlow Lite Micro, its C sources written); "
+                           f"{path.name} is a TFLite file already, which `python -m runtime` runs as it is.")
 
 
 def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tuple[TFLiteSource, object]:
@@ -90,14 +115,44 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
         raise EdgeKitError(f"{exc} Export verifies classifiers only; `python -m runtime predict --raw` and "
                            "`bench` run any model.") from None
     source = TFLiteSource(path, runtime, path.read_bytes())
-    if not source.integer:
-        raise EdgeKitError(f"{path.name} takes {runtime.input.dtype} input and gives {runtime.output.dtype} output; "
-                           "a microcontroller's file is fully integer (int8 in and out). Export it from the model it "
-                           "was converted from (python -m export --micro MODEL.keras --dataset ...), or quantize it "
-                           "to int8 with the TFLite converter first.")
+    kinds = (runtime.input.dtype, runtime.output.dtype)
+    if not source.integer and kinds != ("float32", "float32"):
+        raise EdgeKitError(f"{path.name} takes {kinds[0]} input and gives {kinds[1]} output; a TFLite source is a "
+                           "float file (float32 in and out), quantized here, or a fully integer one (int8 in and "
+                           "out). Export it from the model it was converted from instead.")
     h, w, c = runtime.input_shape
     dataset = load_dataset(dataset_name, data_dir, image_size=(h, w), channels=c)
     if runtime.num_classes != dataset.num_classes:
         raise EdgeKitError(f"{path} outputs {runtime.num_classes} classes, but {dataset_name} has "
                            f"{dataset.num_classes}; pass the dataset the model was trained on.")
+    if runtime.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
+        return source, dataset
     return source, dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
+
+
+def _quantize(data: bytes, calibration: np.ndarray) -> bytes:
+    """ai-edge-quantizer's static int8 of a float file, calibrated one image at a time through its signature."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+
+    from runtime.errors import ConversionError
+
+    try:
+        signatures = Interpreter(model_content=data).get_signature_list()
+        key = next(iter(signatures))
+        (name,) = signatures[key]["inputs"]
+        tool = quantizer.Quantizer(bytes(data))
+        tool.load_quantization_recipe(getattr(recipe, RECIPE)())
+        ranges = tool.calibrate({key: [{name: calibration[i:i + 1]} for i in range(len(calibration))]})
+        quantized = tool.quantize(ranges).quantized_model
+    except (StopIteration, ValueError, RuntimeError, KeyError) as exc:
+        raise ConversionError(f"ai-edge-quantizer could not quantize the file: {str(exc)[:300]}") from None
+    # Its files past 256 KiB of weights keep them after the flatbuffer, by offset: TFLM (and C arrays, and older
+    # runtimes) read only weights inside it. LiteRT's own flatbuffer tools move them in.
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    try:
+        return bytes(flatbuffer_utils.convert_object_to_bytearray(flatbuffer_utils.read_model_from_bytearray(
+            bytearray(quantized))))
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise ConversionError(f"the quantized file's weights could not be moved into it: {str(exc)[:300]}") from None

@@ -342,7 +342,8 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     """Issue 38: `export --micro model_int8.tflite` was refused. The file, made by the TFLite converter alone, is
     written byte for byte as model.micro.tflite after TFLM's checks: its kernels, its arena, TFLM against LiteRT's
     reference kernels on the test split, TFLM's accuracy judged against the source run by LiteRT; C sources
-    written. A float .tflite and a format other than micro are refused in one line each."""
+    written. The float file beside it is quantized by ai-edge-quantizer to int8 and micro, both verified; a
+    format the file cannot give is refused in one line."""
     from conftest import in_subprocess
     from runtime import micro
 
@@ -359,12 +360,20 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     assert sidecar["micro"]["arena_bytes"] == micro.arena_bytes(source) and sidecar["preprocessing"]["scale"] == 1.0
     accuracy = sidecar["verification"]["accuracy"]
     assert accuracy > 0.8 and abs(accuracy - sidecar["verification"]["keras_accuracy"]) <= 0.01
-    for args, message in ((["--tflite", str(source)], "a .tflite source is exported with --micro"),
-                          (["--micro", str(tmp_path / "theirs.float.tflite")], "takes float32 input"),
+    for args, message in ((["--tflite", str(source)], "a .tflite source is exported to int8"),
+                          (["--tflite", "--quantize", "int8", str(source)], "fully integer already"),
                           (["--micro", str(source), "--layout", "nchw"], "read from its shape")):
         refused = run_module("export", *args, "--dataset", "digits")
         assert refused.returncode == 2 and refused.stderr.count("error:") == 1 and message in refused.stderr, \
             refused.stderr[-1500:]
+    floats = run_module("export", "--tflite", "--quantize", "int8", "--micro", str(tmp_path / "theirs.float.tflite"),
+                        "--dataset", "digits", "--mean", "0", "--std", "1")  # quantized by ai-edge-quantizer
+    assert floats.returncode == 0, floats.stdout[-2000:] + floats.stderr[-2000:]
+    for key in ("int8", "micro"):
+        made = json.loads((tmp_path / "theirs.float-export" / f"model.{key}.json").read_text())
+        assert made["quantized_by"]["tool"] == "ai-edge-quantizer" and made["input"]["dtype"] == "int8"
+        assert made["calibration"]["samples"] == 300 and made["calibration"]["method"].startswith("ai-edge-quantizer")
+        assert made["verification"]["accuracy"] > 0.8 and made["verification"]["reference"] == "the source TFLite file"
     wrong = run_module("export", "--micro", str(source), "--dataset", "digits", "--out", str(tmp_path / "wrong"),
                        "--mean", "127.5", "--std", "127.5")  # fed [-1, 1] where it was trained on raw pixels
     assert wrong.returncode == 2 and "under twice chance" in wrong.stderr, wrong.stderr[-1500:]
