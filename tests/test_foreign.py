@@ -247,3 +247,58 @@ def test_a_nested_keras_file_goes_through_every_stage(tmp_path, digits):
     assert again.returncode == 0 and "imported earlier" in again.stdout, again.stderr[-2000:]
     raw = run_module("optimize", "prune", str(source), "--dataset", "digits", "--out", str(tmp_path / "raw" / "p"))
     assert raw.returncode == 2 and "under twice chance" in raw.stderr  # fed 0..1: refused, preprocessing named
+
+
+def _mlperf_resnet8(path: str) -> None:
+    """MLPerf Tiny's image-classification ResNet-8 as its reference Keras script writes it (32x32x3 input taking raw
+    0..255 pixels, 16/32/64 filters, L2(1e-4) kernels, 1x1 projection shortcuts, AveragePooling2D, Dense with
+    softmax), trained 6 epochs on digits at 32x32x3 and saved as .h5 by plain Keras."""
+    from runtime.datasets import load_dataset, resized
+    from train.backend import keras
+    from train.trainer import seed_everything
+
+    seed_everything(0)
+    layers, l2 = keras.layers, keras.regularizers.l2(1e-4)
+
+    def conv(x, filters, strides=1, size=3):
+        return layers.Conv2D(filters, size, strides=strides, padding="same", kernel_initializer="he_normal",
+                             kernel_regularizer=l2)(x)
+
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Activation("relu")(layers.BatchNormalization()(conv(inputs, 16)))
+    for filters, strides in ((16, 1), (32, 2), (64, 2)):
+        y = layers.Activation("relu")(layers.BatchNormalization()(conv(x, filters, strides)))
+        y = layers.BatchNormalization()(conv(y, filters))
+        if strides > 1:
+            x = conv(x, filters, strides, size=1)
+        x = layers.Activation("relu")(layers.add([x, y]))
+    x = layers.Flatten()(layers.AveragePooling2D(pool_size=x.shape[1])(x))
+    model = keras.Model(inputs, layers.Dense(10, activation="softmax", kernel_initializer="he_normal")(x))
+    data = resized(load_dataset("digits"), (32, 32), 3)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(data.x_train.astype("float32"), data.y_train, epochs=6, batch_size=32, verbose=0)
+    model.save(path)
+
+
+@pytest.mark.slow  # `python -m pytest -m slow` (README, Tests)
+def test_mlperf_tinys_resnet8_h5_goes_through_the_pipeline(tmp_path):
+    """A ResNet-8 in MLPerf Tiny's shape, written by a plain Keras script, raw-pixel input, ending in softmax, as
+    .h5: `pipeline --from` imports it, prunes it and trains it quantization-aware, exports float32, int8 and micro
+    files, each verified (the micro files in TFLM), and reports; printed: the figures the README states."""
+    import json
+
+    source = tmp_path / "resnet8.h5"
+    in_subprocess(_mlperf_resnet8, str(source))
+    done = run_module("pipeline", "--from", str(source), "--dataset", "digits", "--mean", "0", "--std", "1",
+                      "--quick", "--target", "micro", "--no-bench", "--out", str(tmp_path / "run"), timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for row in report["rows"]:
+        print(row["variant"], row["format"], row["status"], row.get("accuracy"), row.get("size_bytes"),
+              row.get("arena_bytes"), row.get("test_images"))
+    assert all(r["status"] == "verified" for r in report["rows"])
+    micro = {r["variant"]: r for r in report["rows"] if r["format"] == "micro"}
+    assert set(micro) == {"base", "pruned80", "qat"} and all(r["arena_bytes"] > 0 for r in micro.values())
+    assert micro["base"]["accuracy"] > 0.75 and micro["qat"]["accuracy"] > 0.75
+    # what --quick's 2 epochs of pruning do to it is the report's to judge: under budget, or never recommended
+    assert all(r["accuracy"] > 0.75 or r["over_budget"] for r in report["rows"])
