@@ -61,7 +61,8 @@ def _build_train_reload(name: str, directory: str) -> None:
     assert np.allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet50", "efficientnet_b0") else n
+                                  for n in BACKBONES])  # those two: 28 s and 26 s, `python -m pytest -m slow`
 def test_each_backbone_builds_trains_frozen_and_unfrozen_and_reloads(tmp_path, name):
     in_subprocess(_build_train_reload, name, str(tmp_path))
 
@@ -135,6 +136,7 @@ def test_two_phase_training_records_the_backbones_preprocessing(mobilenet_v2):
     assert manifest["training"]["epochs_run"] == sum(p["epochs_run"] for p in phases)
 
 
+@pytest.mark.slow  # 83 s on a 2-core AMD EPYC: `python -m pytest -m slow` (README, Tests)
 def test_mobilenet_v2_goes_through_qat_and_every_export_format(mobilenet_v2, tmp_path, digits):
     """What `optimize qat` and `export` do (in a subprocess: what the converters hold goes back)."""
     from runtime.load import load

@@ -62,7 +62,8 @@ def _make(name: str, directory: str):
     return results, model.predict(data.preprocessing.apply(data.x_test[:5]), verbose=0)
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=[pytest.param("efficientnet_b0", marks=pytest.mark.slow), "separable"])
+# EfficientNetB0: 100 s of export on 2 cores, `python -m pytest -m slow` (README, Tests)
 def foreign(request, tmp_path_factory, digits):
     """A foreign model trained one epoch on 256 digits at 32x32x3, saved as a bare .keras file and exported to
     every format (EfficientNetB0: see FORMATS_OF) with 32 calibration images, in a subprocess; (name, results,

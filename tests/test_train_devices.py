@@ -29,6 +29,7 @@ def _tensorboard_tags(directory):
 SMALL = ["--model", "fashion_cnn", "--model-arg", "filters=[8,16]", "--model-arg", "dense=32"]
 
 
+@pytest.mark.slow  # 40 s: `python -m pytest -m slow` (README, Tests); TF_CONFIG's workers stay in the suite
 def test_two_cpu_replicas_train_to_the_accuracy_of_one_device_and_log_to_tensorboard(tmp_path):
     """`--devices cpu:2` runs MirroredStrategy for real (two logical CPU devices) and reaches the accuracy
     class of one device with the same settings; TensorBoard reads the per-epoch scalars and the graph."""
