@@ -139,7 +139,9 @@ def _softmax_forms(directory: str) -> dict:
 def test_softmax_is_found_where_it_is_and_never_applied_twice(tmp_path, digits):
     """A wrapper around a model ending in Softmax (issue 38: recorded as logits, so every runtime applied softmax
     again), an Activation('softmax'), a nested Sequential head with activation='softmax': each file's sidecar says
-    probabilities, and the runtime gives the Keras model's own probabilities (float files within 1e-4)."""
+    probabilities, and the runtime gives the Keras model's own probabilities (float files within 1e-4); the same
+    file without its sidecar is read as probabilities from its graph (TFLite's SOFTMAX, through int8's QUANTIZE;
+    ONNX's Softmax)."""
     for form, (results, expected) in in_subprocess(_softmax_forms, str(tmp_path)).items():
         for key, result in results.items():
             assert result.passed, (form, key, result.message)
@@ -148,6 +150,9 @@ def test_softmax_is_found_where_it_is_and_never_applied_twice(tmp_path, digits):
             got = model.predict(digits.x_test[:5])
             tolerance = 1e-4 if key != "int8" else 0.02
             assert np.allclose(got, expected, atol=tolerance), (form, key, np.abs(got - expected).max())
+            bare = tmp_path / f"bare-{len(form)}-{result.file.name}"  # no sidecar: the graph's final op says it
+            bare.write_bytes(result.file.read_bytes())
+            assert load(bare, mean=(0,), std=(255,)).output_kind == "probabilities", (form, key)
 
 
 def _raw_pixel_model(path: str) -> list:
@@ -227,6 +232,13 @@ def test_a_nested_keras_file_goes_through_every_stage(tmp_path, digits):
     run = tmp_path / "run"
     base = json.loads((run / "nested" / "manifest.json").read_text())
     assert base["kind"] == "imported" and base["source"]["nested_models_flattened"]
+    import zipfile
+
+    with zipfile.ZipFile(run / "nested" / "model.keras") as saved:  # one graph, the inner regularizer kept
+        config = json.loads(saved.read("config.json"))
+    layers = config["config"]["layers"]
+    assert not any(layer["class_name"] in ("Functional", "Sequential") for layer in layers)
+    assert any((layer["config"].get("kernel_regularizer") or {}).get("class_name") == "L2" for layer in layers)
     assert base["metrics"]["accuracy"] > 0.85 and base["preprocessing"]["scale"] == 1.0
     report = json.loads((run / "report.json").read_text())
     rows = {(r["variant"], r["format"]): r for r in report["rows"]}

@@ -174,6 +174,19 @@ def test_files_of_one_graph_are_one_option_for_size_and_latency_but_not_for_gzip
     assert size["choice"]["variant"] == "pruned50" and [r["variant"] for r in size["tied"]] == ["base"]
 
 
+def test_the_choice_is_on_the_front_when_a_file_of_its_graph_measured_faster():
+    """A suite run failed when the latency front named qat int8 (measured faster) and the recommendation chose base
+    int8 of the same graph (the most accurate of it): files of one graph are one option, on the front together."""
+    base = _row("base", "float32", 400_000, 396, latency=(0.200, 0.190, 0.210))
+    accurate = _row("base", "int8", 100_000, 396, latency=(0.1081, 0.1078, 0.1084))
+    faster = _row("qat", "int8", 100_200, 395, latency=(0.1065, 0.1062, 0.1068))  # its interval apart: faster
+    for row in (accurate, faster):
+        row["graph"] = "g-int8"
+    _, recs, _ = _decide([base, accurate, faster])
+    latency = next(r for r in recs if r["objective"] == "latency_1t")
+    assert latency["choice"] is accurate and accurate["pareto_latency_1t"] and faster["pareto_latency_1t"]
+
+
 def _crowd():
     """A default pipeline's crowd: 7 variants x 6 formats at four sizes, gzip sizes spread by pruning, accuracies
     on seven levels, latency intervals."""

@@ -176,6 +176,11 @@ def fronts(rows: list[dict], comparer: Comparer) -> dict[str, list[list[dict]]]:
             if row.get(objective.cost) is not None and row["status"] == "verified":
                 row[f"pareto_{objective.key}"] = False
         optimal = [r for r in pool if not any(comparer.dominates(o, r, objective) for o in pool if o is not r)]
+        # files of one graph run alike (same_graph): one option, so on the front together. Marked apart, a latency
+        # difference of noise decided which of them the front named, and the recommendation (the most accurate of
+        # the graph) could fall off it
+        on_front = {id(r) for r in optimal}
+        optimal = [r for group in same_graph(pool, objective) if any(id(m) in on_front for m in group) for r in group]
         for row in optimal:
             row[f"pareto_{objective.key}"] = True
         out[objective.key] = tie_groups(optimal, comparer, objective)
