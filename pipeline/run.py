@@ -307,8 +307,14 @@ class Pipeline:
             if manifest is not None and manifest.get("kind") == "imported" and \
                     (manifest.get("source") or {}).get("sha256") == sha256_file(plan.source):
                 return stage.skip(f"{manifest['metrics']['accuracy']:.2%}")
-            manifest = import_model(plan.source, plan.dataset, directory, data_dir=plan.data_dir, mean=plan.mean,
-                                    std=plan.std, force=True, allow_untrained=plan.allow_untrained)
+            try:
+                manifest = import_model(plan.source, plan.dataset, directory, data_dir=plan.data_dir, mean=plan.mean,
+                                        std=plan.std, force=True, allow_untrained=plan.allow_untrained)
+            except EdgeKitError as exc:
+                if exc.exit_code != 2:
+                    raise  # the work failed: recorded, as any stage's failure
+                stage.fail("refused (the error below)")  # the user's file or settings: nothing after it can run
+                raise
             flat = ", nested models flattened" if manifest["source"]["nested_models_flattened"] else ""
             stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}{flat}")
 

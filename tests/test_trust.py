@@ -80,6 +80,10 @@ def test_a_lambda_h5_is_refused_before_its_code_runs(code_models, tmp_path):
     result = run_module("export", "--tflite", str(h5), "--dataset", "digits", "--out", str(tmp_path / "out"))
     _one_line(result, 2, "would run code when loaded", "Lambda", "--trust-model")
     assert not marker.exists()
+    for stage in (["optimize", "prune"], ["pipeline", "--quick", "--no-bench", "--from"]):  # the import's loader too
+        result = run_module(*stage, str(h5), "--dataset", "digits", "--out", str(tmp_path / "o" / stage[0]))
+        _one_line(result, 2, "would run code when loaded", "Lambda", "--trust-model")
+        assert not marker.exists()
     trusted = run_module("export", "--tflite", str(h5), "--dataset", "digits", "--out", str(tmp_path / "t"),
                          "--trust-model", "--allow-untrained")  # an untrained model: here for its code
     assert trusted.returncode == 0, trusted.stderr[-2000:]
