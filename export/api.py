@@ -24,11 +24,11 @@ import numpy as np
 from export import portable
 from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
                             check_options, get_format, verify)
-from runtime.datasets import SPLIT_SEED, Dataset, load_dataset, load_for_manifest
+from runtime.datasets import SPLIT_SEED, Dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
 from runtime.metrics import check_above_chance, describe_preprocessing
-from runtime.preprocessing import Preprocessing, pixel_statistics
+from runtime.preprocessing import pixel_statistics
 from runtime.text import terminal
 from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
                               model_file, model_sha256, read_manifest, utc_now, write_manifest)
@@ -78,7 +78,7 @@ class Result:
 
 def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
     from export import onnx_source, tflite_source
-    from train.safe_load import KERAS_SUFFIXES, is_saved_model, load_model_file
+    from train.safe_load import KERAS_SUFFIXES, is_saved_model
 
     path = Path(source)
     if onnx_source.is_onnx(path) and not path.is_dir():
@@ -106,20 +106,10 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
             f"{path} is a bare model file, so its preprocessing, labels and calibration data are unknown; "
             "pass --dataset NAME (e.g. --dataset digits) to take them from that dataset."
         )
-    model = load_model_file(path, trust)
-    shape = getattr(model, "input_shape", None)
-    if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])):
-        raise EdgeKitError(f"{path} takes input of shape {shape}; expected an image classifier with one NHWC input "
-                           "of fixed height, width and channels.")
-    height, width, channels = shape[1:]
-    dataset = load_dataset(dataset_name, data_dir, image_size=(height, width), channels=channels)
-    if model.output_shape[-1] != dataset.num_classes:
-        raise EdgeKitError(f"{path} outputs {model.output_shape[-1]} classes, but {dataset_name} has "
-                           f"{dataset.num_classes}; pass the dataset the model was trained on.")
-    if options is not None:  # --mean/--std: the model's own preprocessing, not the dataset's
-        pre = Preprocessing.in_pixel_units((height, width), channels, options.mean, options.std,
-                                           dataset.preprocessing)
-        dataset = dataclasses.replace(dataset, preprocessing=pre)
+    from train.foreign import load_classifier
+
+    model, dataset = load_classifier(path, dataset_name, data_dir, options and options.mean, options and options.std,
+                                     trust)
     return Source(path, model, dataset, None, path, "bare")
 
 

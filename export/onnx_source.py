@@ -142,7 +142,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
     """(the ONNX source, the dataset with the model's preprocessing), or one clear line why not."""
     import onnx
 
-    from runtime.datasets import load_dataset
+    from runtime.datasets import dataset_for_model
     from runtime.load import NotAClassifier, load
     from runtime.manifest import check_readable_file
 
@@ -172,11 +172,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
         raise EdgeKitError(f"{path} takes {runtime.input.dtype} input; export takes an image classifier with "
                            "float32 input (the pixels preprocessed). `python -m runtime predict --raw` and `bench` "
                            "run any model.")
-    h, w, c = runtime.input_shape
-    dataset = load_dataset(dataset_name, data_dir, image_size=(h, w), channels=c)
-    if runtime.num_classes != dataset.num_classes:
-        raise EdgeKitError(f"{path} outputs {runtime.num_classes} classes, but {dataset_name} has "
-                           f"{dataset.num_classes}; pass the dataset the model was trained on.")
+    dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
     if runtime.preprocessing is not None:
         dataset = dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
     return ONNXSource(path, runtime, proto, data_files), dataset

@@ -99,7 +99,7 @@ def check_formats(path: Path, keys: list[str]) -> None:
 
 def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tuple[TFLiteSource, object]:
     """(the TFLite source, the dataset with the model's preprocessing), or one clear line why not."""
-    from runtime.datasets import load_dataset
+    from runtime.datasets import dataset_for_model
     from runtime.load import NotAClassifier, load
     from runtime.manifest import check_readable_file
 
@@ -120,11 +120,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
         raise EdgeKitError(f"{path.name} takes {kinds[0]} input and gives {kinds[1]} output; a TFLite source is a "
                            "float file (float32 in and out), quantized here, or a fully integer one (int8 in and "
                            "out). Export it from the model it was converted from instead.")
-    h, w, c = runtime.input_shape
-    dataset = load_dataset(dataset_name, data_dir, image_size=(h, w), channels=c)
-    if runtime.num_classes != dataset.num_classes:
-        raise EdgeKitError(f"{path} outputs {runtime.num_classes} classes, but {dataset_name} has "
-                           f"{dataset.num_classes}; pass the dataset the model was trained on.")
+    dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
     if runtime.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
         return source, dataset
     return source, dataclasses.replace(dataset, preprocessing=runtime.preprocessing)

@@ -315,3 +315,25 @@ def test_mlperf_tinys_resnet8_h5_goes_through_the_pipeline(tmp_path):
     assert micro["base"]["accuracy"] > 0.75 and micro["qat"]["accuracy"] > 0.75
     # what --quick's 2 epochs of pruning do to it is the report's to judge: under budget, or never recommended
     assert all(r["accuracy"] > 0.75 or r["over_budget"] for r in report["rows"])
+
+
+def _flatten_cases() -> list:
+    """flatten() on a wrapper whose own layer has the name of a layer inside its sub-model, and on a plain model:
+    (the flat model's layer names, its outputs equal the nested model's, the plain model returned as it is)."""
+    from train.backend import keras
+    from train.foreign import flatten
+
+    i = keras.Input((4,))
+    inner = keras.Model(i, keras.layers.Dense(3, name="dense")(i), name="inner")
+    o = keras.Input((4,))
+    nested = keras.Model(o, keras.layers.Dense(2, name="dense")(inner(o)), name="outer")
+    flat = flatten(nested)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype("float32")
+    same = bool(np.array_equal(nested.predict(x, verbose=0), flat.predict(x, verbose=0)))
+    plain = keras.Model(i, keras.layers.Dense(2)(i))
+    return [layer.name for layer in flat.layers], same, flatten(plain) is plain
+
+
+def test_flatten_keeps_the_weights_and_makes_names_unique():
+    names, same, untouched = in_subprocess(_flatten_cases)
+    assert names[1:] == ["dense", "outer_dense"] and same and untouched

@@ -51,8 +51,8 @@ def ends_in_softmax(model) -> bool:
 
 def flatten(model):
     """`model` as one Functional graph whose layers are the layers of every nested model (the same layer objects,
-    so the same weights); a model without sub-models is returned as it is. A nested layer whose name another
-    layer has already is renamed `<sub-model>_<name>`."""
+    so the same weights); a model without sub-models is returned as it is. A layer whose name another layer of
+    the graph has already is renamed `<its model>_<name>`."""
     from train.backend import keras
 
     if not any(isinstance(layer, keras.Model) for layer in model.layers):
@@ -60,7 +60,11 @@ def flatten(model):
     names: set[str] = set()
     inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
     outputs = _inline(model, inputs, names, 0, keras)
-    return keras.Model(inputs, outputs, name=model.name)
+    try:
+        return keras.Model(inputs, outputs, name=model.name)
+    except (ValueError, TypeError) as exc:
+        raise EdgeKitError(f"{model.name}'s nested models do not flatten into one graph ({str(exc)[:200]}); save "
+                           "it as one Functional model.") from None
 
 
 class _Reused(list):
@@ -71,6 +75,8 @@ class _Reused(list):
 
 
 def _inline(model, inputs: list, names: set, depth: int, keras):
+    import tensorflow as tf
+
     if depth > MAX_NESTING:
         raise EdgeKitError(f"{model.name} nests models more than {MAX_NESTING} deep; expected a classifier.")
     if not getattr(model, "_is_graph_network", False):
@@ -84,45 +90,45 @@ def _inline(model, inputs: list, names: set, depth: int, keras):
             args, kwargs = node.map_arguments(tensors)
             layer = node.layer
             if isinstance(layer, keras.Model):
-                import tensorflow as tf
-
                 outputs = _inline(layer, tf.nest.flatten((args, kwargs)), names, depth + 1, keras)
             else:
-                if layer.name in names and depth > 0:
-                    layer._name = f"{model.name}_{layer.name}"  # unique in the flat graph; the weights stay
+                while layer.name in names:  # unique in the flat graph (the weights stay): <model>_<name>
+                    layer._name = f"{model.name}_{layer.name}"
                 names.add(layer.name)
                 outputs = layer(*args, **kwargs)
-            import tensorflow as tf
-
             for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
                 tensors[x_id] = _Reused([y])
     found = [tensors[str(id(x))][0] for x in model.outputs]
     return found[0] if len(found) == 1 else found
 
 
-def import_model(path: str | Path, dataset_name: str, out: str | Path, *, data_dir=None, mean=None, std=None,
-                 trust: bool = False, force: bool = False, allow_untrained: bool = False) -> dict:
-    """Write the artifact of the Keras file `path` at `out` (see the module docstring); its manifest."""
-    from runtime.datasets import load_dataset
-    from runtime.metrics import check_above_chance
+def load_classifier(path: Path, dataset_name: str, data_dir, mean=None, std=None, trust: bool = False):
+    """(the Keras model in `path`, loaded as data; the dataset at its input size, with --mean/--std as its
+    preprocessing when given), or one line why not: not an image classifier, other classes."""
+    from runtime.datasets import dataset_for_model
     from runtime.preprocessing import Preprocessing
     from train.safe_load import load_model_file
-    from train.trainer import evaluate, save_model
 
-    path, out = Path(path), Path(out)
     model = load_model_file(path, trust)
     shape = getattr(model, "input_shape", None)
     if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])):
         raise EdgeKitError(f"{path} takes input of shape {shape}; expected an image classifier with one NHWC input "
                            "of fixed height, width and channels.")
-    height, width, channels = shape[1:]
-    dataset = load_dataset(dataset_name, data_dir, image_size=(height, width), channels=channels)
-    if model.output_shape[-1] != dataset.num_classes:
-        raise EdgeKitError(f"{path} outputs {model.output_shape[-1]} classes, but {dataset_name} has "
-                           f"{dataset.num_classes}; pass the dataset the model was trained on.")
-    if mean is not None or std is not None:
-        pre = Preprocessing.in_pixel_units((height, width), channels, mean, std, dataset.preprocessing)
+    dataset = dataset_for_model(path, dataset_name, data_dir, shape[1:], model.output_shape[-1])
+    if mean is not None or std is not None:  # the model's own preprocessing, not the dataset's
+        pre = Preprocessing.in_pixel_units(shape[1:3], shape[3], mean, std, dataset.preprocessing)
         dataset = dataclasses.replace(dataset, preprocessing=pre)
+    return model, dataset
+
+
+def import_model(path: str | Path, dataset_name: str, out: str | Path, *, data_dir=None, mean=None, std=None,
+                 trust: bool = False, force: bool = False, allow_untrained: bool = False) -> dict:
+    """Write the artifact of the Keras file `path` at `out` (see the module docstring); its manifest."""
+    from runtime.metrics import check_above_chance
+    from train.trainer import evaluate, save_model
+
+    path, out = Path(path), Path(out)
+    model, dataset = load_classifier(path, dataset_name, data_dir, mean, std, trust)
     flat = flatten(model)
     evaluation = evaluate(flat, dataset)
     if not allow_untrained:

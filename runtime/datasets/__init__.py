@@ -170,6 +170,16 @@ def load_dataset(
     return resized(dataset, image_size, channels)
 
 
+def dataset_for_model(path, name: str, data_dir, image: tuple[int, int, int], classes: int) -> Dataset:
+    """The dataset `name` at a model file's input size (height, width, channels), refused in one line when its
+    classes are not the model's outputs."""
+    dataset = load_dataset(name, data_dir, image_size=image[:2], channels=image[2])
+    if classes != dataset.num_classes:
+        raise EdgeKitError(f"{path} outputs {classes} classes, but {name} has {dataset.num_classes}; pass the "
+                           "dataset the model was trained on.")
+    return dataset
+
+
 def resized(dataset: Dataset, image_size=None, channels=None) -> Dataset:
     """The dataset at another (height, width) and/or channel count; unchanged if it already is."""
     pre = dataset.preprocessing
