@@ -19,7 +19,7 @@ from conftest import ROOT, run_module
 
 MODEL = ROOT / "tests" / "fixtures" / "sparse" / "int8.dense.tflite"
 BENCH_SPEC = {"paths": ["model.tflite"], "threads": [1], "batch": 1, "runs": 3, "seconds": None, "warmup": 1,
-              "inputs": "pixels", "options": {}}
+              "inputs": "float", "options": {}}  # the fixture has no sidecar: float input
 
 
 def _request(files: dict[str, bytes], directory: Path) -> bytes:
@@ -190,7 +190,7 @@ inp.read()
 @pytest.fixture(scope="module")
 def fake_device(tmp_path_factory):
     """A directory with the fake `ssh`, and a real bench row of MODEL (what an honest device would send)."""
-    bench = run_module("runtime", "bench", str(MODEL), "--runs", "3", "--json", timeout=120)
+    bench = run_module("runtime", "bench", str(MODEL), "--runs", "3", "--json", "--input", "float", timeout=120)
     assert bench.returncode == 0, bench.stderr
     row = json.loads(bench.stdout)["results"][0]
     folder = tmp_path_factory.mktemp("fake-ssh")
@@ -204,7 +204,7 @@ def _bench_on(fake_device, case: dict, *options: str, measure: bool = False):
     """`runtime bench MODEL --host device` against the fake; with `measure`, the host's peak RSS (KiB, its VmHWM:
     ru_maxrss survives exec, and would count the pytest process this one was forked from) is printed last on
     stderr."""
-    args = ["bench", str(MODEL), "--host", "pi@device", "--runs", "3", *options]
+    args = ["bench", str(MODEL), "--host", "pi@device", "--runs", "3", "--input", "float", *options]
     env = {**os.environ, "PATH": fake_device["path"], "FAKE_DEVICE": json.dumps(case), "FAKE_ROW": fake_device["row"]}
     if measure:
         code = ("import atexit, runpy, sys\n"

@@ -67,11 +67,11 @@ def test_bench_on_the_device(sshd):
     assert rows[2]["size_ratio"] == pytest.approx(files[1].stat().st_size / files[0].stat().st_size)
     assert report["device"]["cpu"] == report["machine"]["cpu"]
     assert left_on_device(sshd) == []
-    table = run_module("runtime", "bench", str(files[0]), *sshd["options"], "--runs", "5")
+    table = run_module("runtime", "bench", str(files[0]), *sshd["options"], "--runs", "5", "--input", "float")
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith(f"on {rows[0]['device']['host']} (") and "int8.dense.tflite" in table.stdout
     assert "[1/1] int8.dense.tflite, 1 thread(s)" in table.stderr  # the device's progress, passed on
-    csv = run_module("runtime", "bench", str(files[0]), *sshd["options"], "--runs", "5", "--csv")
+    csv = run_module("runtime", "bench", str(files[0]), *sshd["options"], "--runs", "5", "--csv", "--input", "float")
     assert csv.returncode == 0, csv.stderr
     header, row = csv.stdout.splitlines()[:2]
     assert header.endswith(",model,device") and f"127.0.0.1:{sshd['port']} (" in row
@@ -122,7 +122,7 @@ def test_each_way_of_failing_is_one_line_and_leaves_nothing(sshd, tmp_path):
     base = sshd["options"]
 
     def bench(options):
-        return run_module("runtime", "bench", model, *options, "--runs", "3", timeout=120)
+        return run_module("runtime", "bench", model, *options, "--runs", "3", "--input", "float", timeout=120)
 
     one_line_failure(bench(with_option(base, "--port", str(free_port()))), "refused the connection")
     stranger = keygen(tmp_path / "stranger")
@@ -154,7 +154,7 @@ def test_each_way_of_failing_is_one_line_and_leaves_nothing(sshd, tmp_path):
     one_line_failure(bench(with_option(base, "--remote-python", str(older))), "runs EdgeKit 0.0.9",
                      "--allow-version-mismatch")
     allowed = run_module("runtime", "bench", model, *with_option(base, "--remote-python", str(older)),
-                         "--allow-version-mismatch", "--runs", "3", "--json")
+                         "--allow-version-mismatch", "--runs", "3", "--json", "--input", "float")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["results"][0]["device"]["edgekit"] == "0.0.9"
     assert left_on_device(sshd) == []
@@ -178,7 +178,7 @@ def test_a_full_disk_on_the_device(sshd, tmp_path):
 @NEEDS_SSHD
 def test_interrupted_it_leaves_nothing_on_the_device(sshd):
     command = [sys.executable, "-m", "runtime", "bench", str(FIXTURES / "int8.dense.tflite"), *sshd["options"],
-               "--seconds", "60"]
+               "--seconds", "60", "--input", "float"]
     # Ctrl-C's SIGINT, restored to its default: a shell starts background jobs with it ignored, and Python then
     # never raises KeyboardInterrupt
     bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
