@@ -286,8 +286,9 @@ def _softmax_model(path, kind: str, epochs: int):
 
 @pytest.mark.parametrize("kind, epochs", [
     ("cnn", 3),
-    ("mlp", 5),  # 15 images differ, by up to 3 steps at the output, each first by FULLY_CONNECTED's rounding
-    pytest.param("resnet8", 8, marks=pytest.mark.slow),  # 29 s: `python -m pytest -m slow` (README, Tests)
+    # 15 images differ, by up to 3 steps at the output, each first by FULLY_CONNECTED's rounding (12 s)
+    pytest.param("mlp", 5, marks=pytest.mark.slow),
+    pytest.param("resnet8", 8, marks=pytest.mark.slow),  # 26 s: `python -m pytest -m slow` (README, Tests)
 ])
 def test_a_model_ending_in_softmax_passes_when_every_difference_is_fully_connecteds_rounding(tmp_path, kind, epochs):
     """TFLM and LiteRT's reference kernels part by one step at a FULLY_CONNECTED; in a deeper model the step

@@ -70,7 +70,8 @@ def int8_files(name: str, dataset, techniques) -> tuple[dict[str, bytes], dict[s
     return files, records
 
 
-@pytest.fixture(scope="module", params=list(TECHNIQUES))  # the backbones: test_backbones.py
+@pytest.fixture(scope="module", params=["fashion_cnn", pytest.param("resnet", marks=pytest.mark.slow)])
+# resnet: 25 s, `python -m pytest -m slow`; the backbones: test_backbones.py
 def quantization_aware(request, small):
     """Made in a subprocess (conftest.in_subprocess): what the converters hold goes back when it ends."""
     return (request.param, *in_subprocess(int8_files, request.param, small, TECHNIQUES[request.param]))
