@@ -171,6 +171,7 @@ def test_rerun_redoes_a_deleted_or_corrupted_file(quick_copy):
     assert all(r["status"] == "verified" for r in report["rows"]) and len(report["rows"]) == 7
 
 
+@pytest.mark.slow  # 34 s: `python -m pytest -m slow` (README, Tests); resuming stays in the suite's other cases
 def test_a_damaged_model_is_trained_again(quick_copy):
     with open(quick_copy / "fashion_cnn" / "model.keras", "r+b") as fh:
         fh.seek(500)
@@ -367,6 +368,7 @@ def test_pipeline_measures_latency_on_the_device(quick_copy, sshd):
     assert refused.returncode == 1 and "failed: " in refused.stdout and "refused the connection" in refused.stdout
 
 
+@pytest.mark.slow  # 61 s: `python -m pytest -m slow`; the suite's micro pipeline is test_foreign's nested model
 @pytest.mark.skipif(importlib.util.find_spec("tflite_micro") is None, reason="needs the micro extra")
 def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy, digits):
     """--max-ram: every variant's micro file is made and verified in TFLM, and the recommendation is the micro file

@@ -70,8 +70,9 @@ def int8_files(name: str, dataset, techniques) -> tuple[dict[str, bytes], dict[s
     return files, records
 
 
-@pytest.fixture(scope="module", params=["fashion_cnn", pytest.param("resnet", marks=pytest.mark.slow)])
-# resnet: 25 s, `python -m pytest -m slow`; the backbones: test_backbones.py
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) for name in TECHNIQUES])
+# fashion_cnn 50 s, resnet 25 s: `python -m pytest -m slow`; in the suite, test_export's QAT int8 files and the
+# quick pipeline's; the backbones: test_backbones.py
 def quantization_aware(request, small):
     """Made in a subprocess (conftest.in_subprocess): what the converters hold goes back when it ends."""
     return (request.param, *in_subprocess(int8_files, request.param, small, TECHNIQUES[request.param]))

@@ -70,6 +70,7 @@ def test_two_workers_with_tf_config_train_and_only_the_chief_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mw"]  # no other worker's artifact, no checkpoint left
 
 
+@pytest.mark.slow  # 44 s: `python -m pytest -m slow` (README, Tests)
 def test_a_killed_training_resumes_from_its_last_epoch(tmp_path):
     """kill -9 after the third of six epochs; the same command is refused without --resume, refused with
     other settings, and with --resume continues at epoch 4 and records that it did."""
