@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.runtime_source import RuntimeSource
 from runtime.errors import ArtifactError, EdgeKitError
 
 MIN_OPSET = 13  # onnxruntime's per-channel QDQ int8 needs it
@@ -43,26 +44,11 @@ COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"
 
 
 @dataclasses.dataclass
-class ONNXSource:
+class ONNXSource(RuntimeSource):
     """A float ONNX classifier run by onnxruntime, standing where export otherwise holds a Keras model."""
 
-    path: Path
-    runtime: object  # runtime.load's Model of the file
     proto: object  # onnx.ModelProto, external data not loaded
     data_files: list[str]  # external data files beside it
-
-    @property
-    def layout(self) -> str:
-        return self.runtime.layout
-
-    @property
-    def output_kind(self) -> str:
-        return self.runtime.output_kind
-
-    def predict(self, x: np.ndarray, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
-        """Outputs on preprocessed NHWC images, as keras.Model.predict gives them (export.convert.keras_logits)."""
-        del verbose
-        return self.runtime.logits(x, batch_size=batch_size)
 
     def count_params(self) -> int:
         return int(sum(int(np.prod(t.dims)) for t in self.proto.graph.initializer))

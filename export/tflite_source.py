@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.runtime_source import RuntimeSource
 from runtime.errors import EdgeKitError
 
 TFLITE_FORMATS = ("int8", "micro")  # what a TFLite source gives (an integer one: micro only)
@@ -38,30 +39,16 @@ RECIPE = "static_wi8_ai8"  # ai-edge-quantizer's full-integer recipe
 
 
 @dataclasses.dataclass
-class TFLiteSource:
-    """A .tflite classifier run by LiteRT, standing where export otherwise holds a Keras model."""
+class TFLiteSource(RuntimeSource):
+    """A .tflite classifier run by LiteRT (runtime: its Model, backend litert), standing where export otherwise
+    holds a Keras model."""
 
-    path: Path
-    runtime: object  # runtime.load's Model of the file, in LiteRT
     data: bytes
     quantized: bytes | None = None  # a float file's int8 file, made once for int8 and micro
 
     @property
-    def layout(self) -> str:
-        return self.runtime.layout
-
-    @property
-    def output_kind(self) -> str:
-        return self.runtime.output_kind
-
-    @property
     def integer(self) -> bool:
         return (self.runtime.input.dtype, self.runtime.output.dtype) == ("int8", "int8")
-
-    def predict(self, x: np.ndarray, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
-        """Outputs on preprocessed NHWC images, as keras.Model.predict gives them (export.convert.keras_logits)."""
-        del verbose
-        return self.runtime.logits(x, batch_size=batch_size)
 
     def count_params(self) -> int:
         return 0  # nothing is converted: no converter's memory to give back between formats

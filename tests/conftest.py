@@ -213,3 +213,28 @@ def sshd(tmp_path_factory):
     server.terminate()
     server.wait(10)
     log.close()
+
+
+def check_micro_answer(run: Path, report: dict, digits) -> None:
+    """A pipeline run for a microcontroller: every micro file measured in TFLM, the answer the smallest arena within
+    the budget, and deploy/ holding its C sources and a main.cc that carries the first test image with the class
+    EdgeKit's TFLM run gives it (scripts/check-micro-firmware builds and runs it against TFLM)."""
+    import re
+
+    from runtime.load import load
+
+    micro = [r for r in report["rows"] if r["format"] == "micro"]
+    assert all(r["arena_bytes"] > 0 and r["macs"] > 0 and r["evaluated_by"] == "tflite-micro" for r in micro)
+    chosen = next(r for r in report["recommendations"] if r["objective"] == "arena")["choice"]
+    row = next(r for r in micro if r["file"] == chosen["file"])
+    assert row["arena_bytes"] == min(r["arena_bytes"] for r in micro if not r["over_budget"])
+    assert "smallest RAM on a microcontroller" in (run / "report.md").read_text().splitlines()[2]
+    deploy, artifact = run / "deploy", (run / chosen["file"]).parent
+    assert sorted(p.name for p in deploy.iterdir()) == ["main.cc", "model.micro.cc", "model.micro.h"]
+    assert all((deploy / n).read_bytes() == (artifact / n).read_bytes() for n in ("model.micro.cc", "model.micro.h"))
+    main = (deploy / "main.cc").read_text()
+    pixels = re.search(r"kTestImage\[(\d+)\] = \{([^}]*)\}", main)
+    assert int(pixels[1]) == digits.x_test[0].size
+    assert np.array_equal(np.array([int(v) for v in pixels[2].split(",")]), digits.x_test[0].ravel())
+    expected = load(run / chosen["file"]).logits(digits.x_test[:1]).argmax()  # in TFLM, as the report evaluated
+    assert f"constexpr int kTestImageClass = {expected};" in main and "int Classify(const uint8_t* pixels)" in main

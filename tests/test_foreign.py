@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import in_subprocess, run_module
+from conftest import check_micro_answer, in_subprocess, run_module
 from export import FORMATS, export
 from runtime.load import load
 
@@ -252,22 +252,7 @@ def test_a_nested_keras_file_goes_through_every_stage(tmp_path, digits):
     # --target micro: the answer is the micro file with the smallest arena, and deploy/ holds its C sources and a
     # main.cc carrying the first test image with the class EdgeKit's TFLM run gives it (scripts/check-micro-firmware
     # builds and runs it against TFLM)
-    micro = [r for r in report["rows"] if r["format"] == "micro"]
-    assert all(r["arena_bytes"] > 0 and r["macs"] > 0 and r["evaluated_by"] == "tflite-micro" for r in micro)
-    chosen = next(r for r in report["recommendations"] if r["objective"] == "arena")["choice"]
-    assert rows[chosen["label"].split()[0], "micro"]["arena_bytes"] == min(r["arena_bytes"] for r in micro
-                                                                           if not r["over_budget"])
-    assert "smallest RAM on a microcontroller" in (run / "report.md").read_text().splitlines()[2]
-    deploy, artifact = run / "deploy", (run / chosen["file"]).parent
-    assert sorted(p.name for p in deploy.iterdir()) == ["main.cc", "model.micro.cc", "model.micro.h"]
-    assert all((deploy / n).read_bytes() == (artifact / n).read_bytes() for n in ("model.micro.cc", "model.micro.h"))
-    main = (deploy / "main.cc").read_text()
-    import re
-
-    pixels = re.search(r"kTestImage\[(\d+)\] = \{([^}]*)\}", main)
-    assert np.array_equal(np.array([int(v) for v in pixels[2].split(",")]), digits.x_test[0].ravel())
-    expected = load(run / chosen["file"]).logits(digits.x_test[:1]).argmax()  # in TFLM, as the report evaluated
-    assert f"constexpr int kTestImageClass = {expected};" in main and "int Classify(const uint8_t* pixels)" in main
+    check_micro_answer(run, report, digits)
     sidecar = json.loads((run / "nested" / "model.int8.json").read_text())
     assert sidecar["output"]["kind"] == "probabilities"
     pruned_again = run_module("optimize", "prune", str(source), "--dataset", "digits", "--mean", "0", "--std", "1",

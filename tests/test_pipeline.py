@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NEEDS_SSHD, ROOT, free_port, run_module
+from conftest import NEEDS_SSHD, ROOT, check_micro_answer, free_port, run_module
 from pipeline.run import PLAN_FILE, Plan, resolve_variants, run
 from runtime.report import CSV_COLUMNS
 
@@ -374,31 +374,12 @@ def test_pipeline_for_a_microcontroller_reports_its_micro_files(quick_copy, digi
     """--max-ram: every variant's micro file is made and verified in TFLM, and the recommendation is the micro file
     with the smallest arena that fits; deploy/ holds its C sources and main.cc, which carries the first test image
     and the class EdgeKit's TFLM run gives it (scripts/check-micro-firmware builds and runs it against TFLM)."""
-    import re
-
-    import numpy as np
-
-    import runtime
-
     done = run_module("pipeline", "--quick", "--out", str(quick_copy), "--max-ram", "1MiB", "--no-bench")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((quick_copy / "report.json").read_text())
     micro = [r for r in report["rows"] if r["format"] == "micro"]
     assert {r["variant"] for r in micro} == {"base", "pruned80", "qat"} and all(r["status"] == "verified" for r in micro)
-    assert all(r["arena_bytes"] > 0 and r["macs"] > 0 for r in micro)
-    chosen = next(r for r in report["recommendations"] if r["objective"] == "arena")["choice"]
-    row = next(r for r in micro if r["file"] == chosen["file"])
-    assert row["arena_bytes"] == min(r["arena_bytes"] for r in micro if not r["over_budget"])
-    assert "smallest RAM on a microcontroller" in (quick_copy / "report.md").read_text().splitlines()[2]
-    deploy, artifact = quick_copy / "deploy", (quick_copy / chosen["file"]).parent
-    assert sorted(p.name for p in deploy.iterdir()) == ["main.cc", "model.micro.cc", "model.micro.h"]
-    assert all((deploy / n).read_bytes() == (artifact / n).read_bytes() for n in ("model.micro.cc", "model.micro.h"))
-    main = (deploy / "main.cc").read_text()
-    pixels = re.search(r"kTestImage\[(\d+)\] = \{([^}]*)\}", main)
-    assert int(pixels[1]) == digits.x_test[0].size
-    assert np.array_equal(np.array([int(v) for v in pixels[2].split(",")]), digits.x_test[0].ravel())
-    expected = runtime.load(quick_copy / chosen["file"]).logits(digits.x_test[:1]).argmax()
-    assert f"constexpr int kTestImageClass = {expected};" in main and "int Classify(const uint8_t* pixels)" in main
+    check_micro_answer(quick_copy, report, digits)
 
 
 def test_a_run_directory_is_a_model_argument_and_every_suggested_fix_works(quick_copy, digits):
