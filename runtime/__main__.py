@@ -672,8 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"untimed calls first (default {DEFAULT_WARMUP})")
     bench.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (default 1)")
     bench.add_argument("--input", choices=("pixels", "float"), default="pixels",
-                       help="what predict is given: uint8 pixels it preprocesses itself (default), or float input "
-                            "already preprocessed (a model without a sidecar always takes float)")
+                       help="what predict is given: uint8 pixels it preprocesses itself (default; a float model "
+                            "without a sidecar needs --mean/--std for them), or float input already preprocessed "
+                            "(normal noise for a float model nothing describes)")
     output = bench.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print every figure as JSON")
     output.add_argument("--csv", action="store_true", help="print one CSV row per model and thread count")

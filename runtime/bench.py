@@ -203,13 +203,17 @@ def kernels_built() -> bool:
 
 
 def _input(model, batch: int, seed: int, inputs: str = "pixels"):
-    """What predict is given: uint8 pixels (what a camera gives, preprocessed by predict itself), float input
-    the caller preprocessed already, or normal noise for a model without a sidecar."""
+    """What predict is given: uint8 pixels (what a camera gives, preprocessed by predict itself), or float input
+    the caller preprocessed already (normal noise for a float model nothing describes: --input float). Pixels for
+    a float model without a sidecar or --mean/--std are refused, as predict and eval refuse them."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     h, w, c = model.input_shape
     if model.preprocessing is None:
+        if inputs == "pixels":
+            raise EdgeKitError(f"{model.unknown_preprocessing()} To time it on float input without them: "
+                               "--input float.")
         return rng.standard_normal((batch, h, w, c)).astype(np.float32)
     x = rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
     return model.preprocessing.apply(x) if inputs == "float" else x

@@ -53,7 +53,7 @@ def one_line_failure(done, *words):
 def test_bench_on_the_device(sshd):
     files = [FIXTURES / "int8.dense.tflite", FIXTURES / "float32.dense.tflite"]
     done = run_module("runtime", "bench", *map(str, files), *sshd["options"], "--threads", "1,all", "--runs", "20",
-                      "--json")
+                      "--json", "--input", "float")  # the fixtures have no sidecars: float input, not pixels
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     rows = report["results"]

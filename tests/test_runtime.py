@@ -504,13 +504,17 @@ def test_eval_command_reproduces_the_export_accuracy(exported):
 
 def test_eval_of_a_float_file_without_a_sidecar_needs_its_preprocessing(exported, tmp_path):
     """A float file nothing describes, evaluated on --dataset, got the dataset's scaling silently (issue 38: a
-    PyTorch file scored 28.12% instead of its 55.56%): refused as predict refuses it, until --mean/--std say."""
+    PyTorch file scored 28.12% instead of its 55.56%): refused as predict refuses it, until --mean/--std say; bench
+    refuses pixels for it too, and times it on float input when asked."""
     import shutil
 
     artifact, results = exported
     shutil.copyfile(artifact / "model.float32.tflite", tmp_path / "model.tflite")
     refused = run_module("runtime", "eval", str(tmp_path / "model.tflite"), "--dataset", "digits")
     assert refused.returncode == 2 and refused.stderr.count("error:") == 1 and "pass --mean and --std" in refused.stderr
+    bench = run_module("runtime", "bench", str(tmp_path / "model.tflite"), "--runs", "2")  # pixels it cannot make
+    assert bench.returncode == 2 and bench.stderr.count("error:") == 1 and "--input float" in bench.stderr, bench.stderr
+    assert run_module("runtime", "bench", str(tmp_path / "model.tflite"), "--runs", "2", "--input", "float").returncode == 0
     done = run_module("runtime", "eval", str(tmp_path / "model.tflite"), "--dataset", "digits", "--mean", "0",
                       "--std", "255", "--json")  # the digits artifact's own scaling, 0..1
     assert done.returncode == 0 and json.loads(done.stdout)["accuracy"] == results["float32"].figures["accuracy"]
