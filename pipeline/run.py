@@ -310,10 +310,8 @@ class Pipeline:
             try:
                 manifest = import_model(plan.source, plan.dataset, directory, data_dir=plan.data_dir, mean=plan.mean,
                                         std=plan.std, force=True, allow_untrained=plan.allow_untrained)
-            except EdgeKitError as exc:
-                if exc.exit_code != 2:
-                    raise  # the work failed: recorded, as any stage's failure
-                stage.fail("refused (the error below)")  # the user's file or settings: nothing after it can run
+            except EdgeKitError:  # without the base model nothing after it can run: one error line, its exit code
+                stage.fail("the model file was not imported (the error below)")
                 raise
             flat = ", nested models flattened" if manifest["source"]["nested_models_flattened"] else ""
             stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}{flat}")

@@ -84,6 +84,11 @@ def test_a_lambda_h5_is_refused_before_its_code_runs(code_models, tmp_path):
         result = run_module(*stage, str(h5), "--dataset", "digits", "--out", str(tmp_path / "o" / stage[0]))
         _one_line(result, 2, "would run code when loaded", "Lambda", "--trust-model")
         assert not marker.exists()
+    (tmp_path / "broken.h5").write_bytes(b"x")  # unreadable: the run stops at its import, no report pretended
+    result = run_module("pipeline", "--quick", "--from", str(tmp_path / "broken.h5"), "--dataset", "digits", "--out",
+                        str(tmp_path / "o" / "broken"))
+    _one_line(result, 1, "cannot read", "broken.h5")
+    assert not (tmp_path / "o" / "broken" / "report.md").exists() and "done in" not in result.stdout
     trusted = run_module("export", "--tflite", str(h5), "--dataset", "digits", "--out", str(tmp_path / "t"),
                          "--trust-model", "--allow-untrained")  # an untrained model: here for its code
     assert trusted.returncode == 0, trusted.stderr[-2000:]
