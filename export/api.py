@@ -28,9 +28,9 @@ from runtime.datasets import SPLIT_SEED, Dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
 from runtime.metrics import check_above_chance, describe_preprocessing
-from runtime.preprocessing import pixel_statistics
+from runtime.artifacts.preprocessing import pixel_statistics
 from runtime.text import terminal
-from runtime.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
+from runtime.artifacts.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
                               model_file, model_sha256, read_manifest, utc_now, write_manifest)
 
 DEFAULT_CALIBRATION_SAMPLES = 300
@@ -651,7 +651,7 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         "verification": {**figures, "passed": True, "runtime": "tflite-micro" if fmt.key == "micro" else
                          "ai-edge-litert" if fmt.backend == "tflite" else "onnxruntime"},
         # the file in bare LiteRT (default options) or a default onnxruntime session; passed false: it needs
-        # EdgeKit's runtime on the device (a sparse file: runtime.manifest.needs_edgekit)
+        # EdgeKit's runtime on the device (a sparse file: runtime.artifacts.manifest.needs_edgekit)
         "bare": bare,
         "versions": library_versions(), "created": utc_now(),
     }

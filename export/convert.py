@@ -44,7 +44,7 @@ def zero_fraction(model) -> float:
 def to_tflite(model, key: str, calibration: np.ndarray | None, quantization_aware: bool,
               sparse: bool = False) -> bytes:
     """`sparse`: the converter's sparse encoding (Optimize.EXPERIMENTAL_SPARSITY), for pruned weights; the runtime
-    densifies such a file when it loads it (runtime/sparse.py). `micro` is `int8` with fully connected weights
+    densifies such a file when it loads it (runtime/backends/sparse.py). `micro` is `int8` with fully connected weights
     quantized per tensor: TFLM refused per-channel FULLY_CONNECTED until September 2024 (tflite-micro #2602,
     #2673), and one multiplier is less arena than one per unit."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from runtime.model import contract as model_contract
+from runtime.backends.model import contract as model_contract
 
 # the MicroMutableOpResolver method that adds each operator: the name in CamelCase, except these
 _METHOD_EXCEPTIONS = {"PADV2": "PadV2", "CONV_2D": "Conv2D", "DEPTHWISE_CONV_2D": "DepthwiseConv2D",
@@ -59,7 +59,7 @@ def c_float(value: float) -> str:
 
 def contract(model, preprocessing, labels: list[str], output_kind: str, name: str) -> list[str]:
     """The header's constants for the model's input and output (see the module docstring), from the one record of
-    them (runtime.model.contract)."""
+    them (runtime.backends.model.contract)."""
     c = model_contract(model, preprocessing, labels, output_kind)
     dims = [int(d) if d and d > 0 else 1 for d in model.input.shape]  # the batch of one a firmware runs
     channels = len(c["mean"])

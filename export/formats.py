@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from runtime.errors import EdgeKitError, suggest
-from runtime.formats import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat, check_max_accuracy_drop  # noqa: F401
+from runtime.vocabulary import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat, check_max_accuracy_drop  # noqa: F401
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3
@@ -50,7 +50,7 @@ SQNR_CAP_DB = 200.0  # an exact file has infinite SQNR; JSON has no infinity
 
 @dataclasses.dataclass(frozen=True)
 class Format(FileFormat):
-    """runtime.formats' file format (key, suffix, backend, kind: which half of the verification rule applies),
+    """runtime.vocabulary' file format (key, suffix, backend, kind: which half of the verification rule applies),
     and what export adds: the options it accepts and a description."""
 
     options: frozenset = frozenset()
@@ -64,7 +64,7 @@ class Format(FileFormat):
 
 
 _CALIBRATED = frozenset({"calibration_samples"})
-_HOW = {  # what export adds to runtime.formats' table: options and a description
+_HOW = {  # what export adds to runtime.vocabulary' table: options and a description
     "float32": (frozenset(), "TFLite float32"),
     "float16": (frozenset(), "TFLite with float16 weights"),
     "dynamic": (frozenset(), "TFLite dynamic range: int8 weights, float activations"),

@@ -1,13 +1,13 @@
 """The `micro` format: the int8 file checked for TensorFlow Lite Micro and verified in TFLM's interpreter.
 
-What `check` does to a converted file, before it is written (runtime/micro.py does the TFLM work):
+What `check` does to a converted file, before it is written (runtime/backends/tflm.py does the TFLM work):
 1. every operator has a TFLM kernel, and input and output are int8 (one line naming each missing operator);
 2. the tensor arena TFLM allocates is measured (its RecordingMicroAllocator) and, with the flash (the file's bytes),
    held to --max-ram and --max-flash: over either, nothing is written (exit 1, one line);
 3. TFLM runs the whole test split one image at a time, and LiteRT's reference kernels (BUILTIN_REF) run the same
    int8 inputs: the outputs are compared value by value and recorded; an image whose outputs differ is run again
    in both keeping every tensor, and the first operator whose output differs is recorded, with whether the
-   difference is FULLY_CONNECTED's rounding alone (runtime.micro.ROUNDING: recomputed exactly, the two
+   difference is FULLY_CONNECTED's rounding alone (runtime.backends.tflm.ROUNDING: recomputed exactly, the two
    roundings give the two outputs). More than MAX_LSB apart fails, unless every differing image is examined and
    each first differs by that rounding alone: in a deeper model (ResNet-8 ending in SOFTMAX) one step at a
    FULLY_CONNECTED travels through the later layers and softmax stretches it, which is still only that rounding
@@ -37,17 +37,17 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
     """(TFLM's outputs as float, the sidecar's `micro` record, {file name: C source}) of a micro file; the header
     carries the model's contract (`preprocessing`, `labels`, `output_kind`: export/firmware.py)."""
     from export import firmware
-    from runtime import micro
+    from runtime.backends import tflm
 
-    ops = micro.operators(data)
-    missing = micro.unsupported(ops)
+    ops = tflm.operators(data)
+    missing = tflm.unsupported(ops)
     if missing:
         raise ConversionError(f"the int8 file uses {', '.join(missing)}, which TensorFlow Lite Micro has no kernel "
                               "for; change those layers (e.g. a ReLU for a GELU) or ship the int8 file to a CPU.")
     if (model.input.dtype, model.output.dtype) != ("int8", "int8"):
         raise ConversionError(f"a micro file takes int8 input and gives int8 output; the converter wrote "
                               f"{model.input.dtype} and {model.output.dtype}.")
-    arena, flash = micro.arena_bytes(path), len(data)
+    arena, flash = tflm.arena_bytes(path), len(data)
     over = [f"{what} of {size_text(value)} against --max-{flag} {size_text(limit)}"
             for what, flag, value, limit in (("a tensor arena (RAM)", "ram", arena, budgets.get("ram")),
                                              ("flash", "flash", flash, budgets.get("flash")))
@@ -57,19 +57,19 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
                                 "or a larger budget.")
     x, pixels = model._checked(x_test)
     fed = model._feed(x, pixels)
-    raw, ref = micro.outputs(path, fed), micro.reference_outputs(path, fed)
+    raw, ref = tflm.outputs(path, fed), tflm.reference_outputs(path, fed)
     diff = np.abs(raw.astype(np.int32) - ref.astype(np.int32))
     differing = np.flatnonzero(diff.any(axis=1)) if diff.size else np.empty(0, int)
-    firsts = micro.first_differences(path, fed[differing[:EXAMINED]]) if len(differing) else []
-    record = {"arena_bytes": arena, "flash_bytes": flash, "operators": ops, "macs": micro.macs(data),
-              "interpreter": f"tflite-micro {micro.version()}",
+    firsts = tflm.first_differences(path, fed[differing[:EXAMINED]]) if len(differing) else []
+    record = {"arena_bytes": arena, "flash_bytes": flash, "operators": ops, "macs": tflm.macs(data),
+              "interpreter": f"tflite-micro {tflm.version()}",
               "reference": {"kernels": "LiteRT BUILTIN_REF", "images": int(len(raw)),
                             "bit_equal_images": int((diff == 0).all(axis=1).sum()),
                             "equal_values": int((diff == 0).sum()), "values": int(diff.size),
                             "max_lsb": int(diff.max()) if diff.size else 0,
                             **({"differing": _differing(firsts, len(differing))} if len(differing) else {})}}
     if diff.size and diff.max() > MAX_LSB and len(differing) > len(firsts):  # every one examined, before judging
-        firsts = micro.first_differences(path, fed[differing])
+        firsts = tflm.first_differences(path, fed[differing])
         record["reference"]["differing"] = _differing(firsts, len(differing))
     proven = bool(firsts) and len(firsts) == len(differing) and all(first.get("rounding") for first in firsts)
     if diff.size and diff.max() > MAX_LSB and proven:
@@ -88,7 +88,7 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
 def _differing(firsts: list[dict], images: int) -> dict:
     """The record of the images whose outputs differ: how many, how many were run again tensor by tensor, the
     operator each first differs in, and how many of those differences are FULLY_CONNECTED's rounding alone."""
-    from runtime.micro import ROUNDING
+    from runtime.backends.tflm import ROUNDING
 
     return {"images": images, "examined": len(firsts),
             "first_operator": dict(Counter(first.get("operator", "none") for first in firsts)),

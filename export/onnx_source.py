@@ -55,7 +55,7 @@ class ONNXSource(RuntimeSource):
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed NHWC images as the model's input tensor (NCHW for a channels-first model), as the runtime
-        lays them out (runtime.feeding.Feeding._tensor)."""
+        lays them out (runtime.backends.feeding.Feeding._tensor)."""
         return self.runtime._tensor(x)
 
     def opset(self) -> int:
@@ -94,7 +94,7 @@ def external_data(path: Path, proto) -> list[str]:
     every byte range the graph reads from it. Anything else is refused before onnx or onnxruntime opens it."""
     import onnx
 
-    from runtime.onnx_proto import beside
+    from runtime.backends.onnx_proto import beside
 
     files: dict[str, int] = {}
     for tensor in _all_tensors(proto.graph):
@@ -130,7 +130,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
 
     from runtime.datasets import dataset_for_model
     from runtime.load import NotAClassifier, load
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     info = check_readable_file(path, "model file")
     if info.st_size > MAX_PROTO_BYTES:
@@ -159,8 +159,8 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
                            "float32 input (the pixels preprocessed). `python -m runtime predict --raw` and `bench` "
                            "run any model.")
     dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
-    if runtime.preprocessing is not None:
-        dataset = dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
+    if runtime.artifacts.preprocessing is not None:
+        dataset = dataclasses.replace(dataset, preprocessing=runtime.artifacts.preprocessing)
     return ONNXSource(path, runtime, proto, data_files), dataset
 
 

@@ -6,7 +6,7 @@ app on a device calls it) with exactly the input tensor EdgeKit's runtime comput
 (`Model.input_tensors`: preprocessing, quantization and layout), and its outputs judged by the same rule as
 EdgeKit's own (`export.formats.verify`). EdgeKit's runtime densifies a sparse file first; bare LiteRT's XNNPACK
 refuses a sparse int8 or dynamic-range file, so such a file (`export --sparse`, opt-in) is recorded as needing
-EdgeKit's runtime on the device (`runtime.manifest.needs_edgekit`) and never recommended for a device without
+EdgeKit's runtime on the device (`runtime.artifacts.manifest.needs_edgekit`) and never recommended for a device without
 it. Any other file that bare LiteRT or onnxruntime refuses, or answers outside the rule, fails verification.
 A micro file is TFLM's (export/micro.py), which is already what a firmware runs.
 """

@@ -335,7 +335,7 @@ def plot_sensitivity(table: dict, path) -> bool:
     """A bar per layer (most sensitive on top): validation accuracy gained over full int8 when its keep set
     stays float; the label gives the output's median per-channel SQNR in full int8. No layer gaining anything
     makes no plot (an empty chart says less than "int8 loses nothing here"): returns whether it was drawn."""
-    from runtime.plots import _pyplot, _save
+    from runtime.charts import _pyplot, _save
 
     if not any(r["gain_points"] > 0 for r in table["layers"]):
         Path(path).unlink(missing_ok=True)  # a plot from an earlier run would contradict the table

@@ -88,7 +88,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
     """(the TFLite source, the dataset with the model's preprocessing), or one clear line why not."""
     from runtime.datasets import dataset_for_model
     from runtime.load import NotAClassifier, load
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "model file")
     if dataset_name is None:
@@ -108,9 +108,9 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
                            "float file (float32 in and out), quantized here, or a fully integer one (int8 in and "
                            "out). Export it from the model it was converted from instead.")
     dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
-    if runtime.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
+    if runtime.artifacts.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
         return source, dataset
-    return source, dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
+    return source, dataclasses.replace(dataset, preprocessing=runtime.artifacts.preprocessing)
 
 
 def _quantize(data: bytes, calibration: np.ndarray) -> bytes:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = RECIPES[args.technique](**settings)  # validates before TensorFlow is imported
     parent = Path(args.parent)
     from runtime.fsutil import check_output_dir
-    from runtime.manifest import check_out_apart, lineage_paths, read_manifest
+    from runtime.artifacts.manifest import check_out_apart, lineage_paths, read_manifest
     from train.safe_load import KERAS_SUFFIXES
 
     if parent.suffix.lower() in KERAS_SUFFIXES and not parent.is_dir():
@@ -171,7 +171,7 @@ def _imported(path, out, args):
     """The artifact of the Keras file `path`, beside `out` and named after the file: made now, or an earlier
     import of the same file (its sha256) with the same dataset and preprocessing reused."""
     from runtime.fsutil import sha256_file
-    from runtime.manifest import MANIFEST, read_manifest
+    from runtime.artifacts.manifest import MANIFEST, read_manifest
 
     if not args.dataset:
         raise EdgeKitError(f"{path} is a bare model file, so its labels, splits and fine-tuning data are unknown; "

@@ -23,7 +23,7 @@ from optimize.recipes import RECIPES, Technique, _Recipe
 from runtime.datasets import Dataset, load_for_manifest
 from runtime.errors import ArtifactError, EdgeKitError, VerificationError, first_line
 from runtime.fsutil import output_lock, sha256_file, staged_dir
-from runtime.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
+from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
                               check_out_apart, core_names, lineage_paths, model_file, read_manifest,
                               verify_artifact, write_manifest)
 

@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, erro
 
 from runtime.__main__ import _size
 from runtime.errors import ArgumentParser, run_cli
-from runtime.manifest import DEVICE_RUNTIMES
+from runtime.artifacts.manifest import DEVICE_RUNTIMES
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -19,7 +19,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
-    from runtime.formats import MAX_ACCURACY_DROP
+    from runtime.vocabulary import MAX_ACCURACY_DROP
     from train.models import model_list
 
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())

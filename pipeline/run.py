@@ -25,10 +25,10 @@ from pathlib import Path
 
 from export.formats import BUDGET_MISS
 from runtime.errors import EdgeKitError, unknown
-from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
+from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
 from runtime.fsutil import atomic_write_json, output_lock
 from runtime.limits import json_loads
-from runtime.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
+from runtime.artifacts.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
                               read_manifest, read_sidecar, utc_now, verify_files)
 
 PLAN_FILE = "pipeline.json"
@@ -144,12 +144,12 @@ class Plan:
             self.out = Path("runs") / f"{self.model}-{name}{'-quick' if self.quick else ''}"
         self.out = Path(self.out)
         if self.dataset.startswith("folder:"):
-            from runtime.manifest import check_out_apart
+            from runtime.artifacts.manifest import check_out_apart
 
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
     def _check_source(self) -> None:
-        from runtime.manifest import check_readable_file
+        from runtime.artifacts.manifest import check_readable_file
         from train.safe_load import KERAS_SUFFIXES
 
         self.source = Path(self.source)
@@ -252,7 +252,7 @@ class Pipeline:
         self._save()
 
     def _save(self) -> None:
-        from runtime.manifest import library_versions
+        from runtime.artifacts.manifest import library_versions
 
         atomic_write_json(self.out / PLAN_FILE, {"identity": self.plan.identity(), "plan": self.plan.to_dict(),
                                                  "updated": utc_now(), "stages": self.status,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed, first_line
 from runtime.fsutil import output_lock
-from runtime.manifest import model_sha256
+from runtime.artifacts.manifest import model_sha256
 from runtime.text import public_url
 
 STUDY = "edgekit-search"
@@ -151,7 +151,7 @@ class Search:
     def definition(self) -> dict:
         """What defines this run's study: the model, the dataset, the objective, the budget and the base model
         the trials derive from. Runs that differ in any of them are different studies, even in one storage."""
-        from runtime.manifest import read_manifest
+        from runtime.artifacts.manifest import read_manifest
 
         definition = {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
                       "budget_points": self.budget,
@@ -258,7 +258,7 @@ class Search:
         trial.set_user_attr("menu", recipe.menu_variant(self.plan.finetune_epochs) is not None)
         trial.set_user_attr("format", recipe.format)
         directory = self._make(recipe)
-        from runtime.manifest import read_manifest
+        from runtime.artifacts.manifest import read_manifest
 
         drop = (self._base_keras_accuracy() - read_manifest(directory)["metrics"]["accuracy"]) * 100
         if drop > PRUNE_FACTOR * self.budget:
@@ -304,7 +304,7 @@ class Search:
 
     def _export(self, directory: Path, fmt: str) -> Path:
         from export import export
-        from runtime.manifest import read_manifest
+        from runtime.artifacts.manifest import read_manifest
 
         key = "int8" if fmt == "int8-mixed" else fmt
         with waiting_lock(directory):  # another worker may be exporting another format of the same artifact
@@ -345,13 +345,13 @@ class Search:
     def _data(self):
         if self._dataset is None:
             from runtime.datasets import load_for_manifest
-            from runtime.manifest import read_manifest
+            from runtime.artifacts.manifest import read_manifest
 
             self._dataset = load_for_manifest(read_manifest(self.pipeline.dir_of("base")), self.plan.data_dir)
         return self._dataset
 
     def _base_keras_accuracy(self) -> float:
-        from runtime.manifest import read_manifest
+        from runtime.artifacts.manifest import read_manifest
 
         return read_manifest(self.pipeline.dir_of("base"))["metrics"]["accuracy"]
 
@@ -392,7 +392,7 @@ class Console:
     def line(self, t) -> str:
         """A finished trial as one line; its attributes come from the study's storage, which other machines
         write: numbers are checked, text escaped for the terminal."""
-        from runtime.report.search import value_text
+        from runtime.report.trials import value_text
         from runtime.text import terminal
 
         def number(value):
@@ -553,7 +553,7 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     pipeline.say(f"search: {len(finished)} trials finished ({sum(r['state'] == 'pruned' for r in rows)} pruned "
                  f"over budget) in {elapsed(started)}; study {search.study_name} in {search.public_url}")
     from runtime.fsutil import atomic_write_json
-    from runtime.report.search import SEARCH_FILE
+    from runtime.report.trials import SEARCH_FILE
 
     with waiting_lock(pipeline.out, pipeline.say):
         atomic_write_json(pipeline.out / SEARCH_FILE, {"objective": objective, "budget_points": budget,
@@ -596,7 +596,7 @@ def check_storage(url: str, out: Path) -> None:
         raise EdgeKitError(f"--storage {public_url(url)} is an in-memory database, which no other worker can share "
                            f"and which is gone when this process ends; name a file (sqlite:////path/{DB_FILE}) or "
                            "leave --storage out for one in the run directory.")
-    from runtime.manifest import MANIFEST
+    from runtime.artifacts.manifest import MANIFEST
 
     path, run = Path(database).expanduser().resolve(), Path(out).resolve()
     for parent in path.parents:

@@ -8,7 +8,7 @@ import sys
 
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
 from runtime.limits import json_loads
-from runtime.manifest import DEVICE_RUNTIMES
+from runtime.artifacts.manifest import DEVICE_RUNTIMES
 
 
 def _number(value, spec: str, unit: str = "") -> str:
@@ -19,7 +19,7 @@ def _info(args) -> int:
     from pathlib import Path
 
     from runtime.errors import ArtifactError
-    from runtime.manifest import MANIFEST, read_manifest, verify_files
+    from runtime.artifacts.manifest import MANIFEST, read_manifest, verify_files
     from runtime.text import terminal
 
     directory = Path(args.artifact)
@@ -103,7 +103,7 @@ def _recipe(recipe: dict) -> str:
 def _run_info(directory, as_json: bool) -> int:
     """A pipeline's run directory: its plan, stages, artifacts and the report's recommendation."""
     from runtime.errors import ArtifactError
-    from runtime.manifest import MANIFEST
+    from runtime.artifacts.manifest import MANIFEST
 
     try:
         status = json_loads((directory / "pipeline.json").read_text("utf-8"))
@@ -137,7 +137,7 @@ def _run_info(directory, as_json: bool) -> int:
 
 def _load(args):
     from runtime.load import load
-    from runtime.run_directory import is_run_directory, recommended
+    from runtime.artifacts.run_directory import is_run_directory, recommended
 
     if is_run_directory(args.model):  # a pipeline's run: the file its report recommends
         args.model = str(recommended(args.model))
@@ -177,7 +177,7 @@ def add_normalization(group) -> None:
 
 
 def _add_model_options(parser, labels: bool = True) -> None:
-    from runtime.preprocessing import RESIZE_METHODS
+    from runtime.artifacts.preprocessing import RESIZE_METHODS
 
     group = parser.add_argument_group(
         "models from elsewhere (no sidecar), or overriding the sidecar",
@@ -247,8 +247,8 @@ def _predict_raw(args) -> int:
     from pathlib import Path
 
     from runtime.load import Options, read_npy
-    from runtime.manifest import check_readable_file
-    from runtime.raw import describe_outputs, load_raw, parse_shapes, save_outputs
+    from runtime.artifacts.manifest import check_readable_file
+    from runtime.backends.raw import describe_outputs, load_raw, parse_shapes, save_outputs
 
     model = load_raw(args.model, threads=args.threads, shapes=parse_shapes(args.shape))
     options = Options(args.mean, args.std, args.resize, None, args.layout)  # checked: both or neither
@@ -289,7 +289,7 @@ def _raw_image(model, name: str, path, options):
     import numpy as np
 
     from runtime.load import input_layout
-    from runtime.preprocessing import image_to_pixels
+    from runtime.artifacts.preprocessing import image_to_pixels
 
     tensor = next(t for t in model.inputs if t.name == name)
     shape = model.shapes[name]
@@ -308,7 +308,7 @@ def _raw_image(model, name: str, path, options):
         raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
                            "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
     else:  # the one preprocessing code, as a model with a sidecar uses it
-        from runtime.preprocessing import Preprocessing
+        from runtime.artifacts.preprocessing import Preprocessing
 
         x = Preprocessing((h, w), c, scale=1.0, mean=options.mean, std=options.std).apply(pixels).astype(tensor.dtype)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
@@ -319,7 +319,7 @@ def _eval_dataset(args, model):
     from pathlib import Path
 
     from runtime.datasets import load_dataset, load_for_manifest
-    from runtime.manifest import read_manifest
+    from runtime.artifacts.manifest import read_manifest
 
     download = not args.no_download
     if args.dataset:
@@ -481,11 +481,11 @@ def _bench(args) -> int:
     if args.runs is not None and args.seconds is not None:
         raise EdgeKitError("give --runs or --seconds, not both.")
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
-    from runtime.raw import parse_shapes
+    from runtime.backends.raw import parse_shapes
 
     from runtime.remote import bench_on, describe, target
 
-    from runtime.run_directory import every_file, is_run_directory, recommended
+    from runtime.artifacts.run_directory import every_file, is_run_directory, recommended
 
     if args.all and not any(is_run_directory(m) for m in args.models):
         raise EdgeKitError("--all benches every file of a pipeline's run directory; give one (runs/...), or name "
@@ -572,7 +572,7 @@ def _add_threads(parser, default):
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
-    from runtime.formats import MAX_ACCURACY_DROP
+    from runtime.vocabulary import MAX_ACCURACY_DROP
     from runtime.report.decide import CHOICES, DEFAULT_CHOICE
     from runtime.report.latency import ROUNDS
     from runtime.remote import add_arguments as add_device_arguments

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import EdgeKitError, WorkFailed
-from runtime.formats import format_of, format_rank
+from runtime.vocabulary import format_of, format_rank
 from runtime.text import spreadsheet
 
 DEFAULT_SECONDS = 2.0
@@ -143,7 +143,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         "invoke_ms": invoke, "call_ms": call,
         "overhead": call["median"] / invoke["median"] - 1.0,
         **_throughput(batch, call), "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
-        # whether one image's 8-bit pre- and post-processing ran compiled (runtime/_kernels.c) or in numpy
+        # whether one image's 8-bit pre- and post-processing ran compiled (runtime/backends/_kernels.c) or in numpy
         "one_image_path": "compiled" if kernels_built() else "numpy",
     }
 
@@ -167,10 +167,10 @@ def _alternate(invoke, call, runs: int | None, seconds: float | None) -> tuple[d
 
 
 def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) -> dict:
-    """`measure` for a model that is not an image classifier (runtime.raw): example inputs of each tensor's dtype
+    """`measure` for a model that is not an image classifier (runtime.backends.raw): example inputs of each tensor's dtype
     and shape; invoke is the backend's bare call, call is RawModel.run (checks, and every output copied)."""
-    from runtime.formats import format_of
-    from runtime.raw import load_raw
+    from runtime.vocabulary import format_of
+    from runtime.backends.raw import load_raw
 
     t0 = time.perf_counter()
     model = load_raw(path, threads=threads, shapes=shapes)
@@ -196,10 +196,10 @@ def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) ->
 
 
 def kernels_built() -> bool:
-    """Whether the install built runtime._kernels (the compiled one-image path of runtime/load.py)."""
+    """Whether the install built runtime.backends._kernels (the compiled one-image path of runtime/load.py)."""
     import importlib
 
-    return importlib.import_module("runtime.tensors").KERNELS is not None
+    return importlib.import_module("runtime.backends.tensors").KERNELS is not None
 
 
 def _input(model, batch: int, seed: int, inputs: str = "pixels"):
@@ -313,7 +313,7 @@ def machine() -> dict:
     """The CPU, core count, platform and library versions: what a latency figure was measured on."""
     import platform
 
-    from runtime.manifest import library_versions
+    from runtime.artifacts.manifest import library_versions
 
     from runtime.remote import board, cpu_name
 
@@ -344,7 +344,7 @@ def check_loadable(files: list[Path], options: dict | None) -> dict:
     """Load every file once, to fail fast with the loader's own message before any long measurement; returns the
     options a worker takes (no labels: the bench prints none)."""
     from runtime.load import NotAClassifier, load
-    from runtime.raw import load_raw
+    from runtime.backends.raw import load_raw
 
     options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
     loadable = {k: v for k, v in options.items() if k != "shapes"}
@@ -475,7 +475,7 @@ def to_table(results: list[dict]) -> str:
                      "and shape (input_shapes in --json); call is RawModel.run (checks, every output copied); "
                      "img/s counts the first input's batch.")
     if results and results[0].get("one_image_path") == "numpy":
-        lines.append("runtime._kernels is not built (no C compiler or Python headers at install): one image's "
+        lines.append("runtime.backends._kernels is not built (no C compiler or Python headers at install): one image's "
                      "8-bit input and output went through numpy, a few µs slower; same results.")
     if results:
         lines.append(f"size x and speed x are against {Path(results[0]['model']).name} at the same thread "

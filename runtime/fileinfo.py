@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError, first_line
 from runtime.fsutil import sha256_file
-from runtime.manifest import check_readable_file
+from runtime.artifacts.manifest import check_readable_file
 
 
 def _layout(shape: list) -> str | None:
@@ -53,7 +53,7 @@ def tflite_description(data: bytes) -> str:
 
 
 def _tflite(path: Path) -> dict:
-    from runtime.sparse import interpreter as open_interpreter
+    from runtime.backends.sparse import interpreter as open_interpreter
 
     try:
         interpreter = open_interpreter(path)
@@ -71,7 +71,7 @@ def _tflite(path: Path) -> dict:
                 "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
                 "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
 
-    from runtime.sparse import sparse_file
+    from runtime.backends.sparse import sparse_file
 
     with open(path, "rb") as fh:
         head = fh.read(min(path.stat().st_size, 64 << 20))
@@ -85,31 +85,31 @@ def _micro_figures(path: Path) -> dict:
     it (tflite-micro installed) or why not."""
     import importlib.util
 
-    from runtime import micro
+    from runtime.backends import tflm
 
     data = path.read_bytes()
     out = {}
     try:
-        out["macs"] = micro.macs(data)
+        out["macs"] = tflm.macs(data)
     except Exception:  # a file LiteRT opened but whose tables this reader cannot walk: no figure, no failure
         out["macs"] = None
-    missing = micro.unsupported(micro.operators(data))
+    missing = tflm.unsupported(tflm.operators(data))
     if missing:
         out["micro"] = {"arena_bytes": None, "reason": f"uses {', '.join(missing)}, which TensorFlow Lite Micro has "
                                                        "no kernel for"}
     elif importlib.util.find_spec("tflite_micro") is None:
-        out["micro"] = {"arena_bytes": None, "reason": f"TFLM's arena not measured: {micro.EXTRA}"}
+        out["micro"] = {"arena_bytes": None, "reason": f"TFLM's arena not measured: {tflm.EXTRA}"}
     else:
         try:
-            out["micro"] = {"arena_bytes": micro.arena_bytes(path), "reason": None}
+            out["micro"] = {"arena_bytes": tflm.arena_bytes(path), "reason": None}
         except EdgeKitError as exc:
             out["micro"] = {"arena_bytes": None, "reason": str(exc)}
     return out
 
 
 def _onnx(path: Path) -> dict:
-    from runtime.onnx_backend import session as onnx_session
-    from runtime.onnx_proto import ONNX_DTYPES, onnx_summary
+    from runtime.backends.onnx import session as onnx_session
+    from runtime.backends.onnx_proto import ONNX_DTYPES, onnx_summary
 
     session = onnx_session(path)  # its external data checked first
     try:
@@ -150,7 +150,7 @@ def describe(path: str | Path) -> dict:
     info["labels"] = packed_labels(path, None) if fmt == "tflite" else None
     if fmt == "tflite":
         info.update(_micro_figures(path))
-    from runtime.manifest import needs_edgekit, sidecar_path
+    from runtime.artifacts.manifest import needs_edgekit, sidecar_path
 
     info["sidecar"] = sidecar_path(path).name if sidecar_path(path).is_file() else None
     try:

@@ -14,10 +14,10 @@ expected and what to do. A batch goes through a dynamic-batch model in one call;
 fixed-batch model is resized when its graph allows it and looped otherwise.
 
 
-The parts, one idea a file: runtime/model.py (what a model is, what its outputs mean), runtime/feeding.py
-(input: checks, layout, preprocessing, quantization), runtime/tensors.py (tensor descriptions, quantize,
-softmax, the compiled kernels), runtime/labels.py, runtime/tflite_backend.py, runtime/onnx_backend.py,
-runtime/inputs.py (files as input). This module loads a file into the right one, its sidecar and manifest
+The parts, one idea a file: runtime/backends/model.py (what a model is, what its outputs mean), runtime/backends/feeding.py
+(input: checks, layout, preprocessing, quantization), runtime/backends/tensors.py (tensor descriptions, quantize,
+softmax, the compiled kernels), runtime/artifacts/labels.py, runtime/backends/tflite.py, runtime/backends/onnx.py,
+runtime/backends/inputs.py (files as input). This module loads a file into the right one, its sidecar and manifest
 checked first, and keeps the names callers import from it.
 """
 
@@ -27,14 +27,14 @@ from pathlib import Path
 
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import sha256_file
-from runtime.inputs import NUMPY_SUFFIX, read_inputs, read_npy  # noqa: F401 (imported from here by callers)
-from runtime.labels import check_labels, packed_labels, parse_labels, read_labels  # noqa: F401
-from runtime.manifest import check_readable_file, read_sidecar, sidecar_path
-from runtime.model import (IMAGE_CHANNELS, LAYOUTS, REDO, Model, NotAClassifier, Options, finite,  # noqa: F401
+from runtime.backends.inputs import NUMPY_SUFFIX, read_inputs, read_npy  # noqa: F401 (imported from here by callers)
+from runtime.artifacts.labels import check_labels, packed_labels, parse_labels, read_labels  # noqa: F401
+from runtime.artifacts.manifest import check_readable_file, read_sidecar, sidecar_path
+from runtime.backends.model import (IMAGE_CHANNELS, LAYOUTS, REDO, Model, NotAClassifier, Options, finite,  # noqa: F401
                            input_layout)
-from runtime.onnx_backend import _ONNXModel
-from runtime.tensors import TensorInfo, dequantize, quantize, softmax  # noqa: F401
-from runtime.tflite_backend import _TFLiteModel, tflite_census  # noqa: F401
+from runtime.backends.onnx import _ONNXModel
+from runtime.backends.tensors import TensorInfo, dequantize, quantize, softmax  # noqa: F401
+from runtime.backends.tflite import _TFLiteModel, tflite_census  # noqa: F401
 
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
@@ -55,7 +55,7 @@ __all__ = ["BACKENDS", "IMAGE_CHANNELS", "LAYOUTS", "NUMPY_SUFFIX", "Model", "No
 def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | None) -> None:
     """The size and sha256 recorded at export (sidecar) and in the artifact's manifest beside the model,
     checked before the interpreter ever reads the file."""
-    from runtime.manifest import MANIFEST
+    from runtime.artifacts.manifest import MANIFEST
 
     expected = []
     if sidecar is not None:
@@ -86,12 +86,12 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
         (pixel - mean) / std, as TFLite Support's normalization. Without them and a sidecar, a model with
         8-bit input takes the pixels as its quantized input (int8: pixels - 128), and a float one only
         float input.
-    `resize`: how images of another size are resized (runtime.preprocessing.RESIZE_METHODS).
+    `resize`: how images of another size are resized (runtime.artifacts.preprocessing.RESIZE_METHODS).
     `labels`: a labels file (one a line, optionally "0 name") or a list; else the sidecar's, else the label
         file packed in a TFLite model's metadata, else the indices.
     `layout`: "nchw" or "nhwc", for an input shape that reads both ways (read from the shape otherwise).
         Images are always given as (H, W, C) pixels or (N, H, W, C) batches, and transposed for an NCHW model.
-    `backend`: "micro" runs a fully integer .tflite file in TensorFlow Lite Micro's interpreter (runtime/micro.py;
+    `backend`: "micro" runs a fully integer .tflite file in TensorFlow Lite Micro's interpreter (runtime/backends/tflm.py;
         the micro extra), one image per invoke as on a microcontroller; "litert" runs it in LiteRT; default (None):
         TFLM for a micro file (its sidecar's format; `threads` ignored: TFLM runs on one) when the micro extra is
         installed, else LiteRT or onnxruntime.
@@ -114,7 +114,7 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     size = check_readable_file(path, "model file").st_size
     if size == 0:
         raise ArtifactError(f"model file {path} is empty; export it again.")
-    from runtime.manifest import MANIFEST, read_manifest
+    from runtime.artifacts.manifest import MANIFEST, read_manifest
 
     manifest = read_manifest(path.parent) if (path.parent / MANIFEST).is_file() else None  # read once, for both
     sidecar = read_sidecar(path, manifest)
@@ -127,7 +127,7 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
                                "backend.")
         if threads not in (None, 1):
             raise EdgeKitError("TensorFlow Lite Micro runs on one thread (a microcontroller's core); drop --threads.")
-        from runtime.micro import MicroModel
+        from runtime.backends.tflm import MicroModel
 
         return MicroModel(path, None, sidecar, options)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel

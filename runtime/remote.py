@@ -145,7 +145,7 @@ class Target:
         if self.port is not None and not 1 <= self.port <= 65535:
             raise EdgeKitError(f"--port takes a TCP port from 1 to 65535; got {self.port}.")
         if self.identity is not None:
-            from runtime.manifest import check_readable_file
+            from runtime.artifacts.manifest import check_readable_file
 
             check_readable_file(self.identity, "--identity key")
         for option in self.options:
@@ -460,7 +460,7 @@ class Session:
 def remote_names(paths: list[Path]) -> dict[str, Path]:
     """Each model file and its companions (sidecar, ONNX external data) under a name for the device: the file
     name, or directory/name where names repeat (three artifacts' model.int8.tflite)."""
-    from runtime.manifest import sidecar_path
+    from runtime.artifacts.manifest import sidecar_path
 
     names: dict[str, Path] = {}
     repeated = len({p.name for p in paths}) < len(paths)

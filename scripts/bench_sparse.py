@@ -8,7 +8,7 @@ Each artifact is exported twice into a temporary directory (the default, dense, 
 float32, dynamic and int8, every file verified as export verifies it, in EdgeKit's runtime and in bare LiteRT
 (its default options, XNNPACK: the sidecar's `bare`); then every file is benchmarked through EdgeKit's whole
 `predict` on one image (runtime.bench.measure_rounds: one fresh process, rounds interleaved, the median of round
-medians with its 95% interval). The sparse files run densified there (runtime/sparse.py). Bare LiteRT is timed
+medians with its 95% interval). The sparse files run densified there (runtime/backends/sparse.py). Bare LiteRT is timed
 too, as a user's own app runs the file (Interpreter(model_path), default options, one image per invoke: invoke
 only, its median over rounds): the dense file with XNNPACK; the sparse file, which XNNPACK refuses to prepare,
 with LiteRT's builtin kernels (BUILTIN_WITHOUT_DEFAULT_DELEGATES), the only way plain LiteRT runs it.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import in_subprocess, run_module
-from runtime.manifest import read_manifest
+from runtime.artifacts.manifest import read_manifest
 from train.__main__ import main as train_main
 from train.backbones import BACKBONES, HEAD, freeze, unfreeze
 from train.models import create_model

@@ -11,7 +11,7 @@ from conftest import idx_bytes, make_idx_dir, write_idx
 from runtime.datasets import SPLIT_SEED, load_dataset, stratified_split
 from runtime.datasets.idx import parse_idx
 from runtime.errors import EdgeKitError
-from runtime.preprocessing import Preprocessing
+from runtime.artifacts.preprocessing import Preprocessing
 
 
 # --- digits ---------------------------------------------------------------------

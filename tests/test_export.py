@@ -14,7 +14,7 @@ from export import FORMATS, export
 from export.formats import FLOAT_ATOL, FLOAT_RTOL, MAX_ACCURACY_DROP, MIN_AGREEMENT, get_format, verify
 from runtime.errors import EdgeKitError
 from runtime.load import load, tflite_census
-from runtime.manifest import read_manifest, verify_files
+from runtime.artifacts.manifest import read_manifest, verify_files
 
 
 @pytest.mark.parametrize("key", list(FORMATS))

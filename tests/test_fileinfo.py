@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from conftest import run_module
-from runtime.onnx_proto import onnx_summary
+from runtime.backends.onnx_proto import onnx_summary
 
 
 def _info(path):

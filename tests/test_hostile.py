@@ -139,7 +139,7 @@ def test_escape_sequences_in_labels_never_reach_the_terminal(exported, tmp_path,
 
 def test_exif_orientation_is_applied(tmp_path, digits):
     """A phone stores the photo as the sensor saw it, rotated, with an EXIF orientation: read it upright."""
-    from runtime.preprocessing import image_to_pixels
+    from runtime.artifacts.preprocessing import image_to_pixels
 
     upright = digits.x_test[3, ..., 0]
     Image.fromarray(upright).save(tmp_path / "upright.png")
@@ -268,7 +268,7 @@ def test_trials_killed_before_their_first_heartbeat_are_failed(tmp_path):
 # --- untrusted text in the report ---------------------------------------------------------------------------
 
 def test_search_json_values_are_escaped_and_its_damage_is_said(tmp_path):
-    from runtime.report.search import section
+    from runtime.report.trials import section
 
     injected = {"objective": "gzip", "storage": f"postgresql://u:{SECRET}@h/d", "trials": [
         {"number": 0, "recipe": "# INJECTED HEADING", "format": "![beacon](http://attacker.example/p.png)",
@@ -405,7 +405,7 @@ def test_a_read_only_output_is_the_users_mistake_wherever_it_is_found(exported, 
 
 def test_bmp_gif_and_webp_images_are_read_like_png(exported, digits, tmp_path):
     """A .bmp was refused though Pillow reads it (issue 26); a GIF gives its first frame."""
-    from runtime.preprocessing import image_to_pixels
+    from runtime.artifacts.preprocessing import image_to_pixels
 
     image = Image.fromarray(digits.x_test[5, ..., 0])
     image.save(tmp_path / "d.png")

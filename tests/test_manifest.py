@@ -6,7 +6,7 @@ import pytest
 
 from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_bytes, staged_dir
-from runtime.manifest import REQUIRED_KEYS, read_manifest, verify_files, write_manifest
+from runtime.artifacts.manifest import REQUIRED_KEYS, read_manifest, verify_files, write_manifest
 
 
 def _manifest():

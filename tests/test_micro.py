@@ -29,13 +29,13 @@ def micro_artifact(tiny, tmp_path_factory):
 
 
 def test_micro_export_records_what_tflm_measured(micro_artifact):
-    from runtime import micro
+    from runtime.backends import tflm
 
     artifact, stdout = micro_artifact
     path = artifact / "model.micro.tflite"
     sidecar = json.loads((artifact / "model.micro.json").read_text())
     record = sidecar["micro"]
-    assert record["arena_bytes"] == micro.arena_bytes(path)  # TFLM's own figure, measured again
+    assert record["arena_bytes"] == tflm.arena_bytes(path)  # TFLM's own figure, measured again
     assert 1_000 < record["arena_bytes"] < 64 * 1024
     assert record["flash_bytes"] == path.stat().st_size
     assert record["macs"] == TINY_MACS
@@ -58,19 +58,19 @@ def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact
     (gemmlowp's) and with one in LiteRT; the micro file's fully connected weights are per tensor (what TFLM before
     September 2024 requires)."""
     import runtime
-    from runtime import micro
+    from runtime.backends import tflm
 
     # The roundings on a value where they part: 1 x 0.75 x 2^-1 = 0.375. gemmlowp first rounds 1 x 0.75 to 1, then
     # 1 / 2 = 0.5 away from zero to 1; one rounding of 0.375 gives 0.
-    assert micro.quantize_multiplier(0.375) == (3 << 29, -1)
-    assert micro.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=False).tolist() == [1, -1, 2]
-    assert micro.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=True).tolist() == [0, 0, 2]
+    assert tflm.quantize_multiplier(0.375) == (3 << 29, -1)
+    assert tflm.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=False).tolist() == [1, -1, 2]
+    assert tflm.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=True).tolist() == [0, 0, 2]
     path = micro_artifact[0] / "model.micro.tflite"
     model = runtime.load(path)
     fed = model._feed(*model._checked(digits.x_test))
-    firsts = micro.first_differences(path, fed)
+    firsts = tflm.first_differences(path, fed)
     assert all(first == {} or first["rounding"] for first in firsts), [f for f in firsts if f and not f["rounding"]]
-    it, tm = micro._reference(path, every_tensor=True), micro.interpreter(path, every_tensor=True)
+    it, tm = tflm._reference(path, every_tensor=True), tflm.interpreter(path, every_tensor=True)
     details = {d["index"]: d for d in it.get_tensor_details()}
     dense = [op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
     assert len(dense) == 2 and all(len(details[op["inputs"][1]]["quantization_parameters"]["scales"]) == 1
@@ -83,10 +83,10 @@ def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact
         tm.invoke()
         for op in dense:
             out = op["outputs"][0]
-            tflm = lambda index: micro._tflm_tensor(tm, index)  # noqa: E731
-            assert np.array_equal(micro.fully_connected(op, data, details, tflm, single=False).ravel(),
+            tflm = lambda index: tflm._tflm_tensor(tm, index)  # noqa: E731
+            assert np.array_equal(tflm.fully_connected(op, data, details, tflm, single=False).ravel(),
                                   tflm(out).ravel())
-            assert np.array_equal(micro.fully_connected(op, data, details, it.get_tensor, single=True).ravel(),
+            assert np.array_equal(tflm.fully_connected(op, data, details, it.get_tensor, single=True).ravel(),
                                   it.get_tensor(out).ravel())
 
 
@@ -346,7 +346,7 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     written. The float file beside it is quantized by ai-edge-quantizer to int8 and micro, both verified; a
     format the file cannot give is refused in one line."""
     from conftest import in_subprocess
-    from runtime import micro
+    from runtime.backends import tflm
 
     source = tmp_path / "theirs.tflite"
     in_subprocess(_int8_tflite_made_elsewhere, str(source))
@@ -358,7 +358,7 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     sidecar = json.loads((out / "model.micro.json").read_text())
     assert sidecar["source"]["kind"] == "tflite" and sidecar["verification"]["runtime"] == "tflite-micro"
     assert sidecar["verification"]["reference"] == "the source TFLite file"
-    assert sidecar["micro"]["arena_bytes"] == micro.arena_bytes(source) and sidecar["preprocessing"]["scale"] == 1.0
+    assert sidecar["micro"]["arena_bytes"] == tflm.arena_bytes(source) and sidecar["preprocessing"]["scale"] == 1.0
     accuracy = sidecar["verification"]["accuracy"]
     assert accuracy > 0.8 and abs(accuracy - sidecar["verification"]["keras_accuracy"]) <= 0.01
     for args, message in ((["--tflite", str(source)], "a .tflite source is exported to int8"),

@@ -13,7 +13,7 @@ from optimize import (ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRec
                       pqat, prune, qat, recipe_from_dict)
 from optimize.measure import kernel_facts, satisfies_m_by_n
 from runtime.errors import EdgeKitError
-from runtime.manifest import read_manifest, verify_files
+from runtime.artifacts.manifest import read_manifest, verify_files
 
 FAST = {"epochs": 2, "quiet": True}
 
@@ -221,8 +221,8 @@ def test_a_pruned_models_files_are_dense_by_default_and_sparse_only_when_asked(p
 
     from export import export
     from runtime.load import load
-    from runtime.manifest import needs_edgekit
-    from runtime.sparse import sparse_tensors
+    from runtime.artifacts.manifest import needs_edgekit
+    from runtime.backends.sparse import sparse_tensors
 
     _, directory = pruned
     formats = ["float32", "int8"]

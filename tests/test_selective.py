@@ -135,7 +135,7 @@ def test_the_pipeline_writes_int8_mixed_when_plain_int8_misses_the_budget(hostil
     import shutil
 
     from pipeline.run import Pipeline, Plan
-    from runtime.manifest import write_manifest
+    from runtime.artifacts.manifest import write_manifest
 
     base = tmp_path / "run" / "fashion_cnn"
     shutil.copytree(tiny, base)

@@ -4,7 +4,7 @@ sparsity_format_converter.cc): CSR rows, and blocks, on examples worked out by h
 import numpy as np
 import pytest
 
-from runtime.sparse import dense_values
+from runtime.backends.sparse import dense_values
 
 
 def _sparsity(order, dims, block_map=()):
@@ -62,7 +62,7 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "sparse"
 @pytest.mark.parametrize("key", ["float32", "int8"])
 def test_a_sparse_file_runs_as_its_dense_twin(key):
     from runtime.load import load
-    from runtime.sparse import densify, sparse_tensors
+    from runtime.backends.sparse import densify, sparse_tensors
 
     sparse, dense = (FIXTURES / f"{key}.{kind}.tflite" for kind in ("sparse", "dense"))
     assert sparse_tensors(sparse.read_bytes()) == 1 and sparse_tensors(dense.read_bytes()) == 0
@@ -166,7 +166,7 @@ def test_indices_and_segments_are_checked_for_range_order_and_repetition(tmp_pat
 
 def test_the_checks_accept_every_sparse_tensor_the_converter_wrote():
     """The converter's own files densify to their dense twins' weights (the checks refuse nothing it writes)."""
-    from runtime.sparse import densify
+    from runtime.backends.sparse import densify
 
     for key in ("float32", "int8"):
         assert densify((FIXTURES / f"{key}.sparse.tflite").read_bytes())

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_idx_dir, run_module
-from runtime.manifest import REQUIRED_KEYS, read_manifest, verify_files
+from runtime.artifacts.manifest import REQUIRED_KEYS, read_manifest, verify_files
 from train.__main__ import main as train_main
 
 

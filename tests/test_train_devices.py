@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_module
-from runtime.manifest import read_manifest, verify_files
+from runtime.artifacts.manifest import read_manifest, verify_files
 from train.__main__ import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -24,7 +24,7 @@ from conftest import ROOT, idx_bytes, run_module
 from runtime.errors import ArtifactError, EdgeKitError, UntrustedModel
 from runtime.fsutil import output_lock, sha256_file, staged_dir
 from runtime.load import load
-from runtime.manifest import read_manifest, verify_files
+from runtime.artifacts.manifest import read_manifest, verify_files
 
 
 def _one_line(result, code: int, *words: str) -> str:
@@ -358,7 +358,7 @@ def test_an_unreadable_file_says_permission_denied(exported, tmp_path, digits):
 def test_every_pillow_mode_is_read_for_what_it_means(tmp_path, digits):
     """16-bit, 32-bit integer, float, transparent, palette and CMYK images give the pixels of the
     8-bit original (up to JPEG-free rounding), in prediction and in folder datasets alike."""
-    from runtime.preprocessing import image_to_pixels, to_8bit
+    from runtime.artifacts.preprocessing import image_to_pixels, to_8bit
 
     pixels = digits.x_test[0, ..., 0]  # uint8 28x28, white digit on black
     Image.fromarray(pixels, "L").save(tmp_path / "l8.png")

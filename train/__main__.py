@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):
-        from runtime.manifest import check_out_apart
+        from runtime.artifacts.manifest import check_out_apart
 
         check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training

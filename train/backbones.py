@@ -30,7 +30,7 @@ from runtime.errors import EdgeKitError, first_line
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     application: str  # the tf_keras.applications constructor
-    scale: float  # preprocessing, as runtime.preprocessing.Preprocessing: pixels * scale - mean
+    scale: float  # preprocessing, as runtime.artifacts.preprocessing.Preprocessing: pixels * scale - mean
     mean: tuple[float, ...]
     fine_tune_from: str  # a good default layer to unfreeze from (the top blocks), shown in errors
     first_conv: str  # the first convolution (whose kernel takes the pixels)
@@ -137,7 +137,7 @@ def load_weights(model, name: str, path: str) -> None:
     layer with weights must be in the file (a file of another network is refused, not half-loaded)."""
     import h5py
 
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     size = check_readable_file(path, "weights file").st_size
     try:

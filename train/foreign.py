@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.errors import EdgeKitError
 from runtime.fsutil import sha256_file, staged_dir
-from runtime.manifest import MODEL_FILE, write_manifest
+from runtime.artifacts.manifest import MODEL_FILE, write_manifest
 
 KIND = "imported"
 MAX_NESTING = 16  # sub-models inside sub-models: a model file is untrusted
@@ -106,7 +106,7 @@ def load_classifier(path: Path, dataset_name: str, data_dir, mean=None, std=None
     """(the Keras model in `path`, loaded as data; the dataset at its input size, with --mean/--std as its
     preprocessing when given), or one line why not: not an image classifier, other classes."""
     from runtime.datasets import dataset_for_model
-    from runtime.preprocessing import Preprocessing
+    from runtime.artifacts.preprocessing import Preprocessing
     from train.safe_load import load_model_file
 
     model = load_model_file(path, trust)

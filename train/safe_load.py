@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runtime.errors import ArtifactError, EdgeKitError, UntrustedModel, first_line
 from runtime.limits import json_loads
-from runtime.manifest import check_readable_file
+from runtime.artifacts.manifest import check_readable_file
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 CODE_LAYERS = {"Lambda": "a Lambda layer (Python bytecode that runs when the model is loaded)",

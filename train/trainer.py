@@ -29,7 +29,7 @@ import numpy as np
 from runtime.datasets import Dataset, load_dataset
 from runtime.errors import EdgeKitError, first_line
 from runtime.fsutil import staged_dir
-from runtime.manifest import write_manifest
+from runtime.artifacts.manifest import write_manifest
 from runtime.metrics import classification_summary
 from train import resume as checkpoints
 from train.devices import check_spec
@@ -412,7 +412,7 @@ def is_chief() -> bool:
 
 def write_artifact(result: TrainResult, out: str | Path, force: bool = False) -> dict:
     """Write model.keras, training.png, confusion.png and manifest.json into `out`, atomically."""
-    from runtime.plots import plot_confusion, plot_training
+    from runtime.charts import plot_confusion, plot_training
 
     out = Path(out)
     dataset, config = result.dataset, result.config

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import EdgeKitError, unknown
-from runtime.preprocessing import Preprocessing
+from runtime.artifacts.preprocessing import Preprocessing
 
 SPLIT_SEED = 20240601  # fixes every split EdgeKit makes; recorded in manifests
 SPLITS = ("train", "val", "test")
@@ -113,7 +113,7 @@ def resize_pixels(x: np.ndarray, size: tuple[int, int], channels: int, resize: s
     """Resize a uint8 (N, H, W, C) batch with Pillow, converting channel count if asked."""
     from PIL import Image
 
-    from runtime.preprocessing import _filters
+    from runtime.artifacts.preprocessing import _filters
 
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(x), *size, channels), np.uint8)

@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
 from runtime.errors import EdgeKitError
-from runtime.preprocessing import Preprocessing
+from runtime.artifacts.preprocessing import Preprocessing
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER, ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"

@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
 from runtime.errors import EdgeKitError
-from runtime.preprocessing import Preprocessing
+from runtime.artifacts.preprocessing import Preprocessing
 
 FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -71,7 +71,7 @@ MAX_IDX_BYTES = 1 << 30  # 1 GiB: 20 times MNIST's training images; a header pro
 def read_idx(path: Path) -> np.ndarray:
     """Read a plain or gzipped IDX file, streaming: the header decides how much is read, so a gzip bomb
     or a header promising gigabytes is refused before the memory is taken."""
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "IDX file")
     try:

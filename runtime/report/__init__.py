@@ -22,8 +22,8 @@ from pathlib import Path
 
 from runtime.errors import EdgeKitError, WriteFailed
 from runtime.limits import cores
-from runtime.formats import MAX_ACCURACY_DROP, check_max_accuracy_drop
-from runtime.manifest import utc_now
+from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
+from runtime.artifacts.manifest import utc_now
 from runtime.report import deploy
 from runtime.report.decide import (CHOICES, DEFAULT_CHOICE, OBJECTIVES, RUNTIMES, Comparer, for_device, fronts, judge,
                                    primary, recommend)
@@ -31,8 +31,8 @@ from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
 from runtime.bench import machine
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
 from runtime.report.rows import collect, evaluate
-from runtime.report.search import PLOT as SEARCH_PLOT
-from runtime.report.search import section as search_section
+from runtime.report.trials import PLOT as SEARCH_PLOT
+from runtime.report.trials import section as search_section
 
 __all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "RUNTIMES", "build"]
 

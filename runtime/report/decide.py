@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from runtime.manifest import DEVICE_RUNTIMES
+from runtime.artifacts.manifest import DEVICE_RUNTIMES
 from runtime.report.rows import agreement, baseline, label
 from runtime.stats import ALPHA, accuracy_interval, mcnemar
 
@@ -149,7 +149,7 @@ class Comparer:
 
 def slower_quantized(row: dict, tag: str) -> bool:
     """A quantized file whose median latency at `tag` ("1t", "all") is above the float baseline's."""
-    from runtime.formats import FILE_FORMATS
+    from runtime.vocabulary import FILE_FORMATS
 
     fmt = FILE_FORMATS.get(row.get("format"))
     return fmt is not None and fmt.kind == "quantized" and (row.get(f"speedup_{tag}") or 1.0) < 1.0

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_text, staged_dir
-from runtime.model import contract
+from runtime.backends.model import contract
 
 DEPLOY = "deploy"
 

@@ -1,7 +1,7 @@
 """The report's two plots: accuracy vs size (file and gzip) and accuracy vs latency (1 thread, all threads).
 
 What a reader can rely on in every report: one colour per format and one marker per menu variant
-(runtime.formats; every search trial one marker, its label naming the recipe), ONNX files hollow so a TFLite
+(runtime.vocabulary; every search trial one marker, its label naming the recipe), ONNX files hollow so a TFLite
 file under them still shows; accuracy in %, its typical 95% interval in the axis title (on a few hundred test
 images every file's interval is wider than the whole spread of accuracies: drawn per point, the bars hid the
 points; each file's is in the table), latency with its interval as a horizontal bar; the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.formats import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
+from runtime.vocabulary import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
 from runtime.report.decide import OBJECTIVES, candidates, group_label
 from runtime.report.rows import label, points
 
@@ -62,7 +62,7 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None, where: 
         return {}
     import io
 
-    from runtime.plots import _pyplot, _save
+    from runtime.charts import _pyplot, _save
 
     plt = _pyplot()
     written = {}
@@ -81,7 +81,7 @@ def figures(rows: list[dict], budget: float, base: dict | None, where: dict | No
             recommendations: list[dict] = ()):
     """(file name, figure) for each figure with data, its labels placed on the final layout; the caller closes
     each figure."""
-    from runtime.plots import _pyplot
+    from runtime.charts import _pyplot
 
     plt = _pyplot()
     chosen = {r["objective"]: r["choice"] for r in recommendations if r.get("choice")}

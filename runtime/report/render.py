@@ -146,7 +146,7 @@ def commands(row: dict) -> str:
     from importlib import metadata
 
     import runtime
-    from runtime.manifest import sidecar_path
+    from runtime.artifacts.manifest import sidecar_path
 
     here = relative(row["file"], Path.cwd())
     py = interpreter()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError
-from runtime.formats import ALIASES, format_rank
+from runtime.vocabulary import ALIASES, format_rank
 from runtime.limits import json_loads
-from runtime.manifest import MANIFEST, needs_edgekit, read_manifest
+from runtime.artifacts.manifest import MANIFEST, needs_edgekit, read_manifest
 from runtime.progress import bar
 
 
@@ -69,7 +69,7 @@ def shown_name(name) -> str:
 def collect(root: Path) -> list[dict]:
     """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
     against its manifest and must have been made from the artifact's current model."""
-    from runtime.manifest import export_problem, model_sha256
+    from runtime.artifacts.manifest import export_problem, model_sha256
 
     found, damaged = artifacts(root)
     rows = [{"variant": shown_name(d.name), "format": "-", "artifact": str(d), "kind": None, "model": None, "dataset": None,
@@ -157,7 +157,7 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
     recorded them from TFLM (whole numbers, or nothing: a sidecar is untrusted)."""
     fields = {}
     if path.suffix == ".tflite":
-        from runtime.micro import macs
+        from runtime.backends.tflm import macs
 
         try:
             fields["macs"] = macs(path.read_bytes())

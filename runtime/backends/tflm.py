@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
-from runtime.tflite_backend import _TFLiteModel
+from runtime.backends.tflite import _TFLiteModel
 
 EXTRA = "pip install 'edgekit-ml[micro]' (the tflite-micro package)"
 ARENA_MAX = 64 * 2**20  # what a microcontroller could hold, with room; the search for a file's arena stops here
@@ -58,7 +58,7 @@ def tflm():
 
 
 def _model(data: bytes):
-    from runtime.sparse import _schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
+    from runtime.backends.sparse import _schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
 
     schema = _schema()
     if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):

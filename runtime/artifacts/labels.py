@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.errors import EdgeKitError
-from runtime.manifest import check_readable_file
+from runtime.artifacts.manifest import check_readable_file
 
 
 MAX_LABELS_BYTES = 4 << 20

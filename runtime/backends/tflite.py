@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ArtifactError, first_line
-from runtime.labels import packed_labels
-from runtime.model import Model, NotAClassifier
-from runtime.tensors import TensorInfo, _dim
+from runtime.artifacts.labels import packed_labels
+from runtime.backends.model import Model, NotAClassifier
+from runtime.backends.tensors import TensorInfo, _dim
 
 
 class _TFLiteModel(Model):
     def __init__(self, path, threads, sidecar, options=None):
-        from runtime.sparse import interpreter
+        from runtime.backends.sparse import interpreter
 
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
@@ -160,7 +160,7 @@ def tflite_census(model: bytes | str | Path) -> dict:
     "float_ops": [names of ops with a float32 input or output]}. A fully integer file has no float op."""
     from collections import Counter
 
-    from runtime.sparse import densify
+    from runtime.backends.sparse import densify
 
     from ai_edge_litert.interpreter import Interpreter
 

@@ -122,7 +122,7 @@ def value_text(objective: str, value: float | None) -> str:
 
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
     try:
-        from runtime.plots import _pyplot, _save
+        from runtime.charts import _pyplot, _save
         from runtime.report.plots import _log_ticks
 
         plt = _pyplot()

@@ -371,7 +371,7 @@ def validate_sidecar(data, path: Path) -> dict:
         raise bad("has 'labels' that are not a list of strings")
     pre = data.get("preprocessing")
     if pre is not None:
-        from runtime.preprocessing import Preprocessing
+        from runtime.artifacts.preprocessing import Preprocessing
 
         if not isinstance(pre, dict):
             raise bad("has 'preprocessing' that is not an object")

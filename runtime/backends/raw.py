@@ -1,6 +1,6 @@
 """Any .tflite or .onnx model, raw: every input fed as given, every output returned, nothing interpreted.
 
-    model = runtime.raw.load_raw("movenet.tflite", shapes={"input": (1, 192, 192, 3)})
+    model = runtime.backends.raw.load_raw("movenet.tflite", shapes={"input": (1, 192, 192, 3)})
     outputs = model.run({"input": frame})      # {output name: array}, in the model's output order
 
 What `predict --raw` and `bench` use for models that are not image classifiers (pose, segmentation, audio,
@@ -41,7 +41,7 @@ class Tensor:
         elif any(d < 0 for d in self.shape[1:]):
             raise EdgeKitError(f"input {self.name!r} has dynamic dimensions {_shown(self.shape)}; give them with "
                                f"--shape {self.name}=" + ",".join("1" if d < 0 else str(d) for d in self.shape)
-                               + " (shapes= to runtime.raw.load_raw).")
+                               + " (shapes= to runtime.backends.raw.load_raw).")
         else:
             shape = tuple(1 if d < 0 else d for d in self.shape)
         if math.prod(shape) > MAX_ELEMENTS or min(shape, default=1) < 1:
@@ -140,7 +140,7 @@ class _TFLiteRaw(RawModel):
     backend = "tflite"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        from runtime.sparse import interpreter
+        from runtime.backends.sparse import interpreter
 
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
@@ -190,8 +190,8 @@ class _ONNXRaw(RawModel):
     backend = "onnx"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        from runtime.onnx_backend import session
-        from runtime.onnx_proto import ONNX_DTYPES
+        from runtime.backends.onnx import session
+        from runtime.backends.onnx_proto import ONNX_DTYPES
 
         self._session = session(path, threads)
 
@@ -230,7 +230,7 @@ def load_raw(path: str | Path, threads: int | None = None, shapes: dict | None =
     """Any .tflite or .onnx model (see the module docstring); `shapes`: {input name: shape} for dynamic ones."""
     from runtime.limits import threads as bounded_threads
     from runtime.load import BACKENDS
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     path = Path(path)
     if BACKENDS.get(path.suffix.lower()) is None:

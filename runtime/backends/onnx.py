@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import tensors
+from runtime.backends import tensors
 from runtime.errors import ArtifactError, first_line
-from runtime.model import Model, NotAClassifier
-from runtime.onnx_proto import ONNX_DTYPES, external_files, onnx_producers
-from runtime.tensors import _F32, TensorInfo
+from runtime.backends.model import Model, NotAClassifier
+from runtime.backends.onnx_proto import ONNX_DTYPES, external_files, onnx_producers
+from runtime.backends.tensors import _F32, TensorInfo
 
 
 def session(path, threads: int | None = None):
@@ -79,7 +79,7 @@ class _ONNXModel(Model):
 
     def graph(self) -> list:
         """The graph's operator census, its inputs' and outputs' shapes (see the TFLite backend's `graph`)."""
-        from runtime.onnx_proto import onnx_summary
+        from runtime.backends.onnx_proto import onnx_summary
 
         ops = onnx_summary(self.path.read_bytes())["ops"]
         ends = [[n.name, [str(d) for d in n.shape], n.type] for n in [*self._session.get_inputs(),

@@ -1,6 +1,6 @@
-"""One model object for every backend (runtime/tflite_backend.py, runtime/onnx_backend.py): what the model
+"""One model object for every backend (runtime/backends/tflite.py, runtime/backends/onnx.py): what the model
 is (input shape and layout, classes, labels, preprocessing, its sidecar checked), and what its outputs mean
-(logits or its own probabilities, dequantized, softmax, top-k). The input side is runtime/feeding.py."""
+(logits or its own probabilities, dequantized, softmax, top-k). The input side is runtime/backends/feeding.py."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import tensors
+from runtime.backends import tensors
 from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
-from runtime.feeding import Feeding
-from runtime.formats import ALIASES, format_of
-from runtime.labels import check_labels, read_labels
+from runtime.backends.feeding import Feeding
+from runtime.vocabulary import ALIASES, format_of
+from runtime.artifacts.labels import check_labels, read_labels
 from runtime.limits import positive_normal
-from runtime.manifest import sidecar_path
-from runtime.preprocessing import Preprocessing
-from runtime.tensors import _F32, _U8, TensorInfo, _dim, _lookup, dequantize, softmax
+from runtime.artifacts.manifest import sidecar_path
+from runtime.artifacts.preprocessing import Preprocessing
+from runtime.backends.tensors import _F32, _U8, TensorInfo, _dim, _lookup, dequantize, softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +26,12 @@ class Options:
     """What a model without a sidecar needs told, or a user overrides (`load`'s keyword arguments)."""
     mean: tuple[float, ...] | None = None  # pixel units, one value or one per channel: (pixel - mean) / std
     std: tuple[float, ...] | None = None
-    resize: str | None = None  # runtime.preprocessing.RESIZE_METHODS
+    resize: str | None = None  # runtime.artifacts.preprocessing.RESIZE_METHODS
     labels: str | Path | list | tuple | None = None  # a labels file, or the labels themselves
     layout: str | None = None  # "nhwc" or "nchw": the input tensor's layout, where its shape leaves it ambiguous
 
     def __post_init__(self):
-        from runtime.preprocessing import RESIZE_METHODS
+        from runtime.artifacts.preprocessing import RESIZE_METHODS
 
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -57,7 +57,7 @@ class Options:
 
 class NotAClassifier(EdgeKitError):
     """A model EdgeKit cannot treat as an image classifier (several inputs or outputs, no image input, no class
-    scores): `info`, `predict --raw` and `bench` still take it (runtime.raw)."""
+    scores): `info`, `predict --raw` and `bench` still take it (runtime.backends.raw)."""
 
 
 LAYOUTS = ("nhwc", "nchw")  # channels last (TFLite, Keras), channels first (PyTorch, most ONNX files)
@@ -88,7 +88,7 @@ class Model(Feeding):
         self.path, self.backend, self.input, self.output = path, backend, input_info, output_info
         self.sidecar, self.threads = sidecar, threads
         options = options or Options()
-        # the format key (runtime.formats): the sidecar's, else the file's name
+        # the format key (runtime.vocabulary): the sidecar's, else the file's name
         self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
         if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
             raise NotAClassifier(

@@ -1,6 +1,6 @@
 """A model's input side: images (uint8 pixels, (H, W, C) whatever the model's layout) or preprocessed float
 input checked, preprocessed by table lookup, quantized for an integer input, and laid out as the model's input
-tensor (channels first for an NCHW model). `Model` (runtime/model.py) takes it as a base class."""
+tensor (channels first for an NCHW model). `Model` (runtime/backends/model.py) takes it as a base class."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 
-from runtime import tensors
+from runtime.backends import tensors
 from runtime.errors import EdgeKitError
-from runtime.manifest import sidecar_path
-from runtime.tensors import _MAX, _MIN, _ROUNDER, _U32, _limits, _lookup, quantize
+from runtime.artifacts.manifest import sidecar_path
+from runtime.backends.tensors import _MAX, _MIN, _ROUNDER, _U32, _limits, _lookup, quantize
 
 
 class Feeding:
@@ -121,7 +121,7 @@ class Feeding:
         outside it. NaN, infinities and values outside the window have bits far outside, so they, and values
         at the window's edges, go the slow way: refused with the reason, or saturated as quantize does.
         One image is worked in a buffer kept for it (a Model is not for concurrent use: nor is its interpreter),
-        by the compiled kernel when the install built it (`runtime.tensors.KERNELS.quantize`: the same quotient, rounding
+        by the compiled kernel when the install built it (`runtime.backends.tensors.KERNELS.quantize`: the same quotient, rounding
         and table range, so the same values and the same inputs go the slow way).
         """
         if self._quant is None:

@@ -123,7 +123,7 @@ def open_image(path: str | Path):
     """Open an image file with Pillow, refusing a decompression bomb from its header, before decoding it."""
     from PIL import Image, UnidentifiedImageError
 
-    from runtime.manifest import check_readable_file
+    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "image")
     try:
