@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--heartbeat", type=int, default=10, metavar="S",
                         help="a worker silent for 3 x S seconds is taken for dead and its trial run again (default 10)")
     search.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    from runtime.remote import add_arguments as add_device_arguments
+    from runtime.remote.session import add_arguments as add_device_arguments
 
     add_device_arguments(parser, "Measure the report's latency on the device (training, export and accuracy stay "
                                  "here; a search's trials are timed here too).")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bench import parse_threads
 
     from runtime.errors import EdgeKitError
-    from runtime.remote import target
+    from runtime.remote.session import target
 
     from pipeline.run import Plan, run
 

@@ -212,7 +212,7 @@ class Pipeline:
 
     def __init__(self, plan: Plan, force: bool = False, verbose: bool = False, say=print, device=None,
                  threads_text: str | None = None):
-        """`device`: a runtime.remote.Target where the report measures latency, with `threads_text` counted in
+        """`device`: a runtime.remote.session.Target where the report measures latency, with `threads_text` counted in
         its cores."""
         self.plan, self.force, self.verbose, self.say = plan, force, verbose, say
         self.device, self.threads_text = device, threads_text
@@ -413,7 +413,7 @@ class Pipeline:
         report = {"rows": [], "notes": [], "summary": [], "budget": plan.max_accuracy_drop}
         from contextlib import nullcontext
 
-        from runtime.remote import Session
+        from runtime.remote.session import Session
 
         title = "evaluate, benchmark " + (f"on {self.device.name} " if self.device else "") + "and report"
         with self._stage("report", title) as stage, \

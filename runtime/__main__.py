@@ -338,7 +338,8 @@ def _eval(args) -> int:
 
     import numpy as np
 
-    from runtime.remote import describe, target
+    from runtime.remote.device import describe
+    from runtime.remote.session import target
 
     target(args)  # --host's options checked before any work
     model = _load(args)
@@ -363,7 +364,7 @@ def _eval(args) -> int:
     seconds = time.perf_counter() - started
     device, here = target(args), None
     if device:  # the device's predictions are the result; this machine's show whether it computes the same
-        from runtime.remote import classes_on
+        from runtime.remote.jobs import classes_on
 
         progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
         started = time.perf_counter()
@@ -383,7 +384,7 @@ def _eval(args) -> int:
               "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if device:
-        from runtime.remote import device_record
+        from runtime.remote.device import device_record
 
         result["device"] = device_record(where, device.name)
         result["this_machine"] = {"accuracy": float(np.mean(here == y)), "same_predictions": int(np.sum(here == predicted))}
@@ -483,7 +484,9 @@ def _bench(args) -> int:
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
     from runtime.backends.raw import parse_shapes
 
-    from runtime.remote import bench_on, describe, target
+    from runtime.remote.device import describe
+    from runtime.remote.jobs import bench_on
+    from runtime.remote.session import target
 
     from runtime.artifacts.run_directory import every_file, is_run_directory, recommended
 
@@ -522,7 +525,7 @@ def _report(args) -> int:
 
     from contextlib import nullcontext
 
-    from runtime.remote import Session, target
+    from runtime.remote.session import Session, target
     from runtime.report.decide import DEFAULT_CHOICE
 
     device, rounds = target(args), check_rounds(args.rounds)
@@ -575,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.vocabulary import MAX_ACCURACY_DROP
     from runtime.report.decide import CHOICES, DEFAULT_CHOICE
     from runtime.report.latency import ROUNDS
-    from runtime.remote import add_arguments as add_device_arguments
+    from runtime.remote.session import add_arguments as add_device_arguments
 
     parser = ArgumentParser(
         prog="python -m runtime",

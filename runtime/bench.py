@@ -315,7 +315,7 @@ def machine() -> dict:
 
     from runtime.artifacts.manifest import library_versions
 
-    from runtime.remote import board, cpu_name
+    from runtime.remote.device import board, cpu_name
 
     cpu = platform.processor() or platform.machine()
     try:  # x86: "model name"; arm64: the part number of ARM's core (a Pi 4's Cortex-A72)
@@ -405,7 +405,7 @@ def flat(result: dict) -> dict:
     row["cold_start_s"] = result["cold_start"]["seconds"]
     row["cold_rss_mb"] = result["cold_start"]["peak_rss_mb"]
     if result.get("device"):  # measured over SSH (runtime.remote): where, in one cell
-        from runtime.remote import describe
+        from runtime.remote.device import describe
 
         row["device"] = describe(result["device"], result["device"].get("host"))
     return row

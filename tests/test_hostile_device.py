@@ -150,7 +150,7 @@ def test_every_failure_of_the_agent_is_one_message_exit_1_and_nothing_left(tmp_p
 FAKE_SSH = """#!{python}
 import json, os, sys
 sys.path.insert(0, {root!r})
-from runtime.remote import device_info
+from runtime.remote.agent import device_info
 
 case = json.loads(os.environ["FAKE_DEVICE"])
 out, inp = sys.stdout.buffer, sys.stdin.buffer

@@ -42,7 +42,7 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
           budget: float = MAX_ACCURACY_DROP, rounds: int = ROUNDS, objective: str = DEFAULT_CHOICE,
           device=None, max_ram: int | None = None, max_flash: int | None = None, runtime: str = "litert") -> dict:
     """Evaluate, judge, benchmark and write the report for every exported file under `root`; `objective` (size,
-    gzip, latency) is what its recommendation answers first. `device`: an open `runtime.remote.Session`, where
+    gzip, latency) is what its recommendation answers first. `device`: an open `runtime.remote.session.Session`, where
     latency is measured instead of here. `max_ram`, `max_flash`: a microcontroller file whose tensor arena or bytes
     exceed them is marked over RAM/flash and never recommended (`objective` "arena" recommends among them).
     `runtime`: what the device runs the file with, "litert" (the user's own LiteRT or onnxruntime app: a file that

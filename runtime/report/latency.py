@@ -38,12 +38,12 @@ def _read_cache(path: Path, rebench: bool) -> dict:
 def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, runs: int | None = None,
               rounds: int = ROUNDS, rebench: bool = False, progress: bool = False, device=None) -> dict:
     """Latency fields of every verified row at the first and last thread count; returns the settings. `device`: a
-    `runtime.remote.Session` to measure on (its identity is part of the cache's key)."""
+    `runtime.remote.session.Session` to measure on (its identity is part of the cache's key)."""
     settings = {"threads": threads, "rounds": rounds, "seconds": None if runs else seconds, "runs": runs,
                 "batch": 1, "warmup": 10, "rewarm_s": REWARM_SECONDS, "input": "uint8 pixels"}
     runner = run_rounds_worker
     if device is not None:
-        from runtime.remote import Rounds
+        from runtime.remote.jobs import Rounds
 
         runner = Rounds(device)
         settings["device"] = runner.identity
