@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
+from export.api import check_settings, export
+from export.formats import FORMATS
 from runtime.__main__ import _size, add_normalization
-from runtime.errors import ArgumentParser, EXIT_FAILED, EdgeKitError, run_cli, suggest
+from runtime.errors import EXIT_FAILED, ArgumentParser, EdgeKitError, run_cli, suggest
 from runtime.text import terminal
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
@@ -115,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _choose(args) -> list[str]:
-    from export.formats import FORMATS
 
     if args.all:
         return [*FORMATS, *(["micro"] if args.micro else [])]
@@ -152,7 +154,6 @@ def _differing(ref: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = _choose(args)
-    from export.api import check_settings, export
 
     keep_float = None if args.keep_float is None else "auto" if args.keep_float.strip() == "auto" else [
         name.strip() for name in args.keep_float.split(",") if name.strip()]
@@ -209,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(failed)} of {len(results)} export(s) failed: {'; '.join(r.message for r in failed)}",
               file=sys.stderr)
         if args.verbose:
-            import traceback
 
             for r in failed:
                 if r.error is not None and (r.error.__cause__ or r.error.__context__):

@@ -14,24 +14,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import gzip
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from export import portable
-from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop,
-                            check_options, get_format, verify)
+from export.formats import (MAX_ACCURACY_DROP, MIXED_OF, QAT_FORMATS, Format, check_max_accuracy_drop, check_options,
+                            get_format, verify)
+from export.micro import check
+from export.onnx_source import MIN_OPSET, ONNX_FORMATS, TFLITE_REFUSAL, is_onnx, node_selective
+from export.tflite_source import check_formats, is_tflite
+from optimize.api import qat_float_twin
+from runtime.artifacts.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, library_versions, lineage_paths,
+                                        model_file, model_sha256, read_manifest, utc_now, write_manifest)
+from runtime.artifacts.preprocessing import pixel_statistics
 from runtime.datasets import SPLIT_SEED, Dataset, load_for_manifest
 from runtime.errors import ConversionError, EdgeKitError, VerificationError, first_line, suggest
 from runtime.fsutil import atomic_write_json, atomic_write_text, output_lock, sha256_file, temp_file, write_error
+from runtime.load import Options, load, tflite_census
 from runtime.metrics import check_above_chance, describe_preprocessing
-from runtime.artifacts.preprocessing import pixel_statistics
 from runtime.text import terminal
-from runtime.artifacts.manifest import (MANIFEST, QUANTIZATION_AWARE, check_out_apart, lineage_paths, library_versions,
-                              model_file, model_sha256, read_manifest, utc_now, write_manifest)
+from train.foreign import load_classifier
+from train.graph import ends_in_softmax
+from train.safe_load import KERAS_SUFFIXES, is_saved_model
 
 DEFAULT_CALIBRATION_SAMPLES = 300
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -77,8 +86,8 @@ class Result:
 
 
 def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
+
     from export import onnx_source, tflite_source
-    from train.safe_load import KERAS_SUFFIXES, is_saved_model
 
     path = Path(source)
     if onnx_source.is_onnx(path) and not path.is_dir():
@@ -106,7 +115,6 @@ def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: 
             f"{path} is a bare model file, so its preprocessing, labels and calibration data are unknown; "
             "pass --dataset NAME (e.g. --dataset digits) to take them from that dataset."
         )
-    from train.foreign import load_classifier
 
     model, dataset = load_classifier(path, dataset_name, data_dir, options and options.mean, options and options.std,
                                      trust)
@@ -211,7 +219,6 @@ def export(source: str | Path, formats: list[str], out: str | Path | None = None
         raise EdgeKitError("--max-ram and --max-flash hold a microcontroller file to its budget: add --micro.")
     path = Path(source)
     options = _source_options(path, fmts, opset, mean, std, layout)
-    from export.onnx_source import is_onnx
 
     onnx_file = is_onnx(path) and not path.is_dir()
     if onnx_file and all(f.key != "onnx-float32" for f in fmts):  # the report's baseline comes too
@@ -239,9 +246,6 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
     """runtime.load's Options for a model file from elsewhere (checked before anything loads): --mean and --std for
     an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
     is its manifest's, so they are refused there."""
-    from export.onnx_source import ONNX_FORMATS, TFLITE_REFUSAL, is_onnx
-    from export.tflite_source import check_formats, is_tflite
-    from runtime.load import Options
 
     if is_tflite(path):
         check_formats(path, [f.key for f in fmts])
@@ -267,8 +271,8 @@ def _source_options(path: Path, fmts, opset, mean, std, layout):
 def _export(source, fmts, out, calibration_samples, opset, calibration_method, dataset, data_dir, progress,
             trust, max_accuracy_drop, keep_float=None, explain=False, options=None, sparse=False,
             budgets=None, ticking: bool = False, allow_untrained: bool = False) -> list[Result]:
+
     from export import convert
-    from runtime.load import load
 
     src = _load_source(source, dataset, data_dir, trust, options)
     if (src.kind == "onnx" and src.model.runtime.preprocessing is None) or (src.kind == "bare" and options is None):
@@ -289,7 +293,6 @@ def _export(source, fmts, out, calibration_samples, opset, calibration_method, d
     reference = convert.keras_logits(src.model, x_test)
     bad = int(reference.size - np.count_nonzero(np.isfinite(reference)))
     if bad:  # nothing made from it could be verified: NaN is never a result
-        from runtime.errors import VerificationError
 
         raise VerificationError(f"{src.path.name} gives {bad:,} NaN or infinite outputs on the {len(x_test)} test "
                                 "images; a model whose outputs are not numbers cannot be exported. Train it again "
@@ -374,6 +377,7 @@ def _sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, 
     `dense`."""
     from export import convert
 
+
     try:
         sparse = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware, sparse=True)
     except ConversionError as exc:
@@ -390,6 +394,7 @@ def _onnx_float(src: Source, opset: int | None):
     """The float ModelProto: tf2onnx's of a Keras model, or an ONNX source's own graph (src.made records how)."""
     from export import convert, onnx_source
 
+
     if src.kind == "onnx":
         proto, src.made = onnx_source.float_model(src.model, _metadata(src))
         return proto
@@ -398,7 +403,6 @@ def _onnx_float(src: Source, opset: int | None):
 
 def _unsupported(src) -> str:
     """The kinds of layer a quantization-aware artifact's technique skipped as unsupported, with counts."""
-    from collections import Counter
 
     skipped = ((src.manifest or {}).get("facts") or {}).get("skipped") or {}
     types = {layer.name: type(layer).__name__ for layer in src.model.layers}
@@ -407,7 +411,6 @@ def _unsupported(src) -> str:
 
 
 def _qat_int8(src, calibration, trust, progress, key: str = "int8") -> tuple[bytes, dict | None]:
-    from optimize.api import qat_float_twin
 
     return qat_int8_file(src.model, lambda: qat_float_twin(src.path, src.manifest, src.model, trust), calibration,
                          excludes=bool(((src.manifest or {}).get("recipe") or {}).get("exclude")),
@@ -427,9 +430,8 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     MobileNetV3's hard-swish, EfficientNet's swish and squeeze-excite, which the converter leaves float):
     the float twin calibrated makes a fully integer file. `key` "micro": fully connected weights per tensor
     (convert.to_tflite)."""
-    from export import convert
-    from export import selective as sel
-    from runtime.load import tflite_census
+    from export import convert, selective as sel
+
 
     twin = functools.cache(twin)  # built once: an --exclude that names no graph node falls through to below
     if excludes:
@@ -467,6 +469,7 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
     return the formats to make and {mixed format: (bytes, record), or None when nothing meets the budget}."""
     from export import selective as sel
 
+
     x_val, y_val = src.dataset.arrays("val")
     x_test, y_test = src.dataset.arrays("test")
     keys = [f.key for f in fmts]
@@ -484,7 +487,6 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
             continue
         progress(f"{plain}: calibrating once for selective quantization ...")
         if src.kind == "onnx":
-            from export.onnx_source import node_selective
 
             chooser = node_selective(src.model, onnx_proto, calibration, method, _metadata(src))
         else:
@@ -535,6 +537,7 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
     """What the sidecar and the manifest say of an int8-mixed file: the layers kept float and what each cost."""
     from export.selective import _accuracy, timed_ratio
 
+
     full = chooser.quantize()
     full_val = table["int8_val_accuracy"] if table else _accuracy(full, x_val, y_val, chooser.suffix)
     per_layer = []
@@ -554,6 +557,7 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
 def _write_sensitivity(out: Path, table: dict, progress) -> None:
     """sensitivity.<format>.json, sensitivity.<format>.png and the table on the console."""
     from export.selective import plot_sensitivity
+
 
     name = f"sensitivity.{table['format']}"
     atomic_write_json(out / f"{name}.json", table)
@@ -576,9 +580,9 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
                         max_accuracy_drop, record=None, budgets=None) -> Result:
-    import gzip
 
-    from runtime.errors import VerificationError
+
+    from export import portable
 
     tmp, sources = None, None
     try:
@@ -592,7 +596,6 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
             raise VerificationError(f"the runtime ({'LiteRT' if fmt.suffix == '.tflite' else 'onnxruntime'}) cannot "
                                     f"run the file the converter wrote: {reason}") from exc
         if fmt.key == "micro":  # TFLM computes the outputs that are verified; LiteRT's reference kernels check them
-            from export.micro import check
 
             logits, micro_record, sources = check(tmp, data, model, x_test, budgets or {},
                                                   src.dataset.preprocessing, list(src.dataset.labels), src.output_kind)
@@ -614,7 +617,6 @@ def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, sa
         figures["reference"] = src.reference
         figures.update(size_bytes=len(data), gzip_bytes=len(gzip.compress(data, compresslevel=9)))
         if fmt.key == "int8" and src.kind in QUANTIZATION_AWARE:  # fully integer unless tfmot left layers float
-            from runtime.load import tflite_census
 
             figures["float_ops"] = len(tflite_census(data)["float_ops"])
         if failure:
@@ -672,7 +674,6 @@ def _origin(src: Source) -> dict:
 
 def _opset_written(src: Source, opset: int | None) -> int:
     if src.kind == "onnx":
-        from export.onnx_source import MIN_OPSET
 
         return max(src.model.opset(), MIN_OPSET)
     return opset or _default_opset()
@@ -685,7 +686,6 @@ def _output_kind(model, reference: np.ndarray) -> str:
     runtime reads from its graph."""
     if hasattr(model, "output_kind"):
         return model.output_kind
-    from train.foreign import ends_in_softmax
 
     declared = ends_in_softmax(model)
     confirmed = bool(len(reference)) and bool((reference >= 0).all()) and \
@@ -702,6 +702,7 @@ def _check_reference(src: Source, reference: np.ndarray, y_test: np.ndarray) -> 
 
 
 def _default_opset() -> int:
+
     from export.convert import DEFAULT_OPSET
 
     return DEFAULT_OPSET

@@ -8,6 +8,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 
@@ -87,7 +88,6 @@ def _collecting(factory):
 
 def to_onnx(model, opset: int, metadata: dict[str, str]):
     """A float ONNX ModelProto with a dynamic batch dimension and EdgeKit metadata_props."""
-    from collections import OrderedDict
 
     import tf2onnx
     import tf2onnx.convert

@@ -39,7 +39,8 @@ import math
 import numpy as np
 
 from runtime.errors import EdgeKitError, suggest
-from runtime.vocabulary import ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat, check_max_accuracy_drop  # noqa: F401
+from runtime.vocabulary import (ALIASES, FILE_FORMATS, MAX_ACCURACY_DROP, FileFormat,  # noqa: F401
+                                check_max_accuracy_drop)
 
 FLOAT_ATOL = 1e-4  # float formats: |output - Keras| <= FLOAT_ATOL + FLOAT_RTOL * |Keras|
 FLOAT_RTOL = 1e-3

@@ -22,6 +22,9 @@ from collections import Counter
 
 import numpy as np
 
+from export import firmware
+from runtime.backends import tflm
+from runtime.backends.tflm import ROUNDING
 from runtime.errors import ConversionError, VerificationError
 from runtime.limits import size_text
 
@@ -36,8 +39,6 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
           output_kind: str) -> tuple[np.ndarray, dict, dict]:
     """(TFLM's outputs as float, the sidecar's `micro` record, {file name: C source}) of a micro file; the header
     carries the model's contract (`preprocessing`, `labels`, `output_kind`: export/firmware.py)."""
-    from export import firmware
-    from runtime.backends import tflm
 
     ops = tflm.operators(data)
     missing = tflm.unsupported(ops)
@@ -88,7 +89,6 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
 def _differing(firsts: list[dict], images: int) -> dict:
     """The record of the images whose outputs differ: how many, how many were run again tensor by tensor, the
     operator each first differs in, and how many of those differences are FULLY_CONNECTED's rounding alone."""
-    from runtime.backends.tflm import ROUNDING
 
     return {"images": images, "examined": len(firsts),
             "first_operator": dict(Counter(first.get("operator", "none") for first in firsts)),

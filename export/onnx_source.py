@@ -27,7 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from export.runtime_source import RuntimeSource
-from runtime.errors import ArtifactError, EdgeKitError
+from runtime.backends.onnx_proto import beside
+from runtime.datasets import dataset_for_model
+from runtime.errors import ArtifactError, ConversionError, EdgeKitError
+from runtime.fsutil import check_readable_file
+from runtime.load import NotAClassifier, load
 
 MIN_OPSET = 13  # onnxruntime's per-channel QDQ int8 needs it
 MAX_PROTO_BYTES = 2 << 30  # protobuf's limit for one serialized model
@@ -94,7 +98,6 @@ def external_data(path: Path, proto) -> list[str]:
     every byte range the graph reads from it. Anything else is refused before onnx or onnxruntime opens it."""
     import onnx
 
-    from runtime.backends.onnx_proto import beside
 
     files: dict[str, int] = {}
     for tensor in _all_tensors(proto.graph):
@@ -128,9 +131,6 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
     """(the ONNX source, the dataset with the model's preprocessing), or one clear line why not."""
     import onnx
 
-    from runtime.datasets import dataset_for_model
-    from runtime.load import NotAClassifier, load
-    from runtime.artifacts.manifest import check_readable_file
 
     info = check_readable_file(path, "model file")
     if info.st_size > MAX_PROTO_BYTES:
@@ -170,7 +170,6 @@ def float_model(source: ONNXSource, metadata: dict[str, str]) -> tuple[object, d
     import onnx
     from onnx import version_converter
 
-    from runtime.errors import ConversionError
 
     model = onnx.load(str(source.path))  # the external data, checked by external_data(), is read now
     record = {"source_opset": source.opset(), "producer": source.producer(), "external_data": source.data_files}
@@ -202,6 +201,7 @@ def node_selective(source: ONNXSource, float_proto, calibration: np.ndarray, met
     import onnx
 
     from export.selective import Layer, ONNXSelective
+
 
     class NodeSelective(ONNXSelective):
         def _assign(self, nodes):

@@ -13,16 +13,18 @@ A micro file is TFLM's (export/micro.py), which is already what a firmware runs.
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+from ai_edge_litert.interpreter import Interpreter
 
 from runtime.errors import first_line
 
 
 def runtime_name(backend: str) -> str:
     """The runtime and its version, as the user installs it."""
-    from importlib import metadata
 
     package = "ai-edge-litert" if backend == "tflite" else "onnxruntime"
     try:
@@ -36,7 +38,6 @@ def bare_outputs(path: Path, backend: str, tensors: np.ndarray) -> np.ndarray:
     """The output tensor for each row of `tensors` (each fed as a batch of one), from bare LiteRT or onnxruntime
     with their default options. Raises what the runtime raises."""
     if backend == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_path=str(path))  # the defaults a user's app gets: XNNPACK applied
         interpreter.allocate_tensors()
@@ -47,7 +48,6 @@ def bare_outputs(path: Path, backend: str, tensors: np.ndarray) -> np.ndarray:
             interpreter.invoke()
             rows.append(interpreter.get_tensor(sink["index"])[0].copy())
         return np.stack(rows)
-    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # the CPU build's default
     name = session.get_inputs()[0].name

@@ -26,13 +26,18 @@ import dataclasses
 import math
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
+from export.convert import onnx_int8
+from runtime.charts import _pyplot, _save
 from runtime.errors import ConversionError, EdgeKitError, suggest
 from runtime.fsutil import held_output
+from runtime.load import load
 from runtime.text import terminal  # layer names: an ONNX source's node names are the file's text
 from train.backend import keras, tf
 
@@ -150,7 +155,6 @@ class Selective(_Selective):
                 self.calibrated = converter.convert()
         except Exception as exc:  # the converter raises assorted types
             raise ConversionError(f"the TFLite converter could not calibrate the model: {exc}") from exc
-        from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_content=self.calibrated)
         tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
@@ -176,7 +180,6 @@ class Selective(_Selective):
     def output_errors(self, calibration: np.ndarray, samples: int = 32) -> None:
         """Each layer's output error in full int8: median and worst per-channel SQNR against the calibrated
         (float) model, on the first `samples` calibration images."""
-        from ai_edge_litert.interpreter import Interpreter
 
         def run(content):
             with warnings.catch_warnings():  # "intended for debugging purposes only": that is the purpose here
@@ -244,14 +247,12 @@ class ONNXSelective(_Selective):
         self._assign([(node.name, bool(outputs & set(node.output))) for node in graph.node if node.name])
 
     def quantize(self, keep_float=()) -> bytes:
-        from export.convert import onnx_int8
 
         return onnx_int8(self._prepared, self._calibration, self._method, self._metadata,
                          exclude=self.excluded(keep_float), cache=self._cache)
 
 
 def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tflite") -> float:
-    from runtime.load import load
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "candidate" + suffix)
@@ -307,9 +308,7 @@ def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, suffix: str =
                 calls: int = 30) -> float:
     """Median latency of `predict` on `x` (batch 1, 1 thread) of one file over another's, measured in
     alternating rounds in this process: what keeping layers float costs in speed."""
-    import time
 
-    from runtime.load import load
 
     with tempfile.TemporaryDirectory() as tmp:
         models = []
@@ -335,7 +334,6 @@ def plot_sensitivity(table: dict, path) -> bool:
     """A bar per layer (most sensitive on top): validation accuracy gained over full int8 when its keep set
     stays float; the label gives the output's median per-channel SQNR in full int8. No layer gaining anything
     makes no plot (an empty chart says less than "int8 loses nothing here"): returns whether it was drawn."""
-    from runtime.charts import _pyplot, _save
 
     if not any(r["gain_points"] > 0 for r in table["layers"]):
         Path(path).unlink(missing_ok=True)  # a plot from an earlier run would contradict the table

@@ -27,12 +27,18 @@ Everything read from the file is untrusted: LiteRT must open it as an image clas
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
 from export.runtime_source import RuntimeSource
-from runtime.errors import EdgeKitError
+from runtime.datasets import dataset_for_model
+from runtime.errors import ConversionError, EdgeKitError
+from runtime.fileinfo import tflite_description
+from runtime.fsutil import check_readable_file
+from runtime.load import NotAClassifier, load
 
 TFLITE_FORMATS = ("int8", "micro")  # what a TFLite source gives (an integer one: micro only)
 RECIPE = "static_wi8_ai8"  # ai-edge-quantizer's full-integer recipe
@@ -58,7 +64,6 @@ class TFLiteSource(RuntimeSource):
         else ai-edge-quantizer's static int8 of it calibrated on `calibration` (preprocessed images)."""
         if self.integer:
             return self.data, {}
-        import importlib.metadata
 
         if self.quantized is None:
             self.quantized = _quantize(self.data, calibration)
@@ -67,7 +72,6 @@ class TFLiteSource(RuntimeSource):
                                                  "recipe": RECIPE}}
 
     def producer(self) -> str | None:
-        from runtime.fileinfo import tflite_description
 
         return tflite_description(self.data[:64 << 20]) or None
 
@@ -86,9 +90,6 @@ def check_formats(path: Path, keys: list[str]) -> None:
 
 def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tuple[TFLiteSource, object]:
     """(the TFLite source, the dataset with the model's preprocessing), or one clear line why not."""
-    from runtime.datasets import dataset_for_model
-    from runtime.load import NotAClassifier, load
-    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "model file")
     if dataset_name is None:
@@ -115,10 +116,8 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
 
 def _quantize(data: bytes, calibration: np.ndarray) -> bytes:
     """ai-edge-quantizer's static int8 of a float file, calibrated one image at a time through its signature."""
-    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import quantizer, recipe
 
-    from runtime.errors import ConversionError
 
     try:
         signatures = Interpreter(model_content=data).get_signature_list()

@@ -7,8 +7,7 @@ See `optimize.recipes` for every setting, and `optimize.api` for what is measure
 """
 
 from optimize.api import cluster, cqat, load_model, optimize_model, pqat, prune, qat, run
-from optimize.recipes import (ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, Technique,
-                              recipe_from_dict)
+from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, Technique, recipe_from_dict
 
 __all__ = ["ClusterRecipe", "CQATRecipe", "PQATRecipe", "PruneRecipe", "QATRecipe", "Technique", "cluster",
            "cqat", "load_model", "optimize_model", "pqat", "prune", "qat", "recipe_from_dict", "run"]

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from optimize.api import run
+from optimize.recipes import RECIPES, ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
+from runtime.__main__ import add_normalization
+from runtime.artifacts.manifest import MANIFEST, check_out_apart, lineage_paths, read_manifest
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli, unknown
+from runtime.fsutil import check_output_dir, sha256_file
+from train.foreign import import_model
+from train.safe_load import KERAS_SUFFIXES
 
 TECHNIQUES = {
     "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
@@ -49,7 +57,6 @@ def _common(parser, epochs, lr):
                         help="load the parent's model even if loading runs code (Lambda layers, custom objects)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--verbose", action="store_true", help="on an error, show its original cause")
-    from runtime.__main__ import add_normalization
 
     foreign = parser.add_argument_group(
         "a Keras model file from elsewhere",
@@ -64,7 +71,6 @@ def _common(parser, epochs, lr):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
 
     parser = ArgumentParser(
         prog="python -m optimize", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.technique is None:
         parser.print_help()
         return 2
-    from pathlib import Path
 
-    from optimize.recipes import RECIPES
 
     settings = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                 "exclude": tuple(args.exclude)}
@@ -126,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(preserve_sparsity=args.preserve_sparsity)
     recipe = RECIPES[args.technique](**settings)  # validates before TensorFlow is imported
     parent = Path(args.parent)
-    from runtime.fsutil import check_output_dir
-    from runtime.artifacts.manifest import check_out_apart, lineage_paths, read_manifest
-    from train.safe_load import KERAS_SUFFIXES
 
     if parent.suffix.lower() in KERAS_SUFFIXES and not parent.is_dir():
         out = Path(args.out) if args.out else parent.with_name(f"{parent.stem}-{_suffix(recipe)}")
@@ -141,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     check_out_apart(out, lineage_paths(parent, read_manifest(parent)))
     check_output_dir(out, args.force)
 
-    from optimize.api import run
 
     manifest = run(parent, recipe, out, force=args.force, quiet=args.quiet, data_dir=args.data_dir,
                    trust=args.trust_model)
@@ -170,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
 def _imported(path, out, args):
     """The artifact of the Keras file `path`, beside `out` and named after the file: made now, or an earlier
     import of the same file (its sha256) with the same dataset and preprocessing reused."""
-    from runtime.fsutil import sha256_file
-    from runtime.artifacts.manifest import MANIFEST, read_manifest
 
     if not args.dataset:
         raise EdgeKitError(f"{path} is a bare model file, so its labels, splits and fine-tuning data are unknown; "
@@ -186,7 +184,6 @@ def _imported(path, out, args):
             print(f"{path.name}: imported earlier as {artifact}/ (test accuracy {manifest['metrics']['accuracy']:.2%})")
             return artifact
         raise EdgeKitError(f"{artifact} exists and is not an import of {path.name}; choose another --out directory.")
-    from train.foreign import import_model
 
     manifest = import_model(path, args.dataset, artifact, data_dir=args.data_dir, mean=args.mean, std=args.std,
                             trust=args.trust_model, allow_untrained=args.allow_untrained)

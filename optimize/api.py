@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 
 from optimize import measure
-from optimize.recipes import RECIPES, Technique, _Recipe
+from optimize.recipes import RECIPES, Technique, _Recipe, recipe_from_dict
+from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
+                                        check_out_apart, core_names, lineage_paths, model_file, read_manifest,
+                                        verify_artifact, write_manifest)
 from runtime.datasets import Dataset, load_for_manifest
 from runtime.errors import ArtifactError, EdgeKitError, VerificationError, first_line
-from runtime.fsutil import output_lock, sha256_file, staged_dir
-from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
-                              check_out_apart, core_names, lineage_paths, model_file, read_manifest,
-                              verify_artifact, write_manifest)
+from runtime.fsutil import check_output_dir, output_lock, sha256_file, staged_dir
+from train.safe_load import load_model_file
+from train.trainer import compile_model, evaluate, fit, save_model, seed_everything
 
 KIND = {Technique.PRUNE: "pruned", Technique.CLUSTER: "clustered", Technique.QAT: "qat",
         Technique.PQAT: "pqat", Technique.CQAT: "cqat"}
@@ -44,7 +46,6 @@ def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None 
     8-bit ones) and its `.keras` files do not load back (tensorflow/model-optimization#1123),
     so the model is rebuilt from its recipe and the weights are loaded into it.
     """
-    from train.safe_load import load_model_file
 
     manifest = manifest if manifest is not None else read_manifest(artifact)
     path = model_file(artifact, manifest)
@@ -52,7 +53,6 @@ def load_model(artifact: str | Path, trust: bool = False, manifest: dict | None 
         verify_artifact(artifact, manifest, core_names(manifest))
     if manifest["kind"] not in QUANTIZATION_AWARE:
         return load_model_file(path, trust)
-    from optimize.recipes import recipe_from_dict
     from optimize.techniques import prepare_qat
 
     if not isinstance(manifest.get("recipe"), dict):
@@ -76,7 +76,6 @@ def qat_float_twin(artifact: str | Path, manifest: dict, quantized, trust: bool 
     tensorflow/tensorflow#46073), or to make a fully integer file of a model with layers tfmot's scheme left
     without ranges (the converter leaves those float)."""
     from optimize.techniques import _excluded, float_twin
-    from train.safe_load import load_model_file
 
     patterns = (manifest.get("recipe") or {}).get("exclude") or []
     twin = float_twin(quantized, load_model_file(base_file(artifact, manifest), trust))
@@ -115,7 +114,6 @@ def optimize_model(model, recipe: _Recipe, dataset: Dataset, quiet: bool = False
                    parent_facts: dict | None = None) -> Optimized:
     """Apply a recipe to a keras model in memory: wrap, fine-tune, strip, measure, check."""
     from optimize.techniques import PREPARE, steps_per_epoch
-    from train.trainer import compile_model, fit, seed_everything
 
     seed_everything(recipe.seed)
     steps = steps_per_epoch(len(dataset.y_train), recipe.batch_size)
@@ -182,8 +180,6 @@ def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = F
 
 
 def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
-    from runtime.fsutil import check_output_dir
-    from train.trainer import evaluate, save_model
 
     verify_artifact(parent, manifest)
     _check_parent(manifest, recipe)

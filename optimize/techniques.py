@@ -14,6 +14,7 @@ import fnmatch
 import math
 from collections.abc import Callable
 
+from optimize.measure import KERNEL_NAMES, _short, effective_kernels
 from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, _Recipe
 from runtime.errors import ArtifactError, EdgeKitError
 from train.backend import keras
@@ -233,7 +234,6 @@ def float_twin(quantized, base):
     times their scales, masked or clustered by PQAT and CQAT: the values the int8 file holds), every other
     weight (biases, BatchNormalization's) as trained; layers and weights are matched by name.
     """
-    from optimize.measure import KERNEL_NAMES, _short, effective_kernels
 
     kernels = effective_kernels(quantized)
     trained = {}  # layer name -> {weight name: value}; a QuantizeWrapper holds its layer's kernel itself

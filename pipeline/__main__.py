@@ -6,11 +6,20 @@ import argparse
 import os
 import sys
 
+from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS, Pipeline, Plan, run
+from pipeline.search import parse_techniques, run_search
+from runtime.__main__ import add_normalization
+from runtime.bench import parse_threads
+from runtime.errors import EdgeKitError
+from runtime.remote.session import add_arguments as add_device_arguments, target
+from runtime.vocabulary import MAX_ACCURACY_DROP
+from train.models import model_list
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them
 
 from runtime.__main__ import _size
-from runtime.errors import ArgumentParser, run_cli
 from runtime.artifacts.manifest import DEVICE_RUNTIMES
+from runtime.errors import ArgumentParser, run_cli
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -18,9 +27,6 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS
-    from runtime.vocabulary import MAX_ACCURACY_DROP
-    from train.models import model_list
 
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
     parser = ArgumentParser(
@@ -106,11 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--heartbeat", type=int, default=10, metavar="S",
                         help="a worker silent for 3 x S seconds is taken for dead and its trial run again (default 10)")
     search.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    from runtime.remote.session import add_arguments as add_device_arguments
 
     add_device_arguments(parser, "Measure the report's latency on the device (training, export and accuracy stay "
                                  "here; a search's trials are timed here too).")
-    from runtime.__main__ import add_normalization
 
     foreign = parser.add_argument_group("--from: how pixels become the model's input, as it was trained")
     add_normalization(foreign)
@@ -123,12 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.bench import parse_threads
 
-    from runtime.errors import EdgeKitError
-    from runtime.remote.session import target
 
-    from pipeline.run import Plan, run
 
     device = target(args)
     if device and args.no_bench:
@@ -154,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.layout:
         raise EdgeKitError("--layout is for an .onnx file; a Keras model takes channels-last (NHWC) input.")
     if args.search:
-        from pipeline.run import Pipeline
-        from pipeline.search import parse_techniques, run_search
 
         argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
         report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose,

@@ -21,15 +21,29 @@ import dataclasses
 import json
 import shutil
 import time
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
-from export.formats import BUDGET_MISS
+import optimize
+from export import export
+from export.formats import BUDGET_MISS, get_format
+from runtime.artifacts.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, check_out_apart, core_names,
+                                        export_problem, library_versions, model_sha256, needs_edgekit, read_manifest,
+                                        read_sidecar, utc_now, verify_files)
+from runtime.bench import check_seconds
+from runtime.datasets import _registry
 from runtime.errors import EdgeKitError, unknown
-from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
-from runtime.fsutil import atomic_write_json, output_lock
+from runtime.fsutil import atomic_write_json, check_readable_file, output_lock, sha256_file
 from runtime.limits import json_loads
-from runtime.artifacts.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, core_names, export_problem, model_sha256, needs_edgekit,
-                              read_manifest, read_sidecar, utc_now, verify_files)
+from runtime.remote.session import Session
+from runtime.report import build
+from runtime.report.decide import CHOICES
+from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
+from train.foreign import import_model
+from train.models import get_spec
+from train.safe_load import KERAS_SUFFIXES
+from train.trainer import TrainConfig, train, write_artifact
 
 PLAN_FILE = "pipeline.json"
 
@@ -106,14 +120,11 @@ class Plan:
             self.model_args = self.model_args or QUICK["model_args"].get(self.model, {})
             self.threads = self.threads or [1]
         self.variants = resolve_variants(self.variants)
-        from runtime.report.decide import CHOICES
 
         if self.objective not in CHOICES:
             raise unknown("objective", self.objective, list(CHOICES))
         if self.objective == "latency" and not self.bench:
             raise EdgeKitError("--objective latency needs the benchmarks; drop --no-bench.")
-        from runtime.datasets import _registry
-        from train.models import get_spec
 
         if self.source is not None:
             self._check_source()
@@ -126,11 +137,9 @@ class Plan:
         if not self.dataset.startswith("folder:") and self.dataset not in _registry():
             raise unknown("dataset", self.dataset, [*_registry(), "folder:PATH"])
         if self.formats is not None:
-            from export.formats import get_format
 
             # an unknown name gets the registry's error, with a suggestion; an alias becomes its key
             self.formats = tuple(get_format(key).key for key in self.formats)
-        from runtime.bench import check_seconds
 
         check_seconds(self.bench_seconds, "--bench-seconds")
         self.max_accuracy_drop = check_max_accuracy_drop(self.max_accuracy_drop)
@@ -144,13 +153,10 @@ class Plan:
             self.out = Path("runs") / f"{self.model}-{name}{'-quick' if self.quick else ''}"
         self.out = Path(self.out)
         if self.dataset.startswith("folder:"):
-            from runtime.artifacts.manifest import check_out_apart
 
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
     def _check_source(self) -> None:
-        from runtime.artifacts.manifest import check_readable_file
-        from train.safe_load import KERAS_SUFFIXES
 
         self.source = Path(self.source)
         if self.source.suffix.lower() not in KERAS_SUFFIXES or self.source.is_dir():
@@ -177,7 +183,6 @@ class Plan:
         identity = {"model": self.model, "dataset": self.dataset, "epochs": self.epochs, "seed": self.seed,
                     "model_args": self.model_args, "finetune_epochs": self.finetune_epochs}
         if self.source is not None:  # another file, or other preprocessing, is another base model
-            from runtime.fsutil import sha256_file
 
             identity.update(source=sha256_file(self.source), mean=self.mean and list(self.mean),
                             std=self.std and list(self.std))
@@ -252,7 +257,6 @@ class Pipeline:
         self._save()
 
     def _save(self) -> None:
-        from runtime.artifacts.manifest import library_versions
 
         atomic_write_json(self.out / PLAN_FILE, {"identity": self.plan.identity(), "plan": self.plan.to_dict(),
                                                  "updated": utc_now(), "stages": self.status,
@@ -280,7 +284,6 @@ class Pipeline:
 
     # --- stages --------------------------------------------------------------------------------------
     def train(self) -> None:
-        from train.trainer import TrainConfig, train, write_artifact
 
         plan, directory = self.plan, self.dir_of("base")
         if plan.source is not None:
@@ -298,8 +301,6 @@ class Pipeline:
 
     def _import(self) -> None:
         """--from: the model file as the base artifact (train/foreign.py), instead of training one."""
-        from runtime.fsutil import sha256_file
-        from train.foreign import import_model
 
         plan, directory = self.plan, self.dir_of("base")
         with self._stage("train", f"import {plan.source.name} on {plan.dataset}") as stage:
@@ -317,7 +318,6 @@ class Pipeline:
             stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}{flat}")
 
     def optimize(self, variant: str) -> None:
-        import optimize
 
         spec = VARIANTS[variant]
         directory, parent = self.dir_of(variant), self.dir_of(spec.parent)
@@ -347,7 +347,6 @@ class Pipeline:
         return f"test accuracy {m['accuracy']:.2%} ({m.get('accuracy_change', 0) * 100:+.2f} pts){extra}"
 
     def export(self, variant: str) -> None:
-        from export import export
 
         directory = self.dir_of(variant)
         formats = self.plan.formats_for(variant)
@@ -387,7 +386,6 @@ class Pipeline:
     def _needs_edgekit(self, directory: Path, key: str) -> bool:
         """A file written for a device with EdgeKit's runtime (sparse), where the plan's device has none: export it
         again, dense."""
-        from export.formats import get_format
 
         if self.plan.runtime == "edgekit":
             return False
@@ -399,7 +397,6 @@ class Pipeline:
     @staticmethod
     def _export_valid(directory: Path, manifest: dict, key: str, model_sha: str) -> bool:
         """A verified file for `key`; for int8, a verified int8-mixed made because plain int8 missed the budget."""
-        from export.formats import get_format
 
         if not export_problem(directory, manifest, key, get_format(key).filename, model_sha):
             return True
@@ -407,13 +404,10 @@ class Pipeline:
             and not export_problem(directory, manifest, "int8-mixed", get_format("int8-mixed").filename, model_sha)
 
     def report(self) -> dict:
-        from runtime.report import build
 
         plan = self.plan
         report = {"rows": [], "notes": [], "summary": [], "budget": plan.max_accuracy_drop}
-        from contextlib import nullcontext
 
-        from runtime.remote.session import Session
 
         title = "evaluate, benchmark " + (f"on {self.device.name} " if self.device else "") + "and report"
         with self._stage("report", title) as stage, \
@@ -505,7 +499,6 @@ class _StageTimer:
         if exc_type is not None and self.outcome is None and issubclass(exc_type, EdgeKitError):
             self._record("failed", " ".join(str(exc).split("\n")))
             if self.pipeline.verbose:
-                import traceback
 
                 traceback.print_exception(exc.__cause__ or exc.__context__ or exc)
             return True

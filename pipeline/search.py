@@ -28,19 +28,34 @@ whole study, whoever ran them, so several workers stop together.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
-from runtime.errors import EdgeKitError, WorkFailed, first_line
-from runtime.fsutil import output_lock
-from runtime.artifacts.manifest import model_sha256
-from runtime.text import public_url
+import numpy as np
+
+import optimize
+from export import export
+from optimize.recipes import RECIPES
+from pipeline.run import VARIANTS
+from runtime.artifacts.manifest import MANIFEST, model_sha256, read_manifest
+from runtime.bench import run_worker
+from runtime.datasets import load_for_manifest
+from runtime.errors import Busy, EdgeKitError, WorkFailed, first_line, unknown
+from runtime.fsutil import atomic_write_json, output_lock
+from runtime.limits import cores, whole
+from runtime.load import finite, load
+from runtime.report.trials import SEARCH_FILE, value_text
+from runtime.text import public_url, terminal
 
 STUDY = "edgekit-search"
 DB_FILE = "search.db"
@@ -75,7 +90,6 @@ class Recipe:
         """The pipeline's variant (pipeline.run.VARIANTS) that this recipe's model is, whatever the format: the
         same technique, settings and epochs (the pipeline's: --finetune-epochs, else the technique's default),
         from the same parent. None when it is no menu variant."""
-        from pipeline.run import VARIANTS
 
         for variant in VARIANTS.values():
             settings = variant.settings
@@ -151,7 +165,6 @@ class Search:
     def definition(self) -> dict:
         """What defines this run's study: the model, the dataset, the objective, the budget and the base model
         the trials derive from. Runs that differ in any of them are different studies, even in one storage."""
-        from runtime.artifacts.manifest import read_manifest
 
         definition = {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
                       "budget_points": self.budget,
@@ -172,7 +185,6 @@ class Search:
     def storage(self):
         """The study's RDBStorage, with heartbeats; a storage that cannot be opened is one line without its
         password (exit 1)."""
-        import warnings
 
         import optuna
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -258,7 +270,6 @@ class Search:
         trial.set_user_attr("menu", recipe.menu_variant(self.plan.finetune_epochs) is not None)
         trial.set_user_attr("format", recipe.format)
         directory = self._make(recipe)
-        from runtime.artifacts.manifest import read_manifest
 
         drop = (self._base_keras_accuracy() - read_manifest(directory)["metrics"]["accuracy"]) * 100
         if drop > PRUNE_FACTOR * self.budget:
@@ -284,7 +295,6 @@ class Search:
 
     def _make(self, recipe: Recipe) -> Path:
         """The recipe's artifact (and its parent's), reused when a valid one is there."""
-        import optimize
 
         if recipe.technique == "none":
             return self.pipeline.dir_of("base")
@@ -303,8 +313,6 @@ class Search:
         return directory
 
     def _export(self, directory: Path, fmt: str) -> Path:
-        from export import export
-        from runtime.artifacts.manifest import read_manifest
 
         key = "int8" if fmt == "int8-mixed" else fmt
         with waiting_lock(directory):  # another worker may be exporting another format of the same artifact
@@ -323,15 +331,12 @@ class Search:
 
     def _measure(self, file: Path) -> tuple[float, float]:
         """Test accuracy through the runtime, and the objective's value."""
-        import numpy as np
 
-        from runtime.load import finite, load
 
         model = load(file)
         dataset = self._data()
         accuracy = float(np.mean(finite(model.logits(dataset.x_test), model).argmax(1) == dataset.y_test))
         if self.objective == "latency":
-            from runtime.bench import run_worker
 
             value = run_worker(file, 1, 1, None, 0.5, 10)["call_ms"]["median"]
         elif self.objective == "size":
@@ -344,14 +349,11 @@ class Search:
 
     def _data(self):
         if self._dataset is None:
-            from runtime.datasets import load_for_manifest
-            from runtime.artifacts.manifest import read_manifest
 
             self._dataset = load_for_manifest(read_manifest(self.pipeline.dir_of("base")), self.plan.data_dir)
         return self._dataset
 
     def _base_keras_accuracy(self) -> float:
-        from runtime.artifacts.manifest import read_manifest
 
         return read_manifest(self.pipeline.dir_of("base"))["metrics"]["accuracy"]
 
@@ -392,8 +394,6 @@ class Console:
     def line(self, t) -> str:
         """A finished trial as one line; its attributes come from the study's storage, which other machines
         write: numbers are checked, text escaped for the terminal."""
-        from runtime.report.trials import value_text
-        from runtime.text import terminal
 
         def number(value):
             return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -427,7 +427,6 @@ class Console:
 
 def _default_epochs(technique: str) -> int:
     """The fine-tuning epochs the pipeline's menu uses for a technique (optimize.recipes' defaults)."""
-    from optimize.recipes import RECIPES
 
     return RECIPES["prune" if technique == "prune24" else technique]().epochs
 
@@ -455,8 +454,6 @@ def run_workers(argv: list[str], jobs: int, storage: str | None = None) -> list[
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies, however it dies (kill -9, the OOM killer), so that
     no worker is left running as an orphan (Linux's PR_SET_PDEATHSIG; elsewhere the workers' heartbeats end)."""
-    import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -490,7 +487,6 @@ def elapsed(started: float) -> str:
 
 def parse_techniques(text: str | None) -> tuple[str, ...]:
     """--techniques: a comma-separated subset of TECHNIQUES, in their order."""
-    from runtime.errors import unknown
 
     if text is None:
         return TECHNIQUES
@@ -511,7 +507,6 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     this is a `--worker`) write the report. Returns the report, or None for a worker."""
     if objective not in OBJECTIVES:
         raise EdgeKitError(f"--objective must be one of {', '.join(OBJECTIVES)}; got '{objective}'.")
-    from runtime.limits import cores, whole
 
     whole(trials, "--trials", 1, 100_000)
     whole(heartbeat, "--heartbeat", 1, 3600)
@@ -552,8 +547,6 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     finished = [r for r in rows if r["state"] in ("complete", "pruned")]
     pipeline.say(f"search: {len(finished)} trials finished ({sum(r['state'] == 'pruned' for r in rows)} pruned "
                  f"over budget) in {elapsed(started)}; study {search.study_name} in {search.public_url}")
-    from runtime.fsutil import atomic_write_json
-    from runtime.report.trials import SEARCH_FILE
 
     with waiting_lock(pipeline.out, pipeline.say):
         atomic_write_json(pipeline.out / SEARCH_FILE, {"objective": objective, "budget_points": budget,
@@ -596,7 +589,6 @@ def check_storage(url: str, out: Path) -> None:
         raise EdgeKitError(f"--storage {public_url(url)} is an in-memory database, which no other worker can share "
                            f"and which is gone when this process ends; name a file (sqlite:////path/{DB_FILE}) or "
                            "leave --storage out for one in the run directory.")
-    from runtime.artifacts.manifest import MANIFEST
 
     path, run = Path(database).expanduser().resolve(), Path(out).resolve()
     for parent in path.parents:
@@ -609,7 +601,6 @@ def fail_orphans(storage, study, grace: float) -> int:
     """Fail the study's running trials that never sent a heartbeat and started more than `grace` seconds ago:
     their worker died before its first heartbeat, and Optuna's own stale-trial check (which needs one) would
     leave them running forever. Returns how many."""
-    import datetime
 
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
@@ -632,7 +623,6 @@ def waiting_lock(path: Path, say=None, patience: float = 3600):
     """`output_lock(path)`, waited for instead of refused: another worker of the same search may hold it
     (training the base model, making the same recipe, writing the report); this one goes on when it is done,
     and then finds that work made."""
-    from runtime.errors import Busy
 
     deadline, told = time.monotonic() + patience, False
     while True:

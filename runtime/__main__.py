@@ -5,10 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
-from runtime.errors import ArgumentParser, EdgeKitError, run_cli
-from runtime.limits import json_loads
-from runtime.artifacts.manifest import DEVICE_RUNTIMES
+import numpy as np
+
+from runtime import fileinfo
+from runtime.artifacts.manifest import DEVICE_RUNTIMES, MANIFEST, read_manifest, verify_files
+from runtime.artifacts.preprocessing import RESIZE_METHODS, Preprocessing, image_to_pixels
+from runtime.artifacts.run_directory import every_file, is_run_directory, recommended
+from runtime.backends.raw import describe_outputs, load_raw, parse_shapes, save_outputs
+from runtime.bench import (DEFAULT_SECONDS, DEFAULT_WARMUP, bench, check_seconds, machine, parse_threads, to_csv,
+                           to_table)
+from runtime.datasets import load_dataset, load_for_manifest
+from runtime.errors import ArgumentParser, ArtifactError, EdgeKitError, run_cli
+from runtime.fsutil import check_readable_file, output_lock
+from runtime.limits import json_loads, size_bytes, threads
+from runtime.load import NotAClassifier, Options, finite, input_layout, load, read_inputs, read_npy
+from runtime.metrics import classification_summary
+from runtime.remote.device import describe, device_record
+from runtime.remote.jobs import bench_on, classes_on
+from runtime.remote.session import Session, add_arguments as add_device_arguments, target
+from runtime.report import build
+from runtime.report.decide import CHOICES, DEFAULT_CHOICE
+from runtime.report.latency import ROUNDS, check_rounds
+from runtime.text import terminal
+from runtime.vocabulary import MAX_ACCURACY_DROP
 
 
 def _number(value, spec: str, unit: str = "") -> str:
@@ -16,15 +39,10 @@ def _number(value, spec: str, unit: str = "") -> str:
 
 
 def _info(args) -> int:
-    from pathlib import Path
 
-    from runtime.errors import ArtifactError
-    from runtime.artifacts.manifest import MANIFEST, read_manifest, verify_files
-    from runtime.text import terminal
 
     directory = Path(args.artifact)
     if directory.suffix.lower() in (".tflite", ".onnx") and not directory.is_dir():
-        from runtime import fileinfo
 
         info = fileinfo.describe(directory)
         if args.json:
@@ -102,8 +120,6 @@ def _recipe(recipe: dict) -> str:
 
 def _run_info(directory, as_json: bool) -> int:
     """A pipeline's run directory: its plan, stages, artifacts and the report's recommendation."""
-    from runtime.errors import ArtifactError
-    from runtime.artifacts.manifest import MANIFEST
 
     try:
         status = json_loads((directory / "pipeline.json").read_text("utf-8"))
@@ -136,12 +152,9 @@ def _run_info(directory, as_json: bool) -> int:
 
 
 def _load(args):
-    from runtime.load import load
-    from runtime.artifacts.run_directory import is_run_directory, recommended
 
     if is_run_directory(args.model):  # a pipeline's run: the file its report recommends
         args.model = str(recommended(args.model))
-        from runtime.text import terminal
 
         print(f"the report's recommended file: {terminal(args.model)}", file=sys.stderr)
     return load(args.model, threads=args.threads, **_model_options(args))
@@ -177,7 +190,6 @@ def add_normalization(group) -> None:
 
 
 def _add_model_options(parser, labels: bool = True) -> None:
-    from runtime.artifacts.preprocessing import RESIZE_METHODS
 
     group = parser.add_argument_group(
         "models from elsewhere (no sidecar), or overriding the sidecar",
@@ -200,9 +212,7 @@ def _add_model_options(parser, labels: bool = True) -> None:
 
 
 def _predict(args) -> int:
-    import numpy as np
 
-    from runtime.load import finite, read_inputs
 
     if args.raw:
         return _predict_raw(args)
@@ -211,7 +221,6 @@ def _predict(args) -> int:
                            "its shape.")
     if args.top_k < 1:
         raise EdgeKitError(f"--top-k must be 1 or more; got {args.top_k}.")
-    from runtime.load import NotAClassifier
 
     try:
         model = _load(args)
@@ -233,7 +242,6 @@ def _predict(args) -> int:
                    for (name, _, _), top, row in zip(named, tops, probabilities)]
         print(json.dumps({"model": str(model.path), "predictions": records}, indent=1))
         return 0
-    from runtime.text import terminal
 
     width = max(len(terminal(name)) for name, _, _ in named)
     for (name, _, _), top in zip(named, tops):
@@ -244,11 +252,7 @@ def _predict(args) -> int:
 def _predict_raw(args) -> int:
     """predict --raw: every output tensor of any model, for inputs given as .npy arrays (NAME=file.npy, or in
     the model's input order) or, for one image input, an image file preprocessed with --mean/--std."""
-    from pathlib import Path
 
-    from runtime.load import Options, read_npy
-    from runtime.artifacts.manifest import check_readable_file
-    from runtime.backends.raw import describe_outputs, load_raw, parse_shapes, save_outputs
 
     model = load_raw(args.model, threads=args.threads, shapes=parse_shapes(args.shape))
     options = Options(args.mean, args.std, args.resize, None, args.layout)  # checked: both or neither
@@ -273,7 +277,6 @@ def _predict_raw(args) -> int:
         print(json.dumps({"model": str(model.path), "file": str(out), "keys": keys,
                           "outputs": describe_outputs(outputs)}, indent=1))
         return 0
-    from runtime.text import terminal
 
     for record in describe_outputs(outputs):
         span = "" if record.get("min") is None else f"  min {record['min']:.6g} max {record['max']:.6g}"
@@ -286,10 +289,7 @@ def _predict_raw(args) -> int:
 def _raw_image(model, name: str, path, options):
     """An image file as the input `name` of a raw model: resized to its height and width (in its layout),
     pixels for an 8-bit input (int8: pixels - 128), else (pixels - mean) / std."""
-    import numpy as np
 
-    from runtime.load import input_layout
-    from runtime.artifacts.preprocessing import image_to_pixels
 
     tensor = next(t for t in model.inputs if t.name == name)
     shape = model.shapes[name]
@@ -308,7 +308,6 @@ def _raw_image(model, name: str, path, options):
         raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
                            "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
     else:  # the one preprocessing code, as a model with a sidecar uses it
-        from runtime.artifacts.preprocessing import Preprocessing
 
         x = Preprocessing((h, w), c, scale=1.0, mean=options.mean, std=options.std).apply(pixels).astype(tensor.dtype)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
@@ -316,10 +315,7 @@ def _raw_image(model, name: str, path, options):
 
 def _eval_dataset(args, model):
     """The dataset to evaluate on: --dataset, else the one in the artifact's manifest next to the model."""
-    from pathlib import Path
 
-    from runtime.datasets import load_dataset, load_for_manifest
-    from runtime.artifacts.manifest import read_manifest
 
     download = not args.no_download
     if args.dataset:
@@ -334,12 +330,8 @@ def _eval_dataset(args, model):
 
 
 def _eval(args) -> int:
-    import time
 
-    import numpy as np
 
-    from runtime.remote.device import describe
-    from runtime.remote.session import target
 
     target(args)  # --host's options checked before any work
     model = _load(args)
@@ -358,13 +350,11 @@ def _eval(args) -> int:
     # the model's own preprocessing (its sidecar's, or --mean/--std) when it has one, else its artifact's (the
     # manifest beside it says how it was trained)
     x = pixels if model.preprocessing is not None else dataset.preprocessing.apply(pixels)
-    from runtime.load import finite
 
     predicted = finite(model.logits(x, batch_size=args.batch_size), model).argmax(axis=1)
     seconds = time.perf_counter() - started
     device, here = target(args), None
     if device:  # the device's predictions are the result; this machine's show whether it computes the same
-        from runtime.remote.jobs import classes_on
 
         progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
         started = time.perf_counter()
@@ -375,7 +365,6 @@ def _eval(args) -> int:
     if to_dataset is not None:
         predicted = to_dataset[predicted]
         here = None if here is None else to_dataset[here]
-    from runtime.metrics import classification_summary
 
     summary = classification_summary(y, predicted, labels)
     recorded = ((model.sidecar or {}).get("verification") or {}).get("accuracy")
@@ -384,7 +373,6 @@ def _eval(args) -> int:
               "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if device:
-        from runtime.remote.device import device_record
 
         result["device"] = device_record(where, device.name)
         result["this_machine"] = {"accuracy": float(np.mean(here == y)), "same_predictions": int(np.sum(here == predicted))}
@@ -404,7 +392,6 @@ def _eval(args) -> int:
         print(f"this machine: {result['this_machine']['accuracy']:.2%}; the same predicted class for {same} of "
               f"{len(y)} images" + ("" if same == len(y) else " (an 8-bit file's activations may round differently "
                                     "on another CPU's kernels)"))
-    from runtime.text import terminal
 
     per_class = [summary["per_class_accuracy"][label] for label in labels]
     labels = [terminal(label) for label in labels]  # a label's escape sequences never reach the terminal
@@ -429,7 +416,6 @@ def _class_mapping(dataset, model):
     are matched by name (class folders named after the labels), and outputs of classes the dataset does not
     have count as "(other)". Without names on either side, the classes must match in number and order.
     """
-    import numpy as np
 
     ours, theirs = list(dataset.labels), model.labels
     if ours == theirs:
@@ -457,7 +443,6 @@ def _class_mapping(dataset, model):
 def _size(flag: str):
     """An argparse type for runtime.limits.size_bytes."""
     def parse(text: str) -> int:
-        from runtime.limits import size_bytes
 
         try:
             return size_bytes(text, flag)
@@ -468,7 +453,6 @@ def _size(flag: str):
 
 def _seconds(text: str) -> float:
     """An argparse type for runtime.bench.check_seconds."""
-    from runtime.bench import check_seconds
 
     try:
         return check_seconds(float(text))
@@ -477,18 +461,12 @@ def _seconds(text: str) -> float:
 
 
 def _bench(args) -> int:
-    from runtime.bench import bench, parse_threads, to_csv, to_table
 
     if args.runs is not None and args.seconds is not None:
         raise EdgeKitError("give --runs or --seconds, not both.")
     progress = None if args.quiet or args.json or args.csv else (lambda m: print(m, file=sys.stderr, flush=True))
-    from runtime.backends.raw import parse_shapes
 
-    from runtime.remote.device import describe
-    from runtime.remote.jobs import bench_on
-    from runtime.remote.session import target
 
-    from runtime.artifacts.run_directory import every_file, is_run_directory, recommended
 
     if args.all and not any(is_run_directory(m) for m in args.models):
         raise EdgeKitError("--all benches every file of a pipeline's run directory; give one (runs/...), or name "
@@ -501,7 +479,6 @@ def _bench(args) -> int:
         results, where = bench_on(device, args.models, args.threads, args.batch, args.runs, args.seconds,
                                   args.warmup, args.input, options, progress)
     else:
-        from runtime.bench import machine
 
         results, where = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds,
                                args.warmup, progress, inputs=args.input, options=options), machine()
@@ -518,15 +495,8 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from runtime.bench import parse_threads
-    from runtime.fsutil import output_lock
-    from runtime.report import build
-    from runtime.report.latency import check_rounds
 
-    from contextlib import nullcontext
 
-    from runtime.remote.session import Session, target
-    from runtime.report.decide import DEFAULT_CHOICE
 
     device, rounds = target(args), check_rounds(args.rounds)
     if args.target == "micro":
@@ -560,7 +530,6 @@ def _report(args) -> int:
 
 def _threads(text: str) -> int:
     """An argparse type: a thread count from 1 to the cores (runtime.limits)."""
-    from runtime.limits import threads
 
     try:
         return threads(int(text) if text.strip().lstrip("-").isdigit() else text)
@@ -574,11 +543,6 @@ def _add_threads(parser, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.bench import DEFAULT_SECONDS, DEFAULT_WARMUP
-    from runtime.vocabulary import MAX_ACCURACY_DROP
-    from runtime.report.decide import CHOICES, DEFAULT_CHOICE
-    from runtime.report.latency import ROUNDS
-    from runtime.remote.session import add_arguments as add_device_arguments
 
     parser = ArgumentParser(
         prog="python -m runtime",

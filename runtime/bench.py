@@ -15,17 +15,30 @@ the two under the same conditions.
 
 from __future__ import annotations
 
+import csv
+import importlib
+import io
 import json
 import math
 import os
+import platform
+import random
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from runtime.artifacts.manifest import library_versions
+from runtime.backends.raw import load_raw
 from runtime.errors import EdgeKitError, WorkFailed
-from runtime.vocabulary import format_of, format_rank
+from runtime.limits import cores, threads, whole
+from runtime.load import BACKENDS, NotAClassifier, load
+from runtime.remote.device import board, cpu_name, describe
 from runtime.text import spreadsheet
+from runtime.vocabulary import format_of, format_rank
 
 DEFAULT_SECONDS = 2.0
 DEFAULT_WARMUP = 10
@@ -44,7 +57,6 @@ def check_seconds(value, flag: str = "--seconds") -> float:
 
 def model_files(paths) -> list[Path]:
     """Model files named on the command line; a directory gives its exported models, float32 first."""
-    from runtime.load import BACKENDS
 
     files = []
     for path in map(Path, paths):
@@ -62,7 +74,6 @@ def model_files(paths) -> list[Path]:
 
 def parse_threads(text: str, available: int | None = None) -> list[int]:
     """'1,2' -> [1, 2]; 'all' is the number of CPU cores: this machine's, or `available` (a device's)."""
-    from runtime.limits import cores, threads, whole
 
     values = []
     for part in str(text).split(","):
@@ -82,7 +93,6 @@ def parse_threads(text: str, available: int | None = None) -> list[int]:
 
 
 def stats_ms(samples_s: list[float]) -> dict:
-    import numpy as np
 
     ms = np.asarray(samples_s) * 1e3
     return {"median": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
@@ -100,7 +110,6 @@ def _peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    import resource
 
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
@@ -114,9 +123,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     `spawned`: the wall-clock time the process was started, so the cold start covers
     Python's own start-up and `import runtime` as well as loading and the first prediction.
     """
-    import numpy as np
 
-    from runtime.load import NotAClassifier, load
 
     options = dict(options or {})
     shapes = options.pop("shapes", None)
@@ -169,8 +176,6 @@ def _alternate(invoke, call, runs: int | None, seconds: float | None) -> tuple[d
 def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) -> dict:
     """`measure` for a model that is not an image classifier (runtime.backends.raw): example inputs of each tensor's dtype
     and shape; invoke is the backend's bare call, call is RawModel.run (checks, and every output copied)."""
-    from runtime.vocabulary import format_of
-    from runtime.backends.raw import load_raw
 
     t0 = time.perf_counter()
     model = load_raw(path, threads=threads, shapes=shapes)
@@ -197,7 +202,6 @@ def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) ->
 
 def kernels_built() -> bool:
     """Whether the install built runtime.backends._kernels (the compiled one-image path of runtime/load.py)."""
-    import importlib
 
     return importlib.import_module("runtime.backends.tensors").KERNELS is not None
 
@@ -206,7 +210,6 @@ def _input(model, batch: int, seed: int, inputs: str = "pixels"):
     """What predict is given: uint8 pixels (what a camera gives, preprocessed by predict itself), or float input
     the caller preprocessed already (normal noise for a float model nothing describes: --input float). Pixels for
     a float model without a sidecar or --mean/--std are refused, as predict and eval refuse them."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     h, w, c = model.input_shape
@@ -229,11 +232,8 @@ def measure_rounds(paths: list[str], threads: int, rounds: int, runs: int | None
     run hits every file alike, and each file's per-round medians give an interval for its median.
     Returns {path: {"round_medians_ms", "p90_ms", "n"}} or {path: {"error": message}}.
     """
-    import random
 
-    import numpy as np
 
-    from runtime.load import load
 
     models, results = {}, {}
     for i, path in enumerate(paths):
@@ -311,11 +311,8 @@ def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, time
 
 def machine() -> dict:
     """The CPU, core count, platform and library versions: what a latency figure was measured on."""
-    import platform
 
-    from runtime.artifacts.manifest import library_versions
 
-    from runtime.remote.device import board, cpu_name
 
     cpu = platform.processor() or platform.machine()
     try:  # x86: "model name"; arm64: the part number of ARM's core (a Pi 4's Cortex-A72)
@@ -343,8 +340,6 @@ def compare(results: list[dict]) -> list[dict]:
 def check_loadable(files: list[Path], options: dict | None) -> dict:
     """Load every file once, to fail fast with the loader's own message before any long measurement; returns the
     options a worker takes (no labels: the bench prints none)."""
-    from runtime.load import NotAClassifier, load
-    from runtime.backends.raw import load_raw
 
     options = {k: v for k, v in (options or {}).items() if v is not None and k != "labels"}
     loadable = {k: v for k, v in options.items() if k != "shapes"}
@@ -405,15 +400,12 @@ def flat(result: dict) -> dict:
     row["cold_start_s"] = result["cold_start"]["seconds"]
     row["cold_rss_mb"] = result["cold_start"]["peak_rss_mb"]
     if result.get("device"):  # measured over SSH (runtime.remote): where, in one cell
-        from runtime.remote.device import describe
 
         row["device"] = describe(result["device"], result["device"].get("host"))
     return row
 
 
 def to_csv(results: list[dict]) -> str:
-    import csv
-    import io
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")

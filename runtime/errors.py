@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable
+
+from runtime.console import filter_native_stderr
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work failed: verification, a damaged artifact, a converter, a full disk
@@ -86,7 +89,6 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake on the command line reported like every other error: one line, exit 2."""
 
     def error(self, message):
-        import re
 
         hint = ""
         wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -121,7 +123,6 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     """Run a CLI entry point: an EdgeKitError becomes one line and its exit code, Ctrl-C exits 130; libraries'
     start-up chatter is kept off the console unless --verbose (runtime.console)."""
     if not verbose_requested(argv):
-        from runtime.console import filter_native_stderr
 
         filter_native_stderr()
     try:

@@ -7,20 +7,26 @@ Read through the backends themselves (LiteRT, onnxruntime) and the file's own by
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from runtime.artifacts.manifest import needs_edgekit, sidecar_path
+from runtime.backends import tflm
+from runtime.backends.onnx import session as onnx_session
+from runtime.backends.onnx_proto import ONNX_DTYPES, onnx_summary
+from runtime.backends.sparse import interpreter as open_interpreter, sparse_file
 from runtime.errors import ArtifactError, EdgeKitError, first_line
-from runtime.fsutil import sha256_file
-from runtime.artifacts.manifest import check_readable_file
+from runtime.fsutil import check_readable_file, sha256_file
+from runtime.load import BACKENDS, input_layout, load, packed_labels
+from runtime.text import terminal
 
 
 def _layout(shape: list) -> str | None:
     """A 4-d input's layout read from its shape, "ambiguous", or None for other ranks."""
-    from runtime.load import input_layout
 
     if len(shape) != 4:
         return None
@@ -53,7 +59,6 @@ def tflite_description(data: bytes) -> str:
 
 
 def _tflite(path: Path) -> dict:
-    from runtime.backends.sparse import interpreter as open_interpreter
 
     try:
         interpreter = open_interpreter(path)
@@ -71,7 +76,6 @@ def _tflite(path: Path) -> dict:
                 "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
                 "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
 
-    from runtime.backends.sparse import sparse_file
 
     with open(path, "rb") as fh:
         head = fh.read(min(path.stat().st_size, 64 << 20))
@@ -83,9 +87,7 @@ def _tflite(path: Path) -> dict:
 def _micro_figures(path: Path) -> dict:
     """MACs per inference, and where TensorFlow Lite Micro could run the file, its tensor arena as TFLM measures
     it (tflite-micro installed) or why not."""
-    import importlib.util
 
-    from runtime.backends import tflm
 
     data = path.read_bytes()
     out = {}
@@ -108,8 +110,6 @@ def _micro_figures(path: Path) -> dict:
 
 
 def _onnx(path: Path) -> dict:
-    from runtime.backends.onnx import session as onnx_session
-    from runtime.backends.onnx_proto import ONNX_DTYPES, onnx_summary
 
     session = onnx_session(path)  # its external data checked first
     try:
@@ -135,7 +135,6 @@ def _onnx(path: Path) -> dict:
 
 def describe(path: str | Path) -> dict:
     """Everything `info FILE` shows, as a dict (`--json`)."""
-    from runtime.load import BACKENDS, load, packed_labels
 
     path = Path(path)
     fmt = BACKENDS.get(path.suffix.lower())
@@ -150,7 +149,6 @@ def describe(path: str | Path) -> dict:
     info["labels"] = packed_labels(path, None) if fmt == "tflite" else None
     if fmt == "tflite":
         info.update(_micro_figures(path))
-    from runtime.artifacts.manifest import needs_edgekit, sidecar_path
 
     info["sidecar"] = sidecar_path(path).name if sidecar_path(path).is_file() else None
     try:
@@ -170,7 +168,6 @@ def describe(path: str | Path) -> dict:
 
 
 def _tensor_line(t: dict) -> str:
-    from runtime.text import terminal
 
     shape = "[" + ", ".join("?" if d < 0 else str(d) for d in t["shape"]) + "]"
     quant = ""
@@ -183,7 +180,6 @@ def _tensor_line(t: dict) -> str:
 
 def show(info: dict) -> None:
     """`info FILE`'s text."""
-    from runtime.text import terminal
 
     kind = {"tflite": "TFLite", "onnx": "ONNX"}[info["format"]]
     print(f"{terminal(info['path'])}: {kind} file, {info['size_bytes']:,} bytes, sha256 {info['sha256']}")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -276,3 +277,37 @@ def held_output():
             if failed:
                 held.seek(0)
                 os.write(2, held.read())
+
+
+def check_readable_file(path: str | Path, what: str = "file") -> os.stat_result:
+    """The stat of a regular, readable file, or an error that says what the path actually is."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise EdgeKitError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist.") \
+                from None
+        raise EdgeKitError(f"{what} {path} does not exist.") from None
+    except OSError as exc:  # ELOOP, EACCES on a parent directory, ENAMETOOLONG
+        raise EdgeKitError(f"cannot open {what} {path}: {exc.strerror}.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise EdgeKitError(f"{what} {path} is a directory; expected a file.")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device")
+        raise EdgeKitError(f"{what} {path} is {kind}, not a regular file; expected a file on disk.")
+    if not os.access(path, os.R_OK):
+        raise EdgeKitError(f"{what} {path} is not readable (permission denied); check its permissions "
+                           f"(ls -l {path}).")
+    return info
+
+
+def relative(path, root: Path) -> str | None:
+    """`path` relative to `root` (a report's paths, written relative to its directory), or None for None."""
+    if path is None:
+        return None
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:  # another drive (Windows)
+        return str(path)

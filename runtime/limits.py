@@ -60,7 +60,6 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 
 def size_bytes(text, flag: str) -> int:
     """A memory size as microcontroller datasheets give it: '256KiB', '1MiB', '32kB' or plain bytes."""
-    import re
 
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = found.group(2).lower() if found else None

@@ -23,19 +23,22 @@ checked first, and keeps the names callers import from it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-from runtime.errors import ArtifactError, EdgeKitError
-from runtime.fsutil import sha256_file
+from runtime.artifacts.labels import check_labels  # noqa: F401
+from runtime.artifacts.labels import packed_labels, parse_labels, read_labels
+from runtime.artifacts.manifest import MANIFEST, read_manifest, read_sidecar, sidecar_path
 from runtime.backends.inputs import NUMPY_SUFFIX, read_inputs, read_npy  # noqa: F401 (imported from here by callers)
-from runtime.artifacts.labels import check_labels, packed_labels, parse_labels, read_labels  # noqa: F401
-from runtime.artifacts.manifest import check_readable_file, read_sidecar, sidecar_path
 from runtime.backends.model import (IMAGE_CHANNELS, LAYOUTS, REDO, Model, NotAClassifier, Options, finite,  # noqa: F401
-                           input_layout)
+                                    input_layout)
 from runtime.backends.onnx import _ONNXModel
 from runtime.backends.tensors import TensorInfo, dequantize, quantize, softmax  # noqa: F401
 from runtime.backends.tflite import _TFLiteModel, tflite_census  # noqa: F401
-
+from runtime.backends.tflm import MicroModel
+from runtime.errors import ArtifactError, EdgeKitError
+from runtime.fsutil import check_readable_file, sha256_file
+from runtime.limits import threads as bounded_threads
 
 BACKENDS = {".tflite": "tflite", ".onnx": "onnx"}
 # load(backend=...): None chooses by the file (TFLM for a micro file when the micro extra is there, else LiteRT or
@@ -44,7 +47,6 @@ BACKEND_CHOICES = (None, "micro", "litert")
 
 
 def micro_installed() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("tflite_micro") is not None
 __all__ = ["BACKENDS", "IMAGE_CHANNELS", "LAYOUTS", "NUMPY_SUFFIX", "Model", "NotAClassifier", "Options", "TensorInfo",
@@ -55,7 +57,6 @@ __all__ = ["BACKENDS", "IMAGE_CHANNELS", "LAYOUTS", "NUMPY_SUFFIX", "Model", "No
 def _check_file(path: Path, size: int, sidecar: dict | None, manifest: dict | None) -> None:
     """The size and sha256 recorded at export (sidecar) and in the artifact's manifest beside the model,
     checked before the interpreter ever reads the file."""
-    from runtime.artifacts.manifest import MANIFEST
 
     expected = []
     if sidecar is not None:
@@ -104,7 +105,6 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
     if threads is not None:
-        from runtime.limits import threads as bounded_threads
 
         bounded_threads(threads, "threads")  # more than the cores buys nothing; a million crashed LiteRT
     path = Path(path)
@@ -114,7 +114,6 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
     size = check_readable_file(path, "model file").st_size
     if size == 0:
         raise ArtifactError(f"model file {path} is empty; export it again.")
-    from runtime.artifacts.manifest import MANIFEST, read_manifest
 
     manifest = read_manifest(path.parent) if (path.parent / MANIFEST).is_file() else None  # read once, for both
     sidecar = read_sidecar(path, manifest)
@@ -127,7 +126,6 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
                                "backend.")
         if threads not in (None, 1):
             raise EdgeKitError("TensorFlow Lite Micro runs on one thread (a microcontroller's core); drop --threads.")
-        from runtime.backends.tflm import MicroModel
 
         return MicroModel(path, None, sidecar, options)
     cls = _TFLiteModel if fmt == "tflite" else _ONNXModel

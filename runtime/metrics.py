@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.errors import EdgeKitError
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[i, j] = examples of true class i predicted as j."""
@@ -40,7 +42,6 @@ def check_above_chance(name: str, accuracy: float, images: int, classes: int, da
     made from it would be verified against a broken reference, and an optimization judged against one. Most often
     it is fed other preprocessing than it was trained with (raw 0..255 pixels, a Rescaling inside, Normalize(0.5,
     0.5)). Too few images to tell (under 10 a class): not judged."""
-    from runtime.errors import EdgeKitError
 
     if classes < 2 or images < 10 * classes:
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 
 def bar(iterable, total: int | None = None, desc: str = "", enabled: bool = True, unit: str = "file"):
@@ -31,7 +32,6 @@ class Ticking:
         self._stop = None
 
     def __enter__(self) -> "Ticking":
-        import threading
 
         if not self.enabled:
             return self

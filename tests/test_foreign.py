@@ -325,7 +325,7 @@ def _flatten_cases() -> list:
     """flatten() on a wrapper whose own layer has the name of a layer inside its sub-model, and on a plain model:
     (the flat model's layer names, its outputs equal the nested model's, the plain model returned as it is)."""
     from train.backend import keras
-    from train.foreign import flatten
+    from train.graph import flatten
 
     i = keras.Input((4,))
     inner = keras.Model(i, keras.layers.Dense(3, name="dense")(i), name="inner")

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
-from runtime.datasets import DATASET_NAMES
+from runtime.artifacts.manifest import check_out_apart
+from runtime.datasets import DATASET_NAMES, MAX_IMAGE_SIDE
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli
+from runtime.fsutil import check_output_dir, output_lock
+from train import resume
+from train.devices import check_spec
+from train.trainer import TrainConfig, is_chief, train, write_artifact
 
 EPILOG = """\
 examples:
@@ -45,8 +52,6 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def _devices(text: str) -> str:
-    from runtime.errors import EdgeKitError
-    from train.devices import check_spec
 
     try:
         return check_spec(text)
@@ -64,7 +69,6 @@ def _image_size(text: str) -> tuple[int, int]:
         size = size * 2
     if len(size) != 2 or min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH (e.g. 32 or 28x28); got {text!r}")
-    from runtime.datasets import MAX_IMAGE_SIDE
 
     if max(size) > MAX_IMAGE_SIDE:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGE_SIDE} pixels a side (edge classifiers take "
@@ -124,9 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from runtime.fsutil import check_output_dir
-    from train.trainer import TrainConfig, is_chief, train, write_artifact
-    from pathlib import Path
 
     config = TrainConfig(
         model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -138,14 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):
-        from runtime.artifacts.manifest import check_out_apart
 
         check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training
     if args.tensorboard is not None:
         _check_tensorboard(Path(args.tensorboard), out)
 
-    from train import resume
 
     backup = resume.checkpoint_dir(out)
     options = dict(quiet=args.quiet, checkpoint=backup, resume=args.resume, force=args.force,
@@ -156,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         write_artifact(result, scratch / "artifact")
         shutil.rmtree(scratch, ignore_errors=True)
         return 0
-    from runtime.fsutil import output_lock
 
     with output_lock(out):  # a second run on the same --out is refused at once, not after training
         check_output_dir(out, args.force)
@@ -183,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
 def _check_tensorboard(logs, out) -> None:
     """--tensorboard checked before training, as every option: a directory that can be written, and not
     inside the artifact (which is replaced whole when training ends)."""
-    import os
 
     if logs.resolve() == out.resolve() or logs.resolve().is_relative_to(out.resolve()):
         raise EdgeKitError(f"--tensorboard {logs} is inside --out {out}, which is replaced whole when training ends; "

@@ -25,7 +25,12 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
+
+from runtime.datasets import downloads_allowed
 from runtime.errors import EdgeKitError, first_line
+from runtime.fsutil import check_readable_file
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -57,7 +62,6 @@ def keras_download(allowed: bool):
     fetch: offline (or when `allowed` is false) a file not in the cache is refused at once, naming it."""
     from tf_keras.src.utils import data_utils
 
-    from runtime.datasets import downloads_allowed
 
     original = data_utils.get_file
 
@@ -137,7 +141,6 @@ def load_weights(model, name: str, path: str) -> None:
     layer with weights must be in the file (a file of another network is refused, not half-loaded)."""
     import h5py
 
-    from runtime.artifacts.manifest import check_readable_file
 
     size = check_readable_file(path, "weights file").st_size
     try:
@@ -169,7 +172,6 @@ def _check_datasets(f, path, size: int) -> None:
     declared bytes, all datasets together, must fit in the file (Keras writes them uncompressed; a 2 MB file
     declaring 2^31 elements once took 5.6 GB), and every weight must be a finite number."""
     import h5py
-    import numpy as np
 
     datasets, count = [], 0
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import sys
+import time
 
-from runtime.errors import EdgeKitError
-from runtime.limits import json_loads
-
+from runtime.errors import EdgeKitError, WorkFailed
+from runtime.limits import cores, json_loads
 
 
 def max_cpu_replicas() -> int:
     """cpu:N takes at most one replica per core (two on a one-core machine, so replication is testable anywhere):
     64 on two cores ran for minutes and ended in a TensorFlow traceback."""
-    from runtime.limits import cores
 
     return max(2, cores())
 
@@ -96,11 +97,7 @@ def rendezvous(config: dict, timeout: float | None = None, say=None) -> None:
     its listener, or from TensorFlow's server once it has moved on); it says what it waits for, stops on
     SIGTERM or Ctrl-C, and gives up after `timeout` seconds (EDGEKIT_WORKER_TIMEOUT, default 300) with one
     line (exit 1)."""
-    import socket
-    import sys
-    import time
 
-    from runtime.errors import WorkFailed
 
     if timeout is None:
         try:

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Callable
 
 from runtime.errors import EdgeKitError, unknown
+from train.backbones import build
 
 
 def _keras():
@@ -280,7 +281,6 @@ register_model("mobilenet", mobilenet, min_size=16, width=1.0,
 
 def mobilenet_v2(input_shape, num_classes, alpha=1.0, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's MobileNetV2 (`alpha`: width multiplier; ImageNet weights exist for 0.35 to 1.4)."""
-    from train.backbones import build
 
     return build("mobilenet_v2", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download, alpha=alpha)
@@ -289,7 +289,6 @@ def mobilenet_v2(input_shape, num_classes, alpha=1.0, head_dropout=0.2, bn_momen
 def mobilenet_v3_small(input_shape, num_classes, alpha=1.0, minimalistic=False, head_dropout=0.2, bn_momentum=0.9, weights=None,
                        download=True):
     """Keras's MobileNetV3Small (hard-swish, squeeze-excite; ImageNet weights for alpha 0.75 and 1.0)."""
-    from train.backbones import build
 
     return build("mobilenet_v3_small", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum,
                  weights=weights,
@@ -298,7 +297,6 @@ def mobilenet_v3_small(input_shape, num_classes, alpha=1.0, minimalistic=False, 
 
 def efficientnet_b0(input_shape, num_classes, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's EfficientNetB0 (MBConv blocks with squeeze-excite and swish)."""
-    from train.backbones import build
 
     return build("efficientnet_b0", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download)
@@ -306,7 +304,6 @@ def efficientnet_b0(input_shape, num_classes, head_dropout=0.2, bn_momentum=0.9,
 
 def resnet50(input_shape, num_classes, head_dropout=0.2, bn_momentum=0.9, weights=None, download=True):
     """Keras's ResNet50 (bottleneck residual blocks, 23.6 M parameters without the top)."""
-    from train.backbones import build
 
     return build("resnet50", input_shape, num_classes, head_dropout=head_dropout, bn_momentum=bn_momentum, weights=weights,
                  download=download)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,6 @@ def callback(keras, directory: Path, stopper, plateau, chief: bool):
 def _best_weights(directory: Path, name: str, model) -> list:
     """The best weights so far, from `name` inside the checkpoint (checked by `check_state`), each array of the
     shape the model's weight has, or `damaged`."""
-    import zipfile
 
     path = directory / name
     if path.is_symlink() or not path.is_file():

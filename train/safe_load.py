@@ -21,8 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from runtime.errors import ArtifactError, EdgeKitError, UntrustedModel, first_line
+from runtime.fsutil import check_readable_file
 from runtime.limits import json_loads
-from runtime.artifacts.manifest import check_readable_file
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 CODE_LAYERS = {"Lambda": "a Lambda layer (Python bytecode that runs when the model is loaded)",

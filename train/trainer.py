@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
-import os
 import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from runtime.datasets import Dataset, load_dataset
-from runtime.errors import EdgeKitError, first_line
-from runtime.fsutil import staged_dir
 from runtime.artifacts.manifest import write_manifest
+from runtime.charts import plot_confusion, plot_training
+from runtime.datasets import Dataset, load_dataset
+from runtime.errors import EdgeKitError, VerificationError, WorkFailed, first_line
+from runtime.fsutil import staged_dir
 from runtime.metrics import classification_summary
-from train import resume as checkpoints
-from train.devices import check_spec
-from train.devices import strategy as make_strategy
-from train.models import check_input_shape, get_spec, model_arguments
+from train import backbones, resume as checkpoints
+from train.devices import check_spec, strategy as make_strategy, tf_config as checked_tf_config
+from train.graph import ends_in_softmax
+from train.models import check_input_shape, create_model, get_spec, model_arguments
 
 MODEL_FILE = "model.keras"
 
@@ -157,7 +159,6 @@ def compile_model(model, lr: float, steps_per_execution: int = 1) -> None:
     accuracy. `steps_per_execution` runs that many batches per call into TensorFlow (less Python per step; the
     same updates)."""
     from train.backend import keras
-    from train.foreign import ends_in_softmax
 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not ends_in_softmax(model))
     model.compile(optimizer=keras.optimizers.Adam(lr), steps_per_execution=steps_per_execution, loss=loss,
@@ -188,7 +189,6 @@ def evaluate(model, dataset: Dataset) -> dict:
     logits = model.predict(x_test, batch_size=256, verbose=0)
     bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
     if bad:  # NaN is never a result: no artifact is written for a model that gives no numbers
-        from runtime.errors import VerificationError
 
         raise VerificationError(f"the trained model gives {bad:,} NaN or infinite outputs on the {len(x_test)} test "
                                 "images (its loss diverged, or its starting weights hold NaN); nothing was written. "
@@ -223,8 +223,6 @@ def _reproducible_zip(path: Path) -> None:
     """Make a `.keras` file depend only on the model: Keras stamps the save time into the zip
     entries and into metadata.json. Without it, the same seed gives the same weights but another
     sha256, and every artifact derived from the model looks stale to a resumed pipeline."""
-    import io
-    import zipfile
 
     with zipfile.ZipFile(path) as source:
         entries = [(info, source.read(info)) for info in source.infolist()]
@@ -268,9 +266,7 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
     dataset = dataset or _load_for(config, spec)
     check_input_shape(config.model, dataset.input_shape)
 
-    from train import backbones
     from train.backend import keras, tf
-    from train.models import create_model
 
     # phases: (layer to unfreeze the backbone from, or "" for none; learning rate). One phase trains everything.
     phases = [(None, config.lr)]
@@ -355,7 +351,6 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                            seed=config.seed, quiet=quiet, callbacks=callbacks, augment=config.augment,
                            initial_epoch=done)
             except tf.errors.OpError as exc:  # a lost worker, memory exhausted: the work failed, say it in a line
-                from runtime.errors import WorkFailed
 
                 lost = devices["workers"] > 1 and isinstance(exc, (tf.errors.UnavailableError, tf.errors.AbortedError,
                                                                    tf.errors.CancelledError,
@@ -401,7 +396,6 @@ def _load_for(config: TrainConfig, spec) -> Dataset:
 
 def is_chief() -> bool:
     """Under MultiWorkerMirroredStrategy only the chief (or worker 0 when there is none) keeps the artifact."""
-    from train.devices import tf_config as checked_tf_config
 
     tf_config = checked_tf_config()
     task = tf_config.get("task")
@@ -412,7 +406,6 @@ def is_chief() -> bool:
 
 def write_artifact(result: TrainResult, out: str | Path, force: bool = False) -> dict:
     """Write model.keras, training.png, confusion.png and manifest.json into `out`, atomically."""
-    from runtime.charts import plot_confusion, plot_training
 
     out = Path(out)
     dataset, config = result.dataset, result.config

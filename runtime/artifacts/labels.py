@@ -3,11 +3,13 @@ each checked (one name per output, each once, no bytes) before a prediction is n
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 from runtime.errors import EdgeKitError
-from runtime.artifacts.manifest import check_readable_file
-
+from runtime.fsutil import check_readable_file
+from runtime.text import terminal
 
 MAX_LABELS_BYTES = 4 << 20
 # a model's packed label files (TFLite metadata's zip): members listed, text members read, inflated bytes in all
@@ -40,7 +42,6 @@ def check_labels(labels, source: str) -> list[str]:
     seen = {}
     for i, label in enumerate(labels):
         if label in seen:
-            from runtime.text import terminal
 
             raise EdgeKitError(f"{source}: label {terminal(label)!r} is given twice (outputs {seen[label]} and {i}); "
                                "expected one distinct name per output.")
@@ -70,8 +71,6 @@ def packed_labels(path: Path, lines: int | None) -> list[str] | None:
     archive appended to the flatbuffer. The label file is the text member with one line per output
     (named like labels*.txt when there are several); `lines`: the outputs it must name (None: the first that
     parses)."""
-    import zipfile
-    import zlib
 
     try:
         if not zipfile.is_zipfile(path):

@@ -20,17 +20,17 @@ It is TensorFlow-free: the runtime, the pipeline and the report use the same rul
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
-import os
 import platform
 import re
-import stat
 from importlib import metadata
 from pathlib import Path
 
+from runtime.artifacts.preprocessing import Preprocessing
 from runtime.errors import ArtifactError, EdgeKitError
-from runtime.fsutil import atomic_write_json, sha256_file
+from runtime.fsutil import atomic_write_json, check_readable_file, sha256_file
 from runtime.limits import json_loads
 
 MANIFEST = "manifest.json"
@@ -65,31 +65,6 @@ def library_versions() -> dict[str, str]:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# --- files: what a path really is ------------------------------------------------------------------
-def check_readable_file(path: str | Path, what: str = "file") -> os.stat_result:
-    """The stat of a regular, readable file, or an error that says what the path actually is."""
-    path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise EdgeKitError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist.") \
-                from None
-        raise EdgeKitError(f"{what} {path} does not exist.") from None
-    except OSError as exc:  # ELOOP, EACCES on a parent directory, ENAMETOOLONG
-        raise EdgeKitError(f"cannot open {what} {path}: {exc.strerror}.") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise EdgeKitError(f"{what} {path} is a directory; expected a file.")
-    if not stat.S_ISREG(info.st_mode):
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
-                else "a device")
-        raise EdgeKitError(f"{what} {path} is {kind}, not a regular file; expected a file on disk.")
-    if not os.access(path, os.R_OK):
-        raise EdgeKitError(f"{what} {path} is not readable (permission denied); check its permissions "
-                           f"(ls -l {path}).")
-    return info
 
 
 def plain_name(name, what: str, where) -> str:
@@ -371,7 +346,6 @@ def validate_sidecar(data, path: Path) -> dict:
         raise bad("has 'labels' that are not a list of strings")
     pre = data.get("preprocessing")
     if pre is not None:
-        from runtime.artifacts.preprocessing import Preprocessing
 
         if not isinstance(pre, dict):
             raise bad("has 'preprocessing' that is not an object")
@@ -438,7 +412,6 @@ def read_sidecar(model: str | Path, manifest: dict | None = None) -> dict | None
     if manifest is not None:
         entry = manifest["files"].get(path.name)
         if entry is not None:
-            import hashlib
 
             if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
                 raise ArtifactError(f"sidecar {path} does not match the sha256 that {manifest_path} records for "

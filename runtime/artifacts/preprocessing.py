@@ -16,8 +16,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtime.errors import EdgeKitError
+from runtime.fsutil import check_readable_file
+from runtime.limits import MAX_INPUT, positive_normal
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # a GIF gives its first frame
 
@@ -46,7 +49,6 @@ class Preprocessing:
                 raise EdgeKitError(
                     f"preprocessing {field} needs 1 or {self.channels} values; got {len(values)}."
                 )
-        from runtime.limits import MAX_INPUT, positive_normal
 
         positive_normal(self.std, "preprocessing std")  # NaN fails too; a subnormal std makes infinities
         if type(self.background) is not int or not 0 <= self.background <= 255:
@@ -105,7 +107,6 @@ class Preprocessing:
 
 
 def _filters():
-    from PIL import Image
 
     return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
@@ -121,9 +122,7 @@ MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: any camera's photo; a decompressio
 
 def open_image(path: str | Path):
     """Open an image file with Pillow, refusing a decompression bomb from its header, before decoding it."""
-    from PIL import Image, UnidentifiedImageError
 
-    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "image")
     try:
@@ -147,7 +146,6 @@ def open_image(path: str | Path):
     except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
         raise EdgeKitError(f"cannot read image {path} ({exc}); the file is truncated or corrupt.") from None
     try:  # a phone stores a photo as the sensor saw it and says in EXIF how to turn it upright: do so
-        from PIL import ImageOps
 
         upright = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error) as exc:
@@ -163,7 +161,6 @@ def to_8bit(image, channels: int, background: int = 0) -> np.ndarray:
     the like are converted to RGB; colour becomes gray with ITU-R 601 luma, gray becomes RGB by
     repetition.
     """
-    from PIL import Image
 
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
@@ -193,7 +190,6 @@ def is_colour(image) -> bool:
 
 def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "bilinear",
                     background: int = 0) -> np.ndarray:
-    from PIL import Image
 
     pixels = to_8bit(open_image(path), channels, background)
     height, width = size

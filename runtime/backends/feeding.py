@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 
-from runtime.backends import tensors
-from runtime.errors import EdgeKitError
 from runtime.artifacts.manifest import sidecar_path
+from runtime.backends import tensors
 from runtime.backends.tensors import _MAX, _MIN, _ROUNDER, _U32, _limits, _lookup, quantize
+from runtime.errors import EdgeKitError
 
 
 class Feeding:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import EdgeKitError
-from runtime.artifacts.manifest import check_readable_file
+from runtime.artifacts.preprocessing import IMAGE_SUFFIXES, image_to_pixels, unusual_input
 from runtime.backends.model import Model
-
+from runtime.errors import EdgeKitError
+from runtime.fsutil import check_readable_file
 
 NUMPY_SUFFIX = ".npy"
 
@@ -56,7 +56,6 @@ def read_inputs(paths, model: Model, invert: bool = False) -> list[tuple[str, np
     why an image of pixels is unlike the training images (`unusual_input`), or is None. `invert`: pixels
     become 255 - pixels first (a dark-on-light drawing for a model trained on light strokes on dark).
     """
-    from runtime.artifacts.preprocessing import IMAGE_SUFFIXES, image_to_pixels, unusual_input
 
     statistics = (model.sidecar or {}).get("input_statistics")
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import tensors
-from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
-from runtime.backends.feeding import Feeding
-from runtime.vocabulary import ALIASES, format_of
 from runtime.artifacts.labels import check_labels, read_labels
-from runtime.limits import positive_normal
 from runtime.artifacts.manifest import sidecar_path
-from runtime.artifacts.preprocessing import Preprocessing
+from runtime.artifacts.preprocessing import RESIZE_METHODS, Preprocessing
+from runtime.backends import tensors
+from runtime.backends.feeding import Feeding
 from runtime.backends.tensors import _F32, _U8, TensorInfo, _dim, _lookup, dequantize, softmax
+from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
+from runtime.limits import positive_normal
+from runtime.vocabulary import ALIASES, format_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,6 @@ class Options:
     layout: str | None = None  # "nhwc" or "nchw": the input tensor's layout, where its shape leaves it ambiguous
 
     def __post_init__(self):
-        from runtime.artifacts.preprocessing import RESIZE_METHODS
 
         for name in ("mean", "std"):
             value = getattr(self, name)

@@ -6,19 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from runtime.backends import tensors
-from runtime.errors import ArtifactError, first_line
 from runtime.backends.model import Model, NotAClassifier
-from runtime.backends.onnx_proto import ONNX_DTYPES, external_files, onnx_producers
+from runtime.backends.onnx_proto import ONNX_DTYPES, external_files, onnx_producers, onnx_summary
 from runtime.backends.tensors import _F32, TensorInfo
+from runtime.errors import ArtifactError, first_line
 
 
 def session(path, threads: int | None = None):
     """An onnxruntime CPU session of a file, its external data checked first (`onnx_proto.external_files`: files
     beside the model, in subgraphs too), or ArtifactError in one line. Every ONNX file the runtime opens comes
     through here."""
-    import onnxruntime as ort
 
     try:
         external_files(Path(path), Path(path).read_bytes())
@@ -79,7 +79,6 @@ class _ONNXModel(Model):
 
     def graph(self) -> list:
         """The graph's operator census, its inputs' and outputs' shapes (see the TFLite backend's `graph`)."""
-        from runtime.backends.onnx_proto import onnx_summary
 
         ops = onnx_summary(self.path.read_bytes())["ops"]
         ends = [[n.name, [str(d) for d in n.shape], n.type] for n in [*self._session.get_inputs(),

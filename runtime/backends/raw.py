@@ -12,13 +12,20 @@ which is 1 for example inputs.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from runtime.backends.onnx import session
+from runtime.backends.onnx_proto import ONNX_DTYPES
+from runtime.backends.sparse import interpreter
 from runtime.errors import ArtifactError, EdgeKitError, first_line
+from runtime.fsutil import atomic_write_bytes, check_readable_file
+from runtime.limits import threads as bounded_threads
+from runtime.load import BACKENDS
 
 MAX_ELEMENTS = 1 << 28  # one input of at most 256 Mi elements (1 GiB of float32)
 JSON_VALUES = 4096  # outputs this small are printed whole by `predict --raw --json`
@@ -140,7 +147,6 @@ class _TFLiteRaw(RawModel):
     backend = "tflite"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        from runtime.backends.sparse import interpreter
 
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
@@ -190,8 +196,6 @@ class _ONNXRaw(RawModel):
     backend = "onnx"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-        from runtime.backends.onnx import session
-        from runtime.backends.onnx_proto import ONNX_DTYPES
 
         self._session = session(path, threads)
 
@@ -228,9 +232,6 @@ def _numeric(t: Tensor) -> np.dtype:
 
 def load_raw(path: str | Path, threads: int | None = None, shapes: dict | None = None) -> RawModel:
     """Any .tflite or .onnx model (see the module docstring); `shapes`: {input name: shape} for dynamic ones."""
-    from runtime.limits import threads as bounded_threads
-    from runtime.load import BACKENDS
-    from runtime.artifacts.manifest import check_readable_file
 
     path = Path(path)
     if BACKENDS.get(path.suffix.lower()) is None:
@@ -246,9 +247,7 @@ def load_raw(path: str | Path, threads: int | None = None, shapes: dict | None =
 def save_outputs(outputs: dict[str, np.ndarray], path: Path) -> dict[str, str]:
     """Every output in one .npz (written atomically); returns {output name: key in the file} (keys are the
     names made safe for a zip member: letters, digits, ., _ and -)."""
-    import io
 
-    from runtime.fsutil import atomic_write_bytes
 
     keys, used = {}, set()
     for name in outputs:

@@ -16,9 +16,12 @@ one pass per dimension, not one Python call per value.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter
 
 from runtime.errors import ArtifactError
 
@@ -30,7 +33,6 @@ GROWTH, MAX_DENSE_BYTES = 64, 2 << 30
 
 
 def _schema():
-    from ai_edge_litert import schema_py_generated as schema
 
     return schema
 
@@ -51,7 +53,6 @@ def sparse_tensors(data: bytes) -> int:
 
 def sparse_file(path: str | Path) -> int:
     """`sparse_tensors` of a file, its flatbuffer tables read through a memory map: only the pages they touch."""
-    import mmap
 
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
@@ -186,7 +187,6 @@ def densify(data: bytes) -> bytes:
 
 def interpreter(path: str | Path | None = None, content: bytes | None = None, **kwargs):
     """A LiteRT Interpreter of a file or its bytes, its sparse tensors densified first (see the module)."""
-    from ai_edge_litert.interpreter import Interpreter
 
     if content is None:  # the file's tables are read in place (mmap): a dense file is not read twice
         if not sparse_file(path):

@@ -3,19 +3,21 @@ allows it, looped otherwise), and the operator and dtype census of a file."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
-from runtime.errors import ArtifactError, first_line
 from runtime.artifacts.labels import packed_labels
 from runtime.backends.model import Model, NotAClassifier
+from runtime.backends.sparse import densify, interpreter
 from runtime.backends.tensors import TensorInfo, _dim
+from runtime.errors import ArtifactError, first_line
 
 
 class _TFLiteModel(Model):
     def __init__(self, path, threads, sidecar, options=None):
-        from runtime.backends.sparse import interpreter
 
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
@@ -158,11 +160,8 @@ class _TFLiteModel(Model):
 def tflite_census(model: bytes | str | Path) -> dict:
     """What a .tflite file is made of, as LiteRT reads it: {"ops": {name: count}, "dtypes": {dtype: tensors},
     "float_ops": [names of ops with a float32 input or output]}. A fully integer file has no float op."""
-    from collections import Counter
 
-    from runtime.backends.sparse import densify
 
-    from ai_edge_litert.interpreter import Interpreter
 
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
     interpreter = Interpreter(model_content=densify(data))  # the graph that runs: sparse weights dense

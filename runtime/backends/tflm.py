@@ -21,13 +21,16 @@ import functools
 import math
 import os
 import re
+import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
 from runtime.backends.tflite import _TFLiteModel
+from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
 
 EXTRA = "pip install 'edgekit-ml[micro]' (the tflite-micro package)"
 ARENA_MAX = 64 * 2**20  # what a microcontroller could hold, with room; the search for a file's arena stops here
@@ -138,7 +141,6 @@ class _Stderr:
     """What C++ code writes to file descriptor 2 while the block runs (TFLM prints its allocations there)."""
 
     def __enter__(self):
-        import sys
 
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile()
@@ -200,7 +202,6 @@ def outputs(path: str | Path, fed: np.ndarray) -> np.ndarray:
 
 
 def _reference(path: str | Path, every_tensor: bool = False):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
                      experimental_preserve_all_tensors=every_tensor)
@@ -396,7 +397,6 @@ class MicroModel(_TFLiteModel):
 
 
 def version() -> str:
-    from importlib import metadata
 
     try:
         return metadata.version("tflite-micro")

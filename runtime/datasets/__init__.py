@@ -20,9 +20,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from runtime.artifacts.preprocessing import Preprocessing, _filters
 from runtime.errors import EdgeKitError, unknown
-from runtime.artifacts.preprocessing import Preprocessing
 
 SPLIT_SEED = 20240601  # fixes every split EdgeKit makes; recorded in manifests
 SPLITS = ("train", "val", "test")
@@ -111,9 +112,7 @@ def downloads_allowed(download: bool) -> bool:
 
 def resize_pixels(x: np.ndarray, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
     """Resize a uint8 (N, H, W, C) batch with Pillow, converting channel count if asked."""
-    from PIL import Image
 
-    from runtime.artifacts.preprocessing import _filters
 
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(x), *size, channels), np.uint8)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
-from runtime.errors import EdgeKitError
 from runtime.artifacts.preprocessing import Preprocessing
+from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
+from runtime.datasets.download import fetch
+from runtime.errors import EdgeKitError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER, ARCHIVE = "cifar-10-batches-py", "cifar-10-python.tar.gz"
@@ -74,7 +75,6 @@ def _locate(data_dir: Path | None, download: bool) -> Path:
             f"CIFAR-10 not found in the Keras cache {cache / FOLDER} and downloads are off; "
             f"put {ARCHIVE} or the extracted {FOLDER}/ in --data-dir DIR."
         )
-    from runtime.datasets.download import fetch
 
     try:
         archive = fetch(URL, cache / ARCHIVE, "CIFAR-10")

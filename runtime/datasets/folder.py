@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifacts.preprocessing import IMAGE_SUFFIXES, Preprocessing, image_to_pixels, is_colour, open_image
 from runtime.datasets import SPLIT_SEED, Dataset, stratified_split
 from runtime.errors import EdgeKitError
-from runtime.artifacts.preprocessing import IMAGE_SUFFIXES, Preprocessing, image_to_pixels, is_colour, open_image
 
 DEFAULT_SIZE = (28, 28)
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2

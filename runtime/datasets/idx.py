@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
-from runtime.errors import EdgeKitError
 from runtime.artifacts.preprocessing import Preprocessing
+from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
+from runtime.datasets.download import fetch
+from runtime.errors import EdgeKitError
+from runtime.fsutil import check_readable_file
 
 FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -71,7 +73,6 @@ MAX_IDX_BYTES = 1 << 30  # 1 GiB: 20 times MNIST's training images; a header pro
 def read_idx(path: Path) -> np.ndarray:
     """Read a plain or gzipped IDX file, streaming: the header decides how much is read, so a gzip bomb
     or a header promising gigabytes is refused before the memory is taken."""
-    from runtime.artifacts.manifest import check_readable_file
 
     check_readable_file(path, "IDX file")
     try:
@@ -167,7 +168,6 @@ def _load(title, name, labels, cache_subdir, npz_name, data_dir, download, test_
             where = f"the Keras cache {cache / cache_subdir}"
             if not downloads_allowed(download):
                 raise _missing_error(title, where, None, " and downloads are off")
-            from runtime.datasets.download import fetch
 
             try:
                 if npz_name:  # Keras's own MNIST cache format

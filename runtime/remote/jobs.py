@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bench import (bench, check_budget, check_loadable, compare,
-                           machine, measure_rounds, model_files)
+from runtime.bench import bench, check_budget, check_loadable, compare, machine, measure_rounds, model_files
 from runtime.errors import EdgeKitError, run_cli
 from runtime.limits import json_loads
 from runtime.load import finite, load
-from runtime.remote.device import (MAX_TEXT, MS, ROW_FIGURES, ROW_TEXT,
-                                   STAT_FIGURES, DeviceError, add_device,
+from runtime.remote.device import (MAX_TEXT, MS, ROW_FIGURES, ROW_TEXT, STAT_FIGURES, DeviceError, add_device,
                                    device_text, figure)
 from runtime.remote.session import Session, Target, remote_names, remote_path
 from runtime.text import terminal

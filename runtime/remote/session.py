@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.artifacts.manifest import check_readable_file, sidecar_path
+from runtime.artifacts.manifest import sidecar_path
 from runtime.bench import parse_threads
 from runtime.errors import EdgeKitError, WorkFailed
+from runtime.fsutil import check_readable_file
 from runtime.limits import json_loads
-from runtime.remote.device import (MAX_TEXT, DeviceError, checked_hello,
-                                   edgekit_version)
+from runtime.remote.device import MAX_TEXT, DeviceError, checked_hello, edgekit_version
 from runtime.text import terminal
 
 MAX_LINE = 32 * 2**20  # one protocol line (a bench's JSON, an eval's predictions) is far smaller

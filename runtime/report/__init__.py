@@ -20,19 +20,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.artifacts.manifest import utc_now
+from runtime.bench import machine
 from runtime.errors import EdgeKitError, WriteFailed
 from runtime.limits import cores
-from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
-from runtime.artifacts.manifest import utc_now
 from runtime.report import deploy
 from runtime.report.decide import (CHOICES, DEFAULT_CHOICE, OBJECTIVES, RUNTIMES, Comparer, for_device, fronts, judge,
                                    primary, recommend)
 from runtime.report.latency import BENCH_CACHE, ROUNDS, benchmark
-from runtime.bench import machine
+from runtime.report.plots import FIGURES, missing, plot
 from runtime.report.render import CSV_COLUMNS, console_summary, notes, write
 from runtime.report.rows import collect, evaluate
-from runtime.report.trials import PLOT as SEARCH_PLOT
-from runtime.report.trials import section as search_section
+from runtime.report.trials import PLOT as SEARCH_PLOT, section as search_section
+from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
 
 __all__ = ["BENCH_CACHE", "CHOICES", "CSV_COLUMNS", "OBJECTIVES", "ROUNDS", "RUNTIMES", "build"]
 
@@ -47,7 +47,6 @@ def build(root: str | Path, threads: list[int] | None = None, seconds: float = 0
     exceed them is marked over RAM/flash and never recommended (`objective` "arena" recommends among them).
     `runtime`: what the device runs the file with, "litert" (the user's own LiteRT or onnxruntime app: a file that
     needs EdgeKit's runtime is never recommended) or "edgekit" (EdgeKit's runtime is installed there)."""
-    from runtime.report.plots import FIGURES, missing, plot
 
     budget = check_max_accuracy_drop(budget)
     if objective not in CHOICES:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import dataclasses
 
 from runtime.artifacts.manifest import DEVICE_RUNTIMES
+from runtime.errors import unknown
 from runtime.report.rows import agreement, baseline, label
 from runtime.stats import ALPHA, accuracy_interval, mcnemar
+from runtime.vocabulary import FILE_FORMATS
 
 SIZE_TIE = 0.01
 
@@ -65,7 +67,6 @@ def for_device(rows: list[dict], runtime: str, objective: str = DEFAULT_CHOICE) 
     app; a microcontroller file (format micro, run by TFLM) unless the answer is for a board (objective arena,
     which `--target micro` means), and every other file when it is. Targets stay apart: a run directory that
     holds both kinds (a --target micro run, then a plain one) never answers for a Pi with a firmware's file."""
-    from runtime.errors import unknown
 
     if runtime not in RUNTIMES:
         raise unknown("runtime", runtime, RUNTIMES)
@@ -149,7 +150,6 @@ class Comparer:
 
 def slower_quantized(row: dict, tag: str) -> bool:
     """A quantized file whose median latency at `tag` ("1t", "all") is above the float baseline's."""
-    from runtime.vocabulary import FILE_FORMATS
 
     fmt = FILE_FORMATS.get(row.get("format"))
     return fmt is not None and fmt.kind == "quantized" and (row.get(f"speedup_{tag}") or 1.0) < 1.0

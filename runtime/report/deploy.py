@@ -18,8 +18,9 @@ import re
 import shutil
 from pathlib import Path
 
-from runtime.fsutil import atomic_write_text, staged_dir
 from runtime.backends.model import contract
+from runtime.fsutil import atomic_write_text, staged_dir
+from runtime.load import load
 
 DEPLOY = "deploy"
 
@@ -195,7 +196,6 @@ def write(root: Path, row: dict | None, test_set=None) -> list[str]:
     """deploy/ for the recommended `row` (replaced whole, atomically; removed when nothing is recommended); the
     names written in it. `test_set`: the row's test split (runtime.datasets.Dataset), whose first image main.cc
     carries for a check on the board."""
-    from runtime.load import load
 
     if row is None:
         shutil.rmtree(root / DEPLOY, ignore_errors=True)  # no stale answer beside a report that gives none

@@ -19,8 +19,9 @@ import math
 import re
 from pathlib import Path
 
+from runtime.fsutil import atomic_write_text, relative
 from runtime.report.decide import OBJECTIVES
-from runtime.report.rows import label
+from runtime.report.rows import label, points as points_text
 
 HTML_FILE = "report.html"
 
@@ -146,7 +147,6 @@ def _cell(row: dict, field: str, show) -> tuple[str, str]:
 
 
 def _table(rows: list[dict], root: Path) -> str:
-    from runtime.report.render import relative
 
     head = "".join(f"<th scope=col>{_e(h)}</th>" for h, _, _ in _COLUMNS)
     body = []
@@ -166,7 +166,6 @@ def _table(rows: list[dict], root: Path) -> str:
 
 
 def _tooltip(r: dict, root: Path) -> str:
-    from runtime.report.render import relative
 
     lines = [label(r), relative(r.get("file"), root) or "",
              f"accuracy {r['accuracy']:.2%} (95% CI {r['accuracy_low']:.1%} to {r['accuracy_high']:.1%}, "
@@ -192,8 +191,6 @@ def _with_tooltips(svg: str, rows: list[dict], root: Path) -> str:
 
 def write_html(root: Path, info: dict, recommendation: list[str], header_rows: list[tuple[str, str]]) -> None:
     """report.html beside report.md, written atomically."""
-    from runtime.fsutil import atomic_write_text
-    from runtime.report.rows import points as points_text
 
     rows = info["rows"]
     plots = [f"<figure>{_with_tooltips(svg, rows, root)}</figure>" for svg in info.get("plots_svg", {}).values()]

@@ -15,6 +15,7 @@ from runtime.errors import EdgeKitError
 from runtime.fsutil import atomic_write_json
 from runtime.limits import json_loads
 from runtime.progress import bar
+from runtime.remote.jobs import Rounds
 from runtime.report.rows import baseline
 from runtime.stats import median_interval
 
@@ -43,7 +44,6 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
                 "batch": 1, "warmup": 10, "rewarm_s": REWARM_SECONDS, "input": "uint8 pixels"}
     runner = run_rounds_worker
     if device is not None:
-        from runtime.remote.jobs import Rounds
 
         runner = Rounds(device)
         settings["device"] = runner.identity

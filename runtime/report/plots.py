@@ -13,14 +13,17 @@ adjustText would, but deterministic) so it covers no point, no interval bar and 
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from runtime.vocabulary import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
+from runtime.charts import _pyplot, _save
 from runtime.report.decide import OBJECTIVES, candidates, group_label
 from runtime.report.rows import label, points
+from runtime.text import terminal
+from runtime.vocabulary import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
 
 FIGURES = {"accuracy_vs_size.png": ("size", "gzip"), "accuracy_vs_latency.png": ("latency_1t", "latency_all")}
 OVER = "#b0b0b0"
@@ -45,7 +48,6 @@ def missing() -> str | None:
 def place(where: dict) -> str:
     """'pi@raspberrypi: Raspberry Pi 4 Model B Rev 1.4, Cortex-A72, aarch64' or 'this machine: <CPU>, x86_64'
     (escaped: a device's words)."""
-    from runtime.text import terminal
 
     what = ", ".join(terminal(where[k])[:80] for k in ("board", "cpu", "machine") if where.get(k))
     text = f"{terminal(where['host'])[:80]}: {what}" if where.get("host") else f"this machine: {what}"
@@ -60,9 +62,7 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None, where: 
     latency figure's title; `recommendations` (decide.recommend): each panel rings its objective's choice."""
     if missing():
         return {}
-    import io
 
-    from runtime.charts import _pyplot, _save
 
     plt = _pyplot()
     written = {}
@@ -81,7 +81,6 @@ def figures(rows: list[dict], budget: float, base: dict | None, where: dict | No
             recommendations: list[dict] = ()):
     """(file name, figure) for each figure with data, its labels placed on the final layout; the caller closes
     each figure."""
-    from runtime.charts import _pyplot
 
     plt = _pyplot()
     chosen = {r["objective"]: r["choice"] for r in recommendations if r.get("choice")}

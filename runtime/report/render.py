@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import re
 import shlex
+import sys
+from importlib import metadata
 from pathlib import Path
 
-from runtime.fsutil import atomic_write_json, atomic_write_text
-from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, Comparer, group_label, slower_quantized
+import runtime
+from runtime.artifacts.manifest import sidecar_path
+from runtime.bench import format_ms
+from runtime.fsutil import atomic_write_json, atomic_write_text, relative
+from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, Comparer, group_label, primary, slower_quantized
 from runtime.report.html import write_html
 from runtime.report.rows import label, points
-from runtime.text import markdown, spreadsheet
 from runtime.stats import ALPHA, CONFIDENCE
+from runtime.text import markdown, spreadsheet
 
 CSV_COLUMNS = (
     "variant", "format", "file", "status", "reason", "test_images", "accuracy", "accuracy_low", "accuracy_high",
@@ -34,7 +39,6 @@ def kib(value) -> str:
 
 
 def ms(value) -> str:
-    from runtime.bench import format_ms
 
     return f"{format_ms(value)} ms"
 
@@ -96,15 +100,6 @@ def _other_costs(choice: dict, base: dict | None, objective) -> list[str]:
     return lines
 
 
-def relative(path, root: Path) -> str | None:
-    if path is None:
-        return None
-    try:
-        return os.path.relpath(path, root)
-    except ValueError:  # another drive (Windows)
-        return str(path)
-
-
 def names(rows: list[dict], limit: int = 3) -> str:
     """'a int8, b int8 and 4 more (see the table)': a list kept short."""
     shown = ", ".join(label(r) for r in rows[:limit])
@@ -121,7 +116,6 @@ def unresolved(row: dict, objective) -> bool:
 
 def fence(text: str, info: str = "bash") -> list[str]:
     """A Markdown code block around `text`, its fence longer than any run of backticks in it."""
-    import re
 
     ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
     return [ticks + info, text, ticks]
@@ -130,8 +124,6 @@ def fence(text: str, info: str = "bash") -> list[str]:
 def interpreter() -> str:
     """The Python that runs EdgeKit here, as a new shell at the current directory reaches it (`.venv/bin/python`
     below it, else its absolute path): printed commands then run without activating anything."""
-    import shlex
-    import sys
 
     path = Path(sys.executable)
     shown = relative(path, Path.cwd()) if path.is_absolute() else str(path)
@@ -142,11 +134,7 @@ def commands(row: dict) -> str:
     """What to run, from the current directory, as printed in a new shell: evaluate the file here (with the
     Python that made the report); build EdgeKit's source package (one file for any CPU: pip builds it on the
     device), copy it with the model and its sidecar, install and run there."""
-    import shlex
-    from importlib import metadata
 
-    import runtime
-    from runtime.artifacts.manifest import sidecar_path
 
     here = relative(row["file"], Path.cwd())
     py = interpreter()
@@ -187,7 +175,6 @@ def commands(row: dict) -> str:
 def recommendation_md(info: dict, root: Path) -> list[str]:
     """The answer first: the file to ship for the objective the user named, its cost against the float baseline,
     why it beat the next best, and the commands; then one line for each other objective."""
-    from runtime.report.decide import Comparer, primary
 
     recs, choice_name = info["recommendations"], info.get("objective") or "size"
     rec = primary(recs, choice_name)
@@ -280,7 +267,6 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
 
 def console_summary(recommendations: list[dict], root: Path, choice: str = "size") -> list[str]:
     """The last lines the pipeline and `runtime report` print: one line per objective, `--objective`'s first."""
-    from runtime.report.decide import primary
 
     first = primary(recommendations, choice)
     out = []

@@ -3,17 +3,22 @@ evaluated on its artifact's test split through the TensorFlow-free runtime."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
+from runtime.artifacts.manifest import MANIFEST, export_problem, model_sha256, needs_edgekit, read_manifest
+from runtime.backends.tflm import macs
+from runtime.datasets import load_for_manifest
 from runtime.errors import ArtifactError, EdgeKitError
-from runtime.vocabulary import ALIASES, format_rank
 from runtime.limits import json_loads
-from runtime.artifacts.manifest import MANIFEST, needs_edgekit, read_manifest
+from runtime.load import finite, load
 from runtime.progress import bar
+from runtime.vocabulary import ALIASES, format_rank
 
 
 def artifacts(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
@@ -61,7 +66,6 @@ def _variant_name(manifest: dict, base_name: str | None) -> str:
 def shown_name(name) -> str:
     """A variant or format name as the report shows it (terminal, Markdown, plots): letters, digits and
     . _ + - = @ kept, anything else (a manifest's name is untrusted: `# heading`, `<script>`, escapes) as _."""
-    import re
 
     return re.sub(r"[^\w.+\-=@]", "_", str(name))[:120] or "_"
 
@@ -69,7 +73,6 @@ def shown_name(name) -> str:
 def collect(root: Path) -> list[dict]:
     """One row per exported file (verified or failed), before evaluation and benchmarks: every file is checked
     against its manifest and must have been made from the artifact's current model."""
-    from runtime.artifacts.manifest import export_problem, model_sha256
 
     found, damaged = artifacts(root)
     rows = [{"variant": shown_name(d.name), "format": "-", "artifact": str(d), "kind": None, "model": None, "dataset": None,
@@ -101,7 +104,6 @@ def collect(root: Path) -> list[dict]:
 
 def _dataset_for(artifact: str, cache: dict, data_dir):
     """The artifact's test split, and a key that is equal for artifacts judged on the same images."""
-    from runtime.datasets import load_for_manifest
 
     if artifact not in cache:  # one manifest read per artifact, one dataset load per dataset
         manifest = read_manifest(artifact)
@@ -116,7 +118,6 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> dict:
     """Accuracy of every verified file on its test split. Each row keeps which images it got right
     (`_correct`, for the significance tests), what it answered (`_predicted`) and which test set they are
     (`_images`). Returns the test sets by `_images` key."""
-    from runtime.load import finite, load
 
     datasets = {}
     todo = [r for r in rows if r["status"] == "verified"]
@@ -157,7 +158,6 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
     recorded them from TFLM (whole numbers, or nothing: a sidecar is untrusted)."""
     fields = {}
     if path.suffix == ".tflite":
-        from runtime.backends.tflm import macs
 
         try:
             fields["macs"] = macs(path.read_bytes())
@@ -171,7 +171,6 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
 
 
 def _gzip_bytes(path: Path) -> int:
-    import gzip
 
     return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
 

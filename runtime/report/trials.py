@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.charts import _pyplot, _save
 from runtime.limits import json_loads
+from runtime.report.plots import _log_ticks
 from runtime.report.rows import label, points
 from runtime.text import markdown, public_url
 
@@ -122,8 +124,6 @@ def value_text(objective: str, value: float | None) -> str:
 
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
     try:
-        from runtime.charts import _pyplot, _save
-        from runtime.report.plots import _log_ticks
 
         plt = _pyplot()
     except ImportError:
