@@ -8,8 +8,9 @@ import traceback
 
 from export.api import check_settings, export
 from export.formats import FORMATS
-from runtime.__main__ import _size, add_normalization
+from runtime.arguments import add_normalization
 from runtime.errors import EXIT_FAILED, ArgumentParser, EdgeKitError, run_cli, suggest
+from runtime.limits import size_argument
 from runtime.text import terminal
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
@@ -67,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a microcontroller file (format micro): int8 for TensorFlow Lite Micro, verified in its "
                             "interpreter, with model.micro.cc and .h (C array, op resolver) and the arena measured; "
                             "needs the micro extra")
-    kinds.add_argument("--max-ram", type=_size("--max-ram"), metavar="SIZE",
+    kinds.add_argument("--max-ram", type=size_argument("--max-ram"), metavar="SIZE",
                        help="with --micro: refuse a file whose tensor arena exceeds SIZE (256KiB, 1MiB, bytes)")
-    kinds.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
+    kinds.add_argument("--max-flash", type=size_argument("--max-flash"), metavar="SIZE",
                        help="with --micro: refuse a file larger than SIZE (its flash)")
     parser.add_argument("--out", help="output directory (default: the artifact directory itself)")
     parser.add_argument("--calibration-samples", type=int, default=300,
@@ -118,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _choose(args) -> list[str]:
-
     if args.all:
         return [*FORMATS, *(["micro"] if args.micro else [])]
     keys = list(args.format) + (["micro"] if args.micro else [])

@@ -86,7 +86,6 @@ class Result:
 
 
 def _load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
-
     from export import onnx_source, tflite_source
 
     path = Path(source)
@@ -377,7 +376,6 @@ def _sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, 
     `dense`."""
     from export import convert
 
-
     try:
         sparse = convert.to_tflite(src.model, fmt.key, calibration, quantization_aware, sparse=True)
     except ConversionError as exc:
@@ -393,7 +391,6 @@ def _sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, 
 def _onnx_float(src: Source, opset: int | None):
     """The float ModelProto: tf2onnx's of a Keras model, or an ONNX source's own graph (src.made records how)."""
     from export import convert, onnx_source
-
 
     if src.kind == "onnx":
         proto, src.made = onnx_source.float_model(src.model, _metadata(src))
@@ -411,7 +408,6 @@ def _unsupported(src) -> str:
 
 
 def _qat_int8(src, calibration, trust, progress, key: str = "int8") -> tuple[bytes, dict | None]:
-
     return qat_int8_file(src.model, lambda: qat_float_twin(src.path, src.manifest, src.model, trust), calibration,
                          excludes=bool(((src.manifest or {}).get("recipe") or {}).get("exclude")),
                          unsupported=_unsupported(src), progress=progress, key=key)
@@ -431,7 +427,6 @@ def qat_int8_file(quantized, twin, calibration: np.ndarray, *, excludes: bool = 
     the float twin calibrated makes a fully integer file. `key` "micro": fully connected weights per tensor
     (convert.to_tflite)."""
     from export import convert, selective as sel
-
 
     twin = functools.cache(twin)  # built once: an --exclude that names no graph node falls through to below
     if excludes:
@@ -468,7 +463,6 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
     """--explain and --keep-float (export/selective.py), per backend asked for: write the sensitivity table, and
     return the formats to make and {mixed format: (bytes, record), or None when nothing meets the budget}."""
     from export import selective as sel
-
 
     x_val, y_val = src.dataset.arrays("val")
     x_test, y_test = src.dataset.arrays("test")
@@ -535,11 +529,10 @@ def _selective(src, fmts, out, calibration, keep_float, explain, budget, progres
 
 def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
     """What the sidecar and the manifest say of an int8-mixed file: the layers kept float and what each cost."""
-    from export.selective import _accuracy, timed_ratio
-
+    from export.selective import accuracy_of, timed_ratio
 
     full = chooser.quantize()
-    full_val = table["int8_val_accuracy"] if table else _accuracy(full, x_val, y_val, chooser.suffix)
+    full_val = table["int8_val_accuracy"] if table else accuracy_of(full, x_val, y_val, chooser.suffix)
     per_layer = []
     for name in kept:
         alone = chooser.quantize([name])
@@ -549,7 +542,7 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
                           "val_gain_points_of_its_keep_set": entry["gain_points"] if entry else None,
                           "sqnr_db_in_full_int8": entry["sqnr_db"] if entry else None})
     return {"layers": list(kept), "chosen": how, "validation_images": int(len(y_val)),
-            "int8_val_accuracy": full_val, "val_accuracy": _accuracy(data, x_val, y_val, chooser.suffix),
+            "int8_val_accuracy": full_val, "val_accuracy": accuracy_of(data, x_val, y_val, chooser.suffix),
             "size_cost_bytes": len(data) - len(full), "int8_size_bytes": len(full),
             "latency_ratio_vs_int8": timed_ratio(data, full, x_val[:1], chooser.suffix), "per_layer": per_layer}
 
@@ -557,7 +550,6 @@ def _kept_record(chooser, kept, how, table, data, x_val, y_val) -> dict:
 def _write_sensitivity(out: Path, table: dict, progress) -> None:
     """sensitivity.<format>.json, sensitivity.<format>.png and the table on the console."""
     from export.selective import plot_sensitivity
-
 
     name = f"sensitivity.{table['format']}"
     atomic_write_json(out / f"{name}.json", table)
@@ -580,7 +572,6 @@ def _write_sensitivity(out: Path, table: dict, progress) -> None:
 
 def _verify_and_publish(fmt, data, out, src, reference, x_test, y_test, load, samples, method, opset,
                         max_accuracy_drop, record=None, budgets=None) -> Result:
-
 
     from export import portable
 
@@ -702,7 +693,6 @@ def _check_reference(src: Source, reference: np.ndarray, y_test: np.ndarray) -> 
 
 
 def _default_opset() -> int:
-
     from export.convert import DEFAULT_OPSET
 
     return DEFAULT_OPSET

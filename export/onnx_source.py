@@ -98,7 +98,6 @@ def external_data(path: Path, proto) -> list[str]:
     every byte range the graph reads from it. Anything else is refused before onnx or onnxruntime opens it."""
     import onnx
 
-
     files: dict[str, int] = {}
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -130,7 +129,6 @@ def external_data(path: Path, proto) -> list[str]:
 def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tuple[ONNXSource, object]:
     """(the ONNX source, the dataset with the model's preprocessing), or one clear line why not."""
     import onnx
-
 
     info = check_readable_file(path, "model file")
     if info.st_size > MAX_PROTO_BYTES:
@@ -170,7 +168,6 @@ def float_model(source: ONNXSource, metadata: dict[str, str]) -> tuple[object, d
     import onnx
     from onnx import version_converter
 
-
     model = onnx.load(str(source.path))  # the external data, checked by external_data(), is read now
     record = {"source_opset": source.opset(), "producer": source.producer(), "external_data": source.data_files}
     if source.opset() < MIN_OPSET:
@@ -201,7 +198,6 @@ def node_selective(source: ONNXSource, float_proto, calibration: np.ndarray, met
     import onnx
 
     from export.selective import Layer, ONNXSelective
-
 
     class NodeSelective(ONNXSelective):
         def _assign(self, nodes):

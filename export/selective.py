@@ -34,7 +34,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from export.convert import onnx_int8
-from runtime.charts import _pyplot, _save
+from runtime.charts import pyplot, save_png
 from runtime.errors import ConversionError, EdgeKitError, suggest
 from runtime.fsutil import held_output
 from runtime.load import load
@@ -247,13 +247,11 @@ class ONNXSelective(_Selective):
         self._assign([(node.name, bool(outputs & set(node.output))) for node in graph.node if node.name])
 
     def quantize(self, keep_float=()) -> bytes:
-
         return onnx_int8(self._prepared, self._calibration, self._method, self._metadata,
                          exclude=self.excluded(keep_float), cache=self._cache)
 
 
-def _accuracy(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tflite") -> float:
-
+def accuracy_of(content: bytes, x: np.ndarray, y: np.ndarray, suffix: str = ".tflite") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "candidate" + suffix)
         with open(path, "wb") as fh:
@@ -266,24 +264,24 @@ def plain_int8(selective: Selective, x_val, y_val) -> tuple[float, float, bytes]
     checks before any sweep, and where `explain` starts."""
     float_val = float(np.mean(selective.model.predict(x_val, batch_size=64, verbose=0).argmax(1) == y_val))
     full = selective.quantize()
-    return float_val, _accuracy(full, x_val, y_val, selective.suffix), full
+    return float_val, accuracy_of(full, x_val, y_val, selective.suffix), full
 
 
 def explain(selective: Selective, x_val, y_val, x_test, y_test, calibration, progress=None) -> dict:
     """The sensitivity table: every quantized layer, most sensitive first (see the module docstring)."""
     float_val, full_val, full = plain_int8(selective, x_val, y_val)
     suffix = selective.suffix
-    full_test = _accuracy(full, x_test, y_test, suffix)
+    full_test = accuracy_of(full, x_test, y_test, suffix)
     selective.output_errors(calibration)
     for i, layer in enumerate(selective.layers.values()):
         if progress:
             progress(terminal(f"  [{i + 1}/{len(selective.layers)}] {layer.name}: keep {', '.join(layer.keep)} float"))
-        layer.val_accuracy = _accuracy(selective.quantize(layer.keep), x_val, y_val, suffix)
+        layer.val_accuracy = accuracy_of(selective.quantize(layer.keep), x_val, y_val, suffix)
         layer.gain_points = (layer.val_accuracy - full_val) * 100
     ranked = sorted(selective.layers.values(),
                     key=lambda entry: (-entry.gain_points, entry.sqnr_db if entry.sqnr_db is not None else math.inf))
     for layer in ranked[:TOP_FOR_TEST]:
-        layer.test_accuracy = _accuracy(selective.quantize(layer.keep), x_test, y_test, suffix)
+        layer.test_accuracy = accuracy_of(selective.quantize(layer.keep), x_test, y_test, suffix)
     return {"format": selective.format, "float_val_accuracy": float_val, "int8_val_accuracy": full_val, "int8_test_accuracy": full_test,
             "validation_images": int(len(y_val)), "test_images": int(len(y_test)),
             "layers": [dataclasses.asdict(layer) for layer in ranked], "ranked": [layer.name for layer in ranked]}
@@ -299,7 +297,7 @@ def choose(selective: Selective, table: dict, x_val, y_val, budget_points: float
     kept: list[str] = []
     for name in table["ranked"]:
         kept = list(dict.fromkeys([*kept, *selective.layers[name].keep]))
-        if _accuracy(selective.quantize(kept), x_val, y_val, selective.suffix) >= target:
+        if accuracy_of(selective.quantize(kept), x_val, y_val, selective.suffix) >= target:
             return kept
     return None
 
@@ -308,7 +306,6 @@ def timed_ratio(candidate: bytes, reference: bytes, x: np.ndarray, suffix: str =
                 calls: int = 30) -> float:
     """Median latency of `predict` on `x` (batch 1, 1 thread) of one file over another's, measured in
     alternating rounds in this process: what keeping layers float costs in speed."""
-
 
     with tempfile.TemporaryDirectory() as tmp:
         models = []
@@ -339,7 +336,7 @@ def plot_sensitivity(table: dict, path) -> bool:
         Path(path).unlink(missing_ok=True)  # a plot from an earlier run would contradict the table
         return False
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = table["layers"][:25]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.8))
     names = [f"{r['name']} ({r['kind']})" for r in rows][::-1]
@@ -355,6 +352,6 @@ def plot_sensitivity(table: dict, path) -> bool:
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True

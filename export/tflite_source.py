@@ -72,7 +72,6 @@ class TFLiteSource(RuntimeSource):
                                                  "recipe": RECIPE}}
 
     def producer(self) -> str | None:
-
         return tflite_description(self.data[:64 << 20]) or None
 
 
@@ -117,7 +116,6 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
 def _quantize(data: bytes, calibration: np.ndarray) -> bytes:
     """ai-edge-quantizer's static int8 of a float file, calibrated one image at a time through its signature."""
     from ai_edge_quantizer import quantizer, recipe
-
 
     try:
         signatures = Interpreter(model_content=data).get_signature_list()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from optimize.api import run
 from optimize.recipes import RECIPES, ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
-from runtime.__main__ import add_normalization
+from runtime.arguments import add_normalization
 from runtime.artifacts.manifest import MANIFEST, check_out_apart, lineage_paths, read_manifest
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli, unknown
 from runtime.fsutil import check_output_dir, sha256_file
@@ -71,7 +71,6 @@ def _common(parser, epochs, lr):
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = ArgumentParser(
         prog="python -m optimize", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Optimize an EdgeKit artifact with tensorflow-model-optimization.", epilog=EPILOG)
@@ -119,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
-
     settings = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                 "exclude": tuple(args.exclude)}
     if args.technique == "prune":
@@ -141,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     # clear errors for a missing or non-artifact parent, or an --out in its lineage, before the slow imports
     check_out_apart(out, lineage_paths(parent, read_manifest(parent)))
     check_output_dir(out, args.force)
-
 
     manifest = run(parent, recipe, out, force=args.force, quiet=args.quiet, data_dir=args.data_dir,
                    trust=args.trust_model)

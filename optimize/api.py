@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from optimize import measure
-from optimize.recipes import RECIPES, Technique, _Recipe, recipe_from_dict
+from optimize.recipes import RECIPES, Technique, Recipe, recipe_from_dict
 from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
                                         check_out_apart, core_names, lineage_paths, model_file, read_manifest,
                                         verify_artifact, write_manifest)
@@ -75,11 +75,11 @@ def qat_float_twin(artifact: str | Path, manifest: dict, quantized, trust: bool 
     the fake-quantized model (it quantizes a layer whenever the tensors on both sides carry ranges:
     tensorflow/tensorflow#46073), or to make a fully integer file of a model with layers tfmot's scheme left
     without ranges (the converter leaves those float)."""
-    from optimize.techniques import _excluded, float_twin
+    from optimize.techniques import is_excluded, float_twin
 
     patterns = (manifest.get("recipe") or {}).get("exclude") or []
     twin = float_twin(quantized, load_model_file(base_file(artifact, manifest), trust))
-    return twin, [layer.name for layer in twin.layers if patterns and _excluded(layer.name, patterns)]
+    return twin, [layer.name for layer in twin.layers if patterns and is_excluded(layer.name, patterns)]
 
 
 @dataclasses.dataclass
@@ -91,7 +91,7 @@ class Optimized:
     details: dict
 
 
-def _check_parent(manifest: dict, recipe: _Recipe) -> None:
+def _check_parent(manifest: dict, recipe: Recipe) -> None:
     technique, kind = recipe.technique.value, manifest["kind"]
     if kind in QUANTIZATION_AWARE:
         raise EdgeKitError(
@@ -110,7 +110,7 @@ def _check_parent(manifest: dict, recipe: _Recipe) -> None:
         )
 
 
-def optimize_model(model, recipe: _Recipe, dataset: Dataset, quiet: bool = False,
+def optimize_model(model, recipe: Recipe, dataset: Dataset, quiet: bool = False,
                    parent_facts: dict | None = None) -> Optimized:
     """Apply a recipe to a keras model in memory: wrap, fine-tune, strip, measure, check."""
     from optimize.techniques import PREPARE, steps_per_epoch
@@ -165,7 +165,7 @@ def _checks(recipe, facts, model, touched, parent_facts) -> dict:
     return checks
 
 
-def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = False, quiet: bool = False,
+def run(parent: str | Path, recipe: Recipe, out: str | Path, *, force: bool = False, quiet: bool = False,
         data_dir: str | Path | None = None, trust: bool = False) -> dict:
     """Optimize the artifact at `parent` with `recipe`, writing the child artifact at `out`.
 
@@ -180,7 +180,6 @@ def run(parent: str | Path, recipe: _Recipe, out: str | Path, *, force: bool = F
 
 
 def _run(parent, manifest, recipe, out, force, quiet, data_dir, trust) -> dict:
-
     verify_artifact(parent, manifest)
     _check_parent(manifest, recipe)
     check_output_dir(out, force)

@@ -16,7 +16,7 @@ import numpy as np
 KERNEL_NAMES = ("kernel", "depthwise_kernel")
 
 
-def _short(variable_name: str) -> str:
+def short_name(variable_name: str) -> str:
     return variable_name.split("/")[-1].split(":")[0]
 
 
@@ -32,7 +32,7 @@ def effective_kernels(model) -> dict[str, tuple[str, np.ndarray, bool]]:
         weight_vars = getattr(layer, "_weight_vars", None)  # QuantizeWrapperV2: (weight, quantizer, vars)
         if weight_vars:
             for weight, quantizer, quantizer_vars in weight_vars:
-                if _short(weight.name) in KERNEL_NAMES:
+                if short_name(weight.name) in KERNEL_NAMES:
                     value = quantizer(weight, training=False, weights=quantizer_vars)
                     kernels[inner.name] = (type(inner).__name__, np.asarray(value), True)
             continue

@@ -36,7 +36,7 @@ class CentroidInit(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Recipe:
+class Recipe:
     epochs: int = 4  # fine-tuning epochs on the parent's training split
     lr: float = 1e-4  # Adam learning rate for fine-tuning
     batch_size: int = 32
@@ -64,7 +64,7 @@ MAX_CLUSTERS = 256  # an int8 kernel holds at most 256 values; tfmot's memory gr
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneRecipe(_Recipe):
+class PruneRecipe(Recipe):
     sparsity: float | None = None  # fraction of each pruned kernel set to zero (unstructured); default 0.8
     structured: str | None = None  # "M:N": M zeros in every N consecutive input-channel weights
     epochs: int = 8
@@ -100,7 +100,7 @@ class PruneRecipe(_Recipe):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClusterRecipe(_Recipe):
+class ClusterRecipe(Recipe):
     clusters: int = 16  # shared values per kernel
     init: CentroidInit = CentroidInit.LINEAR
     epochs: int = 4
@@ -122,19 +122,19 @@ class ClusterRecipe(_Recipe):
 
 
 @dataclasses.dataclass(frozen=True)
-class QATRecipe(_Recipe):
+class QATRecipe(Recipe):
     epochs: int = 3
     technique = Technique.QAT
 
 
 @dataclasses.dataclass(frozen=True)
-class PQATRecipe(_Recipe):
+class PQATRecipe(Recipe):
     epochs: int = 3
     technique = Technique.PQAT
 
 
 @dataclasses.dataclass(frozen=True)
-class CQATRecipe(_Recipe):
+class CQATRecipe(Recipe):
     epochs: int = 3
     preserve_sparsity: bool | None = None  # also keep zeros; None: when the parent has them (pruned, then clustered)
     technique = Technique.CQAT
@@ -143,7 +143,7 @@ class CQATRecipe(_Recipe):
 RECIPES = {cls.technique.value: cls for cls in (PruneRecipe, ClusterRecipe, QATRecipe, PQATRecipe, CQATRecipe)}
 
 
-def recipe_from_dict(data: dict) -> _Recipe:
+def recipe_from_dict(data: dict) -> Recipe:
     """Rebuild a recipe from its `to_dict()` form (as stored in a manifest)."""
     data = dict(data)
     technique = data.pop("technique", None)

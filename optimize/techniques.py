@@ -14,8 +14,8 @@ import fnmatch
 import math
 from collections.abc import Callable
 
-from optimize.measure import KERNEL_NAMES, _short, effective_kernels
-from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, _Recipe
+from optimize.measure import KERNEL_NAMES, short_name, effective_kernels
+from optimize.recipes import ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe, Recipe
 from runtime.errors import ArtifactError, EdgeKitError
 from train.backend import keras
 
@@ -45,11 +45,11 @@ def _has_kernel(layer) -> bool:
     return any(getattr(layer, attr, None) is not None for attr in ("kernel", "depthwise_kernel"))
 
 
-def _excluded(name: str, patterns) -> bool:
+def is_excluded(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _clone_wrapping(model, recipe: _Recipe, decide: Callable, wrap: Callable, kernels_only: bool = True):
+def _clone_wrapping(model, recipe: Recipe, decide: Callable, wrap: Callable, kernels_only: bool = True):
     """clone_model, wrapping the layers `decide(layer)` accepts (it returns None or a skip reason).
 
     Pruning and clustering work on kernels, so only layers with one are considered;
@@ -63,7 +63,7 @@ def _clone_wrapping(model, recipe: _Recipe, decide: Callable, wrap: Callable, ke
             return layer.__class__.from_config(layer.get_config())
         if kernels_only and not _has_kernel(layer):
             return layer
-        if _excluded(layer.name, recipe.exclude):
+        if is_excluded(layer.name, recipe.exclude):
             skipped[layer.name] = "excluded by --exclude"
             return layer
         reason = decide(layer)
@@ -239,13 +239,13 @@ def float_twin(quantized, base):
     trained = {}  # layer name -> {weight name: value}; a QuantizeWrapper holds its layer's kernel itself
     for layer in quantized.layers:
         name = getattr(layer, "layer", layer).name
-        trained[name] = {_short(w.name): w for w in layer.weights if w.name.startswith(name + "/")}
+        trained[name] = {short_name(w.name): w for w in layer.weights if w.name.startswith(name + "/")}
     twin = keras.models.clone_model(base)
     for layer in twin.layers:
         if not layer.weights:
             continue
         own = trained.get(layer.name, {})
-        names = [_short(w.name) for w in layer.weights]
+        names = [short_name(w.name) for w in layer.weights]
         if any(n not in own for n in names):
             raise ArtifactError(f"the quantization-aware model has no weight {layer.name}/"
                                 f"{next(n for n in names if n not in own)}; run the optimize step again.")

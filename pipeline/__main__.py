@@ -8,7 +8,7 @@ import sys
 
 from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS, Pipeline, Plan, run
 from pipeline.search import parse_techniques, run_search
-from runtime.__main__ import add_normalization
+from runtime.arguments import add_normalization
 from runtime.bench import parse_threads
 from runtime.errors import EdgeKitError
 from runtime.remote.session import add_arguments as add_device_arguments, target
@@ -17,9 +17,9 @@ from train.models import model_list
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them
 
-from runtime.__main__ import _size
 from runtime.artifacts.manifest import DEVICE_RUNTIMES
 from runtime.errors import ArgumentParser, run_cli
+from runtime.limits import size_argument
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -27,7 +27,6 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     variants = "\n".join(f"  {v.name:<12} {v.summary}" for v in VARIANTS.values())
     parser = ArgumentParser(
         prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "interpreter, arena measured, C sources beside it; the micro extra), and the report answers for a "
         "microcontroller: the micro file with the smallest tensor arena within every budget.")
     micro.add_argument("--target", choices=("micro",), help="micro: make and report microcontroller files")
-    micro.add_argument("--max-ram", type=_size("--max-ram"), metavar="SIZE",
+    micro.add_argument("--max-ram", type=size_argument("--max-ram"), metavar="SIZE",
                        help="the board's RAM for the tensor arena (256KiB, 1MiB, bytes); implies --target micro")
-    micro.add_argument("--max-flash", type=_size("--max-flash"), metavar="SIZE",
+    micro.add_argument("--max-flash", type=size_argument("--max-flash"), metavar="SIZE",
                        help="the board's flash for the model; implies --target micro")
     parser.add_argument("--runtime", choices=DEVICE_RUNTIMES, default="litert",
                         help="what runs the file on the device: litert (default), the user's own LiteRT or "
@@ -127,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-
 
     device = target(args)
     if device and args.no_bench:

@@ -32,7 +32,7 @@ from runtime.artifacts.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, che
                                         export_problem, library_versions, model_sha256, needs_edgekit, read_manifest,
                                         read_sidecar, utc_now, verify_files)
 from runtime.bench import check_seconds
-from runtime.datasets import _registry
+from runtime.datasets import registry
 from runtime.errors import EdgeKitError, unknown
 from runtime.fsutil import atomic_write_json, check_readable_file, output_lock, sha256_file
 from runtime.limits import json_loads
@@ -134,8 +134,8 @@ class Plan:
                 raise EdgeKitError("--mean, --std and --allow-untrained are for a model file from elsewhere "
                                    "(--from MODEL.keras|.h5); a registered model is trained on the dataset's own "
                                    "preprocessing.")
-        if not self.dataset.startswith("folder:") and self.dataset not in _registry():
-            raise unknown("dataset", self.dataset, [*_registry(), "folder:PATH"])
+        if not self.dataset.startswith("folder:") and self.dataset not in registry():
+            raise unknown("dataset", self.dataset, [*registry(), "folder:PATH"])
         if self.formats is not None:
 
             # an unknown name gets the registry's error, with a suggestion; an alias becomes its key
@@ -157,7 +157,6 @@ class Plan:
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
     def _check_source(self) -> None:
-
         self.source = Path(self.source)
         if self.source.suffix.lower() not in KERAS_SUFFIXES or self.source.is_dir():
             raise EdgeKitError(f"--from takes a Keras model file (.keras, .h5); got {self.source}. For an .onnx or "
@@ -257,7 +256,6 @@ class Pipeline:
         self._save()
 
     def _save(self) -> None:
-
         atomic_write_json(self.out / PLAN_FILE, {"identity": self.plan.identity(), "plan": self.plan.to_dict(),
                                                  "updated": utc_now(), "stages": self.status,
                                                  "versions": library_versions()})
@@ -284,7 +282,6 @@ class Pipeline:
 
     # --- stages --------------------------------------------------------------------------------------
     def train(self) -> None:
-
         plan, directory = self.plan, self.dir_of("base")
         if plan.source is not None:
             return self._import()
@@ -318,7 +315,6 @@ class Pipeline:
             stage.done(f"test accuracy {manifest['metrics']['accuracy']:.2%}{flat}")
 
     def optimize(self, variant: str) -> None:
-
         spec = VARIANTS[variant]
         directory, parent = self.dir_of(variant), self.dir_of(spec.parent)
         with self._stage(f"optimize:{variant}", f"optimize {variant}: {spec.summary}") as stage:
@@ -347,7 +343,6 @@ class Pipeline:
         return f"test accuracy {m['accuracy']:.2%} ({m.get('accuracy_change', 0) * 100:+.2f} pts){extra}"
 
     def export(self, variant: str) -> None:
-
         directory = self.dir_of(variant)
         formats = self.plan.formats_for(variant)
         with self._stage(f"export:{variant}", f"export {variant}: {', '.join(formats) or 'nothing'}") as stage:
@@ -404,10 +399,8 @@ class Pipeline:
             and not export_problem(directory, manifest, "int8-mixed", get_format("int8-mixed").filename, model_sha)
 
     def report(self) -> dict:
-
         plan = self.plan
         report = {"rows": [], "notes": [], "summary": [], "budget": plan.max_accuracy_drop}
-
 
         title = "evaluate, benchmark " + (f"on {self.device.name} " if self.device else "") + "and report"
         with self._stage("report", title) as stage, \

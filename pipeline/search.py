@@ -313,7 +313,6 @@ class Search:
         return directory
 
     def _export(self, directory: Path, fmt: str) -> Path:
-
         key = "int8" if fmt == "int8-mixed" else fmt
         with waiting_lock(directory):  # another worker may be exporting another format of the same artifact
             manifest = read_manifest(directory)
@@ -331,7 +330,6 @@ class Search:
 
     def _measure(self, file: Path) -> tuple[float, float]:
         """Test accuracy through the runtime, and the objective's value."""
-
 
         model = load(file)
         dataset = self._data()
@@ -354,7 +352,6 @@ class Search:
         return self._dataset
 
     def _base_keras_accuracy(self) -> float:
-
         return read_manifest(self.pipeline.dir_of("base"))["metrics"]["accuracy"]
 
     def _baseline_accuracy(self) -> float:

@@ -93,7 +93,6 @@ def parse_threads(text: str, available: int | None = None) -> list[int]:
 
 
 def stats_ms(samples_s: list[float]) -> dict:
-
     ms = np.asarray(samples_s) * 1e3
     return {"median": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
             "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "std": float(ms.std()),
@@ -123,7 +122,6 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
     `spawned`: the wall-clock time the process was started, so the cold start covers
     Python's own start-up and `import runtime` as well as loading and the first prediction.
     """
-
 
     options = dict(options or {})
     shapes = options.pop("shapes", None)
@@ -233,8 +231,6 @@ def measure_rounds(paths: list[str], threads: int, rounds: int, runs: int | None
     Returns {path: {"round_medians_ms", "p90_ms", "n"}} or {path: {"error": message}}.
     """
 
-
-
     models, results = {}, {}
     for i, path in enumerate(paths):
         try:
@@ -311,8 +307,6 @@ def run_worker(path: Path, threads: int, batch: int, runs, seconds, warmup, time
 
 def machine() -> dict:
     """The CPU, core count, platform and library versions: what a latency figure was measured on."""
-
-
 
     cpu = platform.processor() or platform.machine()
     try:  # x86: "model name"; arm64: the part number of ARM's core (a Pi 4's Cortex-A72)
@@ -406,7 +400,6 @@ def flat(result: dict) -> dict:
 
 
 def to_csv(results: list[dict]) -> str:
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

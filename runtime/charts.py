@@ -10,7 +10,7 @@ import numpy as np
 from runtime.fsutil import atomic_write_bytes
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -19,7 +19,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
@@ -27,7 +27,7 @@ def _save(fig, path: Path) -> None:
 
 def plot_training(history: dict, path: Path, title: str, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, train and validation, with the kept epoch marked."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label, scale in ((axes[0], "loss", "loss (cross-entropy)", 1),
@@ -42,13 +42,13 @@ def plot_training(history: dict, path: Path, title: str, best_epoch: int | None 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_confusion(counts: np.ndarray, labels, path: Path, title: str) -> None:
     """Confusion matrix with counts in the cells and class names on both axes."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(labels)
     size = max(5.0, 0.55 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
@@ -66,5 +66,5 @@ def plot_confusion(counts: np.ndarray, labels, path: Path, title: str) -> None:
                     ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if counts[i, j] > threshold else "black")
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)

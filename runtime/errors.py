@@ -89,7 +89,6 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake on the command line reported like every other error: one line, exit 2."""
 
     def error(self, message):
-
         hint = ""
         wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if wrong:  # `runtime bnch`: name the command that was meant, as every other unknown name gets

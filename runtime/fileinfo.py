@@ -8,19 +8,21 @@ Read through the backends themselves (LiteRT, onnxruntime) and the file's own by
 from __future__ import annotations
 
 import importlib.util
+import json
 import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from runtime.artifacts.manifest import needs_edgekit, sidecar_path
+from runtime.artifacts.manifest import MANIFEST, needs_edgekit, read_manifest, sidecar_path, verify_files
 from runtime.backends import tflm
 from runtime.backends.onnx import session as onnx_session
 from runtime.backends.onnx_proto import ONNX_DTYPES, onnx_summary
 from runtime.backends.sparse import interpreter as open_interpreter, sparse_file
 from runtime.errors import ArtifactError, EdgeKitError, first_line
 from runtime.fsutil import check_readable_file, sha256_file
+from runtime.limits import json_loads
 from runtime.load import BACKENDS, input_layout, load, packed_labels
 from runtime.text import terminal
 
@@ -59,7 +61,6 @@ def tflite_description(data: bytes) -> str:
 
 
 def _tflite(path: Path) -> dict:
-
     try:
         interpreter = open_interpreter(path)
         ops = interpreter._get_ops_details()  # LiteRT has no public per-op listing
@@ -76,7 +77,6 @@ def _tflite(path: Path) -> dict:
                 "layout": _layout(shape), "scale": scales[0] if len(scales) == 1 else (scales or None),
                 "zero_point": zeros[0] if len(zeros) == 1 else (zeros or None)}
 
-
     with open(path, "rb") as fh:
         head = fh.read(min(path.stat().st_size, 64 << 20))
     return {"inputs": [tensor(d) for d in inputs], "outputs": [tensor(d) for d in outputs],
@@ -87,7 +87,6 @@ def _tflite(path: Path) -> dict:
 def _micro_figures(path: Path) -> dict:
     """MACs per inference, and where TensorFlow Lite Micro could run the file, its tensor arena as TFLM measures
     it (tflite-micro installed) or why not."""
-
 
     data = path.read_bytes()
     out = {}
@@ -110,7 +109,6 @@ def _micro_figures(path: Path) -> dict:
 
 
 def _onnx(path: Path) -> dict:
-
     session = onnx_session(path)  # its external data checked first
     try:
         summary = onnx_summary(path.read_bytes())
@@ -168,7 +166,6 @@ def describe(path: str | Path) -> dict:
 
 
 def _tensor_line(t: dict) -> str:
-
     shape = "[" + ", ".join("?" if d < 0 else str(d) for d in t["shape"]) + "]"
     quant = ""
     if t.get("scale") is not None:
@@ -228,3 +225,118 @@ def show(info: dict) -> None:
         print(line + (f"; {c['reason']}" if c.get("reason") else ""))
     else:
         print(f"classifier   no: {terminal(c['reason'])}")
+
+
+def number_or_dash(value, spec: str, unit: str = "") -> str:
+    return format(value, spec) + unit if type(value) in (int, float) else "-"
+
+
+def info_command(args) -> int:
+    directory = Path(args.artifact)
+    if directory.suffix.lower() in (".tflite", ".onnx") and not directory.is_dir():
+
+        info = describe(directory)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            show(info)
+        return 0
+    if (directory / "pipeline.json").is_file() and not (directory / MANIFEST).exists():
+        return run_directory_info(directory, args.json)
+    manifest = read_manifest(args.artifact)
+    problems = verify_files(args.artifact, manifest)
+    if args.json:
+        print(json.dumps({"manifest": manifest, "intact": not problems, "problems": problems}, indent=2))
+    else:
+        metrics = manifest["metrics"]
+        parent = manifest.get("parent") or {}
+        lines = [
+            ("name", manifest["name"]),
+            ("kind", manifest["kind"]),
+            ("model", manifest["model"]),
+            ("dataset", manifest["dataset"].get("name") if isinstance(manifest["dataset"], dict)
+             else manifest["dataset"]),
+            ("parent", "-" if not parent else
+             f"{parent.get('name') or parent.get('path')} ({parent.get('kind', '?')}, test accuracy "
+             f"{number_or_dash(parent.get('accuracy'), '.2%')}, model sha256 {parent.get('model_sha256', '-')})"),
+        ]
+        if manifest.get("recipe"):
+            lines.append(("recipe", recipe_text(manifest["recipe"])))
+        if len(manifest.get("lineage") or []) > 1:
+            lines.append(("lineage", " -> ".join(step.get("technique", "?") for step in manifest["lineage"])))
+        lines += [
+            ("created", manifest["created"]),
+            ("input shape", "x".join(str(v) for v in manifest["input_shape"])),
+            ("labels", ", ".join(map(terminal, manifest["labels"]))),
+            ("test accuracy", number_or_dash(metrics.get("accuracy"), ".2%")),
+            ("model size", number_or_dash(metrics.get("size_bytes"), ",", " bytes")
+             + (" (the float model; its int8 export is the file to ship)" if metrics.get("qat_weights_bytes") else "")),
+        ]
+        if "params" in metrics:
+            lines.append(("parameters", number_or_dash(metrics["params"], ",")))
+        exports = manifest.get("exports", {})
+        if exports:
+            lines.append(("exports", ", ".join(f"{key} {'verified' if e.get('passed') else 'FAILED'}"
+                                               for key, e in exports.items())))
+        lines.append(("checksums", "all match" if not problems else "; ".join(problems)))
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            print(f"{key:<{width}}  {value}")
+        print("files:")
+        names = sorted(manifest["files"])
+        name_width = max((len(n) for n in names), default=0)
+        for name in names:
+            record = manifest["files"][name]
+            print(f"  {name:<{name_width}}  {number_or_dash(record.get('bytes'), ',', ' bytes'):>16}  "
+                  f"sha256 {record.get('sha256', '-')}")
+    if problems:
+        raise ArtifactError(f"{args.artifact} is damaged: {'; '.join(problems)}. Re-create it with the stage that "
+                            "wrote it.")
+    return 0
+
+
+def recipe_text(recipe: dict) -> str:
+    """'prune: sparsity 0.8; 2 epochs, lr 0.0003, batch 32, seed 0'."""
+    training = ("epochs", "lr", "batch_size", "seed", "exclude")
+    own = [f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()
+           if k != "technique" and k not in training and v not in (None, [], {})]
+    tuning = [f"{recipe['epochs']} epochs" if "epochs" in recipe else None,
+              f"lr {recipe['lr']:g}" if "lr" in recipe else None,
+              f"batch {recipe['batch_size']}" if "batch_size" in recipe else None,
+              f"seed {recipe['seed']}" if "seed" in recipe else None,
+              f"exclude {', '.join(recipe['exclude'])}" if recipe.get("exclude") else None]
+    return f"{recipe.get('technique', '?')}: " + "; ".join(
+        part for part in (", ".join(own), ", ".join(t for t in tuning if t)) if part)
+
+
+def run_directory_info(directory, as_json: bool) -> int:
+    """A pipeline's run directory: its plan, stages, artifacts and the report's recommendation."""
+
+    try:
+        status = json_loads((directory / "pipeline.json").read_text("utf-8"))
+        plan, stages = status["plan"], status.get("stages", {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{directory}/pipeline.json is damaged ({exc}); rerun `python -m pipeline`.") from None
+    artifacts = sorted(p.name for p in directory.iterdir() if (p / MANIFEST).is_file())
+    report = None
+    try:
+        report = json_loads((directory / "report.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        pass
+    if as_json:
+        print(json.dumps({"run_directory": str(directory), "plan": plan, "stages": stages, "artifacts": artifacts,
+                          "report": report}, indent=2))
+        return 0
+    print(f"{directory} is a pipeline run directory ({plan.get('model')} on {plan.get('dataset')}), "
+          f"not an artifact: {len(artifacts)} artifacts ({', '.join(artifacts) or 'none'}).")
+    failed = [name for name, s in stages.items() if isinstance(s, dict) and s.get("status") == "failed"]
+    print("stages: " + (f"{len(failed)} failed ({', '.join(failed)})" if failed else "none failed"))
+    if report and report.get("summary"):
+        print(f"report: {directory / 'report.md'}; to ship, within the {report.get('budget_points', 1):g}-point "
+              "budget:")
+        for line in report["summary"]:
+            print(f"  {line}")
+    else:
+        print(f"no report yet: python -m runtime report {directory}")
+    print(f"one artifact: python -m runtime info {directory / (artifacts[0] if artifacts else '<artifact>')}")
+    return 0

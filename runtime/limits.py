@@ -8,6 +8,7 @@ number: a subnormal one (1e-45) turns every pixel into an infinity.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -97,3 +98,13 @@ def json_loads(data: str | bytes):
         return json.loads(raw)
     except RecursionError:  # cannot happen after the walk; kept so that no input reaches past this function
         raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", "", 0) from None
+
+
+def size_argument(flag: str):
+    """An argparse type for size_bytes (--max-ram, --max-flash)."""
+    def parse(text: str) -> int:
+        try:
+            return size_bytes(text, flag)
+        except EdgeKitError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(flag + " ")) from None
+    return parse

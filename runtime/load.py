@@ -32,9 +32,9 @@ from runtime.artifacts.manifest import MANIFEST, read_manifest, read_sidecar, si
 from runtime.backends.inputs import NUMPY_SUFFIX, read_inputs, read_npy  # noqa: F401 (imported from here by callers)
 from runtime.backends.model import (IMAGE_CHANNELS, LAYOUTS, REDO, Model, NotAClassifier, Options, finite,  # noqa: F401
                                     input_layout)
-from runtime.backends.onnx import _ONNXModel
+from runtime.backends.onnx import ONNXModel
 from runtime.backends.tensors import TensorInfo, dequantize, quantize, softmax  # noqa: F401
-from runtime.backends.tflite import _TFLiteModel, tflite_census  # noqa: F401
+from runtime.backends.tflite import TFLiteModel, tflite_census  # noqa: F401
 from runtime.backends.tflm import MicroModel
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import check_readable_file, sha256_file
@@ -47,7 +47,6 @@ BACKEND_CHOICES = (None, "micro", "litert")
 
 
 def micro_installed() -> bool:
-
     return importlib.util.find_spec("tflite_micro") is not None
 __all__ = ["BACKENDS", "IMAGE_CHANNELS", "LAYOUTS", "NUMPY_SUFFIX", "Model", "NotAClassifier", "Options", "TensorInfo",
            "check_labels", "dequantize", "finite", "input_layout", "load", "packed_labels", "parse_labels",
@@ -128,7 +127,7 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
             raise EdgeKitError("TensorFlow Lite Micro runs on one thread (a microcontroller's core); drop --threads.")
 
         return MicroModel(path, None, sidecar, options)
-    cls = _TFLiteModel if fmt == "tflite" else _ONNXModel
+    cls = TFLiteModel if fmt == "tflite" else ONNXModel
     return cls(path, threads, sidecar, options)
 
 

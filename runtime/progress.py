@@ -32,7 +32,6 @@ class Ticking:
         self._stop = None
 
     def __enter__(self) -> "Ticking":
-
         if not self.enabled:
             return self
         try:

@@ -52,7 +52,6 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def _devices(text: str) -> str:
-
     try:
         return check_spec(text)
     except EdgeKitError as exc:
@@ -144,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(out, args.force)  # fail before spending minutes on training
     if args.tensorboard is not None:
         _check_tensorboard(Path(args.tensorboard), out)
-
 
     backup = resume.checkpoint_dir(out)
     options = dict(quiet=args.quiet, checkpoint=backup, resume=args.resume, force=args.force,

@@ -62,7 +62,6 @@ def keras_download(allowed: bool):
     fetch: offline (or when `allowed` is false) a file not in the cache is refused at once, naming it."""
     from tf_keras.src.utils import data_utils
 
-
     original = data_utils.get_file
 
     def get_file(fname=None, origin=None, *args, cache_subdir="datasets", cache_dir=None, **kwargs):
@@ -140,7 +139,6 @@ def load_weights(model, name: str, path: str) -> None:
     """Weights saved from the same backbone (HDF5, `model.save_weights`), matched by layer name; every backbone
     layer with weights must be in the file (a file of another network is refused, not half-loaded)."""
     import h5py
-
 
     size = check_readable_file(path, "weights file").st_size
     try:

@@ -98,7 +98,6 @@ def rendezvous(config: dict, timeout: float | None = None, say=None) -> None:
     SIGTERM or Ctrl-C, and gives up after `timeout` seconds (EDGEKIT_WORKER_TIMEOUT, default 300) with one
     line (exit 1)."""
 
-
     if timeout is None:
         try:
             timeout = float(os.environ.get(WAIT_ENV) or WAIT_SECONDS)

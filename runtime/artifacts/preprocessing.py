@@ -106,8 +106,7 @@ class Preprocessing:
         return image_to_pixels(path, self.size, self.channels, self.resize, self.background)
 
 
-def _filters():
-
+def resize_filters():
     return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
             "area": Image.Resampling.BOX}  # BOX averages the source pixels each output pixel covers
@@ -122,7 +121,6 @@ MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: any camera's photo; a decompressio
 
 def open_image(path: str | Path):
     """Open an image file with Pillow, refusing a decompression bomb from its header, before decoding it."""
-
 
     check_readable_file(path, "image")
     try:
@@ -195,7 +193,7 @@ def image_to_pixels(path, size: tuple[int, int], channels: int, resize: str = "b
     height, width = size
     if pixels.shape[:2] != (height, width):
         image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, "L" if channels == 1 else "RGB")
-        pixels = np.asarray(image.resize((width, height), _filters()[resize]), np.uint8)
+        pixels = np.asarray(image.resize((width, height), resize_filters()[resize]), np.uint8)
     return pixels.reshape(height, width, channels)
 
 

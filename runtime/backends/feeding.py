@@ -10,7 +10,7 @@ import numpy as np
 
 from runtime.artifacts.manifest import sidecar_path
 from runtime.backends import tensors
-from runtime.backends.tensors import _MAX, _MIN, _ROUNDER, _U32, _limits, _lookup, quantize
+from runtime.backends.tensors import MAX_REDUCE, MIN_REDUCE, ROUNDER, U32, int_range, lookup, quantize
 from runtime.errors import EdgeKitError
 
 
@@ -24,7 +24,7 @@ class Feeding:
         A single image (H, W, C), or (H, W) for a one-channel model, becomes a batch of one.
         """
         x, pixels = self._checked(x)
-        return _lookup(self._pixel_table(False), x) if pixels else self._check_float(x)
+        return lookup(self._pixel_table(False), x) if pixels else self._check_float(x)
 
     def _checked(self, x) -> tuple[np.ndarray, bool]:
         """(input as an (N, H, W, C) batch, whether it is uint8 pixels), or a clear error.
@@ -108,7 +108,7 @@ class Feeding:
         pixel is a mistake (raw 0..255 floats for a [0, 1] model, say), not an image."""
         if x.size:
             low, high = self._window()
-            if not (low <= _MIN(x, axis=None) and _MAX(x, axis=None) <= high):
+            if not (low <= MIN_REDUCE(x, axis=None) and MAX_REDUCE(x, axis=None) <= high):
                 self._refuse(x)
         return x
 
@@ -138,7 +138,7 @@ class Feeding:
                 np.divide(x, scale, out=q)
             else:
                 q = np.divide(x, scale)
-                bits = q.view(_U32)
+                bits = q.view(U32)
             q += rounder
             try:
                 return table.take(np.subtract(bits, offset, out=bits))
@@ -153,20 +153,20 @@ class Feeding:
         the integer quotient first + i, for first..last at least one step inside the window (so a quotient
         rounded into the table is one the window takes), and at most 1,024 steps past what saturates."""
         info, (low, high) = self.input, self._window()
-        int_low, int_high = (int(v) for v in _limits(info.dtype))
+        int_low, int_high = (int(v) for v in int_range(info.dtype))
         first = max(math.ceil(low / info.scale + 1), int_low - info.zero_point - 1024)
         last = min(math.floor(high / info.scale - 1), int_high - info.zero_point + 1024)
         table = None
         if first <= last and -2 ** 21 < first and last < 2 ** 21:
             table = np.clip(np.arange(first, last + 1) + info.zero_point, int_low, int_high).astype(info.dtype)
-        offset = np.uint32((int(_ROUNDER.view(np.int32)) + first) % 2 ** 32)
+        offset = np.uint32((int(ROUNDER.view(np.int32)) + first) % 2 ** 32)
         one = np.empty(self._one, np.float32)
         kernel = None
         if table is not None and tensors.KERNELS is not None:
             constants = np.array([info.scale, first, last, info.zero_point, int_low, int_high], np.float32)
             kernel = constants, np.empty(self._one, info.dtype)
-        return (np.array(info.scale, np.float32), np.array(_ROUNDER), np.array(offset), table, one,
-                one.view(_U32), kernel)
+        return (np.array(info.scale, np.float32), np.array(ROUNDER), np.array(offset), table, one,
+                one.view(U32), kernel)
 
     def _refuse(self, x: np.ndarray):
         """The error for float input that `_check_float` refuses."""

@@ -15,7 +15,7 @@ from runtime.artifacts.manifest import sidecar_path
 from runtime.artifacts.preprocessing import RESIZE_METHODS, Preprocessing
 from runtime.backends import tensors
 from runtime.backends.feeding import Feeding
-from runtime.backends.tensors import _F32, _U8, TensorInfo, _dim, _lookup, dequantize, softmax
+from runtime.backends.tensors import F32, U8, TensorInfo, dequantize, dim, lookup, softmax
 from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
 from runtime.limits import positive_normal
 from runtime.vocabulary import ALIASES, format_of
@@ -31,7 +31,6 @@ class Options:
     layout: str | None = None  # "nhwc" or "nchw": the input tensor's layout, where its shape leaves it ambiguous
 
     def __post_init__(self):
-
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is None:
@@ -89,15 +88,15 @@ class Model(Feeding):
         options = options or Options()
         # the format key (runtime.vocabulary): the sidecar's, else the file's name
         self.format = ALIASES.get(str((sidecar or {}).get("format")), (sidecar or {}).get("format")) or format_of(path)
-        if len(input_info.shape) != 4 or any(_dim(d) is None for d in input_info.shape[1:]):
+        if len(input_info.shape) != 4 or any(dim(d) is None for d in input_info.shape[1:]):
             raise NotAClassifier(
                 f"{path} takes input of shape {list(input_info.shape)}; expected an image classifier with "
                 "NHWC or NCHW input (batch, height, width and channels in either order) of fixed height, width and "
                 "channels.")
-        if len(output_info.shape) != 2 or _dim(output_info.shape[1]) is None:
+        if len(output_info.shape) != 2 or dim(output_info.shape[1]) is None:
             raise NotAClassifier(f"{path} gives output of shape {list(output_info.shape)}; expected "
                                "(batch, classes) logits from an image classifier.")
-        self.batch = _dim(input_info.shape[0])  # None: any batch size
+        self.batch = dim(input_info.shape[0])  # None: any batch size
         # the input's layout; images are (H, W, C) here whatever it is, and transposed as they are fed
         self.layout = input_layout(input_info.shape, options.layout, (sidecar or {}).get("layout"), path.name)
         dims = tuple(int(d) for d in input_info.shape[1:])
@@ -202,9 +201,9 @@ class Model(Feeding):
         side = sidecar_path(self.path)
         redo = REDO.format(name=side.name)
         shape = (self.sidecar.get("input") or {}).get("shape")
-        if shape and [_dim(d) for d in shape[1:]] != [_dim(d) for d in self.input.shape[1:]]:
+        if shape and [dim(d) for d in shape[1:]] != [dim(d) for d in self.input.shape[1:]]:
             raise ArtifactError(f"sidecar {side} describes input {shape[1:]}, but {self.path.name} takes "
-                               f"{[_dim(d) for d in self.input.shape[1:]]}. {redo}")
+                               f"{[dim(d) for d in self.input.shape[1:]]}. {redo}")
         labels = self.sidecar.get("labels")
         if labels is not None and len(labels) != self.num_classes:
             raise ArtifactError(f"sidecar {side} lists {len(labels)} labels, but {self.path.name} has "
@@ -242,11 +241,11 @@ class Model(Feeding):
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """Class probabilities, (N, classes): the softmax of the logits, or the model's own output when it
         ends in softmax (`output_kind`)."""
-        if self._fast is not None and type(x) is np.ndarray and x.shape == self._one and x.dtype is _U8:
+        if self._fast is not None and type(x) is np.ndarray and x.shape == self._one and x.dtype is U8:
             p = self._fast(x)  # one image's pixels, a float-input model: see `_fast_path`
             if p is not None:
                 return p
-        if self._one_ready and type(x) is np.ndarray and x.shape == self._one and x.dtype is _F32:
+        if self._one_ready and type(x) is np.ndarray and x.shape == self._one and x.dtype is F32:
             raw = self._run_one(self._quantize_checked(x) if self._quantized_input else self._feed(x, False))
         else:  # `_outputs`, whose first case is the above: one frame less for a camera loop's float input
             raw = self._outputs(x, batch_size)
@@ -274,9 +273,9 @@ class Model(Feeding):
         """The output tensor as the backend gives it (integer for a quantized output), (N, classes)."""
         if self._one_ready and type(x) is np.ndarray and x.shape == self._one:  # one image: fewest Python steps
             dtype = x.dtype
-            if dtype is _F32:
+            if dtype is F32:
                 return self._run_one(self._quantize_checked(x) if self._quantized_input else self._feed(x, False))
-            if dtype is _U8 and self.preprocessing is not None:
+            if dtype is U8 and self.preprocessing is not None:
                 return self._run_one(self._feed(x, True))
         x, pixels = self._checked(x)
         step = self.batch or batch_size
@@ -329,7 +328,7 @@ class Model(Feeding):
                     return fed
             if self._direct == "shifted":  # int8 input that is the pixels - 128: one pass, no lookup
                 return np.bitwise_xor(x, np.uint8(128)).view(np.int8)
-            return _lookup(self._pixel_table(bool(self.input.scale)), x)
+            return lookup(self._pixel_table(bool(self.input.scale)), x)
         if self._quantized_input:
             return self._quantize_checked(x)
         return self._check_float(x).astype(self.input.dtype, copy=False)

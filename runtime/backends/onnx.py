@@ -11,7 +11,7 @@ import onnxruntime as ort
 from runtime.backends import tensors
 from runtime.backends.model import Model, NotAClassifier
 from runtime.backends.onnx_proto import ONNX_DTYPES, external_files, onnx_producers, onnx_summary
-from runtime.backends.tensors import _F32, TensorInfo
+from runtime.backends.tensors import F32, TensorInfo
 from runtime.errors import ArtifactError, first_line
 
 
@@ -36,7 +36,7 @@ def session(path, threads: int | None = None):
         raise ArtifactError(f"{path} is not a valid ONNX model ({first_line(exc)}).") from exc
 
 
-class _ONNXModel(Model):
+class ONNXModel(Model):
 
     def __init__(self, path, threads, sidecar, options=None):
         self._session = session(path, threads)
@@ -72,7 +72,7 @@ class _ONNXModel(Model):
             raw = run(names, feed)[0]
             if own:
                 return raw
-            p = np.empty(raw.shape, _F32)
+            p = np.empty(raw.shape, F32)
             return p if softmax_float(raw, p) else None
 
         return fast

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from runtime.artifacts.preprocessing import Preprocessing, image_to_pixels
+from runtime.backends.inputs import read_npy
+from runtime.backends.model import Options, input_layout
 from runtime.backends.onnx import session
 from runtime.backends.onnx_proto import ONNX_DTYPES
 from runtime.backends.sparse import interpreter
@@ -26,6 +30,7 @@ from runtime.errors import ArtifactError, EdgeKitError, first_line
 from runtime.fsutil import atomic_write_bytes, check_readable_file
 from runtime.limits import threads as bounded_threads
 from runtime.load import BACKENDS
+from runtime.text import terminal
 
 MAX_ELEMENTS = 1 << 28  # one input of at most 256 Mi elements (1 GiB of float32)
 JSON_VALUES = 4096  # outputs this small are printed whole by `predict --raw --json`
@@ -147,7 +152,6 @@ class _TFLiteRaw(RawModel):
     backend = "tflite"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
             details_in = self._interpreter.get_input_details()
@@ -196,7 +200,6 @@ class _ONNXRaw(RawModel):
     backend = "onnx"
 
     def __init__(self, path: Path, threads: int | None, shapes: dict | None):
-
         self._session = session(path, threads)
 
         def tensor(node):
@@ -248,7 +251,6 @@ def save_outputs(outputs: dict[str, np.ndarray], path: Path) -> dict[str, str]:
     """Every output in one .npz (written atomically); returns {output name: key in the file} (keys are the
     names made safe for a zip member: letters, digits, ., _ and -)."""
 
-
     keys, used = {}, set()
     for name in outputs:
         key = re.sub(r"[^\w.\-]", "_", name)[:100] or "output"
@@ -277,3 +279,65 @@ def describe_outputs(outputs: dict[str, np.ndarray]) -> list[dict]:
                 [None if not np.isfinite(v) else float(v) for v in value.ravel()]
         records.append(record)
     return records
+
+
+def predict_raw(args) -> int:
+    """predict --raw: every output tensor of any model, for inputs given as .npy arrays (NAME=file.npy, or in
+    the model's input order) or, for one image input, an image file preprocessed with --mean/--std."""
+
+    model = load_raw(args.model, threads=args.threads, shapes=parse_shapes(args.shape))
+    options = Options(args.mean, args.std, args.resize, None, args.layout)  # checked: both or neither
+    names = [t.name for t in model.inputs]
+    feeds = {}
+    for i, given in enumerate(args.inputs):
+        name, sep, file = given.partition("=") if "=" in given and given.split("=", 1)[0] in names else ("", "", given)
+        if not sep:
+            if i >= len(names):
+                raise EdgeKitError(f"{Path(args.model).name} takes {len(names)} input(s) ({', '.join(names)}); got "
+                                   f"{len(args.inputs)} files. Name each: NAME=file.npy.")
+            name = names[i]
+        check_readable_file(file, "input")
+        if Path(file).suffix.lower() == ".npy":
+            feeds[name] = read_npy(Path(file))
+        else:
+            feeds[name] = image_input(model, name, Path(file), options)
+    outputs = model.run(feeds)
+    out = Path(args.out or f"{Path(args.model).stem}.outputs.npz")
+    keys = save_outputs(outputs, out)
+    if args.json:
+        print(json.dumps({"model": str(model.path), "file": str(out), "keys": keys,
+                          "outputs": describe_outputs(outputs)}, indent=1))
+        return 0
+
+    for record in describe_outputs(outputs):
+        span = "" if record.get("min") is None else f"  min {record['min']:.6g} max {record['max']:.6g}"
+        bad = f"  {record['non_finite']} NaN/inf" if record.get("non_finite") else ""
+        print(f"{terminal(record['name'])}  {record['shape']} {record['dtype']}{span}{bad}")
+    print(f"wrote {out} (numpy.load; keys: {', '.join(terminal(k) for k in keys.values())})")
+    return 0
+
+
+def image_input(model, name: str, path, options):
+    """An image file as the input `name` of a raw model: resized to its height and width (in its layout),
+    pixels for an 8-bit input (int8: pixels - 128), else (pixels - mean) / std."""
+
+    tensor = next(t for t in model.inputs if t.name == name)
+    shape = model.shapes[name]
+    if len(shape) != 4:
+        raise EdgeKitError(f"input {name!r} of shape {list(shape)} is not an image input; give it a .npy array.")
+    layout = input_layout(shape, options.layout, None, model.path.name)
+    h, w, c = (shape[2], shape[3], shape[1]) if layout == "nchw" else shape[1:]
+    if c not in (1, 3):
+        raise EdgeKitError(f"input {name!r} takes {c} channels; an image gives 1 or 3. Give it a .npy array.")
+    pixels = image_to_pixels(path, (h, w), c, options.resize or "bilinear")[None].repeat(shape[0], axis=0)
+    if tensor.dtype == "uint8":
+        x = pixels
+    elif tensor.dtype == "int8":
+        x = (pixels.astype(np.int16) - 128).astype(np.int8)
+    elif options.mean is None:
+        raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
+                           "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
+    else:  # the one preprocessing code, as a model with a sidecar uses it
+
+        x = Preprocessing((h, w), c, scale=1.0, mean=options.mean, std=options.std).apply(pixels).astype(tensor.dtype)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x

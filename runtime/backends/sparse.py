@@ -32,15 +32,14 @@ DENSE, SPARSE_CSR = 0, 1
 GROWTH, MAX_DENSE_BYTES = 64, 2 << 30
 
 
-def _schema():
-
+def flatbuffer_schema():
     return schema
 
 
 def sparse_tensors(data: bytes) -> int:
     """How many tensors of the file are stored sparse (0 for a dense file). Reads the flatbuffer's tables lazily:
     no copy of the weights."""
-    schema = _schema()
+    schema = flatbuffer_schema()
     try:
         if not schema.Model.ModelBufferHasIdentifier(data, 0):
             return 0
@@ -148,7 +147,7 @@ def densify(data: bytes) -> bytes:
         return data
     import flatbuffers
 
-    schema = _schema()
+    schema = flatbuffer_schema()
     model = schema.ModelT.InitFromPackedBuf(data, 0)
     budget = min(GROWTH * len(data), MAX_DENSE_BYTES)
     try:

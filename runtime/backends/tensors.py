@@ -23,7 +23,7 @@ class TensorInfo:
 
 
 @functools.cache
-def _limits(dtype: str) -> tuple[np.float32, np.float32]:
+def int_range(dtype: str) -> tuple[np.float32, np.float32]:
     """The integer type's range as float32 (np.iinfo costs microseconds: per call it was the float path's
     largest overhead)."""
     info = np.iinfo(dtype)
@@ -32,7 +32,7 @@ def _limits(dtype: str) -> tuple[np.float32, np.float32]:
 
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
     """round(x / scale) + zero_point, saturated to the integer type (as TFLite and ONNX quantize)."""
-    low, high = _limits(info.dtype)
+    low, high = int_range(info.dtype)
     q = np.divide(x, np.float32(info.scale), dtype=np.float32)
     np.rint(q, out=q)
     q += np.float32(info.zero_point)
@@ -56,18 +56,18 @@ try:  # the compiled one-pass kernels (runtime/backends/_kernels.c), when the in
 except ImportError:
     KERNELS = None
 
-_MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
-_F32, _U8 = np.dtype(np.float32), np.dtype(np.uint8)  # native dtypes are singletons: `is` is the cheap test
-_U32 = np.dtype(np.uint32)
-_ROUNDER = np.float32(1.5 * 2 ** 23)  # x + _ROUNDER rounds x to an integer held in the low mantissa bits
+MIN_REDUCE, MAX_REDUCE = np.minimum.reduce, np.maximum.reduce  # the reductions without ndarray.min's Python wrapper
+F32, U8 = np.dtype(np.float32), np.dtype(np.uint8)  # native dtypes are singletons: `is` is the cheap test
+U32 = np.dtype(np.uint32)
+ROUNDER = np.float32(1.5 * 2 ** 23)  # x + ROUNDER rounds x to an integer held in the low mantissa bits
 
 
-def _lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+def lookup(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     """table[pixel] for a (256,) table, table[pixel, channel] for a (256, C) one."""
     return table.take(pixels) if table.ndim == 1 else table[pixels, np.arange(pixels.shape[-1])]
 
 
-def _dim(d) -> int | None:
+def dim(d) -> int | None:
     return None if d is None or int(d) < 0 else int(d)
 
 

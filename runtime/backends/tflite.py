@@ -12,13 +12,12 @@ from ai_edge_litert.interpreter import Interpreter
 from runtime.artifacts.labels import packed_labels
 from runtime.backends.model import Model, NotAClassifier
 from runtime.backends.sparse import densify, interpreter
-from runtime.backends.tensors import TensorInfo, _dim
+from runtime.backends.tensors import TensorInfo, dim
 from runtime.errors import ArtifactError, first_line
 
 
-class _TFLiteModel(Model):
+class TFLiteModel(Model):
     def __init__(self, path, threads, sidecar, options=None):
-
         try:
             self._interpreter = interpreter(path, num_threads=threads)  # sparse weights densified
             self._interpreter.allocate_tensors()
@@ -69,7 +68,7 @@ class _TFLiteModel(Model):
     @staticmethod
     def _info(detail) -> TensorInfo:
         scale, zero_point = detail["quantization"]
-        shape = tuple(_dim(d) for d in detail.get("shape_signature", detail["shape"]))
+        shape = tuple(dim(d) for d in detail.get("shape_signature", detail["shape"]))
         return TensorInfo(detail["name"], shape, np.dtype(detail["dtype"]).name, float(scale), int(zero_point))
 
     def _resize(self, n: int) -> bool:
@@ -160,8 +159,6 @@ class _TFLiteModel(Model):
 def tflite_census(model: bytes | str | Path) -> dict:
     """What a .tflite file is made of, as LiteRT reads it: {"ops": {name: count}, "dtypes": {dtype: tensors},
     "float_ops": [names of ops with a float32 input or output]}. A fully integer file has no float op."""
-
-
 
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
     interpreter = Interpreter(model_content=densify(data))  # the graph that runs: sparse weights dense

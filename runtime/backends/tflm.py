@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from runtime.backends.tflite import _TFLiteModel
+from runtime.backends.tflite import TFLiteModel
 from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
 
 EXTRA = "pip install 'edgekit-ml[micro]' (the tflite-micro package)"
@@ -61,9 +61,10 @@ def tflm():
 
 
 def _model(data: bytes):
-    from runtime.backends.sparse import _schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
+    from runtime.backends.sparse import \
+        flatbuffer_schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
 
-    schema = _schema()
+    schema = flatbuffer_schema()
     if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):
         raise ArtifactError("not a TFLite flatbuffer (no TFL3 identifier); export it again.")
     return schema, schema.Model.GetRootAs(data, 0)
@@ -141,7 +142,6 @@ class _Stderr:
     """What C++ code writes to file descriptor 2 while the block runs (TFLM prints its allocations there)."""
 
     def __enter__(self):
-
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile()
         self._saved = os.dup(2)
@@ -202,7 +202,6 @@ def outputs(path: str | Path, fed: np.ndarray) -> np.ndarray:
 
 
 def _reference(path: str | Path, every_tensor: bool = False):
-
     it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
                      experimental_preserve_all_tensors=every_tensor)
     it.allocate_tensors()
@@ -353,7 +352,7 @@ def _tflm_tensor(tm, index: int) -> np.ndarray:
     return np.asarray(tm.GetTensor(int(index), 0)["tensor_data"])
 
 
-class MicroModel(_TFLiteModel):
+class MicroModel(TFLiteModel):
     """A .tflite file run by TFLM's interpreter (`runtime.load(path, backend="micro")`): one image per invoke, as
     on a microcontroller. LiteRT reads the file's description (tensors, graph); TFLM computes every output."""
 
@@ -397,7 +396,6 @@ class MicroModel(_TFLiteModel):
 
 
 def version() -> str:
-
     try:
         return metadata.version("tflite-micro")
     except metadata.PackageNotFoundError:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runtime.artifacts.preprocessing import Preprocessing, _filters
+from runtime.artifacts.preprocessing import Preprocessing, resize_filters
 from runtime.errors import EdgeKitError, unknown
 
 SPLIT_SEED = 20240601  # fixes every split EdgeKit makes; recorded in manifests
@@ -113,19 +113,18 @@ def downloads_allowed(download: bool) -> bool:
 def resize_pixels(x: np.ndarray, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
     """Resize a uint8 (N, H, W, C) batch with Pillow, converting channel count if asked."""
 
-
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(x), *size, channels), np.uint8)
     for i, img in enumerate(x):
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         pil = pil.convert(mode)
         if pil.size != (size[1], size[0]):
-            pil = pil.resize((size[1], size[0]), _filters()[resize])
+            pil = pil.resize((size[1], size[0]), resize_filters()[resize])
         out[i] = np.asarray(pil, np.uint8).reshape(*size, channels)
     return out
 
 
-def _registry():
+def registry():
     from runtime.datasets import cifar, digits, idx
 
     return {
@@ -161,7 +160,7 @@ def load_dataset(
 
         dataset = folder.load(spec, size=image_size, channels=channels, test_only=test_only)
     else:
-        loaders = _registry()
+        loaders = registry()
         if spec not in loaders:
             raise unknown("dataset", spec, list(loaders) + ["folder:PATH"])
         extra = {"test_only": True} if test_only and spec in ("mnist", "fashion_mnist", "cifar10") else {}

@@ -250,7 +250,6 @@ class _Agent:
                 self.send({"progress": text})
 
     def stop_job(self) -> None:
-
         job, self.job = self.job, None
         if job is None or job.poll() is not None:
             return

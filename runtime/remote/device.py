@@ -29,7 +29,6 @@ class DeviceError(WorkFailed):
 
 
 def edgekit_version() -> str:
-
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -152,7 +152,6 @@ def uploaded(name) -> str:
 def _classes(spec: dict) -> dict:
     """The device's side of `eval --host`: the predicted class of every image in an .npz."""
 
-
     model = load(uploaded(spec["model"]), threads=spec.get("threads"), **(spec.get("options") or {}))
     with np.load(uploaded(spec["data"]), allow_pickle=False) as data:
         x = data["x"]

@@ -147,7 +147,6 @@ def _cell(row: dict, field: str, show) -> tuple[str, str]:
 
 
 def _table(rows: list[dict], root: Path) -> str:
-
     head = "".join(f"<th scope=col>{_e(h)}</th>" for h, _, _ in _COLUMNS)
     body = []
     for r in rows:
@@ -166,7 +165,6 @@ def _table(rows: list[dict], root: Path) -> str:
 
 
 def _tooltip(r: dict, root: Path) -> str:
-
     lines = [label(r), relative(r.get("file"), root) or "",
              f"accuracy {r['accuracy']:.2%} (95% CI {r['accuracy_low']:.1%} to {r['accuracy_high']:.1%}, "
              f"{r['test_images']} images)"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.charts import _pyplot, _save
+from runtime.charts import pyplot, save_png
 from runtime.report.decide import OBJECTIVES, candidates, group_label
 from runtime.report.rows import label, points
 from runtime.text import terminal
@@ -63,11 +63,10 @@ def plot(rows: list[dict], root: Path, budget: float, base: dict | None, where: 
     if missing():
         return {}
 
-
-    plt = _pyplot()
+    plt = pyplot()
     written = {}
     for name, fig in figures(rows, budget, base, where, recommendations):
-        _save(fig, root / name)
+        save_png(fig, root / name)
         buffer = io.StringIO()
         with plt.rc_context({"svg.hashsalt": "edgekit", "svg.fonttype": "path"}):  # the same bits every run
             fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
@@ -82,7 +81,7 @@ def figures(rows: list[dict], budget: float, base: dict | None, where: dict | No
     """(file name, figure) for each figure with data, its labels placed on the final layout; the caller closes
     each figure."""
 
-    plt = _pyplot()
+    plt = pyplot()
     chosen = {r["objective"]: r["choice"] for r in recommendations if r.get("choice")}
     evaluated = [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None]
     for name, keys in FIGURES.items():
@@ -160,7 +159,7 @@ def _panel(ax, objective, rows, budget, base, floor, all_rows, choice: dict | No
     if floor is not None:
         top = max(r["accuracy"] * 100 for r in points)
         ax.set_ylim(floor - 0.03 * (top - floor), top + 0.15 * (top - floor))
-    _log_ticks(ax)
+    log_ticks(ax)
     ax.set_xlabel(f"{objective.axis} ({'KiB' if scale != 1 else 'ms'}, log scale)"
                   + (": what a download costs" if objective.key == "gzip" else ""))
     ax.grid(True, which="major", alpha=0.3)
@@ -267,7 +266,7 @@ def _steps(start: float, stop: float, step: float) -> list[float]:
     return [start + k * step for k in range(int(max(stop - start, 0) // step) + 1)]
 
 
-def _log_ticks(ax) -> None:
+def log_ticks(ax) -> None:
     """At least three readable tick labels on a log axis, even when it spans less than a decade."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 

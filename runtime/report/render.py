@@ -39,7 +39,6 @@ def kib(value) -> str:
 
 
 def ms(value) -> str:
-
     return f"{format_ms(value)} ms"
 
 
@@ -134,7 +133,6 @@ def commands(row: dict) -> str:
     """What to run, from the current directory, as printed in a new shell: evaluate the file here (with the
     Python that made the report); build EdgeKit's source package (one file for any CPU: pip builds it on the
     device), copy it with the model and its sidecar, install and run there."""
-
 
     here = relative(row["file"], Path.cwd())
     py = interpreter()

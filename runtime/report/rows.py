@@ -144,7 +144,6 @@ def evaluate(rows: list[dict], data_dir=None, progress: bool = False) -> dict:
         if isinstance(encoding, dict) and type(encoding.get("dense_bytes")) is int and encoding["dense_bytes"] > 0:
             row["sparse_encoding"] = {"dense_bytes": encoding["dense_bytes"]}
 
-
     for row in rows:  # an ONNX file is the same network as its artifact's TFLite files: the same MACs
         if row.get("macs") is None and row["status"] == "verified":
             twin = next((r for r in rows if r["artifact"] == row["artifact"] and r.get("macs") is not None), None)
@@ -171,7 +170,6 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
 
 
 def _gzip_bytes(path: Path) -> int:
-
     return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
 
 

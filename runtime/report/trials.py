@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.charts import _pyplot, _save
+from runtime.charts import pyplot, save_png
 from runtime.limits import json_loads
-from runtime.report.plots import _log_ticks
+from runtime.report.plots import log_ticks
 from runtime.report.rows import label, points
 from runtime.text import markdown, public_url
 
@@ -125,7 +125,7 @@ def value_text(objective: str, value: float | None) -> str:
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
     try:
 
-        plt = _pyplot()
+        plt = pyplot()
     except ImportError:
         return False
     points = [row for _, row in trials if row is not None and row.get(key) is not None]
@@ -153,14 +153,14 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) ->
                    label="accuracy budget")
     ax.scatter([], [], color="#1f77b4", edgecolors="white", label="search trials (grey: over budget)")
     ax.set_xscale("log")
-    _log_ticks(ax)
+    log_ticks(ax)
     ax.set_xlabel(f"{axis}, log scale")
     ax.set_ylabel("test accuracy (%), 95% interval")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("search trials against the default menu", fontsize=10)
     fig.tight_layout()
-    _save(fig, root / PLOT)
+    save_png(fig, root / PLOT)
     plt.close(fig)
     return True
 
