@@ -6,12 +6,13 @@ import argparse
 import sys
 import traceback
 
-from export.api import check_settings, export
-from export.formats import FORMATS
+from export.api import export
+from export.settings import check_settings
 from runtime.arguments import add_normalization
 from runtime.errors import EXIT_FAILED, ArgumentParser, EdgeKitError, run_cli, suggest
 from runtime.limits import size_argument
 from runtime.text import terminal
+from runtime.vocabulary import EXPORT_ALL
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _choose(args) -> list[str]:
     if args.all:
-        return [*FORMATS, *(["micro"] if args.micro else [])]
+        return [*EXPORT_ALL, *(["micro"] if args.micro else [])]
     keys = list(args.format) + (["micro"] if args.micro else [])
     for flag, table in (("tflite", TFLITE_QUANTIZE), ("onnx", ONNX_QUANTIZE)):
         if getattr(args, flag):

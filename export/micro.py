@@ -7,7 +7,7 @@ What `check` does to a converted file, before it is written (runtime/backends/tf
 3. TFLM runs the whole test split one image at a time, and LiteRT's reference kernels (BUILTIN_REF) run the same
    int8 inputs: the outputs are compared value by value and recorded; an image whose outputs differ is run again
    in both keeping every tensor, and the first operator whose output differs is recorded, with whether the
-   difference is FULLY_CONNECTED's rounding alone (runtime.backends.tflm.ROUNDING: recomputed exactly, the two
+   difference is FULLY_CONNECTED's rounding alone (export.tflm_rounding.ROUNDING: recomputed exactly, the two
    roundings give the two outputs). More than MAX_LSB apart fails, unless every differing image is examined and
    each first differs by that rounding alone: in a deeper model (ResNet-8 ending in SOFTMAX) one step at a
    FULLY_CONNECTED travels through the later layers and softmax stretches it, which is still only that rounding
@@ -24,7 +24,7 @@ import numpy as np
 
 from export import firmware
 from runtime.backends import tflm
-from runtime.backends.tflm import ROUNDING
+from export.tflm_rounding import ROUNDING, first_differences, reference_outputs
 from runtime.errors import ConversionError, VerificationError
 from runtime.limits import size_text
 
@@ -58,10 +58,10 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
                                 "or a larger budget.")
     x, pixels = model._checked(x_test)
     fed = model._feed(x, pixels)
-    raw, ref = tflm.outputs(path, fed), tflm.reference_outputs(path, fed)
+    raw, ref = tflm.outputs(path, fed), reference_outputs(path, fed)
     diff = np.abs(raw.astype(np.int32) - ref.astype(np.int32))
     differing = np.flatnonzero(diff.any(axis=1)) if diff.size else np.empty(0, int)
-    firsts = tflm.first_differences(path, fed[differing[:EXAMINED]]) if len(differing) else []
+    firsts = first_differences(path, fed[differing[:EXAMINED]]) if len(differing) else []
     record = {"arena_bytes": arena, "flash_bytes": flash, "operators": ops, "macs": tflm.macs(data),
               "interpreter": f"tflite-micro {tflm.version()}",
               "reference": {"kernels": "LiteRT BUILTIN_REF", "images": int(len(raw)),
@@ -70,7 +70,7 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
                             "max_lsb": int(diff.max()) if diff.size else 0,
                             **({"differing": _differing(firsts, len(differing))} if len(differing) else {})}}
     if diff.size and diff.max() > MAX_LSB and len(differing) > len(firsts):  # every one examined, before judging
-        firsts = tflm.first_differences(path, fed[differing])
+        firsts = first_differences(path, fed[differing])
         record["reference"]["differing"] = _differing(firsts, len(differing))
     proven = bool(firsts) and len(firsts) == len(differing) and all(first.get("rounding") for first in firsts)
     if diff.size and diff.max() > MAX_LSB and proven:

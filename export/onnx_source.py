@@ -157,8 +157,8 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
                            "float32 input (the pixels preprocessed). `python -m runtime predict --raw` and `bench` "
                            "run any model.")
     dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
-    if runtime.artifacts.preprocessing is not None:
-        dataset = dataclasses.replace(dataset, preprocessing=runtime.artifacts.preprocessing)
+    if runtime.preprocessing is not None:
+        dataset = dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
     return ONNXSource(path, runtime, proto, data_files), dataset
 
 

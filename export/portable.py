@@ -4,7 +4,7 @@ A TFLite file in bare LiteRT (`ai_edge_litert.interpreter.Interpreter(model_path
 XNNPACK on), an ONNX file in a default onnxruntime session, each fed one test image per call (batch 1, as an
 app on a device calls it) with exactly the input tensor EdgeKit's runtime computes for that image
 (`Model.input_tensors`: preprocessing, quantization and layout), and its outputs judged by the same rule as
-EdgeKit's own (`export.formats.verify`). EdgeKit's runtime densifies a sparse file first; bare LiteRT's XNNPACK
+EdgeKit's own (`export.verify.verify`). EdgeKit's runtime densifies a sparse file first; bare LiteRT's XNNPACK
 refuses a sparse int8 or dynamic-range file, so such a file (`export --sparse`, opt-in) is recorded as needing
 EdgeKit's runtime on the device (`runtime.artifacts.manifest.needs_edgekit`) and never recommended for a device without
 it. Any other file that bare LiteRT or onnxruntime refuses, or answers outside the rule, fails verification.
@@ -57,7 +57,7 @@ def bare_outputs(path: Path, backend: str, tensors: np.ndarray) -> np.ndarray:
 def check(fmt, path: Path, model, x_test: np.ndarray, edgekit_logits: np.ndarray, judge) -> dict:
     """Run `path` in the user's runtime on the test split and judge it; the sidecar's `bare` record:
     {"runtime", "passed", "accuracy", "agreement" (top-1 with EdgeKit's runtime), "max_diff", "reason"}.
-    `judge(logits)` is export's rule: (figures, why it fails or "")."""
+    `judge(logits)` is export's rule: (figures, the rule the outputs break or None)."""
     record = {"runtime": runtime_name(fmt.backend), "passed": False, "accuracy": None, "agreement": None,
               "max_diff": None, "reason": None}
     try:
@@ -70,5 +70,5 @@ def check(fmt, path: Path, model, x_test: np.ndarray, edgekit_logits: np.ndarray
     record.update(accuracy=figures.get("accuracy"),
                   agreement=float(np.mean(logits.argmax(axis=1) == edgekit_logits.argmax(axis=1))),
                   max_diff=float(np.max(np.abs(logits - edgekit_logits))) if logits.size else 0.0,
-                  passed=not failure, reason=failure or None)
+                  passed=failure is None, reason=str(failure) if failure else None)
     return record

@@ -355,3 +355,5 @@ def plot_sensitivity(table: dict, path) -> bool:
     save_png(fig, path)
     plt.close(fig)
     return True
+
+

@@ -16,7 +16,7 @@ model that takes raw pixels quantized this way expects); the labels are the data
 A float file (float32 input and output) is quantized by Google's ai-edge-quantizer (TensorFlow-free, on
 LiteRT's own model utilities): its static int8 recipe (`static_wi8_ai8`: int8 weights and activations, int8
 input and output), calibrated on the dataset's training split, the same images in the same order as EdgeKit's
-other int8 files (export.api._calibration: its seed and --calibration-samples), one image per run. The one
+other int8 files (export.make.calibration_images: its seed and --calibration-samples), one image per run. The one
 quantized file is `model.int8.tflite` (verified in LiteRT, and as the user's own app runs it) and, when it is
 fully integer with TFLM's operators, `model.micro.tflite` (verified in TFLM). The float file's preprocessing is
 `--mean/--std`, else the dataset's, and export says so.
@@ -108,9 +108,9 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
                            "float file (float32 in and out), quantized here, or a fully integer one (int8 in and "
                            "out). Export it from the model it was converted from instead.")
     dataset = dataset_for_model(path, dataset_name, data_dir, runtime.input_shape, runtime.num_classes)
-    if runtime.artifacts.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
+    if runtime.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
         return source, dataset
-    return source, dataclasses.replace(dataset, preprocessing=runtime.artifacts.preprocessing)
+    return source, dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
 
 
 def _quantize(data: bytes, calibration: np.ndarray) -> bytes:

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from optimize import measure
-from optimize.recipes import RECIPES, Technique, Recipe, recipe_from_dict
-from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, QUANTIZATION_AWARE, base_file,
-                                        check_out_apart, core_names, lineage_paths, model_file, read_manifest,
-                                        verify_artifact, write_manifest)
+from optimize.recipes import RECIPES, Recipe, Technique, recipe_from_dict
+from runtime.artifacts.manifest import (BASE_FILE, MODEL_FILE, QAT_WEIGHTS_FILE, base_file, check_out_apart, core_names,
+                                        lineage_paths, model_file, read_manifest, verify_artifact, write_manifest)
 from runtime.datasets import Dataset, load_for_manifest
 from runtime.errors import ArtifactError, EdgeKitError, VerificationError, first_line
 from runtime.fsutil import check_output_dir, output_lock, sha256_file, staged_dir
+from runtime.vocabulary import QUANTIZATION_AWARE
 from train.safe_load import load_model_file
 from train.trainer import compile_model, evaluate, fit, save_model, seed_everything
 
@@ -75,7 +75,7 @@ def qat_float_twin(artifact: str | Path, manifest: dict, quantized, trust: bool 
     the fake-quantized model (it quantizes a layer whenever the tensors on both sides carry ranges:
     tensorflow/tensorflow#46073), or to make a fully integer file of a model with layers tfmot's scheme left
     without ranges (the converter leaves those float)."""
-    from optimize.techniques import is_excluded, float_twin
+    from optimize.techniques import float_twin, is_excluded
 
     patterns = (manifest.get("recipe") or {}).get("exclude") or []
     twin = float_twin(quantized, load_model_file(base_file(artifact, manifest), trust))

@@ -7,6 +7,7 @@
 This package sits above the four stages and may use all of them; none of them uses it.
 """
 
-from pipeline.run import VARIANTS, Plan, run
+from pipeline.run import Plan, run
+from runtime.vocabulary import VARIANTS
 
 __all__ = ["VARIANTS", "Plan", "run"]

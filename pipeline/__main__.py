@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 
-from pipeline.run import DEFAULT_VARIANTS, FLOAT_FORMATS, QUICK, VARIANTS, Pipeline, Plan, run
+from pipeline.run import FLOAT_FORMATS, QUICK, Pipeline, Plan, run
 from pipeline.search import parse_techniques, run_search
 from runtime.arguments import add_normalization
 from runtime.bench import parse_threads
 from runtime.errors import EdgeKitError
 from runtime.remote.session import add_arguments as add_device_arguments, target
-from runtime.vocabulary import MAX_ACCURACY_DROP
+from runtime.vocabulary import DEFAULT_VARIANTS, MAX_ACCURACY_DROP, VARIANTS
 from train.models import model_list
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log, errors included: exceptions carry them

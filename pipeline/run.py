@@ -27,19 +27,18 @@ from pathlib import Path
 
 import optimize
 from export import export
-from export.formats import BUDGET_MISS, get_format
-from runtime.artifacts.manifest import (DEVICE_RUNTIMES, QUANTIZATION_AWARE, check_out_apart, core_names,
-                                        export_problem, library_versions, model_sha256, needs_edgekit, read_manifest,
-                                        read_sidecar, utc_now, verify_files)
+from runtime.artifacts.manifest import (DEVICE_RUNTIMES, check_out_apart, core_names, export_problem, library_versions,
+                                        model_sha256, needs_edgekit, read_manifest, read_sidecar, utc_now, verify_files)
 from runtime.bench import check_seconds
 from runtime.datasets import registry
-from runtime.errors import EdgeKitError, unknown
+from runtime.errors import AccuracyBudgetMissed, EdgeKitError, unknown
 from runtime.fsutil import atomic_write_json, check_readable_file, output_lock, sha256_file
 from runtime.limits import json_loads
 from runtime.remote.session import Session
 from runtime.report import build
 from runtime.report.decide import CHOICES
-from runtime.vocabulary import MAX_ACCURACY_DROP, check_max_accuracy_drop
+from runtime.vocabulary import (DEFAULT_VARIANTS, MAX_ACCURACY_DROP, QAT_FORMATS, QUANTIZATION_AWARE, VARIANTS,
+                                check_max_accuracy_drop, get_format)
 from train.foreign import import_model
 from train.models import get_spec
 from train.safe_load import KERAS_SUFFIXES
@@ -48,27 +47,7 @@ from train.trainer import TrainConfig, train, write_artifact
 PLAN_FILE = "pipeline.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    verb: str  # optimize verb: prune, cluster, qat, pqat, cqat
-    parent: str  # "base" or another variant's name
-    settings: dict
-    summary: str
-
-
-VARIANTS = {v.name: v for v in (
-    Variant("pruned50", "prune", "base", {"sparsity": 0.5}, "magnitude pruning to 50% sparsity"),
-    Variant("pruned80", "prune", "base", {"sparsity": 0.8}, "magnitude pruning to 80% sparsity"),
-    Variant("2of4", "prune", "base", {"structured": "2:4"}, "2:4 structured pruning"),
-    Variant("clustered16", "cluster", "base", {"clusters": 16}, "weight clustering, 16 values per kernel"),
-    Variant("qat", "qat", "base", {}, "quantization-aware training"),
-    Variant("pqat", "pqat", "pruned80", {}, "pruning-preserving QAT on pruned80"),
-    Variant("cqat", "cqat", "clustered16", {}, "cluster-preserving QAT on clustered16"),
-)}
-DEFAULT_VARIANTS = ("pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat")
 FLOAT_FORMATS = ("float32", "float16", "dynamic", "int8", "onnx-float32", "onnx-int8")
-QAT_FORMATS = ("int8",)  # a quantization-aware model exports to true int8 only
 # --quick: a smoke run whose models are still worth looking at. The full-size fashion_cnn for 10 epochs
 # (98-99% on digits); 2 fine-tuning epochs keep pruned80 within a point or so of it (one epoch, or a smaller
 # model, collapsed it to 41%), and the report's budget flags what falls outside.
@@ -171,11 +150,10 @@ class Plan:
         return self.runtime == "edgekit" and self.objective != "gzip"
 
     def formats_for(self, variant: str) -> list[str]:
-        allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].verb in ("qat", "pqat", "cqat") \
-            else FLOAT_FORMATS
+        allowed = QAT_FORMATS if variant != "base" and VARIANTS[variant].quantization_aware else FLOAT_FORMATS
         chosen = self.formats or FLOAT_FORMATS
         formats = [f for f in chosen if f in allowed] or ([] if self.formats else list(allowed))
-        return formats + (["micro"] if self.target == "micro" else [])
+        return [f for f in formats if f != "micro"] + (["micro"] if self.target == "micro" else [])
 
     def identity(self) -> dict:
         """What the artifacts depend on: a rerun with other values here must not reuse them."""
@@ -362,7 +340,7 @@ class Pipeline:
             failed = [r for r in results if not r.passed]
             note = f"{len(results) - len(failed)}/{len(results)} verified" + (
                 f", {len(formats) - len(todo)} already were" if len(todo) < len(formats) else "")
-            missed = next((r for r in failed if r.format == "int8" and BUDGET_MISS in r.message), None)
+            missed = next((r for r in failed if r.format == "int8" and r.rule == AccuracyBudgetMissed.rule), None)
             if missed is not None and manifest["kind"] not in QUANTIZATION_AWARE:
                 # plain int8 misses the budget: keep the layers it hurts float (export --keep-float auto)
                 mixed = export(directory, ["int8"], data_dir=self.plan.data_dir, keep_float="auto",
@@ -395,7 +373,7 @@ class Pipeline:
 
         if not export_problem(directory, manifest, key, get_format(key).filename, model_sha):
             return True
-        return key == "int8" and BUDGET_MISS in str((manifest.get("exports", {}).get("int8") or {}).get("message")) \
+        return key == "int8" and (manifest.get("exports", {}).get("int8") or {}).get("failed_rule") == AccuracyBudgetMissed.rule \
             and not export_problem(directory, manifest, "int8-mixed", get_format("int8-mixed").filename, model_sha)
 
     def report(self) -> dict:

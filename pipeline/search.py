@@ -46,7 +46,6 @@ import numpy as np
 import optimize
 from export import export
 from optimize.recipes import RECIPES
-from pipeline.run import VARIANTS
 from runtime.artifacts.manifest import MANIFEST, model_sha256, read_manifest
 from runtime.bench import run_worker
 from runtime.datasets import load_for_manifest
@@ -56,6 +55,7 @@ from runtime.limits import cores, whole
 from runtime.load import finite, load
 from runtime.report.trials import SEARCH_FILE, value_text
 from runtime.text import public_url, terminal
+from runtime.vocabulary import QUANTIZATION_AWARE, VARIANTS
 
 STUDY = "edgekit-search"
 DB_FILE = "search.db"
@@ -63,7 +63,6 @@ LOG_FILE = "search.log"  # a line per trial started: when, which trial, recipe, 
 OBJECTIVES = {"gzip": "gzip_bytes", "size": "size_bytes", "latency": "latency_ms", "arena": "arena_bytes"}
 TECHNIQUES = ("none", "prune", "prune24", "cluster", "qat", "pqat", "cqat")
 FORMATS = ("float16", "dynamic", "int8", "onnx-int8", "int8-mixed")
-QUANTIZATION_AWARE = ("qat", "pqat", "cqat")
 PRUNE_FACTOR = 2.0  # a fine-tuned model this many budgets below the baseline is not exported
 STARTUP_TRIALS = 6  # random trials before TPE models the space
 

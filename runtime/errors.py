@@ -60,7 +60,66 @@ class ConversionError(WorkFailed):
 
 
 class VerificationError(WorkFailed):
-    """A result did not pass its check: an exported file, or a technique's promise in the weights."""
+    """A result did not pass its check: an exported file, or a technique's promise in the weights. `rule` names the
+    rule it broke; export stores it with the failure (the manifest's `exports.<format>.failed_rule`), and a decision
+    reads the rule, never the message."""
+
+    rule = "verification"
+
+
+class NonFiniteOutputs(VerificationError):
+    """Outputs that are NaN or infinite: never a result."""
+
+    rule = "non_finite"
+
+
+class FloatMismatch(VerificationError):
+    """A float file's outputs outside the float tolerance of the reference's."""
+
+    rule = "float_tolerance"
+
+
+class AccuracyBudgetMissed(VerificationError):
+    """A quantized file more than the accuracy budget below the reference (the pipeline then tries int8-mixed)."""
+
+    rule = "accuracy_budget"
+
+
+class LowAgreement(VerificationError):
+    """A quantized file whose top-1 predictions agree with the reference's on too few images."""
+
+    rule = "agreement"
+
+
+class NotPortable(VerificationError):
+    """A file EdgeKit's runtime verifies but the user's own runtime (bare LiteRT, a default onnxruntime session)
+    does not run or answers otherwise."""
+
+    rule = "portable"
+
+
+class Unloadable(VerificationError):
+    """The runtime cannot load the file the converter wrote."""
+
+    rule = "unloadable"
+
+
+class OverDeviceBudget(VerificationError):
+    """A microcontroller's file that needs more RAM (arena) or flash than --max-ram/--max-flash."""
+
+    rule = "device_budget"
+
+
+class TFLMMismatch(VerificationError):
+    """TFLM's outputs part from LiteRT's reference kernels by more than TFLM's documented rounding."""
+
+    rule = "tflm_rounding"
+
+
+class PatternNotMet(VerificationError):
+    """A technique's promise not found in the weights (a 2:4 pattern, a cluster count)."""
+
+    rule = "pattern"
 
 
 class WriteFailed(WorkFailed):

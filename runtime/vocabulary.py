@@ -1,21 +1,25 @@
-"""The file formats EdgeKit exports, as data the TensorFlow-free side needs (bench, eval, report, plots).
+"""EdgeKit's vocabulary, in one place every stage imports: the file formats with their properties, the
+optimization techniques and which of them are quantization-aware, the pipeline's menu of variants, and the
+accuracy budget.
 
-One vocabulary everywhere (sidecar, manifest, CSV and JSON of bench, eval and report):
-a *variant* is an optimization of the model (base, pruned80, qat, ...) and a *format* is a file
-type, named by one key that is also the file's name: `model.<format><suffix>`, sidecar
-`model.<format>.json`. `export/formats.py` adds how each format is made and verified.
+One vocabulary everywhere (sidecar, manifest, CSV and JSON of bench, eval and report): a *variant* is an
+optimization of the model (base, pruned80, qat, ...) and a *format* is a file type, named by one key that is also
+the file's name: `model.<format><suffix>`, sidecar `model.<format>.json`.
 
-    format        file                       backend  kind
-    float32       model.float32.tflite       tflite   float
-    float16       model.float16.tflite       tflite   quantized (float16 weights)
-    dynamic       model.dynamic.tflite       tflite   quantized (int8 weights, float activations)
-    int8          model.int8.tflite          tflite   quantized (full integer)
-    int16x8       model.int16x8.tflite       tflite   quantized (16-bit activations)
-    onnx-float32  model.onnx-float32.onnx    onnx     float
-    onnx-int8     model.onnx-int8.onnx       onnx     quantized (QDQ)
-    int8-mixed    model.int8-mixed.tflite    tflite   quantized (int8, the layers int8 hurts kept float)
-    onnx-int8-mixed  model.onnx-int8-mixed.onnx  onnx  quantized (onnx-int8, the same)
-    micro         model.micro.tflite         tflite   quantized (int8 for TensorFlow Lite Micro; .cc and .h beside)
+    format           file                          backend  kind       calibrated  made by         menu
+    float32          model.float32.tflite          tflite   float      no          TFLite          all
+    float16          model.float16.tflite          tflite   quantized  no          TFLite          all
+    dynamic          model.dynamic.tflite          tflite   quantized  no          TFLite          all
+    int8             model.int8.tflite             tflite   quantized  yes         TFLite          all
+    int16x8          model.int16x8.tflite          tflite   quantized  yes         TFLite          all
+    onnx-float32     model.onnx-float32.onnx       onnx     float      no          tf2onnx         all
+    onnx-int8        model.onnx-int8.onnx          onnx     quantized  yes         onnxruntime     all
+    int8-mixed       model.int8-mixed.tflite       tflite   quantized  yes         TFLite          --keep-float
+    onnx-int8-mixed  model.onnx-int8-mixed.onnx    onnx     quantized  yes         onnxruntime     --keep-float
+    micro            model.micro.tflite (.cc, .h)  tflite   quantized  yes         TFLite          --micro
+
+`kind` says which half of the verification rule applies (export/verify.py); `verifier` which runtime's outputs
+are verified (the file's own deploy runtime: LiteRT, onnxruntime, or TFLM for a microcontroller's file).
 """
 
 from __future__ import annotations
@@ -25,20 +29,68 @@ import math
 import zlib
 from pathlib import Path
 
-from runtime.errors import EdgeKitError
+from runtime.errors import EdgeKitError, suggest
 
 # The accuracy budget, in points below the float model: export's verification of a quantized file and the
 # report's "over budget" use the same default and the same option, --max-accuracy-drop.
 MAX_ACCURACY_DROP = 1.0
+
+# --- optimization techniques (optimize's verbs) and the pipeline's menu ----------------------------------------
+TECHNIQUES = ("prune", "cluster", "qat", "pqat", "cqat")  # python -m optimize TECHNIQUE
+QUANTIZATION_AWARE = frozenset({"qat", "pqat", "cqat"})  # their models export to int8 (and micro) from learned ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One entry of the pipeline's menu: an optimize technique with its settings, applied to `parent`."""
+
+    name: str
+    verb: str  # the optimize technique (TECHNIQUES)
+    parent: str  # "base" or another variant's name
+    settings: dict
+    summary: str
+    marker: str  # its marker in every plot
+
+    @property
+    def quantization_aware(self) -> bool:
+        return self.verb in QUANTIZATION_AWARE
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("pruned50", "prune", "base", {"sparsity": 0.5}, "magnitude pruning to 50% sparsity", "s"),
+    Variant("pruned80", "prune", "base", {"sparsity": 0.8}, "magnitude pruning to 80% sparsity", "D"),
+    Variant("2of4", "prune", "base", {"structured": "2:4"}, "2:4 structured pruning", "^"),
+    Variant("clustered16", "cluster", "base", {"clusters": 16}, "weight clustering, 16 values per kernel", "v"),
+    Variant("qat", "qat", "base", {}, "quantization-aware training", "P"),
+    Variant("pqat", "pqat", "pruned80", {}, "pruning-preserving QAT on pruned80", "X"),
+    Variant("cqat", "cqat", "clustered16", {}, "cluster-preserving QAT on clustered16", "h"),
+)}
+DEFAULT_VARIANTS = ("pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat")
+MENU = ("base", *VARIANTS)  # the trained model and every variant the pipeline can make
+BASE_MARKER = "o"
+_SPARE_MARKERS = "<>pH8d*"
+
+
+# --- file formats ----------------------------------------------------------------------------------------------
+_CALIBRATION = frozenset({"calibration_samples"})
+_ONNX_CALIBRATION = frozenset({"opset", "calibration_samples", "calibration_method"})
 
 
 @dataclasses.dataclass(frozen=True)
 class FileFormat:
     key: str
     suffix: str
-    backend: str  # "tflite" or "onnx"
-    kind: str  # "float" or "quantized"
+    backend: str  # "tflite" or "onnx": the converter that makes it and the runtime that runs it
+    kind: str  # "float" or "quantized": which half of the verification rule applies
     colour: str  # one colour per format in every plot
+    description: str
+    calibrated: bool = False  # made with activation ranges measured on training images
+    options: frozenset = frozenset()  # export's options it takes
+    menu: str = "all"  # "all": part of export --all; "mixed": made with --keep-float; "micro": with --micro
+    extra: tuple[str, ...] = ()  # suffixes of the files written beside it (a micro file's C sources)
+    verifier: str = ""  # the runtime whose outputs are verified: its backend's, or "tflm"
+    sparse: bool = False  # the TFLite converter may store a pruned model's weights sparse in it
+    sources: frozenset = frozenset({"keras"})  # what it is made from: keras, qat, onnx, tflite (a float .tflite)
 
     @property
     def filename(self) -> str:
@@ -48,25 +100,71 @@ class FileFormat:
     def sidecar(self) -> str:
         return f"model.{self.key}.json"
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the format writes: the model, its sidecar, and what it has beside (a micro file's C sources)."""
+        return (self.filename, self.sidecar, *(f"model.{self.key}{suffix}" for suffix in self.extra))
+
+    @property
+    def runtime(self) -> str:
+        """The runtime its verification figures come from."""
+        return self.verifier or ("ai-edge-litert" if self.backend == "tflite" else "onnxruntime")
+
 
 FILE_FORMATS = {f.key: f for f in (  # in display order; the first is the float baseline
-    FileFormat("float32", ".tflite", "tflite", "float", "#1f77b4"),
-    FileFormat("float16", ".tflite", "tflite", "quantized", "#17becf"),
-    FileFormat("dynamic", ".tflite", "tflite", "quantized", "#2ca02c"),
-    FileFormat("int8", ".tflite", "tflite", "quantized", "#d62728"),
-    FileFormat("int16x8", ".tflite", "tflite", "quantized", "#ff7f0e"),
-    FileFormat("onnx-float32", ".onnx", "onnx", "float", "#9467bd"),
-    FileFormat("onnx-int8", ".onnx", "onnx", "quantized", "#8c564b"),
-    FileFormat("int8-mixed", ".tflite", "tflite", "quantized", "#e377c2"),  # int8 with named layers float
-    FileFormat("onnx-int8-mixed", ".onnx", "onnx", "quantized", "#bcbd22"),
-    FileFormat("micro", ".tflite", "tflite", "quantized", "#393b79"),  # int8 for TensorFlow Lite Micro (+ .cc, .h)
+    FileFormat("float32", ".tflite", "tflite", "float", "#1f77b4", "TFLite float32", sparse=True),
+    FileFormat("float16", ".tflite", "tflite", "quantized", "#17becf", "TFLite with float16 weights"),
+    FileFormat("dynamic", ".tflite", "tflite", "quantized", "#2ca02c",
+               "TFLite dynamic range: int8 weights, float activations", sparse=True),
+    FileFormat("int8", ".tflite", "tflite", "quantized", "#d62728",
+               "TFLite full integer: int8 weights, activations, input and output", True, _CALIBRATION, sparse=True,
+               sources=frozenset({"keras", "qat", "tflite"})),
+    FileFormat("int16x8", ".tflite", "tflite", "quantized", "#ff7f0e", "TFLite 16-bit activations, 8-bit weights",
+               True, _CALIBRATION),
+    FileFormat("onnx-float32", ".onnx", "onnx", "float", "#9467bd", "ONNX float32 via tf2onnx, dynamic batch",
+               options=frozenset({"opset"}), sources=frozenset({"keras", "onnx"})),
+    FileFormat("onnx-int8", ".onnx", "onnx", "quantized", "#8c564b",
+               "ONNX int8 (QDQ, per-channel weights) via onnxruntime static quantization", True, _ONNX_CALIBRATION,
+               sources=frozenset({"keras", "onnx"})),
+    FileFormat("int8-mixed", ".tflite", "tflite", "quantized", "#e377c2",
+               "TFLite int8 (int8 input and output) with the layers int8 hurts kept float", True,
+               _CALIBRATION | {"keep_float"}, "mixed"),
+    FileFormat("onnx-int8-mixed", ".onnx", "onnx", "quantized", "#bcbd22",
+               "ONNX int8 (QDQ) with the layers int8 hurts kept float (nodes_to_exclude)", True,
+               _ONNX_CALIBRATION | {"keep_float"}, "mixed", sources=frozenset({"keras", "onnx"})),
+    FileFormat("micro", ".tflite", "tflite", "quantized", "#393b79",
+               "TFLite full integer for TensorFlow Lite Micro: int8 input and output, TFLM's operators only, "
+               "verified in TFLM's interpreter, with model.micro.cc/.h (C array, op resolver)", True, _CALIBRATION,
+               "micro", (".cc", ".h"), "tflite-micro", sources=frozenset({"keras", "qat", "tflite"})),
 )}
 ALIASES = {"onnx": "onnx-float32"}  # accepted on the command line, never written
+EXPORT_ALL = {k: f for k, f in FILE_FORMATS.items() if f.menu == "all"}  # export --all
+MIXED_OF = {"int8": "int8-mixed", "onnx-int8": "onnx-int8-mixed"}  # the format --keep-float turns each into
+QAT_FORMATS = tuple(k for k, f in FILE_FORMATS.items() if "qat" in f.sources)  # a quantization-aware model's files
 
-# One marker per variant in every plot (a variant not listed gets one from its name).
-VARIANT_MARKERS = {"base": "o", "pruned50": "s", "pruned80": "D", "2of4": "^", "clustered16": "v", "qat": "P",
-                   "pqat": "X", "cqat": "h"}
-_SPARE_MARKERS = "<>pH8d*"
+
+def formats_from(source: str) -> tuple[str, ...]:
+    """The formats a source kind (keras, qat, onnx, tflite) is made into."""
+    return tuple(k for k, f in FILE_FORMATS.items() if source in f.sources)
+
+
+def get_format(key: str) -> FileFormat:
+    """The format a key (or an alias) names; an unknown key is refused with the known ones."""
+    key = ALIASES.get(key, key)
+    if key not in FILE_FORMATS:
+        raise EdgeKitError(f"unknown format '{key}'; expected one of: {', '.join(FILE_FORMATS)}."
+                           f"{suggest(key, [*FILE_FORMATS, *ALIASES])}")
+    return FILE_FORMATS[key]
+
+
+def check_options(fmt: FileFormat, options: dict) -> None:
+    """Reject an option the format does not take (e.g. --opset for a TFLite file)."""
+    for name, value in options.items():
+        if value is not None and name not in fmt.options:
+            takers = [f.key for f in FILE_FORMATS.values() if name in f.options]
+            raise EdgeKitError(
+                f"format {fmt.key} does not take --{name.replace('_', '-')}; formats that do: {', '.join(takers)}."
+            )
 
 
 def format_rank(key: str) -> int:
@@ -90,7 +188,12 @@ def colour(key: str) -> str:
 
 
 def marker(variant: str) -> str:
-    return VARIANT_MARKERS.get(variant) or _SPARE_MARKERS[zlib.crc32(variant.encode()) % len(_SPARE_MARKERS)]
+    """One marker per variant in every plot (a variant not on the menu gets one from its name)."""
+    if variant == "base":
+        return BASE_MARKER
+    if variant in VARIANTS:
+        return VARIANTS[variant].marker
+    return _SPARE_MARKERS[zlib.crc32(variant.encode()) % len(_SPARE_MARKERS)]
 
 
 def check_max_accuracy_drop(points) -> float:

@@ -146,11 +146,11 @@ def exported(tiny, tmp_path_factory):
     """`tiny` exported to every format: (artifact directory, {format: Result})."""
     import shutil
 
-    from export import FORMATS, export
+    from export import EXPORT_ALL, export
 
     artifact = tmp_path_factory.mktemp("export") / "tiny"
     shutil.copytree(tiny, artifact)
-    results = {r.format: r for r in export(artifact, list(FORMATS), progress=lambda s: None)}
+    results = {r.format: r for r in export(artifact, list(EXPORT_ALL), progress=lambda s: None)}
     return artifact, results
 
 

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 
 from conftest import run_module
-from export import FORMATS, export
-from export.formats import FLOAT_ATOL, FLOAT_RTOL, MAX_ACCURACY_DROP, MIN_AGREEMENT, get_format, verify
-from runtime.errors import EdgeKitError
-from runtime.load import load, tflite_census
+from export import EXPORT_ALL, export
+from export.verify import FLOAT_ATOL, FLOAT_RTOL, MIN_AGREEMENT, verify
 from runtime.artifacts.manifest import read_manifest, verify_files
+from runtime.errors import AccuracyBudgetMissed, EdgeKitError, FloatMismatch, LowAgreement
+from runtime.load import load, tflite_census
+from runtime.vocabulary import MAX_ACCURACY_DROP, get_format
 
 
-@pytest.mark.parametrize("key", list(FORMATS))
+@pytest.mark.parametrize("key", list(EXPORT_ALL))
 def test_every_format_matches_keras_through_the_runtime(exported, keras_reference, key):
     artifact, results = exported
-    fmt, result = FORMATS[key], results[key]
+    fmt, result = EXPORT_ALL[key], results[key]
     assert result.passed, result.message
     x, y, reference = keras_reference
     logits = load(artifact / fmt.filename).logits(x)  # the TensorFlow-free runtime, not the converter
@@ -36,10 +37,10 @@ def test_every_format_matches_keras_through_the_runtime(exported, keras_referenc
     assert result.figures["rule"]["kind"] == fmt.kind
 
 
-@pytest.mark.parametrize("key", list(FORMATS))
+@pytest.mark.parametrize("key", list(EXPORT_ALL))
 def test_sidecar_holds_what_the_runtime_needs(exported, key):
     artifact, _ = exported
-    fmt = FORMATS[key]
+    fmt = EXPORT_ALL[key]
     sidecar = json.loads((artifact / fmt.sidecar).read_text())
     assert sidecar["labels"] == [str(d) for d in range(10)] and sidecar["preprocessing"]["size"] == [28, 28]
     assert sidecar["source"]["sha256"] == read_manifest(artifact)["files"]["model.keras"]["sha256"]
@@ -58,7 +59,7 @@ def test_integer_tflite_is_much_smaller_and_onnx_is_valid(exported):
     # a little above the 0.30x the full digits CNN reaches (0.26x, measured by `python -m export --all`).
     assert results["int8"].figures["size_bytes"] <= 0.35 * results["float32"].figures["size_bytes"]
     for key in ("onnx-float32", "onnx-int8"):
-        proto = onnx.load(artifact / FORMATS[key].filename)
+        proto = onnx.load(artifact / EXPORT_ALL[key].filename)
         onnx.checker.check_model(proto)
         meta = {p.key: p.value for p in proto.metadata_props}
         assert json.loads(meta["edgekit.labels"])[3] == "3"
@@ -69,7 +70,7 @@ def test_integer_tflite_is_much_smaller_and_onnx_is_valid(exported):
 def test_manifest_records_every_export(exported):
     artifact, _ = exported
     manifest = read_manifest(artifact)
-    assert set(manifest["exports"]) == set(FORMATS)
+    assert set(manifest["exports"]) == set(EXPORT_ALL)
     assert all(entry["passed"] for entry in manifest["exports"].values())
     assert {"model.int8.tflite", "model.int8.json", "model.onnx-float32.onnx"} <= set(manifest["files"])
     assert verify_files(artifact) == []
@@ -135,7 +136,7 @@ def test_bare_keras_file_exports_with_a_dataset(tiny, tmp_path):
 def test_a_failed_check_leaves_no_file_that_looks_valid(tiny, tmp_path, monkeypatch):
     artifact = tmp_path / "tiny"
     shutil.copytree(tiny, artifact)
-    import export.formats as formats
+    import export.verify as formats
 
     monkeypatch.setattr(formats, "FLOAT_ATOL", 0.0)  # no float model is bit-exact: the check must fail
     monkeypatch.setattr(formats, "FLOAT_RTOL", 0.0)
@@ -184,19 +185,20 @@ def test_one_rule_fails_broken_and_untrained_models_and_passes_large_logits(kera
     x, y, reference = keras_reference
     int8, float32 = get_format("int8"), get_format("float32")
     rng = np.random.default_rng(0)
-    assert verify(int8, reference + rng.normal(0, 0.01, reference.shape), reference, y)[1] == ""
+    assert verify(int8, reference + rng.normal(0, 0.01, reference.shape), reference, y)[1] is None
     shuffled = reference[rng.permutation(len(reference))]  # a broken file: right scores, wrong images
-    assert verify(int8, shuffled, reference, y)[1] != ""
+    assert isinstance(verify(int8, shuffled, reference, y)[1], AccuracyBudgetMissed)
     # An untrained model: chance accuracy in both files, so accuracy alone would pass; agreement does not.
     untrained = rng.normal(0, 1, reference.shape)
     noisy = untrained + rng.normal(0, 1, reference.shape)
     figures, failure = verify(int8, noisy, untrained, y, max_accuracy_drop=5)
     assert abs(figures["accuracy_change"]) < 0.05 and figures["agreement"] < 0.5
-    assert "top-1 agreement" in failure  # within even a 5-point budget; agreement catches it
+    assert isinstance(failure, LowAgreement) and "top-1 agreement" in str(failure)  # within even a 5-point budget
     large = reference * 1e4  # logits in the tens of thousands: 1e-4 alone would fail float32's rounding
     figures, failure = verify(float32, large * (1 + 1e-6), large, y)
-    assert failure == "" and figures["max_abs_diff"] > 1e-4 and figures["sqnr_db"] > 100
-    assert "outputs differ" in verify(float32, large * 1.01, large, y)[1]
+    assert failure is None and figures["max_abs_diff"] > 1e-4 and figures["sqnr_db"] > 100
+    failure = verify(float32, large * 1.01, large, y)[1]
+    assert isinstance(failure, FloatMismatch) and "outputs differ" in str(failure)
 
 
 def test_the_portable_check_runs_a_file_as_the_users_app_does():

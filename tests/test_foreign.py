@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import check_micro_answer, in_subprocess, run_module
-from export import FORMATS, export
+from export import EXPORT_ALL, export
 from runtime.load import load
 
 
@@ -56,7 +56,7 @@ def _make(name: str, directory: str):
     model.fit(x, y, epochs=1, batch_size=64, verbose=0)
     path = Path(directory) / "model.keras"
     model.save(path)
-    formats = FORMATS_OF.get(name, list(FORMATS))
+    formats = FORMATS_OF.get(name, list(EXPORT_ALL))
     results = {r.format: r for r in export(path, formats, dataset="digits", calibration_samples=32,
                                            progress=lambda s: None, allow_untrained=True)}  # one epoch: near chance
     return results, model.predict(data.preprocessing.apply(data.x_test[:5]), verbose=0)
@@ -76,7 +76,7 @@ def foreign(request, tmp_path_factory, digits):
 
 def test_every_format_is_verified_or_fails_with_a_reason(foreign):
     name, results, _, _ = foreign
-    assert set(results) == set(FORMATS_OF.get(name, FORMATS))
+    assert set(results) == set(FORMATS_OF.get(name, EXPORT_ALL))
     for key, result in results.items():
         assert result.passed or result.message.startswith(f"{key}: "), (name, key, result.message)
     assert results["float32"].passed and results["onnx-float32"].passed, (name, results["float32"].message,
@@ -93,7 +93,7 @@ def test_softmax_outputs_are_recorded_and_not_normalized_again(foreign):
         assert runtime_model.output_kind == "probabilities", (name, key)
         probabilities = runtime_model.predict(pixels)  # a batch of 5 through the runtime, as on the device
         assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=0.02), (name, key)
-        if FORMATS[key].kind == "float":
+        if EXPORT_ALL[key].kind == "float":
             assert np.allclose(probabilities, expected, atol=1e-4), (name, key)
 
 

@@ -154,16 +154,18 @@ def test_exif_orientation_is_applied(tmp_path, digits):
 # --- NaN is never a result ----------------------------------------------------------------------------------
 
 def test_verification_fails_on_nan_and_fidelity_is_never_perfect():
-    from export.formats import FORMATS, fidelity, verify
+    from export.verify import fidelity, verify
+    from runtime.errors import NonFiniteOutputs
+    from runtime.vocabulary import FILE_FORMATS
 
     reference = np.eye(10, dtype=np.float32)[np.arange(20) % 10] * 5
     labels = np.arange(20) % 10
     for key in ("float32", "int8"):
         nan = reference.copy()
         nan[3, 2] = np.nan  # once "verified": max diff nan, SQNR 200.0, agree 100.00%
-        figures, failure = verify(FORMATS[key], nan, reference, labels)
-        assert "NaN or infinite" in failure and figures["non_finite_outputs"] == 1
-        assert verify(FORMATS[key], reference, nan, labels)[1]  # the float model's own NaN fails it too
+        figures, failure = verify(FILE_FORMATS[key], nan, reference, labels)
+        assert isinstance(failure, NonFiniteOutputs) and "NaN or infinite" in str(failure) and figures["non_finite_outputs"] == 1
+        assert isinstance(verify(FILE_FORMATS[key], reference, nan, labels)[1], NonFiniteOutputs)  # the float model's own NaN fails it too
     assert fidelity(np.full(3, np.nan), np.ones(3))["sqnr_db"] < 0
 
 

@@ -58,19 +58,20 @@ def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact
     (gemmlowp's) and with one in LiteRT; the micro file's fully connected weights are per tensor (what TFLM before
     September 2024 requires)."""
     import runtime
+    from export import tflm_rounding as rounding
     from runtime.backends import tflm
 
     # The roundings on a value where they part: 1 x 0.75 x 2^-1 = 0.375. gemmlowp first rounds 1 x 0.75 to 1, then
     # 1 / 2 = 0.5 away from zero to 1; one rounding of 0.375 gives 0.
-    assert tflm.quantize_multiplier(0.375) == (3 << 29, -1)
-    assert tflm.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=False).tolist() == [1, -1, 2]
-    assert tflm.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=True).tolist() == [0, 0, 2]
+    assert rounding.quantize_multiplier(0.375) == (3 << 29, -1)
+    assert rounding.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=False).tolist() == [1, -1, 2]
+    assert rounding.requantize(np.array([1, -1, 5]), 3 << 29, -1, single=True).tolist() == [0, 0, 2]
     path = micro_artifact[0] / "model.micro.tflite"
     model = runtime.load(path)
     fed = model._feed(*model._checked(digits.x_test))
-    firsts = tflm.first_differences(path, fed)
+    firsts = rounding.first_differences(path, fed)
     assert all(first == {} or first["rounding"] for first in firsts), [f for f in firsts if f and not f["rounding"]]
-    it, tm = tflm._reference(path, every_tensor=True), tflm.interpreter(path, every_tensor=True)
+    it, tm = rounding.reference_interpreter(path, every_tensor=True), tflm.interpreter(path, every_tensor=True)
     details = {d["index"]: d for d in it.get_tensor_details()}
     dense = [op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
     assert len(dense) == 2 and all(len(details[op["inputs"][1]]["quantization_parameters"]["scales"]) == 1
@@ -83,10 +84,10 @@ def test_tflm_parts_from_litert_only_where_fully_connected_rounds(micro_artifact
         tm.invoke()
         for op in dense:
             out = op["outputs"][0]
-            tflm = lambda index: tflm._tflm_tensor(tm, index)  # noqa: E731
-            assert np.array_equal(tflm.fully_connected(op, data, details, tflm, single=False).ravel(),
-                                  tflm(out).ravel())
-            assert np.array_equal(tflm.fully_connected(op, data, details, it.get_tensor, single=True).ravel(),
+            read_tflm = lambda index: rounding.tflm_tensor(tm, index)  # noqa: E731
+            assert np.array_equal(rounding.fully_connected(op, data, details, read_tflm, single=False).ravel(),
+                                  read_tflm(out).ravel())
+            assert np.array_equal(rounding.fully_connected(op, data, details, it.get_tensor, single=True).ravel(),
                                   it.get_tensor(out).ravel())
 
 

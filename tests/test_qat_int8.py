@@ -31,7 +31,7 @@ def int8_files(name: str, dataset, techniques) -> tuple[dict[str, bytes], dict[s
     """For one registered model: the int8 file of its float parent (trained one epoch; post-training,
     calibrated) and of each technique (pqat on a pruned parent, cqat on a clustered one), made as export makes
     them, and how each technique's was made (None: from the learned ranges)."""
-    from export.api import qat_int8_file
+    from export.make import qat_int8_file
     from export.convert import to_tflite
     from optimize.techniques import float_twin
     from train.backend import keras

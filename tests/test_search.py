@@ -65,7 +65,7 @@ def test_two_workers_run_every_trial_once_and_lose_none(searched):
     complete = [line for line in lines if " budget (" in line]
     assert len(complete) == sum(t["state"] == "complete" for t in finished)
     assert all(" KiB gzip, " in line for line in complete), complete
-    from pipeline.run import VARIANTS
+    from runtime.vocabulary import VARIANTS
 
     assert all(t["menu"] is (t["recipe"] in VARIANTS) for t in finished)  # a menu recipe is named as the menu
     md = (out / "report.md").read_text()  # the report's search section: every trial, judged like every file

@@ -194,7 +194,7 @@ def test_report_on_the_foreign_artifact(int8_export):
 def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixtures, digits, monkeypatch):
     """predict on one image of a float-input model (the PyTorch files) runs the compiled path (runtime.backends._kernels:
     pixels looked up channels first, softmax): within 4 ulp of the numpy path, each call its own array."""
-    from runtime import tensors as TENSORS  # KERNELS: the compiled kernels, None to take numpy's path
+    from runtime.backends import tensors as TENSORS  # KERNELS: the compiled kernels, None to take numpy's path
 
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     rgb = np.repeat(digits.x_test[:12], 3, axis=3)

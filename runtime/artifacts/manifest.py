@@ -32,12 +32,12 @@ from runtime.artifacts.preprocessing import Preprocessing
 from runtime.errors import ArtifactError, EdgeKitError
 from runtime.fsutil import atomic_write_json, check_readable_file, sha256_file
 from runtime.limits import json_loads
+from runtime.vocabulary import QUANTIZATION_AWARE
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"  # trained, pruned and clustered artifacts
 QAT_WEIGHTS_FILE = "model.weights.h5"  # qat, pqat, cqat: the quantization-aware weights ...
 BASE_FILE = "base.keras"  # ... and the float model QAT was applied to
-QUANTIZATION_AWARE = frozenset({"qat", "pqat", "cqat"})
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = (
     "name", "kind", "model", "dataset", "parent", "created", "versions",

@@ -23,7 +23,7 @@ from runtime.charts import pyplot, save_png
 from runtime.report.decide import OBJECTIVES, candidates, group_label
 from runtime.report.rows import label, points
 from runtime.text import terminal
-from runtime.vocabulary import FILE_FORMATS, VARIANT_MARKERS, colour, format_rank, marker
+from runtime.vocabulary import FILE_FORMATS, MENU, colour, format_rank, marker
 
 FIGURES = {"accuracy_vs_size.png": ("size", "gzip"), "accuracy_vs_latency.png": ("latency_1t", "latency_all")}
 OVER = "#b0b0b0"
@@ -33,7 +33,7 @@ TRIAL_MARKER = "*"  # every search trial (a variant that is not on the menu): it
 
 
 def _marker(variant: str) -> str:
-    return marker(variant) if variant == "base" or variant in VARIANT_MARKERS else TRIAL_MARKER
+    return marker(variant) if variant in MENU else TRIAL_MARKER
 
 
 def missing() -> str | None:

@@ -15,10 +15,10 @@ from runtime.limits import json_loads
 from runtime.report.plots import log_ticks
 from runtime.report.rows import label, points
 from runtime.text import markdown, public_url
+from runtime.vocabulary import VARIANTS
 
 SEARCH_FILE = "search.json"
 PLOT = "search.png"
-MENU = ("base", "pruned50", "pruned80", "2of4", "clustered16", "qat", "pqat", "cqat")  # pipeline.run.VARIANTS
 # the search's --objective -> (the row's field, axis label, scale, the report objective whose Pareto flag applies)
 UNITS = {"gzip": ("gzip_bytes", "gzip size (KiB)", 1 / 1024, "gzip"),
          "size": ("size_bytes", "file size (KiB)", 1 / 1024, "size"),
@@ -168,7 +168,7 @@ def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) ->
 def _menu(rows: list[dict], trials) -> list[dict]:
     """The default menu's files: the pipeline's own variants in this directory, and the trials whose recipe is a
     menu variant's (marked `menu` in search.json: they are that variant's artifact)."""
-    menu = [r for r in rows if r["variant"] in MENU and r["variant"] != "base"]
+    menu = [r for r in rows if r["variant"] in VARIANTS]
     seen = {id(r) for r in menu}
     for t, row in trials:
         if row is not None and t.get("menu") is True and id(row) not in seen:
