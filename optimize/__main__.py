@@ -12,16 +12,10 @@ from runtime.arguments import add_normalization
 from runtime.artifacts.manifest import MANIFEST, check_out_apart, lineage_paths, read_manifest
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli, unknown
 from runtime.fsutil import check_output_dir, sha256_file
+from runtime.vocabulary import TECHNIQUES
 from train.foreign import import_model
 from train.safe_load import KERAS_SUFFIXES
 
-TECHNIQUES = {
-    "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
-    "cluster": "weight clustering to --clusters shared values per kernel; then stripped",
-    "qat": "quantization-aware training (int8 weights and activations)",
-    "pqat": "pruning-preserving QAT: keeps a pruned parent's zeros",
-    "cqat": "cluster-preserving QAT: keeps a clustered parent's shared values",
-}
 EPILOG = """\
 examples:
   python -m optimize prune --sparsity 0.8 artifacts/cnn --out artifacts/cnn-pruned80

@@ -18,14 +18,11 @@ import enum
 import math
 
 from runtime.errors import EdgeKitError, unknown
+from runtime.vocabulary import TECHNIQUES
 
 
-class Technique(str, enum.Enum):
-    PRUNE = "prune"
-    CLUSTER = "cluster"
-    QAT = "qat"
-    PQAT = "pqat"
-    CQAT = "cqat"
+# optimize's techniques, named once in runtime.vocabulary.TECHNIQUES: Technique.PRUNE == "prune", ...
+Technique = enum.Enum("Technique", {name.upper(): name for name in TECHNIQUES}, type=str)
 
 
 class CentroidInit(str, enum.Enum):

@@ -7,7 +7,8 @@ import os
 import sys
 
 from pipeline.run import FLOAT_FORMATS, QUICK, Pipeline, Plan, run
-from pipeline.search import parse_techniques, run_search
+from pipeline.search import run_search
+from pipeline.space import parse_techniques
 from runtime.arguments import add_normalization
 from runtime.bench import parse_threads
 from runtime.errors import EdgeKitError

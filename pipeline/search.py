@@ -27,14 +27,8 @@ whole study, whoever ran them, so several workers stop together.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import dataclasses
-import datetime
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -45,105 +39,30 @@ import numpy as np
 
 import optimize
 from export import export
-from optimize.recipes import RECIPES
-from runtime.artifacts.manifest import MANIFEST, model_sha256, read_manifest
+from pipeline.space import SEARCH_TECHNIQUES, Recipe, suggest
+from pipeline.storage import (DB_FILE, STUDY, check_storage, fail_orphans, masked, run_workers, trials_table,
+                              waiting_lock)
+from runtime.artifacts.manifest import model_sha256, read_manifest
 from runtime.bench import run_worker
 from runtime.datasets import load_for_manifest
-from runtime.errors import Busy, EdgeKitError, WorkFailed, first_line, unknown
-from runtime.fsutil import atomic_write_json, output_lock
+from runtime.errors import EdgeKitError, WorkFailed, first_line
+from runtime.fsutil import atomic_write_json
 from runtime.limits import cores, whole
 from runtime.load import finite, load
 from runtime.report.trials import SEARCH_FILE, value_text
 from runtime.text import public_url, terminal
-from runtime.vocabulary import QUANTIZATION_AWARE, VARIANTS
 
-STUDY = "edgekit-search"
-DB_FILE = "search.db"
 LOG_FILE = "search.log"  # a line per trial started: when, which trial, recipe, format, host:pid
 OBJECTIVES = {"gzip": "gzip_bytes", "size": "size_bytes", "latency": "latency_ms", "arena": "arena_bytes"}
-TECHNIQUES = ("none", "prune", "prune24", "cluster", "qat", "pqat", "cqat")
-FORMATS = ("float16", "dynamic", "int8", "onnx-int8", "int8-mixed")
 PRUNE_FACTOR = 2.0  # a fine-tuned model this many budgets below the baseline is not exported
 STARTUP_TRIALS = 6  # random trials before TPE models the space
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    technique: str
-    epochs: int | None = None
-    sparsity: float | None = None
-    clusters: int | None = None
-    init: str | None = None
-    format: str = "int8"
-
-    def slug(self) -> str:
-        """The artifact's name after `<model>-`: every setting that changes the model."""
-        name = {"none": "base", "prune24": "prune2of4"}.get(self.technique, self.technique)
-        if self.sparsity is not None:
-            name += f"{self.sparsity:.2f}"
-        if self.clusters is not None:
-            name += f"{self.clusters}{self.init}"
-        return name + (f"-e{self.epochs}" if self.epochs else "")
-
-    def menu_variant(self, finetune_epochs: int | None) -> str | None:
-        """The pipeline's variant (pipeline.run.VARIANTS) that this recipe's model is, whatever the format: the
-        same technique, settings and epochs (the pipeline's: --finetune-epochs, else the technique's default),
-        from the same parent. None when it is no menu variant."""
-
-        for variant in VARIANTS.values():
-            settings = variant.settings
-            technique = "prune24" if settings.get("structured") else variant.verb
-            parent = VARIANTS.get(variant.parent)
-            sparsity = (parent.settings if parent else settings).get("sparsity")
-            clusters = (parent.settings if parent else settings).get("clusters")
-            same = Recipe(technique, finetune_epochs or _default_epochs(technique), sparsity, clusters,
-                          "linear" if clusters else None, self.format)
-            if same == self and (self.parent() is None or self.parent().menu_variant(finetune_epochs) == variant.parent):
-                return variant.name
-        return None
-
-    def parent(self) -> Recipe | None:
-        """pqat fine-tunes a pruned parent, cqat a clustered one (made with the same epochs)."""
-        if self.technique == "pqat":
-            return Recipe("prune", self.epochs, sparsity=self.sparsity)
-        if self.technique == "cqat":
-            return Recipe("cluster", self.epochs, clusters=self.clusters, init=self.init)
-        return None
-
-    def settings(self) -> dict:
-        """The optimize verb and its settings."""
-        verb = {"prune24": "prune", "none": None}.get(self.technique, self.technique)
-        settings = {"epochs": self.epochs}
-        if self.technique == "prune":
-            settings["sparsity"] = self.sparsity
-        elif self.technique == "prune24":
-            settings["structured"] = "2:4"
-        elif self.technique == "cluster":
-            settings.update(clusters=self.clusters, init=self.init)
-        return {"verb": verb, **settings}
-
-
-def suggest(trial, max_epochs: int = 8, techniques: tuple[str, ...] = TECHNIQUES, fmt: str | None = None) -> Recipe:
-    """The recipe space, define-by-run; fine-tuning epochs from 1 to `max_epochs`, among `techniques`; `fmt`: one
-    format for every trial (micro, when the search minimizes the arena)."""
-    technique = trial.suggest_categorical("technique", techniques)
-    sparsity = clusters = init = epochs = None
-    if technique in ("prune", "pqat"):
-        sparsity = trial.suggest_float("sparsity", 0.3, 0.95, step=0.01)
-    if technique in ("cluster", "cqat"):
-        clusters = trial.suggest_int("clusters", 4, 64)
-        init = trial.suggest_categorical("init", ("linear", "kmeans++", "density"))
-    if technique != "none":
-        epochs = trial.suggest_int("epochs", 1, max_epochs)
-    fmt = fmt or ("int8" if technique in QUANTIZATION_AWARE else trial.suggest_categorical("format", FORMATS))
-    return Recipe(technique, epochs, sparsity, clusters, init, fmt)
 
 
 class Search:
     """One worker of the study: makes, exports, evaluates and measures each trial's artifact."""
 
     def __init__(self, pipeline, objective: str, budget: float, storage: str | None, heartbeat: int,
-                 alone: bool = True, techniques: tuple[str, ...] = TECHNIQUES):
+                 alone: bool = True, techniques: tuple[str, ...] = SEARCH_TECHNIQUES):
         self.pipeline, self.plan, self.out = pipeline, pipeline.plan, pipeline.out
         self.techniques = techniques
         # the sampler's seed: the run's when one worker makes the study (reproducible); with several, each its own
@@ -168,7 +87,7 @@ class Search:
         definition = {"model": self.plan.model, "dataset": self.plan.dataset, "objective": self.objective,
                       "budget_points": self.budget,
                       "base_model_sha256": model_sha256(read_manifest(self.pipeline.dir_of("base")))}
-        if self.techniques != TECHNIQUES:  # another space is another study (Optuna's choices cannot change)
+        if self.techniques != SEARCH_TECHNIQUES:  # another space is another study (Optuna's choices cannot change)
             definition["techniques"] = list(self.techniques)
         return definition
 
@@ -198,7 +117,7 @@ class Search:
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as exc:  # SQLAlchemy's many errors: a bad URL, a server that is not there, a damaged file
             raise WorkFailed(f"cannot open the study's storage {self.public_url}: "
-                             f"{_masked(first_line(exc), self.storage_url)}. Check the URL, its driver and that the "
+                             f"{masked(first_line(exc), self.storage_url)}. Check the URL, its driver and that the "
                              "server is up; a damaged SQLite file: remove it to start the search again.") from None
 
     def study(self):
@@ -212,7 +131,7 @@ class Search:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                         directions=["maximize", "minimize"])
         except Exception as exc:  # a damaged database: the work failed, not the command line
-            raise WorkFailed(f"cannot use the study in {self.public_url}: {_masked(first_line(exc), self.storage_url)}"
+            raise WorkFailed(f"cannot use the study in {self.public_url}: {masked(first_line(exc), self.storage_url)}"
                              "; remove it (or pass another --storage) to start the search again.") from None
         recorded = study.user_attrs.get("definition")
         if recorded is not None and recorded != definition:
@@ -421,59 +340,6 @@ class Console:
             self.bar.close()
 
 
-def _default_epochs(technique: str) -> int:
-    """The fine-tuning epochs the pipeline's menu uses for a technique (optimize.recipes' defaults)."""
-
-    return RECIPES["prune" if technique == "prune24" else technique]().epochs
-
-
-STORAGE_ENV = "EDGEKIT_STORAGE"  # --storage's default: a password kept off command lines (`ps` shows those)
-
-
-def run_workers(argv: list[str], jobs: int, storage: str | None = None) -> list[subprocess.Popen]:
-    """`jobs - 1` more workers of the same command, as child processes (`--worker`: no report of their own). The
-    storage URL goes to them in the environment, not on their command line, where any user's `ps` would show its
-    password."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--storage":
-            skip = True
-        elif not arg.startswith("--storage="):
-            kept.append(arg)
-    env = {**os.environ, **({STORAGE_ENV: storage} if storage else {})}
-    return [subprocess.Popen([sys.executable, "-m", "pipeline", *kept, "--worker"], env=env,
-                             preexec_fn=_die_with_parent) for _ in range(jobs - 1)]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies, however it dies (kill -9, the OOM killer), so that
-    no worker is left running as an orphan (Linux's PR_SET_PDEATHSIG; elsewhere the workers' heartbeats end)."""
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
-def trials_table(storage_url: str, study_name: str | None = None) -> list[dict]:
-    """Every trial of the study (by default the storage's one EdgeKit study): its number, state, recipe, format,
-    accuracy, objective and budget figures."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if study_name is None:
-        names = [n for n in optuna.get_all_study_names(storage_url) if n.startswith(STUDY)]
-        if len(names) != 1:
-            raise KeyError(f"{len(names)} EdgeKit studies in the storage; name one")
-        study_name = names[0]
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
-                     **{k: v for k, v in t.user_attrs.items()}, "values": list(t.values) if t.values else None})
-    return rows
 
 
 def elapsed(started: float) -> str:
@@ -481,23 +347,9 @@ def elapsed(started: float) -> str:
     return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
 
 
-def parse_techniques(text: str | None) -> tuple[str, ...]:
-    """--techniques: a comma-separated subset of TECHNIQUES, in their order."""
-
-    if text is None:
-        return TECHNIQUES
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in TECHNIQUES:
-            raise unknown("technique", name, TECHNIQUES)
-    if not names:
-        raise EdgeKitError(f"--techniques names at least one of {', '.join(TECHNIQUES)}; got {text!r}.")
-    return tuple(t for t in TECHNIQUES if t in names)
-
-
 def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, storage: str | None,
                jobs: int, heartbeat: int, argv: list[str], worker: bool,
-               techniques: tuple[str, ...] = TECHNIQUES) -> dict | None:
+               techniques: tuple[str, ...] = SEARCH_TECHNIQUES) -> dict | None:
     """The whole `--search` command: train and export the base model (once, under the run's lock), run this
     worker and `jobs - 1` more until the study has `trials` finished trials or `timeout` passes, then (unless
     this is a `--worker`) write the report. Returns the report, or None for a worker."""
@@ -555,85 +407,3 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
     return report
 
 
-def _masked(text: str, url: str) -> str:
-    """`text` (a driver's error) with the URL's password masked wherever it appears."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    text = text.replace(url, public_url(url))
-    return text.replace(str(password), "***") if password else text
-
-
-def check_storage(url: str, out: Path) -> None:
-    """A --storage that workers can share and that writes into no artifact: an in-memory SQLite database is
-    one process's alone (and Optuna's heartbeat thread fails on it), and a database file inside an artifact
-    directory (the run's base model, say) would change an artifact the report checks."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise EdgeKitError(f"--storage takes a SQLAlchemy URL (sqlite:////path/search.db, "
-                           f"postgresql+psycopg2://user@host/db); got {public_url(url)!r}.") from None
-    if not parsed.drivername.startswith("sqlite"):
-        return
-    database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url:
-        raise EdgeKitError(f"--storage {public_url(url)} is an in-memory database, which no other worker can share "
-                           f"and which is gone when this process ends; name a file (sqlite:////path/{DB_FILE}) or "
-                           "leave --storage out for one in the run directory.")
-
-    path, run = Path(database).expanduser().resolve(), Path(out).resolve()
-    for parent in path.parents:
-        if (parent / MANIFEST).is_file() or (parent != run and parent.is_relative_to(run)):  # the run's artifacts
-            raise EdgeKitError(f"--storage {public_url(url)} would write the study into the artifact {parent}; "
-                               f"name a file outside every artifact (the run directory {out} is one place).")
-
-
-def fail_orphans(storage, study, grace: float) -> int:
-    """Fail the study's running trials that never sent a heartbeat and started more than `grace` seconds ago:
-    their worker died before its first heartbeat, and Optuna's own stale-trial check (which needs one) would
-    leave them running forever. Returns how many."""
-
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-
-    failed = 0
-    now = datetime.datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = trial.datetime_start
-        if started is None or (now - started).total_seconds() <= grace:
-            continue
-        with storage.scoped_session() as session:
-            beat = models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session)
-        if beat is None and storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            failed += 1
-    return failed
-
-
-@contextlib.contextmanager
-def waiting_lock(path: Path, say=None, patience: float = 3600):
-    """`output_lock(path)`, waited for instead of refused: another worker of the same search may hold it
-    (training the base model, making the same recipe, writing the report); this one goes on when it is done,
-    and then finds that work made."""
-
-    deadline, told = time.monotonic() + patience, False
-    while True:
-        held = output_lock(path)
-        try:
-            held.__enter__()
-            break
-        except Busy:
-            if time.monotonic() > deadline:
-                raise
-            if say and not told:
-                say(f"waiting for another worker of this search to finish writing {path} ...")
-                told = True
-            time.sleep(1)
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)

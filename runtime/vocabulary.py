@@ -36,7 +36,13 @@ from runtime.errors import EdgeKitError, suggest
 MAX_ACCURACY_DROP = 1.0
 
 # --- optimization techniques (optimize's verbs) and the pipeline's menu ----------------------------------------
-TECHNIQUES = ("prune", "cluster", "qat", "pqat", "cqat")  # python -m optimize TECHNIQUE
+TECHNIQUES = {  # python -m optimize TECHNIQUE, and what it does
+    "prune": "magnitude pruning to --sparsity (polynomial decay), or --structured 2:4; then stripped",
+    "cluster": "weight clustering to --clusters shared values per kernel; then stripped",
+    "qat": "quantization-aware training (int8 weights and activations)",
+    "pqat": "pruning-preserving QAT: keeps a pruned parent's zeros",
+    "cqat": "cluster-preserving QAT: keeps a clustered parent's shared values",
+}
 QUANTIZATION_AWARE = frozenset({"qat", "pqat", "cqat"})  # their models export to int8 (and micro) from learned ranges
 
 

@@ -255,7 +255,7 @@ def test_trials_killed_before_their_first_heartbeat_are_failed(tmp_path):
     from optuna.storages import RDBStorage
     from optuna.trial import TrialState
 
-    from pipeline.search import fail_orphans
+    from pipeline.storage import fail_orphans
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"])
@@ -433,8 +433,8 @@ def test_a_search_worker_dies_with_its_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", f"""
 import subprocess, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline.search import _die_with_parent
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=_die_with_parent)
+from pipeline.storage import die_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=die_with_parent)
 print(child.pid, flush=True)
 time.sleep(120)
 """], stdout=subprocess.PIPE, text=True)

@@ -22,7 +22,7 @@ def _search(out, *args, **kwargs):
 
 
 def _trials(out):
-    from pipeline.search import DB_FILE, trials_table
+    from pipeline.storage import DB_FILE, trials_table
 
     try:
         return trials_table(f"sqlite:///{out / DB_FILE}")
@@ -112,7 +112,7 @@ def test_a_killed_search_resumes_and_runs_the_interrupted_trial_again(searched, 
 def test_a_recipe_of_the_menu_is_the_menu_variant_not_a_new_name():
     """The pipeline's menu (fine-tuning epochs: prune 8, cluster 4, qat/pqat/cqat 3) is the search's baseline: a
     trial that draws one of its recipes is that variant's artifact, whatever the format."""
-    from pipeline.search import Recipe
+    from pipeline.space import Recipe
 
     assert Recipe("prune", 8, 0.5, format="dynamic").menu_variant(None) == "pruned50"
     assert Recipe("prune", 8, 0.8).menu_variant(None) == "pruned80"
@@ -157,7 +157,8 @@ def test_an_arena_search_makes_every_trial_a_micro_file():
     minimized is the arena TFLM measured (the sidecar's micro.arena_bytes)."""
     import optuna
 
-    from pipeline.search import OBJECTIVES, suggest
+    from pipeline.search import OBJECTIVES
+    from pipeline.space import suggest
 
     for params in ({"technique": "qat", "epochs": 2}, {"technique": "prune", "sparsity": 0.5, "epochs": 1},
                    {"technique": "none"}):
