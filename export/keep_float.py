@@ -24,7 +24,7 @@ def selective_formats(src, fmts, out, calibration, keep_float, explain, budget, 
     mixed = {}
     if keep_float not in (None, "auto"):  # names checked before the calibration they would waste
         known = ([n.name for n in src.model.proto.graph.node if n.name] if src.kind == "onnx" else
-                 [layer.name for layer in sel._all_layers(src.model)])
+                 [layer.name for layer in sel.all_layers(src.model)])
         for name in keep_float:
             if name not in known:
                 raise EdgeKitError(terminal(f"--keep-float: {src.path.name} has no "

@@ -56,8 +56,7 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
     if over:
         raise VerificationError(f"the model needs {' and '.join(over)}; nothing was written. Choose a smaller model "
                                 "or a larger budget.")
-    x, pixels = model._checked(x_test)
-    fed = model._feed(x, pixels)
+    fed = model.input_tensors(x_test)  # an NHWC file: the tensor TFLM takes, as EdgeKit's runtime feeds it
     raw, ref = tflm.outputs(path, fed), reference_outputs(path, fed)
     diff = np.abs(raw.astype(np.int32) - ref.astype(np.int32))
     differing = np.flatnonzero(diff.any(axis=1)) if diff.size else np.empty(0, int)
@@ -83,7 +82,7 @@ def check(path, data: bytes, model, x_test, budgets: dict, preprocessing, labels
                                 "different computation.")
     constants = firmware.contract(model, preprocessing, labels, output_kind, "g_model")
     cc, h = firmware.c_sources(data, ops, arena, constants)
-    return model._fetch(raw), record, {"model.micro.cc": cc, "model.micro.h": h}
+    return model.output_values(raw), record, {"model.micro.cc": cc, "model.micro.h": h}
 
 
 def _differing(firsts: list[dict], images: int) -> dict:

@@ -59,8 +59,8 @@ class ONNXSource(RuntimeSource):
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed NHWC images as the model's input tensor (NCHW for a channels-first model), as the runtime
-        lays them out (runtime.backends.feeding.Feeding._tensor)."""
-        return self.runtime._tensor(x)
+        lays them out (runtime.backends.model.Model.to_layout)."""
+        return self.runtime.to_layout(x)
 
     def opset(self) -> int:
         return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 0)

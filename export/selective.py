@@ -61,12 +61,12 @@ class Layer:
     test_accuracy: float | None = None  # with its keep set float (the most sensitive only)
 
 
-def _all_layers(model) -> list:
+def all_layers(model) -> list:
     out = []
     for layer in model.layers:
         out.append(layer)
         if isinstance(layer, keras.Model):
-            out.extend(_all_layers(layer))
+            out.extend(all_layers(layer))
     return out
 
 
@@ -101,7 +101,7 @@ class _Selective:
     def _assign(self, nodes: list[tuple[str, bool]]) -> None:
         """Map graph nodes to Keras layers by the layer names in their (fused, '/'-separated) names; a node
         with no layer name that makes the model's output (True) is the output layer's."""
-        keras_layers = {layer.name: layer for layer in _all_layers(self.model)}
+        keras_layers = {layer.name: layer for layer in all_layers(self.model)}
         output_layer = (getattr(self.model, "output_names", None) or [self.model.layers[-1].name])[0]
         self.nodes_of: dict[str, list[str]] = {}
         for node, makes_output in nodes:

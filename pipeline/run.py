@@ -208,7 +208,7 @@ class Pipeline:
     def dir_of(self, variant: str) -> Path:
         return self.out / (self.plan.model if variant == "base" else f"{self.plan.model}-{variant}")
 
-    def _prepare_out(self) -> None:
+    def prepare_out(self) -> None:
         plan_file = self.out / PLAN_FILE
         if self.out.exists() and not self.out.is_dir():
             raise EdgeKitError(f"output path {self.out} is a file; expected a directory. Choose another --out.")
@@ -244,7 +244,7 @@ class Pipeline:
 
     # --- validity ------------------------------------------------------------------------------
     @staticmethod
-    def _core_intact(directory: Path) -> dict | None:
+    def core_intact(directory: Path) -> dict | None:
         """The manifest, if the artifact's own files (not its exports) are all intact."""
         try:
             manifest = read_manifest(directory)
@@ -255,7 +255,7 @@ class Pipeline:
         return manifest
 
     def _model_sha(self, variant: str) -> str | None:
-        manifest = self._core_intact(self.dir_of(variant))
+        manifest = self.core_intact(self.dir_of(variant))
         return None if manifest is None else model_sha256(manifest)
 
     # --- stages --------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ class Pipeline:
         if plan.source is not None:
             return self._import()
         with self._stage("train", f"train {plan.model} on {plan.dataset}") as stage:
-            manifest = self._core_intact(directory)
+            manifest = self.core_intact(directory)
             if manifest is not None and manifest.get("kind") == "trained":
                 return stage.skip(f"{manifest['metrics']['accuracy']:.2%}")
             config = TrainConfig(model=plan.model, dataset=plan.dataset, data_dir=plan.data_dir, seed=plan.seed,
@@ -279,7 +279,7 @@ class Pipeline:
 
         plan, directory = self.plan, self.dir_of("base")
         with self._stage("train", f"import {plan.source.name} on {plan.dataset}") as stage:
-            manifest = self._core_intact(directory)
+            manifest = self.core_intact(directory)
             if manifest is not None and manifest.get("kind") == "imported" and \
                     (manifest.get("source") or {}).get("sha256") == sha256_file(plan.source):
                 return stage.skip(f"{manifest['metrics']['accuracy']:.2%}")
@@ -299,7 +299,7 @@ class Pipeline:
             parent_sha = self._model_sha(spec.parent)
             if parent_sha is None:
                 return stage.fail(f"its parent {spec.parent} failed or is damaged")
-            manifest = self._core_intact(directory)
+            manifest = self.core_intact(directory)
             if manifest is not None and (manifest.get("parent") or {}).get("model_sha256") == parent_sha:
                 return stage.skip(self._change(manifest))
             settings = dict(spec.settings)
@@ -324,7 +324,7 @@ class Pipeline:
         directory = self.dir_of(variant)
         formats = self.plan.formats_for(variant)
         with self._stage(f"export:{variant}", f"export {variant}: {', '.join(formats) or 'nothing'}") as stage:
-            manifest = self._core_intact(directory)
+            manifest = self.core_intact(directory)
             if manifest is None:
                 return stage.fail(f"{directory.name} failed or is damaged, so there is nothing to export")
             if not formats:
@@ -410,7 +410,7 @@ class Pipeline:
 
     def _run(self) -> dict:
         started = time.perf_counter()
-        self._prepare_out()
+        self.prepare_out()
         plan = self.plan
         self.say(f"EdgeKit pipeline: {plan.model} on {plan.dataset} -> {self.out}/  "
                  f"(variants: {', '.join(plan.variants) or 'none'})")

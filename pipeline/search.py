@@ -219,8 +219,8 @@ class Search:
         parent = self._make(recipe.parent()) if recipe.parent() else self.pipeline.dir_of("base")
         directory = self.out / f"{self.plan.model}-{self.name(recipe)}"
         with waiting_lock(directory):  # two workers on one recipe: the second reuses what the first made
-            manifest = self.pipeline._core_intact(directory)
-            parent_manifest = self.pipeline._core_intact(parent)
+            manifest = self.pipeline.core_intact(directory)
+            parent_manifest = self.pipeline.core_intact(parent)
             if manifest is not None and parent_manifest is not None and \
                     (manifest.get("parent") or {}).get("model_sha256") == model_sha256(parent_manifest):
                 return directory
@@ -372,7 +372,7 @@ def run_search(pipeline, *, objective: str, trials: int, timeout: float | None, 
         search.storage()  # a storage that cannot be opened fails now, not after training the base model
     if not worker:
         with waiting_lock(pipeline.out, pipeline.say):
-            pipeline._prepare_out()
+            pipeline.prepare_out()
             points = f"{budget:g} point{'' if budget == 1 else 's'}"
             pipeline.say(f"EdgeKit search: {pipeline.plan.model} on {pipeline.plan.dataset} -> {pipeline.out}/  "
                          f"(minimize {objective} within {points} of the float baseline; {trials} trials, "

@@ -148,7 +148,7 @@ def measure(path: str, threads: int, batch: int = 1, runs: int | None = None, se
         "invoke_ms": invoke, "call_ms": call,
         "overhead": call["median"] / invoke["median"] - 1.0,
         **_throughput(batch, call), "peak_rss_mb": _peak_rss_mb(), "cold_start": cold,
-        # whether one image's 8-bit pre- and post-processing ran compiled (runtime/backends/_kernels.c) or in numpy
+        # whether one image's 8-bit pre- and post-processing ran compiled (runtime/backends/kernels.c) or in numpy
         "one_image_path": "compiled" if kernels_built() else "numpy",
     }
 
@@ -199,7 +199,7 @@ def _measure_raw(path, threads, shapes, runs, seconds, warmup, seed, spawned) ->
 
 
 def kernels_built() -> bool:
-    """Whether the install built runtime.backends._kernels (the compiled one-image path of runtime/load.py)."""
+    """Whether the install built runtime.backends.kernels (the compiled one-image path of runtime/load.py)."""
 
     return importlib.import_module("runtime.backends.tensors").KERNELS is not None
 
@@ -460,7 +460,7 @@ def to_table(results: list[dict]) -> str:
                      "and shape (input_shapes in --json); call is RawModel.run (checks, every output copied); "
                      "img/s counts the first input's batch.")
     if results and results[0].get("one_image_path") == "numpy":
-        lines.append("runtime.backends._kernels is not built (no C compiler or Python headers at install): one image's "
+        lines.append("runtime.backends.kernels is not built (no C compiler or Python headers at install): one image's "
                      "8-bit input and output went through numpy, a few µs slower; same results.")
     if results:
         lines.append(f"size x and speed x are against {Path(results[0]['model']).name} at the same thread "

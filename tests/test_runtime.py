@@ -36,14 +36,14 @@ def _expect(message, fn, *args, **kwargs):
 
 
 def _compiled_kernels():
-    """runtime.backends._kernels, which the install builds where there is a C compiler (the test command needs one)."""
-    assert TENSORS.KERNELS is not None, "runtime.backends._kernels is not built: reinstall with a C compiler and headers"
+    """runtime.backends.kernels, which the install builds where there is a C compiler (the test command needs one)."""
+    assert TENSORS.KERNELS is not None, "runtime.backends.kernels is not built: reinstall with a C compiler and headers"
     return TENSORS.KERNELS
 
 
 @pytest.fixture(params=["compiled", "numpy"])
 def kernels(request, monkeypatch):
-    """A test run with the compiled one-pass kernels (runtime/backends/_kernels.c, which the install builds) and again
+    """A test run with the compiled one-pass kernels (runtime/backends/kernels.c, which the install builds) and again
     with numpy doing their work, as on an install without a C compiler."""
     if request.param == "compiled":
         _compiled_kernels()
@@ -240,7 +240,7 @@ def test_float_input_is_quantized_by_definition_at_every_step_and_edge(exported,
 
 
 def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_array(exported, digits, monkeypatch):
-    """What a user gets from one image does not depend on whether the install built runtime.backends._kernels: the same
+    """What a user gets from one image does not depend on whether the install built runtime.backends.kernels: the same
     quantized input, logits and probabilities to the bit, for float input and pixels; and a result is the
     caller's own (the kernels work in buffers kept by the model: the next call must not change it)."""
     _compiled_kernels()
@@ -268,7 +268,7 @@ def test_the_compiled_kernels_give_the_numpy_paths_bits_and_each_call_its_own_ar
 
 
 def test_the_compiled_kernels_check_their_arguments():
-    """runtime.backends._kernels reads and writes raw memory: a wrong argument is an exception or a refusal, never a
+    """runtime.backends.kernels reads and writes raw memory: a wrong argument is an exception or a refusal, never a
     read or write out of bounds."""
     kernels = _compiled_kernels()
     constants = np.array([0.5, -10, 10, 3, -128, 127], np.float32)
@@ -548,7 +548,7 @@ def test_bench_command_side_by_side(exported):
         assert row["load_ms"] > 0 and row["first_ms"] > 0 and row["peak_rss_mb"] > 10
         assert row["throughput_ips"] == pytest.approx(1000 / row["call_ms"]["mean"])  # sustained: slow calls count
         assert row["throughput_p50_ips"] == pytest.approx(1000 / row["call_ms"]["median"])
-        assert row["one_image_path"] == "compiled"  # the dev install built runtime.backends._kernels
+        assert row["one_image_path"] == "compiled"  # the dev install built runtime.backends.kernels
 
 
 def test_bench_an_artifact_directory_as_csv_and_table(exported):

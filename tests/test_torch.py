@@ -192,7 +192,7 @@ def test_report_on_the_foreign_artifact(int8_export):
 
 
 def test_one_image_takes_the_compiled_path_with_the_general_paths_answer(fixtures, digits, monkeypatch):
-    """predict on one image of a float-input model (the PyTorch files) runs the compiled path (runtime.backends._kernels:
+    """predict on one image of a float-input model (the PyTorch files) runs the compiled path (runtime.backends.kernels:
     pixels looked up channels first, softmax): within 4 ulp of the numpy path, each call its own array."""
     from runtime.backends import tensors as TENSORS  # KERNELS: the compiled kernels, None to take numpy's path
 

@@ -224,7 +224,7 @@ class Model(Feeding):
         preprocessed, quantized for an integer input, laid out as the model takes it (channels first for NCHW).
         Fed to a bare interpreter one row at a time, it gives this model's outputs: export's portable check."""
         x, pixels = self._checked(x)
-        return self._tensor(self._feed(x, pixels))
+        return self.to_layout(self._feed(x, pixels))
 
     def output_values(self, raw: np.ndarray) -> np.ndarray:
         """The float values (`logits`' meaning) of the output tensor as an interpreter gives it (dequantized)."""
@@ -338,7 +338,7 @@ class Model(Feeding):
         """An (N, H, W, C) input as an NCHW model takes it."""
         return np.ascontiguousarray(fed.transpose(0, 3, 1, 2))
 
-    def _tensor(self, fed: np.ndarray) -> np.ndarray:
+    def to_layout(self, fed: np.ndarray) -> np.ndarray:
         """The input tensor for a fed (N, H, W, C) batch: as it is, or channels first for an NCHW model."""
         return self._channels_first(fed) if self._nchw else fed
 

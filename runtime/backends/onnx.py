@@ -104,16 +104,16 @@ class ONNXModel(Model):
         return TensorInfo(node.name, shape, ONNX_DTYPES.get(node.type, node.type))
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: self._tensor(self._feed(x, pixels))})[0]
+        return self._session.run(self._names, {self.input.name: self.to_layout(self._feed(x, pixels))})[0]
 
     def _run_one(self, fed: np.ndarray) -> np.ndarray:
-        return self._session.run(self._names, {self.input.name: self._tensor(fed)})[0]
+        return self._session.run(self._names, {self.input.name: self.to_layout(fed)})[0]
 
     def invoker(self, x: np.ndarray):
         x, pixels = self._checked(x)
         if self.batch and len(x) != self.batch:
             raise self._fixed_batch_error()
-        run, names, feed = self._session.run, self._names, {self.input.name: self._tensor(self._feed(x, pixels))}
+        run, names, feed = self._session.run, self._names, {self.input.name: self.to_layout(self._feed(x, pixels))}
         return lambda: run(names, feed)
 
 

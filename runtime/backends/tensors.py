@@ -1,6 +1,6 @@
 """Tensors as the backends give them: their description (name, shape, dtype, quantization), quantizing and
 dequantizing by the model's own scale and zero point, the softmax, and the compiled one-pass kernels
-(runtime/backends/_kernels.c) as `KERNELS`, None when the install did not build them (numpy then does the same work)."""
+(runtime/backends/kernels.c) as `KERNELS`, None when the install did not build them (numpy then does the same work)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return z
 
 
-try:  # the compiled one-pass kernels (runtime/backends/_kernels.c), when the install built them; else numpy does the same
-    from runtime.backends import _kernels as KERNELS
+try:  # the compiled one-pass kernels (runtime/backends/kernels.c), when the install built them; else numpy does the same
+    from runtime.backends import kernels as KERNELS
 except ImportError:
     KERNELS = None
 

@@ -106,7 +106,7 @@ class TFLiteModel(Model):
     def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
         interpreter = self._interpreter
         fed = self._feed(x, pixels)
-        interpreter.set_tensor(self._in, self._tensor(fed))
+        interpreter.set_tensor(self._in, self.to_layout(fed))
         interpreter.invoke()
         return interpreter.get_tensor(self._out)
 
@@ -152,7 +152,7 @@ class TFLiteModel(Model):
         if self._loop and len(x) != self.batch:
             raise self._fixed_batch_error()
         fed = self._feed(x, pixels)
-        self._interpreter.set_tensor(self._in, self._tensor(fed))
+        self._interpreter.set_tensor(self._in, self.to_layout(fed))
         return self._interpreter.invoke
 
 

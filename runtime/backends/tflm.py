@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.backends.sparse import flatbuffer_schema
 from runtime.backends.tflite import TFLiteModel
 from runtime.errors import ArtifactError, EdgeKitError, WorkFailed
 
@@ -59,8 +60,6 @@ def tflm():
 
 
 def parse_model(data: bytes):
-    from runtime.backends.sparse import \
-        flatbuffer_schema  # the flatbuffer schema LiteRT ships, as the sparse decoder reads it
 
     schema = flatbuffer_schema()
     if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):
@@ -210,7 +209,7 @@ class MicroModel(TFLiteModel):
         self.batch, self._loop, self._resized, self._one_ready = 1, True, 1, True
 
     def _invoke(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        fed = self._tensor(self._feed(x, pixels))
+        fed = self.to_layout(self._feed(x, pixels))
         return self._run_one(fed) if len(fed) == 1 else np.concatenate([self._run_one(f[None]) for f in fed])
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
@@ -233,7 +232,7 @@ class MicroModel(TFLiteModel):
         x, pixels = self._checked(x)
         if len(x) != 1:
             raise self._fixed_batch_error()
-        fed = self._tensor(self._feed(x, pixels))
+        fed = self.to_layout(self._feed(x, pixels))
         micro = self._micro
 
         def invoke():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifacts.preprocessing import Preprocessing
-from runtime.datasets import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
+from runtime.datasets.dataset import SPLIT_SEED, Dataset, downloads_allowed, keras_cache_dir, stratified_split
 from runtime.datasets.download import fetch
 from runtime.errors import EdgeKitError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifacts.preprocessing import Preprocessing
-from runtime.datasets import SPLIT_SEED, Dataset, resize_pixels, stratified_split
+from runtime.datasets.dataset import SPLIT_SEED, Dataset, resize_pixels, stratified_split
 
 NPZ = Path(__file__).with_name("digits.npz")
 SIZE = (28, 28)

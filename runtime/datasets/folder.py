@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifacts.preprocessing import IMAGE_SUFFIXES, Preprocessing, image_to_pixels, is_colour, open_image
-from runtime.datasets import SPLIT_SEED, Dataset, stratified_split
+from runtime.datasets.dataset import SPLIT_SEED, Dataset, stratified_split
 from runtime.errors import EdgeKitError
 
 DEFAULT_SIZE = (28, 28)

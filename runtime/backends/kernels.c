@@ -1,4 +1,4 @@
-/* runtime.backends._kernels: one image's float input quantized, its pixels looked up (into 8-bit input, or float input in
+/* runtime.backends.kernels: one image's float input quantized, its pixels looked up (into 8-bit input, or float input in
  * either layout), and its output turned into probabilities, each in one pass (runtime/load.py). Optional: a plain install without a C compiler goes
  * without it, and load.py does the same work in numpy, with the same results.
  *
@@ -352,12 +352,12 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "runtime.backends._kernels",
+    PyModuleDef_HEAD_INIT, "runtime.backends.kernels",
     "One image's float input quantized, its pixels looked up, its 8-bit output made probabilities: one pass each.", -1,
     methods,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void)
+PyMODINIT_FUNC PyInit_kernels(void)
 {
     return PyModule_Create(&module);
 }
