@@ -12,7 +12,7 @@ from runtime.arguments import add_normalization
 from runtime.errors import EXIT_FAILED, ArgumentParser, EdgeKitError, run_cli, suggest
 from runtime.limits import size_argument
 from runtime.text import terminal
-from runtime.vocabulary import EXPORT_ALL
+from runtime.vocabulary import EXPORT_ALL, get_format
 
 TFLITE_QUANTIZE = {None: "float32", "float32": "float32", "float16": "float16", "dynamic": "dynamic",
                    "int8": "int8", "int16x8": "int16x8"}
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_accuracy_drop=args.max_accuracy_drop, keep_float=keep_float, explain=args.explain,
                      mean=args.mean, std=args.std, layout=args.layout, sparse=args.sparse,
                      max_ram=args.max_ram, max_flash=args.max_flash, allow_untrained=args.allow_untrained)
-    float_size = next((r.figures["size_bytes"] for r in results if r.format in ("float32", "onnx-float32") and r.passed),
+    float_size = next((r.figures["size_bytes"] for r in results if get_format(r.format).kind == "float" and r.passed),
                       None)
     width = max([10, *(len(r.format) for r in results)])
     print(f"\n{'format':<{width}} {'size':>10} {'gzip':>10} {'vs float':>8} {'max diff':>9} {'SQNR dB':>8} "

@@ -28,7 +28,6 @@ def _representative(calibration: np.ndarray):
     return generator
 
 
-SPARSE_FORMATS = ("float32", "dynamic", "int8")  # the converter's sparse encoding: tried for a pruned model's files
 SPARSE_ZEROS = 0.3  # the fraction of zero weights from which a sparse encoding is tried
 
 

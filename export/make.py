@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from export import onnx_source
 from export.settings import Settings
 from export.source import Source
 from optimize.api import qat_float_twin
@@ -65,7 +66,7 @@ def sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, z
 
 def onnx_float(src: Source, opset: int | None):
     """The float ModelProto: tf2onnx's of a Keras model, or an ONNX source's own graph (src.made records how)."""
-    from export import convert, onnx_source
+    from export import convert
 
     if src.kind == "onnx":
         proto, src.made = onnx_source.float_model(src.model, metadata(src))

@@ -23,8 +23,8 @@ from collections import Counter
 import numpy as np
 
 from export import firmware
-from runtime.backends import tflm
 from export.tflm_rounding import ROUNDING, first_differences, reference_outputs
+from runtime.backends import tflm
 from runtime.errors import ConversionError, VerificationError
 from runtime.limits import size_text
 

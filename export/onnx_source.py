@@ -35,7 +35,6 @@ from runtime.load import NotAClassifier, load
 
 MIN_OPSET = 13  # onnxruntime's per-channel QDQ int8 needs it
 MAX_PROTO_BYTES = 2 << 30  # protobuf's limit for one serialized model
-ONNX_FORMATS = ("onnx-float32", "onnx-int8", "onnx-int8-mixed")
 TFLITE_REFUSAL = ("a TFLite file is not made from an ONNX source: no ONNX-to-TFLite converter runs on EdgeKit's "
                   "known-good stack (onnx2tf pins tensorflow 2.19 and onnxruntime 1.23; see the README, "
                   "\"Models from PyTorch\"); export the PyTorch module with litert-torch (ai-edge-torch), then "

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_source import ONNX_FORMATS, TFLITE_REFUSAL, is_onnx
+from export import onnx_source, tflite_source
+from export.onnx_source import TFLITE_REFUSAL, is_onnx
 from export.tflite_source import check_formats, is_tflite
+from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
 from runtime.artifacts.manifest import MANIFEST, model_file, read_manifest
 from runtime.backends.model import Options
 from runtime.datasets import Dataset, load_for_manifest
@@ -58,7 +60,6 @@ class Source:
 
 
 def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
-    from export import onnx_source, tflite_source
 
     path = Path(source)
     if onnx_source.is_onnx(path) and not path.is_dir():
@@ -68,8 +69,6 @@ def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: b
         model, dataset = tflite_source.load_source(path, dataset_name, data_dir, options)
         return Source(path, model, dataset, None, path, "tflite")
     if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
-        from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
-
         manifest = read_manifest(path)  # load_model checks its files (not the exports, which may be redone)
         return Source(path, load_model(path, trust, manifest), load_for_manifest(manifest, data_dir), manifest,
                       model_file(path, manifest), manifest["kind"])
@@ -109,7 +108,7 @@ def source_options(path: Path, fmts, opset, mean, std, layout):
         if layout is not None:
             raise EdgeKitError("--layout is for an .onnx source; a Keras model takes channels-last (NHWC) input.")
         return Options(mean, std, None, None, None) if mean is not None or std is not None else None
-    other = [f.key for f in fmts if f.key not in ONNX_FORMATS]
+    other = [f.key for f in fmts if "onnx" not in f.sources]
     if other:
         raise EdgeKitError(f"{', '.join(other)}: {TFLITE_REFUSAL}.")
     if opset is not None:

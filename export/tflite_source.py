@@ -39,8 +39,8 @@ from runtime.errors import ConversionError, EdgeKitError
 from runtime.fileinfo import tflite_description
 from runtime.fsutil import check_readable_file
 from runtime.load import NotAClassifier, load
+from runtime.vocabulary import formats_from
 
-TFLITE_FORMATS = ("int8", "micro")  # what a TFLite source gives (an integer one: micro only)
 RECIPE = "static_wi8_ai8"  # ai-edge-quantizer's full-integer recipe
 
 
@@ -80,7 +80,7 @@ def is_tflite(path: Path) -> bool:
 
 
 def check_formats(path: Path, keys: list[str]) -> None:
-    other = [key for key in keys if key not in TFLITE_FORMATS]
+    other = [key for key in keys if key not in formats_from("tflite")]  # (an integer file: micro only)
     if other:
         raise EdgeKitError(f"{', '.join(other)}: a .tflite source is exported to int8 (a float file, quantized) and "
                            f"micro (checked and verified for TensorFlow Lite Micro, its C sources written); "

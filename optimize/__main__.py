@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from optimize.api import run
-from optimize.recipes import RECIPES, ClusterRecipe, CQATRecipe, PQATRecipe, PruneRecipe, QATRecipe
+from optimize.recipes import RECIPES
 from runtime.arguments import add_normalization
 from runtime.artifacts.manifest import MANIFEST, check_out_apart, lineage_paths, read_manifest
 from runtime.errors import ArgumentParser, EdgeKitError, run_cli, unknown
@@ -69,10 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m optimize", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Optimize an EdgeKit artifact with tensorflow-model-optimization.", epilog=EPILOG)
     commands = parser.add_subparsers(dest="technique", metavar="TECHNIQUE")
-    defaults = {"prune": PruneRecipe, "cluster": ClusterRecipe, "qat": QATRecipe, "pqat": PQATRecipe,
-                "cqat": CQATRecipe}
     for name, help_text in TECHNIQUES.items():
-        recipe = defaults[name]()
+        recipe = RECIPES[name]()
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _common(sub, recipe.epochs, recipe.lr)
         if name == "prune":

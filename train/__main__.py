@@ -16,6 +16,7 @@ from runtime.errors import ArgumentParser, EdgeKitError, run_cli
 from runtime.fsutil import check_output_dir, output_lock
 from train import resume
 from train.devices import check_spec
+from train.models import model_list  # names and descriptions only; no TensorFlow
 from train.trainer import TrainConfig, is_chief, train, write_artifact
 
 EPILOG = """\
@@ -76,8 +77,6 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.models import model_list  # names and descriptions only; no TensorFlow
-
     models = model_list()
     parser = ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -18,7 +18,7 @@ from runtime.errors import ArtifactError, EdgeKitError
 from runtime.limits import json_loads
 from runtime.load import finite, load
 from runtime.progress import bar
-from runtime.vocabulary import ALIASES, format_rank
+from runtime.vocabulary import ALIASES, FILE_FORMATS, format_rank
 
 
 def artifacts(root: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
@@ -177,7 +177,7 @@ def baseline(rows: list[dict]) -> dict | None:
     """The trained model's float32 TFLite file, else the first evaluated float file, else the first evaluated."""
     evaluated = [r for r in rows if r["status"] == "verified" and "accuracy" in r]
     for candidates in ([r for r in evaluated if r["variant"] == "base" and r["format"] == "float32"],
-                       [r for r in evaluated if r["format"] in ("float32", "onnx-float32")], evaluated):
+                       [r for r in evaluated if FILE_FORMATS.get(r["format"]) and FILE_FORMATS[r["format"]].kind == "float"], evaluated):
         if candidates:
             return candidates[0]
     return None
