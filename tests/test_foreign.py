@@ -38,6 +38,13 @@ MODELS = {
 # EfficientNetB0's 240 layers take minutes per format to convert on 2 cores: the suite exports it to one file
 # per backend and kind (the TFLite float file is the one whose dynamic shapes once broke the runtime).
 FORMATS_OF = {"efficientnet_b0": ["float32", "int8", "onnx-float32"]}
+# The formats each model must pass, and the rule each other one breaks: a quantization regression fails here. One
+# epoch on 256 images leaves the models near chance, so 8-bit files of them flip most top-1 answers (the agreement
+# floor), and onnxruntime's calibration collects nothing for the separable model's graph (its refusal, a conversion
+# failure); 16-bit activations and float16 weights stay faithful.
+MUST_PASS = {"separable": {"float32", "float16", "dynamic", "int16x8", "onnx-float32"},
+             "efficientnet_b0": {"float32", "onnx-float32"}}
+FAILED_RULE = {"separable": {"int8": "agreement", "onnx-int8": "conversion"}, "efficientnet_b0": {"int8": "agreement"}}
 
 
 def _make(name: str, directory: str):
@@ -77,10 +84,10 @@ def foreign(request, tmp_path_factory, digits):
 def test_every_format_is_verified_or_fails_with_a_reason(foreign):
     name, results, _, _ = foreign
     assert set(results) == set(FORMATS_OF.get(name, EXPORT_ALL))
+    assert {k for k, r in results.items() if r.passed} == MUST_PASS[name], {k: r.message for k, r in results.items()}
     for key, result in results.items():
         assert result.passed or result.message.startswith(f"{key}: "), (name, key, result.message)
-    assert results["float32"].passed and results["onnx-float32"].passed, (name, results["float32"].message,
-                                                                  results["onnx-float32"].message)
+    assert {k: r.rule for k, r in results.items() if not r.passed} == FAILED_RULE[name]
 
 
 def test_softmax_outputs_are_recorded_and_not_normalized_again(foreign):
