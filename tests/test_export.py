@@ -201,6 +201,25 @@ def test_one_rule_fails_broken_and_untrained_models_and_passes_large_logits(kera
     assert isinstance(failure, FloatMismatch) and "outputs differ" in str(failure)
 
 
+@pytest.mark.parametrize("count", [40, 32])
+def test_onnx_int8_calibrates_on_every_image_it_is_given(exported, count):
+    """The first of `count` images alone reaches 1.0, the others stay under 0.1: the input's int8 range covers
+    [0, 1] only if every image was calibrated on. (With onnxruntime's CalibMaxIntermediateOutputs of 16, 1.31 threw
+    away each 16 images it collected: 40 images calibrated on the last 8, and 32 on none, "No data is collected".)"""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.convert import onnx_int8
+
+    proto = onnx.load(exported[0] / "model.onnx-float32.onnx")
+    images = np.random.default_rng(0).uniform(0, 0.1, (count, 28, 28, 1)).astype(np.float32)
+    images[0] = 1.0
+    quantized = onnx.load_from_string(onnx_int8(proto, images, "minmax", {}))
+    weights = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    first = next(n for n in quantized.graph.node if n.op_type == "QuantizeLinear")  # the input (through a Reshape)
+    assert float(weights[first.input[1]]) * 255 == pytest.approx(1.0, rel=0.01)  # asymmetric int8: (max - min) / 255
+
+
 def test_the_portable_check_runs_a_file_as_the_users_app_does():
     """export/portable.py on real files: the dense int8 fixture answers in bare LiteRT (XNNPACK) exactly as in
     EdgeKit's runtime; its sparse twin is refused by bare LiteRT, in LiteRT's own words."""
