@@ -98,14 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "in any LiteRT")
     parser.add_argument("--dataset", help="for a bare model file: dataset giving preprocessing, labels, data")
     foreign = parser.add_argument_group(
-        "a model file from elsewhere: .keras, .h5, SavedModel, or .onnx (PyTorch's torch.onnx.export, any exporter)",
+        "a model file from elsewhere: .keras, .h5, SavedModel, .onnx (PyTorch's torch.onnx.export, any exporter), "
+        ".tflite, or .pt2 (PyTorch's torch.export.save)",
         "--dataset gives its labels, test and calibration images; --mean and --std say how pixels become its input "
         "as it was trained (without them the dataset's own scaling is fed, and export says so; a model scoring "
         "under twice chance on the test split is refused: its preprocessing is most likely another). An .onnx "
         "file exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node "
         "name), each verified against the source file run by onnxruntime; an opset below 13 is upgraded first; "
         "external data (model.onnx.data) must be beside the file; no TFLite file is made from ONNX. --layout is "
-        "for an .onnx file (a Keras model takes NHWC).")
+        "for an .onnx file (a Keras model takes NHWC). A .pt2 file (the torch extra: litert-torch) exports to "
+        "float32, int8 (PT2E) and --micro, NHWC, each verified against the program run by torch; it is loaded "
+        "without running pickled code unless --trust-model.")
     add_normalization(foreign)
     foreign.add_argument("--allow-untrained", action="store_true",
                          help="export a model that scores under twice chance on the test split (an untrained "

@@ -153,6 +153,10 @@ def _note_preprocessing(src: Source, options, progress) -> None:
     if (src.kind == "onnx" and src.model.runtime.preprocessing is None) or (src.kind == "bare" and options is None):
         progress(f"note: no --mean/--std given; feeding the model the dataset's preprocessing, "
                  f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std as the model was trained")
+    elif src.kind == "torch" and options is None:
+        progress(f"note: no --mean/--std given; feeding the program the dataset's preprocessing, "
+                 f"{describe_preprocessing(src.dataset.preprocessing)}: pass --mean and --std as the model was trained "
+                 "(pixel units: 127.5 and 127.5 for Normalize(0.5, 0.5))")
     elif src.kind == "tflite" and options is None:
         how = "as its own int8 quantization says (pixels - 128)" if src.model.integer else "as the dataset's"
         progress(f"note: no --mean/--std given; pixels become the file's input {how}, "

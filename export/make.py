@@ -178,6 +178,11 @@ def _tflite_from_tflite(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | No
     return maker.src.model.int8(maker.calibration)
 
 
+def _tflite_from_torch(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]:
+    """litert-torch's float file of a torch.export program, or its PT2E int8 file (also the micro file)."""
+    return maker.src.model.float32() if fmt.kind == "float" else maker.src.model.int8(maker.calibration)
+
+
 def _onnx(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]:
     """tf2onnx's float graph (or an ONNX source's own), and onnxruntime's static int8 of it."""
     from export import convert
@@ -197,4 +202,5 @@ MAKERS = {
     ("qat", "tflite"): _tflite_from_qat,
     ("onnx", "onnx"): _onnx,
     ("tflite", "tflite"): _tflite_from_tflite,
+    ("torch", "tflite"): _tflite_from_torch,
 }

@@ -134,6 +134,9 @@ def origin(src: Source) -> dict:
     """What a sidecar and the manifest record of an ONNX source: its producer and opset, how it was upgraded."""
     if src.kind == "tflite":
         return {"producer": src.model.producer(), "layout": src.layout}
+    if src.kind == "torch":  # the program takes (1, C, H, W); its files NHWC (litert-torch's to_channel_last_io)
+        return {"producer": src.model.producer(), "layout": "nhwc", "program_layout": "nchw",
+                "program_input": list(src.model.shape)}
     if src.kind != "onnx":
         return {}
     return {"producer": src.model.producer(), "opset": src.model.opset(), "layout": src.layout,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import onnx_source, tflite_source
+from export import onnx_source, tflite_source, torch_source
 from export.onnx_source import TFLITE_REFUSAL, is_onnx
 from export.tflite_source import check_formats, is_tflite
 from optimize import load_model  # optimize's public loader rebuilds quantization-aware models
@@ -18,7 +18,7 @@ from runtime.backends.model import Options
 from runtime.datasets import Dataset, load_for_manifest
 from runtime.errors import EdgeKitError
 from runtime.metrics import check_above_chance
-from runtime.vocabulary import QUANTIZATION_AWARE
+from runtime.vocabulary import QUANTIZATION_AWARE, formats_from
 from train.foreign import load_classifier
 from train.graph import ends_in_softmax
 from train.safe_load import KERAS_SUFFIXES, is_saved_model
@@ -44,15 +44,16 @@ class Source:
     @property
     def maker(self) -> str:
         """What its files are made from (runtime.vocabulary's FileFormat.sources): keras, qat (a quantization-aware
-        model), onnx or tflite."""
-        if self.kind in ("onnx", "tflite"):
+        model), onnx, tflite or torch (a torch.export program)."""
+        if self.kind in ("onnx", "tflite", "torch"):
             return self.kind
         return "qat" if self.kind in QUANTIZATION_AWARE else "keras"
 
     @property
     def reference(self) -> str:
         """What every file is verified against."""
-        return {"onnx": "the source ONNX file", "tflite": "the source TFLite file"}.get(self.kind, "Keras")
+        return {"onnx": "the source ONNX file", "tflite": "the source TFLite file",
+                "torch": "the source PyTorch program"}.get(self.kind, "Keras")
 
     def onnx_input(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed NHWC images as the ONNX graph's input: tf2onnx's graphs take NHWC, an ONNX source's its own."""
@@ -68,6 +69,9 @@ def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: b
     if tflite_source.is_tflite(path):
         model, dataset = tflite_source.load_source(path, dataset_name, data_dir, options)
         return Source(path, model, dataset, None, path, "tflite")
+    if torch_source.is_pt2(path):
+        model, dataset = torch_source.load_source(path, dataset_name, data_dir, options, trust)
+        return Source(path, model, dataset, None, path, "torch")
     if (path / MANIFEST).is_file() or (path.is_dir() and (path / MANIFEST).is_symlink()):
         manifest = read_manifest(path)  # load_model checks its files (not the exports, which may be redone)
         return Source(path, load_model(path, trust, manifest), load_for_manifest(manifest, data_dir), manifest,
@@ -75,10 +79,10 @@ def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: b
     if not (is_saved_model(path) or path.suffix in KERAS_SUFFIXES):
         if not path.exists():
             raise EdgeKitError(f"{path} does not exist; expected an EdgeKit artifact directory, a .keras or .h5 "
-                               "file, a SavedModel directory, an .onnx or a .tflite file.")
+                               "file, a SavedModel directory, an .onnx, a .tflite or a .pt2 file.")
         raise EdgeKitError(
             f"{path} is neither an EdgeKit artifact directory nor a model file; expected an artifact, "
-            "a .keras or .h5 file, a SavedModel directory, an .onnx or a .tflite file."
+            "a .keras or .h5 file, a SavedModel directory, an .onnx, a .tflite or a .pt2 file (torch.export.save)."
         )
     if dataset_name is None:
         raise EdgeKitError(
@@ -96,6 +100,16 @@ def source_options(path: Path, fmts, opset, mean, std, layout):
     an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
     is its manifest's, so they are refused there."""
 
+    if torch_source.is_pt2(path):
+        other = [f.key for f in fmts if "torch" not in f.sources]
+        if other:
+            raise EdgeKitError(f"{', '.join(other)}: a .pt2 source is exported to "
+                               f"{', '.join(formats_from('torch'))} (litert-torch); its ONNX file is PyTorch's own "
+                               "torch.onnx.export, which `python -m export` takes as an .onnx source.")
+        if layout is not None or opset is not None:
+            raise EdgeKitError("--layout and --opset are for an .onnx source; a .pt2 program's layout is read from its "
+                               "input, and its files take NHWC images.")
+        return Options(mean, std, None, None, None) if mean is not None or std is not None else None
     if is_tflite(path):
         check_formats(path, [f.key for f in fmts])
         if layout is not None:

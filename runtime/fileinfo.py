@@ -152,6 +152,7 @@ def describe(path: str | Path) -> dict:
     try:
         model = load(path)
         bare = (model.sidecar or {}).get("bare")
+        info["made_from"] = _made_from(model.sidecar or {})
         info["deploy"] = {"needs_edgekit": needs_edgekit(model.sidecar),
                           "verified_in": bare["runtime"] if isinstance(bare, dict) and bare.get("passed") else None}
         info["classifier"] = {"image_classifier": True, "layout": model.layout, "image": list(model.input_shape),
@@ -163,6 +164,15 @@ def describe(path: str | Path) -> dict:
         info["classifier"] = {"image_classifier": False, "reason": str(exc).replace(f"{path}: ", "")
                               .replace(f"{path} ", "")}
     return info
+
+
+def _made_from(sidecar: dict) -> dict | None:
+    """What a sidecar says the file was made from (its source's kind and producer) and by which tool."""
+    source = sidecar.get("source") if isinstance(sidecar.get("source"), dict) else {}
+    tool = next((sidecar[k] for k in ("quantized_by", "converted_by") if isinstance(sidecar.get(k), dict)), {})
+    made = {"kind": source.get("kind"), "producer": source.get("producer"),
+            "tool": " ".join(str(tool[k]) for k in ("tool", "version") if tool.get(k)) or None}
+    return {k: v if isinstance(v, str) else None for k, v in made.items()} if any(made.values()) else None
 
 
 def _tensor_line(t: dict) -> str:
@@ -184,6 +194,10 @@ def show(info: dict) -> None:
         print(f"sidecar      {terminal(info['sidecar'])} (labels, preprocessing and verification from EdgeKit's export)")
     if info.get("producer"):
         print(f"producer     {terminal(info['producer'])}")
+    made = info.get("made_from") or {}
+    if made.get("producer") or made.get("tool"):
+        print(f"made from    {terminal(made.get('producer') or made.get('kind') or 'its source')}"
+              + (f", by {terminal(made['tool'])}" if made.get("tool") else ""))
     if info.get("opset") is not None:
         used = {op.rsplit(".", 1)[0] for op in info["ops"] if "." in op}  # the other domains the graph's ops use
         others = ", ".join(f"{d} {v}" for d, v in info.get("opsets", {}).items() if d in used)

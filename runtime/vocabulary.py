@@ -96,7 +96,7 @@ class FileFormat:
     extra: tuple[str, ...] = ()  # suffixes of the files written beside it (a micro file's C sources)
     verifier: str = ""  # the runtime whose outputs are verified: its backend's, or "tflm"
     sparse: bool = False  # the TFLite converter may store a pruned model's weights sparse in it
-    sources: frozenset = frozenset({"keras"})  # what it is made from: keras, qat, onnx, tflite (a float .tflite)
+    sources: frozenset = frozenset({"keras"})  # what makes it: keras, qat, onnx, tflite (a float .tflite), torch (.pt2)
 
     @property
     def filename(self) -> str:
@@ -118,13 +118,14 @@ class FileFormat:
 
 
 FILE_FORMATS = {f.key: f for f in (  # in display order; the first is the float baseline
-    FileFormat("float32", ".tflite", "tflite", "float", "#1f77b4", "TFLite float32", sparse=True),
+    FileFormat("float32", ".tflite", "tflite", "float", "#1f77b4", "TFLite float32", sparse=True,
+               sources=frozenset({"keras", "torch"})),
     FileFormat("float16", ".tflite", "tflite", "quantized", "#17becf", "TFLite with float16 weights"),
     FileFormat("dynamic", ".tflite", "tflite", "quantized", "#2ca02c",
                "TFLite dynamic range: int8 weights, float activations", sparse=True),
     FileFormat("int8", ".tflite", "tflite", "quantized", "#d62728",
                "TFLite full integer: int8 weights, activations, input and output", True, _CALIBRATION, sparse=True,
-               sources=frozenset({"keras", "qat", "tflite"})),
+               sources=frozenset({"keras", "qat", "tflite", "torch"})),
     FileFormat("int16x8", ".tflite", "tflite", "quantized", "#ff7f0e", "TFLite 16-bit activations, 8-bit weights",
                True, _CALIBRATION),
     FileFormat("onnx-float32", ".onnx", "onnx", "float", "#9467bd", "ONNX float32 via tf2onnx, dynamic batch",
@@ -141,7 +142,7 @@ FILE_FORMATS = {f.key: f for f in (  # in display order; the first is the float 
     FileFormat("micro", ".tflite", "tflite", "quantized", "#393b79",
                "TFLite full integer for TensorFlow Lite Micro: int8 input and output, TFLM's operators only, "
                "verified in TFLM's interpreter, with model.micro.cc/.h (C array, op resolver)", True, _CALIBRATION,
-               "micro", (".cc", ".h"), "tflite-micro", sources=frozenset({"keras", "qat", "tflite"})),
+               "micro", (".cc", ".h"), "tflite-micro", sources=frozenset({"keras", "qat", "tflite", "torch"})),
 )}
 ALIASES = {"onnx": "onnx-float32"}  # accepted on the command line, never written
 EXPORT_ALL = {k: f for k, f in FILE_FORMATS.items() if f.menu == "all"}  # export --all

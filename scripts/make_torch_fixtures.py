@@ -16,6 +16,11 @@ Every model is trained on EdgeKit's embedded digits (28x28, the training split o
                             external data file cnn_dynamo.onnx.data
     rgb_imagenet.onnx       3-channel CNN taking ImageNet's per-channel mean and std, opset 13
     two_outputs.onnx        not a classifier: the CNN's logits and its pooled features, two outputs, opset 17
+    cnn.pt2                 the 1-channel CNN trained again the same way, saved with torch.export.save: the ExportedProgram
+                            archive, batch 1, NCHW, as a .pt2 source of `export --tflite`
+    rgb_imagenet.pt2        the 3-channel CNN, the same way
+
+`--pt2-only` writes the .pt2 files alone (the ONNX files stay as committed; each .pt2 records its own accuracy).
 
 `versions.json` records torch's version, the seed and each model's float accuracy on the digits test split.
 """
@@ -89,17 +94,34 @@ def export(net, channels: int, path: Path, opset: int | None, outputs=("logits",
                           output_names=list(outputs), dynamic_axes=axes)
 
 
+def save_pt2(net, channels: int, path: Path) -> None:
+    """torch.export.save of the module exported at batch 1 (NCHW), as PyTorch 2 documents it."""
+    torch.export.save(torch.export.export(net, (torch.zeros(1, channels, 28, 28),)), str(path))
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
+    pt2_only = "--pt2-only" in sys.argv[1:]
+    gray, gray_accuracy = train(1, (127.5,), (127.5,))
+    rgb, rgb_accuracy = train(3, IMAGENET_MEAN, IMAGENET_STD)
+    save_pt2(gray, 1, OUT / "cnn.pt2")
+    save_pt2(rgb, 3, OUT / "rgb_imagenet.pt2")
+    record = json.loads((OUT / "versions.json").read_text()) if pt2_only else {
+        "torch": torch.__version__, "seed": 0, "dataset": "digits", "models": {}}
+    for name, accuracy, stats in (("cnn_pt2", gray_accuracy, ((127.5,), (127.5,))),
+                                  ("rgb_imagenet_pt2", rgb_accuracy, (IMAGENET_MEAN, IMAGENET_STD))):
+        record["models"][name] = {"file": name.replace("_pt2", ".pt2"), "mean": list(stats[0]), "std": list(stats[1]),
+                                  "layout": "nchw", "test_accuracy": accuracy, "exporter": "torch.export.save"}
+    if pt2_only:
+        (OUT / "versions.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["models"], indent=2))
+        return 0
     for old in OUT.glob("*.onnx*"):
         old.unlink()
-    record = {"torch": torch.__version__, "seed": 0, "dataset": "digits", "models": {}}
-    gray, gray_accuracy = train(1, (127.5,), (127.5,))
     for name, opset, dynamo in (("cnn_opset11", 11, False), ("cnn_opset17", 17, False), ("cnn_dynamo", None, True)):
         export(gray, 1, OUT / f"{name}.onnx", opset, dynamo=dynamo)
         record["models"][name] = {"mean": [127.5], "std": [127.5], "layout": "nchw", "test_accuracy": gray_accuracy,
                                   "exporter": "dynamo" if dynamo else "legacy (dynamo=False)", "opset": opset}
-    rgb, rgb_accuracy = train(3, IMAGENET_MEAN, IMAGENET_STD)
     export(rgb, 3, OUT / "rgb_imagenet.onnx", 13)
     record["models"]["rgb_imagenet"] = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "nchw",
                                         "test_accuracy": rgb_accuracy, "exporter": "legacy (dynamo=False)",

@@ -16,7 +16,7 @@ FACES = ("api",)  # a stage's public functions (optimize.api, export.api): one n
 # Imported inside functions, where they are used: what a plain runtime install does not have, or what takes seconds
 # to import (TensorFlow and what is built on it), or what only one command needs.
 OPTIONAL = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "tf2onnx", "onnx", "onnxruntime.quantization",
-            "optuna", "sqlalchemy", "matplotlib", "scipy", "tqdm", "tflite_micro", "torch", "litert_torch",
+            "optuna", "sqlalchemy", "matplotlib", "scipy", "tqdm", "tflite_micro", "torch", "torchao", "litert_torch",
             "ai_edge_quantizer", "ai_edge_litert.tools", "flatbuffers", "h5py", "tensorboard", "sklearn")
 # What each stage must never import (../shared/DESIGN.md, "Layers and who may import whom").
 FORBIDDEN = {"runtime": ("train", "optimize", "export", "pipeline"), "train": ("optimize", "export", "pipeline"),

@@ -192,7 +192,7 @@ def test_an_interrupted_export_is_not_taken_for_complete(quick_copy, monkeypatch
     def interrupted(*args, **kwargs):  # Ctrl-C after the file is in place, before it is recorded
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.api, "_record", interrupted)
+    monkeypatch.setattr(export.api, "record_exports", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(Plan(quick=True, out=quick_copy), say=_quiet)
     assert (quick_copy / "fashion_cnn-qat" / "model.int8.tflite").is_file()  # on disk, but not recorded

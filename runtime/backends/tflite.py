@@ -111,8 +111,8 @@ class TFLiteModel(Model):
         return interpreter.get_tensor(self._out)
 
     def _run(self, x: np.ndarray, pixels: bool) -> np.ndarray:
-        if self._loop:
-            return self._invoke(x, pixels)
+        if self._loop:  # a chunk cut before the graph refused resizing (a fixed batch) runs in the graph's batches
+            return self._invoke(x, pixels) if len(x) == self.batch else self._looped(x, pixels)
         if not self._resize(len(x)):
             return self._looped(x, pixels)
         y = self._invoke(x, pixels)
