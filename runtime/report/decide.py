@@ -248,6 +248,8 @@ def recommend(rows: list[dict], comparer: Comparer, budget: float) -> list[dict]
         if not measured:
             continue
         pool = candidates(rows, objective)
+        if not pool and all(r.get("excluded") for r in measured):
+            continue  # the files with this figure are for another target (a micro file's arena, for a Pi): not asked
         if not pool:
             fitting = [r for r in measured if not r.get("over_budget")]  # within the accuracy budget, over RAM/flash
             closest = (min(fitting, key=lambda r: r[objective.cost]) if fitting and objective.key == "arena" else
