@@ -108,13 +108,13 @@ def main() -> int:
     save_pt2(rgb, 3, OUT / "rgb_imagenet.pt2")
     record = json.loads((OUT / "versions.json").read_text()) if pt2_only else {
         "torch": torch.__version__, "seed": 0, "dataset": "digits", "models": {}}
-    for name, accuracy, stats in (("cnn_pt2", gray_accuracy, ((127.5,), (127.5,))),
-                                  ("rgb_imagenet_pt2", rgb_accuracy, (IMAGENET_MEAN, IMAGENET_STD))):
-        record["models"][name] = {"file": name.replace("_pt2", ".pt2"), "mean": list(stats[0]), "std": list(stats[1]),
-                                  "layout": "nchw", "test_accuracy": accuracy, "exporter": "torch.export.save"}
+    record["programs"] = {name: {"mean": list(stats[0]), "std": list(stats[1]), "layout": "nchw", "test_accuracy": accuracy,
+                                 "exporter": "torch.export.save"}
+                          for name, accuracy, stats in (("cnn.pt2", gray_accuracy, ((127.5,), (127.5,))),
+                                                        ("rgb_imagenet.pt2", rgb_accuracy, (IMAGENET_MEAN, IMAGENET_STD)))}
     if pt2_only:
         (OUT / "versions.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(json.dumps(record["models"], indent=2))
+        print(json.dumps(record["programs"], indent=2))
         return 0
     for old in OUT.glob("*.onnx*"):
         old.unlink()
