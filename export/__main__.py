@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(failed)} of {len(results)} export(s) failed: {'; '.join(r.message for r in failed)}",
               file=sys.stderr)
         if args.verbose:
-
             for r in failed:
                 if r.error is not None and (r.error.__cause__ or r.error.__context__):
                     print(f"{r.format} caused by:", file=sys.stderr)

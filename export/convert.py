@@ -108,8 +108,10 @@ def to_onnx(model, opset: int, metadata: dict[str, str]):
 
 
 def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, str], exclude=(),
-              cache: str | None = None, ticking: bool = False) -> bytes:
-    """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations.
+              cache: str | None = None, ticking: bool = False, scheme: dict | None = None) -> bytes:
+    """Static QDQ quantization with onnxruntime: per-channel int8 weights, int8 activations (export's scheme;
+    `scheme` overrides quantize_static's quant_format, per_channel, activation_type, weight_type or reduce_range:
+    scripts/onnx_int8_settings.py measures others).
 
     `model`: a float ModelProto, or the path of one already through `quant_pre_process`. `exclude`: graph nodes
     left float (`nodes_to_exclude`). `cache`: a file for onnxruntime's calibration cache, so that quantizing the
@@ -160,8 +162,9 @@ def onnx_int8(model, calibration: np.ndarray, method: str, metadata: dict[str, s
                 quant_pre_process(source, prepared)
             input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(prepared, target, Reader(input_name, tick), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                quantize_static(prepared, target, Reader(input_name, tick), **{
+                                    "quant_format": QuantFormat.QDQ, "per_channel": True,
+                                    "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, **(scheme or {})},
                                 calibrate_method=methods[method], nodes_to_exclude=list(exclude) or None,
                                 calibration_cache_path=cache,
                                 # ranges computed every stride of images and merged, instead of every

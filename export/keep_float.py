@@ -35,7 +35,6 @@ def selective_formats(src, fmts, out, calibration, keep_float, explain, budget, 
             continue
         progress(f"{plain}: calibrating once for selective quantization ...")
         if src.kind == "onnx":
-
             chooser = node_selective(src.model, onnx_proto, calibration, method, metadata(src))
         else:
             chooser = (sel.Selective(src.model, calibration) if plain == "int8" else

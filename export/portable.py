@@ -38,7 +38,6 @@ def bare_outputs(path: Path, backend: str, tensors: np.ndarray) -> np.ndarray:
     """The output tensor for each row of `tensors` (each fed as a batch of one), from bare LiteRT or onnxruntime
     with their default options. Raises what the runtime raises."""
     if backend == "tflite":
-
         interpreter = Interpreter(model_path=str(path))  # the defaults a user's app gets: XNNPACK applied
         interpreter.allocate_tensors()
         (source,), (sink,) = interpreter.get_input_details(), interpreter.get_output_details()

@@ -145,7 +145,6 @@ def origin(src: Source) -> dict:
 
 def opset_written(src: Source, opset: int | None) -> int:
     if src.kind == "onnx":
-
         return max(src.model.opset(), MIN_OPSET)
     return opset or default_opset()
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime_source import RuntimeSource
 from runtime.artifacts.preprocessing import Preprocessing
 from runtime.datasets import dataset_for_model
 from runtime.errors import ArtifactError, ConversionError, EdgeKitError, UntrustedModel
 from runtime.fsutil import check_readable_file
+from runtime.text import terminal
 
 SUFFIX = ".pt2"
 EXTRA = ("pip install 'edgekit-ml[torch]' after PyTorch's CPU wheel (pip install torch==2.13.0 --index-url "
@@ -74,7 +74,7 @@ def check_archive(path: Path, data: bytes) -> None:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
     except (zipfile.BadZipFile, ValueError) as exc:
-        raise ArtifactError(f"{path.name} is not a torch.export archive (a .pt2 zip file): {exc}.") from None
+        raise ArtifactError(f"{path.name} is not a torch.export archive (a .pt2 zip file): {terminal(exc)}.") from None
     if len(members) > MAX_MEMBERS or sum(m.file_size for m in members) > MAX_BYTES:
         raise ArtifactError(f"{path.name} holds {len(members):,} members, "
                             f"{sum(m.file_size for m in members):,} bytes unpacked; expected an image classifier's "
@@ -90,15 +90,18 @@ def check_archive(path: Path, data: bytes) -> None:
         if not rel.startswith("data/") or not rel.endswith("_config.json"):
             continue
         if member.file_size > MAX_CONFIG_BYTES:
-            raise ArtifactError(f"{path.name}: {member.filename} is {member.file_size:,} bytes; expected a config.")
+            raise ArtifactError(f"{path.name}: {terminal(member.filename[:200])} is {member.file_size:,} bytes; expected "
+                                "a config.")
         try:
             config = json.loads(archive.read(member)).get("config", {})
             entries = [(name, entry.get("path_name", "")) for name, entry in config.items()]
         except (ValueError, AttributeError, TypeError) as exc:
-            raise ArtifactError(f"{path.name}: {member.filename} is not torch.export's config ({exc}).") from None
+            raise ArtifactError(f"{path.name}: {terminal(member.filename[:200])} is not torch.export's config "
+                                f"({terminal(str(exc)[:200])}).") from None
         code = [name for name, file in entries if str(file).startswith(CODE_PREFIXES)]
         if code:
-            raise UntrustedModel(f"{path.name} holds objects torch loads by running code ({', '.join(code[:3])}: "
+            raise UntrustedModel(f"{path.name} holds objects torch loads by running code "
+                                 f"({terminal(', '.join(str(c)[:60] for c in code[:3]))}: "
                                  "TorchScript or pickled Python objects); export a module whose state is tensors, "
                                  "or pass --trust-model if you trust where it came from.")
 
@@ -142,22 +145,24 @@ def load_program(path: Path, trust: bool):
             return torch.export.load(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 -- torch raises assorted types for a file it cannot read
         if refused:
-            raise UntrustedModel(f"{path.name} holds pickled data that is not plain tensors ({refused[0]}); loading it "
+            raise UntrustedModel(f"{path.name} holds pickled data that is not plain tensors ({terminal(refused[0])}); "
+                                 "loading it "
                                  "would run code. Pass --trust-model if you trust where it came from.") from exc
         raise ArtifactError(f"{path.name} could not be loaded by torch.export.load: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}.") from exc
+                            f"{terminal(str(exc).splitlines()[0][:300]) if str(exc) else type(exc).__name__}.") from exc
 
 
 @dataclasses.dataclass
-class TorchSource(RuntimeSource):
+class TorchSource:
     """A torch.export program run by torch, standing where export otherwise holds a Keras model: channels-first
     (the program's) input fed from NHWC images, its outputs as export's reference."""
 
-    program: object = None  # torch.export.ExportedProgram
-    module: object = None  # its GraphModule
-    shape: tuple = ()  # the program's input shape, (1, C, H, W)
+    path: Path
+    program: object  # torch.export.ExportedProgram
+    module: object  # its GraphModule
+    shape: tuple  # the program's input shape, (1, C, H, W)
     preprocessing: Preprocessing | None = None
-    made: dict = dataclasses.field(default_factory=dict)  # format key -> bytes, each file converted once
+    files: dict = dataclasses.field(default_factory=dict)  # format key -> bytes, each file converted once
 
     @property
     def layout(self) -> str:
@@ -199,19 +204,19 @@ class TorchSource(RuntimeSource):
             return Path(target).read_bytes()
 
     def float32(self) -> tuple[bytes, dict]:
-        if "float32" not in self.made:
+        if "float32" not in self.files:
             _, litert_torch = _modules()
             module, sample = self._nhwc()
             try:
                 with _quiet():
-                    self.made["float32"] = self._tflite(litert_torch.convert(module, sample))
+                    self.files["float32"] = self._tflite(litert_torch.convert(module, sample))
             except Exception as exc:  # noqa: BLE001 -- litert-torch raises assorted types
-                raise ConversionError(f"litert-torch could not convert the program: {str(exc)[:300]}") from exc
-        return self.made["float32"], {"converted_by": _tool()}
+                raise ConversionError(f"litert-torch could not convert the program: {terminal(str(exc)[:300])}") from exc
+        return self.files["float32"], {"converted_by": _tool()}
 
     def int8(self, calibration: np.ndarray) -> tuple[bytes, dict]:
         """PT2E static int8, calibrated on `calibration` (preprocessed NHWC images), one image per run."""
-        if "int8" not in self.made:
+        if "int8" not in self.files:
             torch, litert_torch = _modules()
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
@@ -226,12 +231,12 @@ class TorchSource(RuntimeSource):
                         for i in range(len(calibration)):
                             prepared(torch.from_numpy(np.ascontiguousarray(calibration[i:i + 1], np.float32)))
                     converted = convert_pt2e(prepared, fold_quantize=False)
-                    self.made["int8"] = self._tflite(litert_torch.convert(
+                    self.files["int8"] = self._tflite(litert_torch.convert(
                         converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer)))
             except Exception as exc:  # noqa: BLE001 -- torch and litert-torch raise assorted types
                 raise ConversionError(f"litert-torch could not quantize the program to int8: "
-                                      f"{str(exc)[:300]}") from exc
-        return self.made["int8"], {"quantized_by": {**_tool(), "recipe": RECIPE}}
+                                      f"{terminal(str(exc)[:300])}") from exc
+        return self.files["int8"], {"quantized_by": {**_tool(), "recipe": RECIPE}}
 
     def producer(self) -> str:
         torch, _ = _modules()
@@ -269,7 +274,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options, trust: 
         raise EdgeKitError(f"{path.name} takes {len(inputs)} input(s) of shape {list(shape) or '?'}; an image "
                            "classifier's program takes one (1, C, H, W) image (C 1 or 3): export it with "
                            "torch.export.export(module, (torch.zeros(1, C, H, W),)).")
-    source = TorchSource(path, None, program, module, shape)
+    source = TorchSource(path, program, module, shape)
     classes = int(np.prod(source.predict(np.zeros((1, shape[2], shape[3], shape[1]), np.float32)).shape[1:]))
     dataset = dataset_for_model(path, dataset_name, data_dir, (shape[2], shape[3], shape[1]), classes)
     if options is not None and (options.mean is not None or options.std is not None):

@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.layout:
         raise EdgeKitError("--layout is for an .onnx file; a Keras model takes channels-last (NHWC) input.")
     if args.search:
-
         argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker"]
         report = run_search(Pipeline(plan, force=args.force and not args.worker, verbose=args.verbose,
                                      device=device, threads_text=args.threads),

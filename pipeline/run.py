@@ -116,7 +116,6 @@ class Plan:
         if not self.dataset.startswith("folder:") and self.dataset not in registry():
             raise unknown("dataset", self.dataset, [*registry(), "folder:PATH"])
         if self.formats is not None:
-
             # an unknown name gets the registry's error, with a suggestion; an alias becomes its key
             self.formats = tuple(get_format(key).key for key in self.formats)
 
@@ -132,7 +131,6 @@ class Plan:
             self.out = Path("runs") / f"{self.model}-{name}{'-quick' if self.quick else ''}"
         self.out = Path(self.out)
         if self.dataset.startswith("folder:"):
-
             check_out_apart(self.out, [Path(self.dataset.removeprefix("folder:")).expanduser()])
 
     def _check_source(self) -> None:
@@ -160,7 +158,6 @@ class Plan:
         identity = {"model": self.model, "dataset": self.dataset, "epochs": self.epochs, "seed": self.seed,
                     "model_args": self.model_args, "finetune_epochs": self.finetune_epochs}
         if self.source is not None:  # another file, or other preprocessing, is another base model
-
             identity.update(source=sha256_file(self.source), mean=self.mean and list(self.mean),
                             std=self.std and list(self.std))
         return identity
@@ -470,7 +467,6 @@ class _StageTimer:
         if exc_type is not None and self.outcome is None and issubclass(exc_type, EdgeKitError):
             self._record("failed", " ".join(str(exc).split("\n")))
             if self.pipeline.verbose:
-
                 traceback.print_exception(exc.__cause__ or exc.__context__ or exc)
             return True
         return False

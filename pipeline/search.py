@@ -253,7 +253,6 @@ class Search:
         dataset = self._data()
         accuracy = float(np.mean(finite(model.logits(dataset.x_test), model).argmax(1) == dataset.y_test))
         if self.objective == "latency":
-
             value = run_worker(file, 1, 1, None, 0.5, 10)["call_ms"]["median"]
         elif self.objective == "size":
             value = file.stat().st_size
@@ -265,7 +264,6 @@ class Search:
 
     def _data(self):
         if self._dataset is None:
-
             self._dataset = load_for_manifest(read_manifest(self.pipeline.dir_of("base")), self.plan.data_dir)
         return self._dataset
 

@@ -82,7 +82,6 @@ def _bench(args) -> int:
         results, where = bench_on(device, args.models, args.threads, args.batch, args.runs, args.seconds,
                                   args.warmup, args.input, options, progress)
     else:
-
         results, where = bench(args.models, parse_threads(args.threads), args.batch, args.runs, args.seconds,
                                args.warmup, progress, inputs=args.input, options=options), machine()
     if args.json:

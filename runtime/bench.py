@@ -394,7 +394,6 @@ def flat(result: dict) -> dict:
     row["cold_start_s"] = result["cold_start"]["seconds"]
     row["cold_rss_mb"] = result["cold_start"]["peak_rss_mb"]
     if result.get("device"):  # measured over SSH (runtime.remote): where, in one cell
-
         row["device"] = describe(result["device"], result["device"].get("host"))
     return row
 

@@ -181,7 +181,6 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     """Run a CLI entry point: an EdgeKitError becomes one line and its exit code, Ctrl-C exits 130; libraries'
     start-up chatter is kept off the console unless --verbose (runtime.console)."""
     if not verbose_requested(argv):
-
         filter_native_stderr()
     try:
         return main(argv)

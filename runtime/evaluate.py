@@ -59,7 +59,6 @@ def eval_command(args) -> int:
     predicted = finite(model.logits(x, batch_size=args.batch_size), model).argmax(axis=1)
     seconds = time.perf_counter() - started
     if device:  # the device's predictions are the result; this machine's show whether it computes the same
-
         progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
         started = time.perf_counter()
         theirs, where = classes_on(device, model.path, x, args.threads, model_options(args), args.batch_size,
@@ -77,7 +76,6 @@ def eval_command(args) -> int:
               "labels": labels, **summary, "seconds": seconds,
               "recorded_accuracy": recorded}
     if device:
-
         result["device"] = device_record(where, device.name)
         result["this_machine"] = {"accuracy": float(np.mean(here == y)), "same_predictions": int(np.sum(here == predicted))}
     if args.json:

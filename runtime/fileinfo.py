@@ -248,7 +248,6 @@ def number_or_dash(value, spec: str, unit: str = "") -> str:
 def info_command(args) -> int:
     directory = Path(args.artifact)
     if directory.suffix.lower() in (".tflite", ".onnx") and not directory.is_dir():
-
         info = describe(directory)
         if args.json:
             print(json.dumps(info, indent=1))

@@ -104,7 +104,6 @@ def load(path: str | Path, threads: int | None = None, *, mean=None, std=None, r
         raise EdgeKitError(f"runtime.load takes the path of a .tflite or .onnx file (a str or pathlib.Path); "
                            f"got {type(path).__name__} {path!r}.")
     if threads is not None:
-
         bounded_threads(threads, "threads")  # more than the cores buys nothing; a million crashed LiteRT
     path = Path(path)
     fmt = BACKENDS.get(path.suffix.lower())

@@ -55,39 +55,20 @@ def _images(name: str, meta: dict):
 
 
 def _quantize(source: str, target: str, calibration: np.ndarray, setting: dict) -> None:
+    """export's own onnx_int8 (its calibration, 300 images in strides) with the setting's scheme."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    from export.convert import calibration_stride
+    from export.convert import onnx_int8
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, name):
-            self.name = name
-            self.set_range(0, len(calibration))
-
-        def __len__(self):
-            return len(calibration)
-
-        def set_range(self, start_index, end_index):
-            self.items = iter(range(start_index, end_index))
-
-        def get_next(self):
-            i = next(self.items, None)
-            return None if i is None else {self.name: calibration[i:i + 1]}
-
-    prepared = target + ".prep.onnx"
-    quant_pre_process(source, prepared)
-    model = onnx.load(prepared)
+    model = onnx.load(source)
     nodes = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-    exclude = [nodes[0], nodes[-1]] if setting["exclude_ends"] and len(nodes) > 2 else None
     types = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}
-    quantize_static(prepared, target, Reader(model.graph.input[0].name),
-                    quant_format=QuantFormat.QDQ if setting["format"] == "QDQ" else QuantFormat.QOperator,
-                    per_channel=setting["per_channel"], reduce_range=setting["reduce_range"],
-                    activation_type=types[setting["activations"]], weight_type=types[setting["weights"]],
-                    nodes_to_exclude=exclude,
-                    extra_options={"CalibStridedMinMax": calibration_stride(len(calibration))})
+    scheme = {"quant_format": QuantFormat.QDQ if setting["format"] == "QDQ" else QuantFormat.QOperator,
+              "per_channel": setting["per_channel"], "reduce_range": setting["reduce_range"],
+              "activation_type": types[setting["activations"]], "weight_type": types[setting["weights"]]}
+    exclude = [nodes[0], nodes[-1]] if setting["exclude_ends"] and len(nodes) > 2 else ()
+    Path(target).write_bytes(onnx_int8(model, calibration, "minmax", {}, exclude=exclude, scheme=scheme))
 
 
 def _session(path: str, level: str):

@@ -123,10 +123,11 @@ def test_a_pt2_whose_pickle_runs_code_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_custom_objects_and_other_archives_are_refused_before_torch_reads_them(tmp_path):
-    config = json.dumps({"config": {"obj": {"path_name": "custom_obj_0"}}}).encode()
+    config = json.dumps({"config": {"\x1b]8;;http://x\x07obj": {"path_name": "custom_obj_0"}}}).encode()
     custom = _crafted(tmp_path, "data/constants/model_constants_config.json", config)
     done = run_module("export", "--tflite", str(custom), *ARGS)
     assert done.returncode == 2 and "objects torch loads by running code" in done.stderr
+    assert "\x1b" not in done.stderr  # the archive's names are escaped for the terminal
     checkpoint = tmp_path / "checkpoint.pt2"  # a torch.save zip: code to load, not an ExportedProgram
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     safe_name = args.dataset.split(":")[0]
     out = Path(args.out or f"artifacts/{args.model}-{safe_name}")
     if args.dataset.startswith("folder:"):
-
         check_out_apart(out, [Path(args.dataset.removeprefix("folder:")).expanduser()])
     check_output_dir(out, args.force)  # fail before spending minutes on training
     if args.tensorboard is not None:

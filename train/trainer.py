@@ -189,7 +189,6 @@ def evaluate(model, dataset: Dataset) -> dict:
     logits = model.predict(x_test, batch_size=256, verbose=0)
     bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
     if bad:  # NaN is never a result: no artifact is written for a model that gives no numbers
-
         raise VerificationError(f"the trained model gives {bad:,} NaN or infinite outputs on the {len(x_test)} test "
                                 "images (its loss diverged, or its starting weights hold NaN); nothing was written. "
                                 "Check --weights, lower --lr, and train again.")
@@ -351,7 +350,6 @@ def train(config: TrainConfig, quiet: bool = False, dataset: Dataset | None = No
                            seed=config.seed, quiet=quiet, callbacks=callbacks, augment=config.augment,
                            initial_epoch=done)
             except tf.errors.OpError as exc:  # a lost worker, memory exhausted: the work failed, say it in a line
-
                 lost = devices["workers"] > 1 and isinstance(exc, (tf.errors.UnavailableError, tf.errors.AbortedError,
                                                                    tf.errors.CancelledError,
                                                                    tf.errors.DeadlineExceededError))

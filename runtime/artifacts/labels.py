@@ -42,7 +42,6 @@ def check_labels(labels, source: str) -> list[str]:
     seen = {}
     for i, label in enumerate(labels):
         if label in seen:
-
             raise EdgeKitError(f"{source}: label {terminal(label)!r} is given twice (outputs {seen[label]} and {i}); "
                                "expected one distinct name per output.")
         seen[label] = i

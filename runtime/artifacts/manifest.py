@@ -346,7 +346,6 @@ def validate_sidecar(data, path: Path) -> dict:
         raise bad("has 'labels' that are not a list of strings")
     pre = data.get("preprocessing")
     if pre is not None:
-
         if not isinstance(pre, dict):
             raise bad("has 'preprocessing' that is not an object")
         try:
@@ -412,7 +411,6 @@ def read_sidecar(model: str | Path, manifest: dict | None = None) -> dict | None
     if manifest is not None:
         entry = manifest["files"].get(path.name)
         if entry is not None:
-
             if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
                 raise ArtifactError(f"sidecar {path} does not match the sha256 that {manifest_path} records for "
                                     "it: it was changed after export. Export the model again.")

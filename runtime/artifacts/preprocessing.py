@@ -144,7 +144,6 @@ def open_image(path: str | Path):
     except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
         raise EdgeKitError(f"cannot read image {path} ({exc}); the file is truncated or corrupt.") from None
     try:  # a phone stores a photo as the sensor saw it and says in EXIF how to turn it upright: do so
-
         upright = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error) as exc:
         raise EdgeKitError(f"cannot read image {path}: its EXIF orientation is damaged ({exc}).") from None

@@ -338,6 +338,5 @@ def image_input(model, name: str, path, options):
         raise EdgeKitError(f"input {name!r} takes {tensor.dtype}; pass --mean and --std to say how pixels become "
                            "it (e.g. 127.5 and 127.5 for [-1, 1], 0 and 255 for [0, 1]).")
     else:  # the one preprocessing code, as a model with a sidecar uses it
-
         x = Preprocessing((h, w), c, scale=1.0, mean=options.mean, std=options.std).apply(pixels).astype(tensor.dtype)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x

@@ -60,7 +60,6 @@ def load_dataset(
     the train and validation splits may be empty.
     """
     if spec.startswith("folder:"):
-
         dataset = folder.load(spec, size=image_size, channels=channels, test_only=test_only)
     else:
         loaders = registry()

@@ -193,7 +193,6 @@ class _Agent:
                         fh.write(chunk)
                         left -= len(chunk)
             except OSError as exc:
-
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                 raise Refused(f"{'the disk is full' if full else 'cannot write'} in {base} while copying "
                               f"{record['name']} ({exc.strerror}); free space there or give --remote-dir DIR",

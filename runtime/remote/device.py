@@ -32,7 +32,6 @@ def edgekit_version() -> str:
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
-
         return runtime.__version__
 
 

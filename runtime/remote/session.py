@@ -48,7 +48,6 @@ class Target:
         if self.port is not None and not 1 <= self.port <= 65535:
             raise EdgeKitError(f"--port takes a TCP port from 1 to 65535; got {self.port}.")
         if self.identity is not None:
-
             check_readable_file(self.identity, "--identity key")
         for option in self.options:
             if "=" not in option and " " not in option.strip() or option.startswith("-") or "\n" in option:

@@ -44,7 +44,6 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
                 "batch": 1, "warmup": 10, "rewarm_s": REWARM_SECONDS, "input": "uint8 pixels"}
     runner = run_rounds_worker
     if device is not None:
-
         runner = Rounds(device)
         settings["device"] = runner.identity
     todo = [r for r in rows if r["status"] == "verified" and r.get("accuracy") is not None]

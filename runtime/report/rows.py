@@ -157,7 +157,6 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
     recorded them from TFLM (whole numbers, or nothing: a sidecar is untrusted)."""
     fields = {}
     if path.suffix == ".tflite":
-
         try:
             fields["macs"] = macs(path.read_bytes())
         except Exception:  # a file LiteRT ran but whose tables this reader cannot walk: no figure, no failure

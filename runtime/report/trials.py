@@ -124,7 +124,6 @@ def value_text(objective: str, value: float | None) -> str:
 
 def _plot(root, trials, rows, menu_rows, key, axis, scale, objective, budget) -> bool:
     try:
-
         plt = pyplot()
     except ImportError:
         return False
