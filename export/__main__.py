@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from export.api import export
 from export.settings import check_settings
+from export.source import file_kind
 from runtime.arguments import add_normalization
 from runtime.errors import EXIT_FAILED, ArgumentParser, EdgeKitError, run_cli, suggest
 from runtime.limits import size_argument
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.add_argument("--onnx", action="store_true", help="an ONNX file (float32 unless --quantize int8)")
     kinds.add_argument("--quantize", help="TFLite: float16, dynamic, int8, int16x8; ONNX: int8")
     kinds.add_argument("--format", action="append", default=[], metavar="KEY", help="a format by key (repeatable)")
-    kinds.add_argument("--all", action="store_true", help="every format (int8 only for a QAT artifact)")
+    kinds.add_argument("--all", action="store_true", help="every format the source makes (int8 only for a QAT artifact; an .onnx file's "
+                       "ONNX formats, a .tflite file's quantized ones)")
     kinds.add_argument("--micro", action="store_true",
                        help="a microcontroller file (format micro): int8 for TensorFlow Lite Micro, verified in its "
                             "interpreter, with model.micro.cc and .h (C array, op resolver) and the arena measured; "
@@ -106,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "file exports to onnx-float32 and onnx-int8 (onnx-int8-mixed with --keep-float NODE,... by ONNX node "
         "name), each verified against the source file run by onnxruntime; an opset below 13 is upgraded first; "
         "external data (model.onnx.data) must be beside the file; no TFLite file is made from ONNX. --layout is "
-        "for an .onnx file (a Keras model takes NHWC). A .pt2 file (the torch extra: litert-torch) exports to "
-        "float32, int8 (PT2E) and --micro, NHWC, each verified against the program run by torch; it is loaded "
-        "without running pickled code unless --trust-model.")
+        "for an .onnx file (a Keras model takes NHWC). A .pt2 file (torch.export.save; the torch extra) exports to "
+        "float32, int8 (PT2E), dynamic, float16 and --micro by litert-torch, and to onnx-float32 and onnx-int8 by "
+        "torch.onnx.export, each verified against the program run by torch; its files take NHWC images, or the "
+        "program's own NCHW with --layout nchw; it is loaded without running pickled code unless --trust-model.")
     add_normalization(foreign)
     foreign.add_argument("--allow-untrained", action="store_true",
                          help="export a model that scores under twice chance on the test split (an untrained "
@@ -123,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _choose(args) -> list[str]:
-    if args.all:
-        return [*EXPORT_ALL, *(["micro"] if args.micro else [])]
+    if args.all:  # every format of the menu that this source makes (a model file from elsewhere makes some)
+        kind = file_kind(Path(args.source))
+        return [*(k for k in EXPORT_ALL if kind is None or kind in get_format(k).sources),
+                *(["micro"] if args.micro else [])]
     keys = list(args.format) + (["micro"] if args.micro else [])
     for flag, table in (("tflite", TFLITE_QUANTIZE), ("onnx", ONNX_QUANTIZE)):
         if getattr(args, flag):

@@ -65,11 +65,15 @@ def sparse_if_smaller(src, fmt, dense: bytes, calibration, quantization_aware, z
 
 
 def onnx_float(src: Source, opset: int | None):
-    """The float ModelProto: tf2onnx's of a Keras model, or an ONNX source's own graph (src.made records how)."""
+    """The float ModelProto: tf2onnx's of a Keras model, an ONNX source's own graph, or torch.onnx.export's of a
+    .pt2 program (src.made records how)."""
     from export import convert
 
     if src.kind == "onnx":
         proto, src.made = onnx_source.float_model(src.model, metadata(src))
+        return proto
+    if src.kind == "torch":
+        proto, src.made = src.model.onnx(metadata(src), opset)
         return proto
     return convert.to_onnx(src.model, opset or convert.DEFAULT_OPSET, metadata(src))
 
@@ -174,17 +178,24 @@ def _tflite_from_qat(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]
 
 
 def _tflite_from_tflite(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]:
-    """A .tflite source's integer file (a float one quantized once, by ai-edge-quantizer; an integer one as it is)."""
-    return maker.src.model.int8(maker.calibration)
+    """A float .tflite source quantized by ai-edge-quantizer (int8 once, also the micro file; dynamic; float16); an
+    integer one as it is."""
+    return maker.src.model.quantize(fmt.key, maker.calibration)
 
 
 def _tflite_from_torch(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]:
-    """litert-torch's float file of a torch.export program, or its PT2E int8 file (also the micro file)."""
-    return maker.src.model.float32() if fmt.kind == "float" else maker.src.model.int8(maker.calibration)
+    """litert-torch's float file of a torch.export program, its PT2E int8 file (also the micro file), or the float
+    file's dynamic or float16 file by ai-edge-quantizer."""
+    if fmt.kind == "float":
+        return maker.src.model.float32()
+    if fmt.calibrated:
+        return maker.src.model.int8(maker.calibration)
+    return maker.src.model.quantize(fmt.key)
 
 
 def _onnx(maker: Maker, fmt: FileFormat) -> tuple[bytes, dict | None]:
-    """tf2onnx's float graph (or an ONNX source's own), and onnxruntime's static int8 of it."""
+    """tf2onnx's float graph (an ONNX source's own, torch.onnx.export's of a program), and onnxruntime's static int8
+    of it."""
     from export import convert
 
     proto = maker.float_onnx()
@@ -203,4 +214,5 @@ MAKERS = {
     ("onnx", "onnx"): _onnx,
     ("tflite", "tflite"): _tflite_from_tflite,
     ("torch", "tflite"): _tflite_from_torch,
+    ("torch", "onnx"): _onnx,
 }

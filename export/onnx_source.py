@@ -37,8 +37,8 @@ MIN_OPSET = 13  # onnxruntime's per-channel QDQ int8 needs it
 MAX_PROTO_BYTES = 2 << 30  # protobuf's limit for one serialized model
 TFLITE_REFUSAL = ("a TFLite file is not made from an ONNX source: no ONNX-to-TFLite converter runs on EdgeKit's "
                   "known-good stack (onnx2tf pins tensorflow 2.19 and onnxruntime 1.23; see the README, "
-                  "\"Models from PyTorch\"); export the PyTorch module with litert-torch (ai-edge-torch), then "
-                  "`python -m runtime eval` and `report` take the .tflite file it writes")
+                  "\"Models from PyTorch\"); save the PyTorch module with torch.export.save and export that .pt2 "
+                  "file: EdgeKit converts it with litert-torch (the torch extra)")
 # operators that move or reshape a tensor without computing: a keep set reaches through them (export/selective.py)
 PASS_THROUGH_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
                               "MaxPool", "Pad", "Relu", "Clip", "Shape", "Gather", "Concat", "Slice"})

@@ -13,7 +13,6 @@ import numpy as np
 
 from export import portable
 from export.micro import check
-from export.onnx_source import MIN_OPSET
 from export.settings import Settings
 from export.source import Source
 from export.verify import verify
@@ -117,7 +116,7 @@ def verify_and_publish(fmt: FileFormat, data: bytes, out: Path, src: Source, ref
                          "method": settings.method if fmt.backend == "onnx" else
                          f"{tool['tool']} {tool['recipe']}" if tool else "tflite-minmax"}
                         if calibrated else None),
-        "opset": opset_written(src, settings.opset) if fmt.backend == "onnx" else None,
+        "opset": opset_of(data) if fmt.backend == "onnx" else None,
         **(record or {}),
         "verification": {**figures, "passed": True, "runtime": fmt.runtime},
         # the file in bare LiteRT (default options) or a default onnxruntime session; passed false: it needs
@@ -134,8 +133,8 @@ def origin(src: Source) -> dict:
     """What a sidecar and the manifest record of an ONNX source: its producer and opset, how it was upgraded."""
     if src.kind == "tflite":
         return {"producer": src.model.producer(), "layout": src.layout}
-    if src.kind == "torch":  # the program takes (1, C, H, W); its files NHWC (litert-torch's to_channel_last_io)
-        return {"producer": src.model.producer(), "layout": "nhwc", "program_layout": "nchw",
+    if src.kind == "torch":  # the program takes (1, C, H, W); its files NHWC (to_channel_last_io) unless --layout nchw
+        return {"producer": src.model.producer(), "layout": src.layout, "program_layout": "nchw",
                 "program_input": list(src.model.shape)}
     if src.kind != "onnx":
         return {}
@@ -143,16 +142,11 @@ def origin(src: Source) -> dict:
             "external_data": src.model.data_files}
 
 
-def opset_written(src: Source, opset: int | None) -> int:
-    if src.kind == "onnx":
-        return max(src.model.opset(), MIN_OPSET)
-    return opset or default_opset()
+def opset_of(data: bytes) -> int:
+    """The ONNX file's default-domain opset, as it was written."""
+    import onnx
 
-
-def default_opset() -> int:
-    from export.convert import DEFAULT_OPSET
-
-    return DEFAULT_OPSET
+    return next((o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def record_exports(out: Path, src: Source, results: list[Result]) -> None:

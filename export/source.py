@@ -56,8 +56,9 @@ class Source:
                 "torch": "the source PyTorch program"}.get(self.kind, "Keras")
 
     def onnx_input(self, x: np.ndarray) -> np.ndarray:
-        """Preprocessed NHWC images as the ONNX graph's input: tf2onnx's graphs take NHWC, an ONNX source's its own."""
-        return self.model.feed(x) if self.kind == "onnx" else x
+        """Preprocessed NHWC images as the ONNX graph's input: tf2onnx's graphs take NHWC, an ONNX source's and a
+        .pt2 program's their own."""
+        return self.model.feed(x) if self.kind in ("onnx", "torch") else x
 
 
 def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: bool, options=None) -> Source:
@@ -95,6 +96,14 @@ def load_source(source: str | Path, dataset_name: str | None, data_dir, trust: b
     return Source(path, model, dataset, None, path, "bare")
 
 
+def file_kind(path: Path) -> str | None:
+    """The kind of source a model file from elsewhere is (FileFormat.sources: onnx, tflite, torch); None for an
+    artifact or a Keras model."""
+    if path.is_dir():
+        return None
+    return "onnx" if is_onnx(path) else "tflite" if is_tflite(path) else "torch" if torch_source.is_pt2(path) else None
+
+
 def source_options(path: Path, fmts, opset, mean, std, layout):
     """runtime.load's Options for a model file from elsewhere (checked before anything loads): --mean and --std for
     an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
@@ -104,12 +113,9 @@ def source_options(path: Path, fmts, opset, mean, std, layout):
         other = [f.key for f in fmts if "torch" not in f.sources]
         if other:
             raise EdgeKitError(f"{', '.join(other)}: a .pt2 source is exported to "
-                               f"{', '.join(formats_from('torch'))} (litert-torch); its ONNX file is PyTorch's own "
-                               "torch.onnx.export, which `python -m export` takes as an .onnx source.")
-        if layout is not None or opset is not None:
-            raise EdgeKitError("--layout and --opset are for an .onnx source; a .pt2 program's layout is read from its "
-                               "input, and its files take NHWC images.")
-        return Options(mean, std, None, None, None) if mean is not None or std is not None else None
+                               f"{', '.join(formats_from('torch'))} (litert-torch and ai-edge-quantizer for TFLite, "
+                               "torch.onnx.export and onnxruntime for ONNX).")
+        return Options(mean, std, None, None, layout) if {mean, std, layout} != {None} else None
     if is_tflite(path):
         check_formats(path, [f.key for f in fmts])
         if layout is not None:

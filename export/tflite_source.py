@@ -1,7 +1,8 @@
-"""A .tflite file EdgeKit did not make as a source of export: a float file becomes int8 and a microcontroller's file,
-a fully integer one a microcontroller's.
+"""A .tflite file EdgeKit did not make as a source of export: a float file becomes int8, a microcontroller's file,
+dynamic and float16; a fully integer one a microcontroller's.
 
     python -m export --tflite --quantize int8 --micro model_float.tflite --dataset digits --mean 0 --std 255
+    python -m export --format dynamic --format float16 model_float.tflite --dataset digits --mean 0 --std 255
     python -m export --micro model_int8.tflite --dataset cifar10 --mean 0 --std 1
 
 The source file run by LiteRT on the test split is the reference every file is verified against, as the Keras
@@ -18,7 +19,9 @@ LiteRT's own model utilities): its static int8 recipe (`static_wi8_ai8`: int8 we
 input and output), calibrated on the dataset's training split, the same images in the same order as EdgeKit's
 other int8 files (export.make.calibration_images: its seed and --calibration-samples), one image per run. The one
 quantized file is `model.int8.tflite` (verified in LiteRT, and as the user's own app runs it) and, when it is
-fully integer with TFLM's operators, `model.micro.tflite` (verified in TFLM). The float file's preprocessing is
+fully integer with TFLM's operators, `model.micro.tflite` (verified in TFLM). `dynamic` (int8 weights, float
+activations) and `float16` (float16 weights) come from its other recipes (export/edge_quantizer.py), with no
+calibration. The float file's preprocessing is
 `--mean/--std`, else the dataset's, and export says so.
 
 Everything read from the file is untrusted: LiteRT must open it as an image classifier, its size is bounded.
@@ -27,21 +30,18 @@ Everything read from the file is untrusted: LiteRT must open it as an image clas
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
+from export import edge_quantizer
 from export.runtime_source import RuntimeSource
 from runtime.datasets import dataset_for_model
-from runtime.errors import ConversionError, EdgeKitError
+from runtime.errors import EdgeKitError
 from runtime.fileinfo import tflite_description
 from runtime.fsutil import check_readable_file
 from runtime.load import NotAClassifier, load
 from runtime.vocabulary import formats_from
-
-RECIPE = "static_wi8_ai8"  # ai-edge-quantizer's full-integer recipe
 
 
 @dataclasses.dataclass
@@ -50,7 +50,8 @@ class TFLiteSource(RuntimeSource):
     holds a Keras model."""
 
     data: bytes
-    quantized: bytes | None = None  # a float file's int8 file, made once for int8 and micro
+    quantized: dict = dataclasses.field(default_factory=dict)  # format key -> a float file's quantized bytes, made
+    # once (int8's serves micro too)
 
     @property
     def integer(self) -> bool:
@@ -59,17 +60,16 @@ class TFLiteSource(RuntimeSource):
     def count_params(self) -> int:
         return 0  # nothing is converted: no converter's memory to give back between formats
 
-    def int8(self, calibration: np.ndarray) -> tuple[bytes, dict]:
-        """(the fully integer file, the sidecar's record of how it was made): the file itself when it is integer,
-        else ai-edge-quantizer's static int8 of it calibrated on `calibration` (preprocessed images)."""
-        if self.integer:
+    def quantize(self, key: str, calibration: np.ndarray) -> tuple[bytes, dict]:
+        """(the file of format `key`, the sidecar's record of how it was made): for int8 (and micro) the file
+        itself when it is integer; else ai-edge-quantizer's file of the float one (export/edge_quantizer.py),
+        int8 calibrated on `calibration` (preprocessed images)."""
+        key = "int8" if key == "micro" else key
+        if key == "int8" and self.integer:
             return self.data, {}
-
-        if self.quantized is None:
-            self.quantized = _quantize(self.data, calibration)
-        return self.quantized, {"quantized_by": {"tool": "ai-edge-quantizer",
-                                                 "version": importlib.metadata.version("ai-edge-quantizer"),
-                                                 "recipe": RECIPE}}
+        if key not in self.quantized:
+            self.quantized[key] = edge_quantizer.quantize(self.data, key, calibration)
+        return self.quantized[key], edge_quantizer.record(key)
 
     def producer(self) -> str | None:
         return tflite_description(self.data[:64 << 20]) or None
@@ -82,8 +82,9 @@ def is_tflite(path: Path) -> bool:
 def check_formats(path: Path, keys: list[str]) -> None:
     other = [key for key in keys if key not in formats_from("tflite")]  # (an integer file: micro only)
     if other:
-        raise EdgeKitError(f"{', '.join(other)}: a .tflite source is exported to int8 (a float file, quantized) and "
-                           f"micro (checked and verified for TensorFlow Lite Micro, its C sources written); "
+        raise EdgeKitError(f"{', '.join(other)}: a .tflite source is exported to {', '.join(formats_from('tflite'))} "
+                           "(a float file, quantized by ai-edge-quantizer; micro checked and verified for TensorFlow "
+                           "Lite Micro, its C sources written); "
                            f"{path.name} is a TFLite file already, which `python -m runtime` runs as it is.")
 
 
@@ -111,28 +112,3 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options) -> tupl
     if runtime.preprocessing is None:  # a float file and no --mean/--std: the dataset's own, as export says
         return source, dataset
     return source, dataclasses.replace(dataset, preprocessing=runtime.preprocessing)
-
-
-def _quantize(data: bytes, calibration: np.ndarray) -> bytes:
-    """ai-edge-quantizer's static int8 of a float file, calibrated one image at a time through its signature."""
-    from ai_edge_quantizer import quantizer, recipe
-
-    try:
-        signatures = Interpreter(model_content=data).get_signature_list()
-        key = next(iter(signatures))
-        (name,) = signatures[key]["inputs"]
-        tool = quantizer.Quantizer(bytes(data))
-        tool.load_quantization_recipe(getattr(recipe, RECIPE)())
-        ranges = tool.calibrate({key: [{name: calibration[i:i + 1]} for i in range(len(calibration))]})
-        quantized = tool.quantize(ranges).quantized_model
-    except (StopIteration, ValueError, RuntimeError, KeyError) as exc:
-        raise ConversionError(f"ai-edge-quantizer could not quantize the file: {str(exc)[:300]}") from None
-    # Its files past 256 KiB of weights keep them after the flatbuffer, by offset: TFLM (and C arrays, and older
-    # runtimes) read only weights inside it. LiteRT's own flatbuffer tools move them in.
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    try:
-        return bytes(flatbuffer_utils.convert_object_to_bytearray(flatbuffer_utils.read_model_from_bytearray(
-            bytearray(quantized))))
-    except (ValueError, RuntimeError, IndexError) as exc:
-        raise ConversionError(f"the quantized file's weights could not be moved into it: {str(exc)[:300]}") from None

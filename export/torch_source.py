@@ -7,8 +7,9 @@ extra, imported lazily) to TFLite.
 
 Formats: `float32` (litert-torch's float file), `int8` (PT2E static quantization: per-channel symmetric int8
 weights, int8 activations, int8 input and output, calibrated on the dataset's training split, the same images in
-the same order as every EdgeKit int8 file, one image per run since the program's batch is 1) and `micro` (that
-fully integer file checked and verified for TensorFlow Lite Micro as every micro file, its C sources written).
+the same order as every EdgeKit int8 file, one image per run since the program's batch is 1), `micro` (that
+fully integer file checked and verified for TensorFlow Lite Micro as every micro file, its C sources written),
+and `dynamic` and `float16` (the float file through ai-edge-quantizer's recipes, export/edge_quantizer.py).
 The files take NHWC input (litert-torch's `to_channel_last_io` around a channels-first program), as every
 EdgeKit file does; the sidecar says so and names the program's own layout.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import edge_quantizer
 from runtime.artifacts.preprocessing import Preprocessing
 from runtime.datasets import dataset_for_model
 from runtime.errors import ArtifactError, ConversionError, EdgeKitError, UntrustedModel
@@ -161,12 +163,9 @@ class TorchSource:
     program: object  # torch.export.ExportedProgram
     module: object  # its GraphModule
     shape: tuple  # the program's input shape, (1, C, H, W)
+    layout: str = "nhwc"  # the files' input layout: nhwc (to_channel_last_io) or, with --layout nchw, the program's
     preprocessing: Preprocessing | None = None
     files: dict = dataclasses.field(default_factory=dict)  # format key -> bytes, each file converted once
-
-    @property
-    def layout(self) -> str:
-        return "nhwc"  # the files' layout (to_channel_last_io); the program's own is recorded in origin()
 
     @property
     def output_kind(self) -> str:
@@ -192,9 +191,17 @@ class TorchSource:
         return np.concatenate([(r[0] if isinstance(r, (tuple, list)) else r).numpy() for r in rows]) if rows else \
             np.empty((0, 0), np.float32)
 
-    def _nhwc(self):
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed NHWC images as the files' input tensor (the calibration images of int8 and onnx-int8)."""
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if self.layout == "nchw" else x, np.float32)
+
+    def _converted(self):
+        """(the module the files are made from, a sample input): the program wrapped to take NHWC images
+        (litert-torch's to_channel_last_io), or the program itself with --layout nchw."""
         torch, litert_torch = _modules()
         _, c, h, w = self.shape
+        if self.layout == "nchw":
+            return self.module, (torch.zeros(1, c, h, w),)
         return litert_torch.to_channel_last_io(self.module, args=[0]), (torch.zeros(1, h, w, c),)
 
     def _tflite(self, model) -> bytes:
@@ -206,7 +213,7 @@ class TorchSource:
     def float32(self) -> tuple[bytes, dict]:
         if "float32" not in self.files:
             _, litert_torch = _modules()
-            module, sample = self._nhwc()
+            module, sample = self._converted()
             try:
                 with _quiet():
                     self.files["float32"] = self._tflite(litert_torch.convert(module, sample))
@@ -222,14 +229,15 @@ class TorchSource:
             from litert_torch.quantize.quant_config import QuantConfig
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            module, sample = self._nhwc()
+            module, sample = self._converted()
             quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
             try:
                 with _quiet():
                     prepared = prepare_pt2e(torch.export.export(module, sample).module(), quantizer)
                     with torch.no_grad():
-                        for i in range(len(calibration)):
-                            prepared(torch.from_numpy(np.ascontiguousarray(calibration[i:i + 1], np.float32)))
+                        fed = self.feed(calibration)
+                        for i in range(len(fed)):
+                            prepared(torch.from_numpy(fed[i:i + 1]))
                     converted = convert_pt2e(prepared, fold_quantize=False)
                     self.files["int8"] = self._tflite(litert_torch.convert(
                         converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer)))
@@ -237,6 +245,36 @@ class TorchSource:
                 raise ConversionError(f"litert-torch could not quantize the program to int8: "
                                       f"{terminal(str(exc)[:300])}") from exc
         return self.files["int8"], {"quantized_by": {**_tool(), "recipe": RECIPE}}
+
+    def quantize(self, key: str) -> tuple[bytes, dict]:
+        """The float file's `dynamic` or `float16` file, by ai-edge-quantizer (export/edge_quantizer.py): litert-torch
+        makes float and PT2E int8 files only."""
+        if key not in self.files:
+            self.files[key] = edge_quantizer.quantize(self.float32()[0], key)
+        return self.files[key], {"converted_by": _tool(), **edge_quantizer.record(key)}
+
+    def onnx(self, metadata: dict[str, str], opset: int | None) -> tuple[object, dict]:
+        """(the float ModelProto by torch.onnx.export's dynamo exporter, what the sidecar records of how it was
+        made): batch 1 as the program, NHWC unless --layout nchw, `metadata` added."""
+        torch, _ = _modules()
+        module, sample = self._converted()
+        try:
+            with _quiet():
+                program = torch.onnx.export(torch.export.export(module, sample), dynamo=True, optimize=True,
+                                            opset_version=opset)
+        except ImportError as exc:
+            raise EdgeKitError(f"an ONNX file from a .pt2 program needs {exc.name or 'onnxscript'} (torch's ONNX "
+                               f"exporter): {EXTRA}.") from None
+        except Exception as exc:  # noqa: BLE001 -- torch.onnx raises assorted types
+            raise ConversionError(f"torch.onnx.export could not export the program: {terminal(str(exc)[:300])}") \
+                from exc
+        proto = program.model_proto
+        del proto.metadata_props[:]
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        return proto, {"converted_by": {"tool": "torch.onnx.export (dynamo)", "version": torch.__version__,
+                                        "onnxscript": importlib.metadata.version("onnxscript")}}
 
     def producer(self) -> str:
         torch, _ = _modules()
@@ -274,7 +312,7 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options, trust: 
         raise EdgeKitError(f"{path.name} takes {len(inputs)} input(s) of shape {list(shape) or '?'}; an image "
                            "classifier's program takes one (1, C, H, W) image (C 1 or 3): export it with "
                            "torch.export.export(module, (torch.zeros(1, C, H, W),)).")
-    source = TorchSource(path, program, module, shape)
+    source = TorchSource(path, program, module, shape, layout=(options.layout if options is not None else None) or "nhwc")
     classes = int(np.prod(source.predict(np.zeros((1, shape[2], shape[3], shape[1]), np.float32)).shape[1:]))
     dataset = dataset_for_model(path, dataset_name, data_dir, (shape[2], shape[3], shape[1]), classes)
     if options is not None and (options.mean is not None or options.std is not None):

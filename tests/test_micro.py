@@ -344,10 +344,12 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     """Issue 38: `export --micro model_int8.tflite` was refused. The file, made by the TFLite converter alone, is
     written byte for byte as model.micro.tflite after TFLM's checks: its kernels, its arena, TFLM against LiteRT's
     reference kernels on the test split, TFLM's accuracy judged against the source run by LiteRT; C sources
-    written. The float file beside it is quantized by ai-edge-quantizer to int8 and micro, both verified; a
-    format the file cannot give is refused in one line."""
+    written. The float file beside it is quantized by ai-edge-quantizer to int8 and micro, both verified, and to
+    dynamic and float16 (issue 40: its other recipes); a format the file cannot give is refused in one line."""
     from conftest import in_subprocess
+    from export import edge_quantizer
     from runtime.backends import tflm
+    from runtime.backends.tflite import tflite_census
 
     source = tmp_path / "theirs.tflite"
     in_subprocess(_int8_tflite_made_elsewhere, str(source))
@@ -362,15 +364,22 @@ def test_an_int8_tflite_made_elsewhere_becomes_a_microcontrollers_file(tmp_path,
     assert sidecar["micro"]["arena_bytes"] == tflm.arena_bytes(source) and sidecar["preprocessing"]["scale"] == 1.0
     accuracy = sidecar["verification"]["accuracy"]
     assert accuracy > 0.8 and abs(accuracy - sidecar["verification"]["keras_accuracy"]) <= 0.01
-    for args, message in ((["--tflite", str(source)], "a .tflite source is exported to int8"),
+    for args, message in ((["--tflite", str(source)], "a .tflite source is exported to float16, dynamic, int8, micro"),
                           (["--tflite", "--quantize", "int8", str(source)], "fully integer already"),
                           (["--micro", str(source), "--layout", "nchw"], "read from its shape")):
         refused = run_module("export", *args, "--dataset", "digits")
         assert refused.returncode == 2 and refused.stderr.count("error:") == 1 and message in refused.stderr, \
             refused.stderr[-1500:]
-    floats = run_module("export", "--tflite", "--quantize", "int8", "--micro", str(tmp_path / "theirs.float.tflite"),
-                        "--dataset", "digits", "--mean", "0", "--std", "1")  # quantized by ai-edge-quantizer
-    assert floats.returncode == 0, floats.stdout[-2000:] + floats.stderr[-2000:]
+    floats = run_module("export", "--format", "int8", "--format", "dynamic", "--format", "float16", "--micro",
+                        str(tmp_path / "theirs.float.tflite"), "--dataset", "digits", "--mean", "0", "--std", "1")
+    assert floats.returncode == 0, floats.stdout[-2000:] + floats.stderr[-2000:]  # quantized by ai-edge-quantizer
+    census = {key: tflite_census((tmp_path / "theirs.float-export" / f"model.{key}.tflite").read_bytes())
+              for key in ("dynamic", "float16")}
+    for key, weights in (("dynamic", "int8"), ("float16", "float16")):
+        made = json.loads((tmp_path / "theirs.float-export" / f"model.{key}.json").read_text())
+        assert made["quantized_by"]["recipe"] == edge_quantizer.RECIPES[key] and made["input"]["dtype"] == "float32"
+        assert made["verification"]["accuracy"] > 0.8 and made["bare"]["passed"], key  # in bare LiteRT too
+        assert census[key]["dtypes"].get(weights), (key, census[key])  # the weights held as the format says
     for key in ("int8", "micro"):
         made = json.loads((tmp_path / "theirs.float-export" / f"model.{key}.json").read_text())
         assert made["quantized_by"]["tool"] == "ai-edge-quantizer" and made["input"]["dtype"] == "int8"

@@ -1,5 +1,6 @@
-"""A PyTorch model as a .pt2 file (torch.export.save) to verified TFLite float32, int8 and a microcontroller's file,
-through litert-torch (the `torch` extra); and a .pt2 file that would run code when loaded, refused (issue 40).
+"""A PyTorch model as a .pt2 file (torch.export.save) to verified TFLite float32, int8, dynamic, float16 and a
+microcontroller's file (litert-torch, ai-edge-quantizer), and ONNX float32 and int8 (torch.onnx.export,
+onnxruntime), NHWC or the program's NCHW; and a .pt2 file that would run code when loaded, refused (issue 40).
 Needs torch and litert-torch (.ci/run installs the torch extra); without them these tests are skipped."""
 
 import importlib.util
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, in_subprocess, run_module
+from runtime.backends.tflite import tflite_census
 
 # found, not imported: torch stays out of the suite's process (its own memory, its loggers)
 pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("torch") and importlib.util.find_spec("litert_torch")),
@@ -27,19 +29,20 @@ ARGS = ["--dataset", "digits", "--mean", "127.5", "--std", "127.5"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """`python -m export --format float32 --format int8 --micro cnn.pt2` as a user types it: (its output dir, the
-    run's stdout)."""
+    """`python -m export --format float32 --format int8 --format dynamic --format float16 --micro cnn.pt2` as a
+    user types it: (its output dir, the run's stdout)."""
     out = tmp_path_factory.mktemp("pt2") / "cnn"
-    done = run_module("export", "--format", "float32", "--format", "int8", "--micro", str(PT2), *ARGS, "--out",
-                      str(out))
+    done = run_module("export", "--format", "float32", "--format", "int8", "--format", "dynamic", "--format", "float16",
+                      "--micro", str(PT2), *ARGS, "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return out, done.stdout
 
 
-def test_a_pt2_program_becomes_verified_float32_int8_and_micro_files(exported):
+def test_a_pt2_program_becomes_verified_float32_int8_dynamic_float16_and_micro_files(exported):
     out, stdout = exported
     recorded = json.loads((FIXTURES / "versions.json").read_text())["programs"]["cnn.pt2"]["test_accuracy"]
-    sidecars = {key: json.loads((out / f"model.{key}.json").read_text()) for key in ("float32", "int8", "micro")}
+    sidecars = {key: json.loads((out / f"model.{key}.json").read_text())
+                for key in ("float32", "int8", "dynamic", "float16", "micro")}
     for key, sidecar in sidecars.items():
         v = sidecar["verification"]
         assert v["passed"] and v["reference"] == "the source PyTorch program" and v["test_samples"] == 359, key
@@ -52,6 +55,12 @@ def test_a_pt2_program_becomes_verified_float32_int8_and_micro_files(exported):
     assert sidecars["int8"]["calibration"]["samples"] == 300
     assert "litert-torch" in sidecars["int8"]["calibration"]["method"]
     assert sidecars["int8"]["bare"]["passed"]  # bare LiteRT, default options: as the user's app runs it
+    for key, weights in (("dynamic", "int8"), ("float16", "float16")):  # the float file by ai-edge-quantizer
+        sidecar = sidecars[key]
+        assert sidecar["quantized_by"]["tool"] == "ai-edge-quantizer" and sidecar["bare"]["passed"], key
+        assert sidecar["input"]["dtype"] == "float32" and sidecar["calibration"] is None, key
+        assert tflite_census((out / f"model.{key}.tflite").read_bytes())["dtypes"].get(weights), key
+        assert (out / f"model.{key}.tflite").stat().st_size < 0.6 * (out / "model.float32.tflite").stat().st_size
     micro = sidecars["micro"]["micro"]
     assert micro["arena_bytes"] > 0 and micro["flash_bytes"] == (out / "model.micro.tflite").stat().st_size
     assert (out / "model.micro.cc").is_file() and (out / "model.micro.h").is_file()
@@ -84,6 +93,56 @@ def test_the_files_answer_as_the_program_in_the_runtime_and_info_names_their_mak
     assert np.array_equal(chunked, np.concatenate([one.logits(fed[i:i + 1]) for i in range(len(fed))]))
     info = run_module("runtime", "info", str(out / "model.int8.tflite"))
     assert info.returncode == 0 and "made from    PyTorch" in info.stdout and "litert-torch" in info.stdout
+
+
+def _program_outputs(path: str, nchw: np.ndarray) -> np.ndarray:
+    """The program's outputs for NCHW input, run by torch (in a subprocess)."""
+    import torch
+
+    program = torch.export.load(path).module()
+    with torch.no_grad():
+        return np.concatenate([program(torch.from_numpy(nchw[i:i + 1])).numpy() for i in range(len(nchw))])
+
+
+def test_with_layout_nchw_the_files_take_the_programs_input_in_bare_litert_and_onnxruntime(tmp_path, digits):
+    """`--layout nchw`: every file takes the program's own (1, 3, H, W) input, as the user's PyTorch-trained app
+    feeds it; the ONNX files come from torch.onnx.export (dynamo) and onnxruntime's static int8. Each runs in bare
+    LiteRT and a default onnxruntime session, fed NCHW by hand, and answers as the program does."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = tmp_path / "rgb"
+    program = FIXTURES / "rgb_imagenet.pt2"
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    done = run_module("export", "--format", "float32", "--format", "int8", "--onnx", "--format", "onnx-int8",
+                      "--layout", "nchw", str(program), "--dataset", "digits", "--mean", ",".join(map(str, mean)),
+                      "--std", ",".join(map(str, std)), "--out", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rgb = np.repeat(digits.x_test[:24], 3, axis=-1)
+    nchw = ((rgb.astype(np.float32) - np.float32(mean)) / np.float32(std)).transpose(0, 3, 1, 2).copy()
+    expected = in_subprocess(_program_outputs, str(program), nchw)
+    for key in ("float32", "int8", "onnx-float32", "onnx-int8"):
+        sidecar = json.loads((out / f"model.{key}.json").read_text())
+        assert sidecar["layout"] == "nchw" and sidecar["input"]["shape"] == [1, 3, 28, 28], key
+        assert sidecar["verification"]["passed"] and sidecar["bare"]["passed"], key
+        assert sidecar["verification"]["reference"] == "the source PyTorch program", key
+    assert json.loads((out / "model.onnx-int8.json").read_text())["calibration"]["samples"] == 300
+    assert json.loads((out / "model.onnx-float32.json").read_text())["converted_by"]["tool"].startswith("torch.onnx")
+    session = ort.InferenceSession(str(out / "model.onnx-float32.onnx"))
+    (name,) = [i.name for i in session.get_inputs()]
+    onnx_float = np.concatenate([session.run(None, {name: nchw[i:i + 1]})[0] for i in range(len(nchw))])
+    np.testing.assert_allclose(onnx_float, expected, atol=1e-4, rtol=1e-4)
+    interpreter = Interpreter(model_path=str(out / "model.float32.tflite"))
+    interpreter.allocate_tensors()
+    rows = []
+    for i in range(len(nchw)):
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], nchw[i:i + 1])
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    np.testing.assert_allclose(np.concatenate(rows), expected, atol=1e-4, rtol=1e-4)
+    int8 = ort.InferenceSession(str(out / "model.onnx-int8.onnx"))
+    agree = np.mean([int8.run(None, {name: nchw[i:i + 1]})[0].argmax() == expected[i].argmax() for i in range(24)])
+    assert agree >= 0.95
 
 
 def _crafted(tmp_path: Path, member_suffix: str, payload: bytes) -> Path:
@@ -135,5 +194,6 @@ def test_custom_objects_and_other_archives_are_refused_before_torch_reads_them(t
     checkpoint.write_bytes(buffer.getvalue())
     done = run_module("export", "--tflite", str(checkpoint), *ARGS)
     assert done.returncode == 1 and "no models/model.json" in done.stderr
-    done = run_module("export", "--onnx", str(PT2), *ARGS)
-    assert done.returncode == 2 and "a .pt2 source is exported to float32, int8, micro" in done.stderr
+    done = run_module("export", "--format", "int16x8", str(PT2), *ARGS)
+    assert done.returncode == 2 and "a .pt2 source is exported to float32, float16, dynamic, int8, onnx-float32, " \
+        "onnx-int8, micro" in done.stderr
