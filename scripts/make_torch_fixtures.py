@@ -19,6 +19,8 @@ Every model is trained on EdgeKit's embedded digits (28x28, the training split o
     cnn.pt2                 the 1-channel CNN trained again the same way, saved with torch.export.save: the ExportedProgram
                             archive, batch 1, NCHW, as a .pt2 source of `export --tflite`
     rgb_imagenet.pt2        the 3-channel CNN, the same way
+    cnn3.pt2                a larger 1-channel CNN (3 convs, 2 dense: 7.3 million MACs, as issue 40 tried), where
+                            int8's kernels outweigh a call's fixed cost: the figures of int8 against float latency
 
 `--pt2-only` writes the .pt2 files alone (the ONNX files stay as committed; each .pt2 records its own accuracy).
 
@@ -55,17 +57,31 @@ class CNN(nn.Module):
         return (logits, h.mean(dim=(2, 3))) if self.features else logits
 
 
+class CNN3(nn.Module):
+    """3 convs (16, 32, 64 channels, the first two at full resolution), 2 dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Linear(64 * 3 * 3, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.body(x), 1))
+
+
 def tensors(pixels: np.ndarray, mean, std) -> torch.Tensor:
     """uint8 (N, H, W, C) pixels -> normalized float NCHW, as torchvision's ToTensor + Normalize."""
     x = (pixels.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def train(channels: int, mean, std, features: bool = False, epochs: int = 12) -> tuple[nn.Module, float]:
+def train(channels: int, mean, std, features: bool = False, epochs: int = 12, net=None) -> tuple[nn.Module, float]:
     torch.manual_seed(0)
     data = load_dataset("digits", channels=channels)
     x, y = tensors(data.x_train, mean, std), torch.from_numpy(data.y_train)
-    net = CNN(channels, features)
+    net = net or CNN(channels, features)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for _ in range(epochs):
         order = torch.randperm(len(x))
@@ -104,14 +120,18 @@ def main() -> int:
     pt2_only = "--pt2-only" in sys.argv[1:]
     gray, gray_accuracy = train(1, (127.5,), (127.5,))
     rgb, rgb_accuracy = train(3, IMAGENET_MEAN, IMAGENET_STD)
+    torch.manual_seed(0)
+    deep, deep_accuracy = train(1, (127.5,), (127.5,), net=CNN3())
     save_pt2(gray, 1, OUT / "cnn.pt2")
     save_pt2(rgb, 3, OUT / "rgb_imagenet.pt2")
+    save_pt2(deep, 1, OUT / "cnn3.pt2")
     record = json.loads((OUT / "versions.json").read_text()) if pt2_only else {
         "torch": torch.__version__, "seed": 0, "dataset": "digits", "models": {}}
     record["programs"] = {name: {"mean": list(stats[0]), "std": list(stats[1]), "layout": "nchw", "test_accuracy": accuracy,
                                  "exporter": "torch.export.save"}
                           for name, accuracy, stats in (("cnn.pt2", gray_accuracy, ((127.5,), (127.5,))),
-                                                        ("rgb_imagenet.pt2", rgb_accuracy, (IMAGENET_MEAN, IMAGENET_STD)))}
+                                                        ("rgb_imagenet.pt2", rgb_accuracy, (IMAGENET_MEAN, IMAGENET_STD)),
+                                                        ("cnn3.pt2", deep_accuracy, ((127.5,), (127.5,))))}
     if pt2_only:
         (OUT / "versions.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record["programs"], indent=2))

@@ -361,3 +361,27 @@ def test_the_recommendation_states_size_accuracy_and_latency_and_says_when_it_is
     latency = next(line for line in text.splitlines() if line.startswith("- Latency at 1 thread"))
     assert "0.570 ms" in latency and "1.90x slower (intervals separate)" in latency, latency
     assert "**Slower than the float baseline**" in latency, latency
+
+
+def test_without_a_float_file_the_report_says_its_baseline_is_quantized_and_names_the_sources_accuracy():
+    """A .pt2 program exported to int8 alone (issue 40): the report's baseline was "the float baseline" though it
+    was the int8 file itself. Now the header says there is no float file, the recommendation and a note say
+    what that means, and the source's own accuracy (the PyTorch program run by torch at export) is named."""
+    from pathlib import Path
+
+    from runtime.report.render import header_rows, notes, recommendation_md
+
+    int8 = _row("pt2", "int8", 70_000, 393)
+    onnx_int8 = _row("pt2", "onnx-int8", 81_000, 393)
+    for row in (int8, onnx_int8):
+        row.update(artifact="/r/pt2", reference="the source PyTorch program", reference_accuracy=0.9861, model="cnn3")
+    groups, recs, _ = _decide([int8, onnx_int8])
+    info = {"recommendations": recs, "objective": "size", "machine": {"cpu": "x86"}, "bench_settings": {},
+            "rows": [int8, onnx_int8], "baseline_row": recs[0]["baseline"], "budget": 1.0, "created": "now"}
+    header = dict(header_rows(info))
+    assert "float baseline" not in header and header["baseline (no float file)"].startswith("pt2 int8: 98.25%")
+    assert header["source"].startswith("the source PyTorch program cnn3: 98.61% on the 400 test images")
+    text = "\n".join(recommendation_md(info, Path("/r")))
+    assert "It is the float baseline itself" not in text and "no float file was exported" in text, text
+    note = next(n for n in notes([int8, onnx_int8], groups, 1.0) if n.startswith("No float file"))
+    assert "export the float file too" in note and "the source's own 98.61%" in note, note

@@ -1,8 +1,9 @@
 """The report's latency: every verified file at each thread count, measured together in interleaved rounds
 (`runtime.bench.measure_rounds`, one fresh process per thread count), as the median of the per-round
 medians with its distribution-free 95% interval. Results are cached in bench.json under the exact set of
-files (by sha256) and settings, so a rerun over unchanged files measures nothing, and a changed file
-makes every file be measured again, together."""
+files (by sha256 and format: an int8 file and the micro file with the same bytes run in different runtimes) and
+settings, so a rerun over unchanged files measures nothing, and a changed file makes every file be measured
+again, together."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from runtime.stats import median_interval
 
 BENCH_CACHE = "bench.json"
 ROUNDS = 10  # 10 rounds: the median's 95% interval runs from the 2nd to the 9th smallest round median
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: results keyed by sha256 and format
 
 
 def _read_cache(path: Path, rebench: bool) -> dict:
@@ -51,16 +52,16 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
         return settings
     cache_path = root / BENCH_CACHE
     cache = _read_cache(cache_path, rebench)
-    shas = sorted({r["sha256"] for r in todo})
+    shas = sorted({_measured(r) for r in todo})
     for n in bar(threads, len(threads), f"latency ({len(todo)} files x {rounds} rounds)", progress, "thread count"):
         spec = {k: v for k, v in settings.items() if k != "threads"}
         key = hashlib.sha256(json.dumps([shas, n, spec], sort_keys=True).encode()).hexdigest()[:16]
         if key not in cache:
             by_path = runner([Path(r["file"]) for r in todo], n, rounds, runs, None if runs else seconds)
-            cache[key] = {r["sha256"]: by_path[str(Path(r["file"]))] for r in todo}
+            cache[key] = {_measured(r): by_path[str(Path(r["file"]))] for r in todo}
             atomic_write_json(cache_path, {"version": CACHE_VERSION, "runs": cache})
         for row in todo:
-            result = cache[key].get(row["sha256"]) or {"error": "not measured"}
+            result = cache[key].get(_measured(row)) or {"error": "not measured"}
             if "error" in result:
                 row.update(status="failed", reason=f"benchmark failed: {result['error']}")
                 continue
@@ -69,6 +70,12 @@ def benchmark(rows: list[dict], root: Path, threads: list[int], seconds: float, 
                                                  "p90": result["p90_ms"], "n": result["n"]}
     _fields(rows, threads)
     return settings
+
+
+def _measured(row: dict) -> str:
+    """What one measurement is of: the file's bytes in its format's runtime (a micro file runs in TFLM, the int8
+    file with the same bytes in LiteRT)."""
+    return f"{row['sha256']} {row['format']}"
 
 
 def _fields(rows: list[dict], threads: list[int]) -> None:

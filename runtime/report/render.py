@@ -18,7 +18,7 @@ from runtime.bench import format_ms
 from runtime.fsutil import atomic_write_json, atomic_write_text, relative
 from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, Comparer, group_label, primary, slower_quantized
 from runtime.report.html import write_html
-from runtime.report.rows import label, points
+from runtime.report.rows import baseline, is_float, label, points
 from runtime.stats import ALPHA, CONFIDENCE
 from runtime.text import markdown, spreadsheet
 
@@ -203,7 +203,9 @@ def recommendation_md(info: dict, root: Path) -> list[str]:
                                                             if base is not None and base is not choice else "."))
         md += _other_costs(choice, base, objective)
         if base is choice:
-            md.append("- It is the float baseline itself: no optimized file within the budget beats it here.")
+            md.append("- It is the float baseline itself: no optimized file within the budget beats it here." if
+                      is_float(choice) else "- It is the baseline itself: no float file was exported to compare "
+                      "it with (see the notes).")
         runner = rec.get("runner_up")
         if runner is not None and runner is not base:
             md.append(f"- Why this one: against the next best, {label(runner)} ({cost_text(runner, objective)}, "
@@ -310,6 +312,13 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
         if slower:
             out.append(f"Quantized but slower than the float baseline at {where} (speed vs baseline; never "
                        f"recommended for latency): {', '.join(slower)}.")
+    first = baseline(rows)
+    if first is not None and not is_float(first):
+        out.append(f"No float file among these: the baseline is {label(first)}, itself quantized, so every change is "
+                   "measured against it; export the float file too (--tflite, or --format float32) to see what "
+                   "quantization cost"
+                   + (f", against the source's own {first['reference_accuracy'] * 100:.2f}%." if
+                      first.get("reference_accuracy") is not None and first.get("reference") != "Keras" else "."))
     base = {r["format"]: r for r in rows if r["variant"] == "base" and r.get("size_bytes")}
     pairs = [(r, base[r["format"]]) for r in rows if r.get("kind") in ("clustered", "cqat") and r.get("size_bytes")
              and r["format"] in base]
@@ -392,6 +401,17 @@ def machine_md(m: dict) -> str:
     return f"{where}{what}, {markdown(m.get('cores'))} cores ({markdown(m.get('machine'))})"
 
 
+def source_rows(rows: list[dict]) -> list[tuple[str, str]]:
+    """A model from elsewhere (a PyTorch program, an ONNX or TFLite file) that the files were made from and verified
+    against: its own accuracy on the test split, as export measured it running the source itself."""
+    sources = {(r["reference"], r.get("model"), r["reference_accuracy"], r.get("test_images")) for r in rows
+               if r.get("reference") and r["reference"] != "Keras"}
+    return [("source", f"{markdown(reference)} {markdown(model or '')}: {accuracy * 100:.2f}% on the "
+                       f"{images or '-'} test images, run by its own framework at export (every file verified against "
+                       "it)")
+            for reference, model, accuracy, images in sorted(sources, key=str)]
+
+
 def header_rows(info: dict) -> list[tuple[str, str]]:
     """The header's (name, value) pairs, values as Markdown (escaped)."""
     m, base, settings = info["machine"], info.get("baseline_row"), info.get("bench_settings")
@@ -399,7 +419,9 @@ def header_rows(info: dict) -> list[tuple[str, str]]:
     rows = [
         ("model", markdown(info.get("model") or "-")),
         ("dataset", f"{markdown(info.get('dataset') or '-')}, test split of {' / '.join(map(str, images)) or '-'} images"),
-        ("float baseline", f"{label(base)}: {accuracy_text(base)}" if base else "none"),
+        *source_rows(info["rows"]),
+        ("float baseline" if base is None or is_float(base) else "baseline (no float file)",
+         f"{label(base)}: {accuracy_text(base)}" if base else "none"),
         ("accuracy budget", f"{points(info['budget'])} below the baseline" +
          (f" (files under {base['accuracy'] * 100 - info['budget']:.2f}% are over budget)" if base else "")),
         ("significance", f"exact McNemar test on the same images, p < {ALPHA:g}; intervals {CONFIDENCE:.0%} "
@@ -488,6 +510,9 @@ def to_json(root: Path, info: dict) -> dict:
     return {"created": info["created"], "directory": ".", "model": info["model"], "dataset": info["dataset"],
             "machine": info["machine"], "budget_points": info["budget"], "objective": info.get("objective"),
             "baseline": label(info["baseline_row"]) if info["baseline_row"] else None,
+            "sources": [{"reference": r["reference"], "model": r.get("model"), "accuracy": r["reference_accuracy"]}
+                        for r in {r["reference"]: r for r in info["rows"]
+                                  if r.get("reference") and r["reference"] != "Keras"}.values()],
             "bench_settings": info["bench_settings"], "recommendations": recs, "summary": info["summary"],
             "notes": info["notes"], "plots": [*info["plots"], *info.get("search_plots", [])],
             "rows": [public(r, root) for r in info["rows"]]}

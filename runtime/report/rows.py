@@ -89,6 +89,9 @@ def collect(root: Path) -> list[dict]:
                    "dataset": (manifest.get("dataset") or {}).get("name"),
                    "parent": (manifest.get("parent") or {}).get("name"), "file": str(file) if file else None,
                    "status": "verified", "reason": None}
+            reference, accuracy = record.get("reference"), record.get("keras_accuracy")
+            if isinstance(reference, str) and type(accuracy) is float and 0.0 <= accuracy <= 1.0:  # untrusted
+                row.update(reference=reference[:80], reference_accuracy=accuracy)
             problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha256(manifest))
             if problem:
                 row.update(status="failed", reason=problem)
@@ -172,11 +175,17 @@ def _gzip_bytes(path: Path) -> int:
     return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
 
 
+def is_float(row: dict) -> bool:
+    """A float file (float32, onnx-float32): what quantization is measured against."""
+    fmt = FILE_FORMATS.get(row["format"])
+    return fmt is not None and fmt.kind == "float"
+
+
 def baseline(rows: list[dict]) -> dict | None:
     """The trained model's float32 TFLite file, else the first evaluated float file, else the first evaluated."""
     evaluated = [r for r in rows if r["status"] == "verified" and "accuracy" in r]
     for candidates in ([r for r in evaluated if r["variant"] == "base" and r["format"] == "float32"],
-                       [r for r in evaluated if FILE_FORMATS.get(r["format"]) and FILE_FORMATS[r["format"]].kind == "float"], evaluated):
+                       [r for r in evaluated if is_float(r)], evaluated):
         if candidates:
             return candidates[0]
     return None
