@@ -2,6 +2,7 @@
 
     python scripts/onnx_int8_settings.py                      # the committed PyTorch fixtures, 1 thread
     python scripts/onnx_int8_settings.py --models cnn_opset17 --runs 400 --rounds 7
+    python scripts/onnx_int8_settings.py --models cnn3.pt2    # a .pt2 program, exported as export does (torch extra)
 
 For each committed PyTorch ONNX fixture (tests/fixtures/torch/: the digits CNN from the legacy and the dynamo
 exporters, the 3-channel CNN with ImageNet's mean and std), every combination of QDQ or QOperator, per-channel
@@ -10,6 +11,8 @@ is quantized as export does (`export.convert.calibration_stride`, 300 training i
 run in a bare onnxruntime session, as a user's app runs it, with the float file, at 1 thread (batch 1): the
 latency ratio int8/float (median of per-round medians over interleaved rounds) and the accuracy on the digits
 test split. Each session's graph optimization level is also tried (all, extended, basic) on float and int8 alike.
+A `.pt2` program (versions.json's "programs": `cnn3.pt2`, the larger CNN, 7.4 million MACs) is made into its
+float ONNX file as `python -m export --onnx --layout nchw` makes it (torch.onnx.export's dynamo exporter), NCHW.
 Prints one table per model, the settings ranked by their worst ratio over the models, and the figures as JSON.
 """
 
@@ -44,7 +47,7 @@ def _normalized(pixels: np.ndarray, mean, std) -> np.ndarray:
 def _images(name: str, meta: dict):
     data = load_dataset("digits")
     x_train = data.x_train  # uint8 pixels, (N, H, W, 1)
-    channels = 3 if name == "rgb_imagenet" else 1
+    channels = 3 if name.startswith("rgb_imagenet") else 1
 
     def pixels(x):
         return np.repeat(x, 3, axis=3) if channels == 3 else x
@@ -69,6 +72,19 @@ def _quantize(source: str, target: str, calibration: np.ndarray, setting: dict) 
               "activation_type": types[setting["activations"]], "weight_type": types[setting["weights"]]}
     exclude = [nodes[0], nodes[-1]] if setting["exclude_ends"] and len(nodes) > 2 else ()
     Path(target).write_bytes(onnx_int8(model, calibration, "minmax", {}, exclude=exclude, scheme=scheme))
+
+
+def _program_onnx(name: str, tmp: str) -> str:
+    """A .pt2 fixture's float ONNX file, NCHW, made by export's own path (export/torch_source.py)."""
+    from export.torch_source import TorchSource, load_program
+
+    program = load_program(FIXTURES / name, trust=False)
+    module = program.module()
+    shape = tuple(next(n for n in module.graph.nodes if n.op == "placeholder").meta["val"].shape)
+    proto, _ = TorchSource(FIXTURES / name, program, module, shape, layout="nchw").onnx({}, None)
+    path = os.path.join(tmp, name.replace(".pt2", ".onnx"))
+    Path(path).write_bytes(proto.SerializeToString())
+    return path
 
 
 def _session(path: str, level: str):
@@ -130,12 +146,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--json", metavar="FILE", help="write every figure here too")
     args = parser.parse_args()
-    meta = json.loads((FIXTURES / "versions.json").read_text())["models"]
+    recorded = json.loads((FIXTURES / "versions.json").read_text())
+    meta = {**recorded["models"], **recorded["programs"]}
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             calibration, x_test, y_test = _images(name, meta[name])
-            source = str(FIXTURES / f"{name}.onnx")
+            source = _program_onnx(name, tmp) if name.endswith(".pt2") else str(FIXTURES / f"{name}.onnx")
             files = {}
             for setting in SETTINGS:
                 target = os.path.join(tmp, f"{name}-{len(files)}.onnx")
