@@ -167,11 +167,13 @@ def describe(path: str | Path) -> dict:
 
 
 def _made_from(sidecar: dict) -> dict | None:
-    """What a sidecar says the file was made from (its source's kind and producer) and by which tool."""
+    """What a sidecar says the file was made from (its source's kind and producer) and by which tools (the
+    converter, then the quantizer: litert-torch then ai-edge-quantizer for a .pt2 program's dynamic file)."""
     source = sidecar.get("source") if isinstance(sidecar.get("source"), dict) else {}
-    tool = next((sidecar[k] for k in ("quantized_by", "converted_by") if isinstance(sidecar.get(k), dict)), {})
+    tools = [sidecar[k] for k in ("converted_by", "quantized_by") if isinstance(sidecar.get(k), dict)]
+    named = [" ".join(str(tool[k]) for k in ("tool", "version") if tool.get(k)) for tool in tools]
     made = {"kind": source.get("kind"), "producer": source.get("producer"),
-            "tool": " ".join(str(tool[k]) for k in ("tool", "version") if tool.get(k)) or None}
+            "tool": " and ".join(dict.fromkeys(n for n in named if n)) or None}
     return {k: v if isinstance(v, str) else None for k, v in made.items()} if any(made.values()) else None
 
 

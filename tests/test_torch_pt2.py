@@ -93,6 +93,8 @@ def test_the_files_answer_as_the_program_in_the_runtime_and_info_names_their_mak
     assert np.array_equal(chunked, np.concatenate([one.logits(fed[i:i + 1]) for i in range(len(fed))]))
     info = run_module("runtime", "info", str(out / "model.int8.tflite"))
     assert info.returncode == 0 and "made from    PyTorch" in info.stdout and "litert-torch" in info.stdout
+    info = run_module("runtime", "info", str(out / "model.dynamic.tflite"))  # converted, then quantized
+    assert info.returncode == 0 and "and ai-edge-quantizer" in info.stdout.split("made from", 1)[1].splitlines()[0]
 
 
 def test_the_report_times_the_int8_file_and_its_byte_identical_micro_file_each_in_its_own_runtime(exported):
