@@ -35,6 +35,8 @@ examples:
   python -m export --micro model_int8.tflite --dataset cifar10              # a fully integer .tflite, for TFLM
   python -m export --onnx --quantize int8 model.onnx --dataset digits --mean 127.5 --std 127.5
                                               # a PyTorch file: model-export/, float32 and int8 verified
+  python -m export --all --micro model.pt2 --dataset digits --mean 127.5 --std 127.5
+                                              # a PyTorch program (torch.export.save): TFLite, TFLM, ONNX
 
 formats (--format KEY): float32, float16, dynamic, int8, int16x8 (TFLite); onnx-float32 (or onnx), onnx-int8;
 micro (--micro: int8 for TensorFlow Lite Micro, with model.micro.cc/.h; not part of --all unless --micro).
@@ -59,15 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Export a model to TFLite and ONNX, verifying every file.",
                                      epilog=EPILOG)
-    parser.add_argument("source", help="artifact directory, a .keras/.h5 file or SavedModel directory, or an .onnx "
-                                       "file")
+    parser.add_argument("source", help="artifact directory, a .keras/.h5 file or SavedModel directory, an .onnx "
+                                       "or .tflite file, or a .pt2 program (torch.export.save)")
     kinds = parser.add_argument_group("what to write")
     kinds.add_argument("--tflite", action="store_true", help="a TFLite file (float32 unless --quantize)")
     kinds.add_argument("--onnx", action="store_true", help="an ONNX file (float32 unless --quantize int8)")
     kinds.add_argument("--quantize", help="TFLite: float16, dynamic, int8, int16x8; ONNX: int8")
     kinds.add_argument("--format", action="append", default=[], metavar="KEY", help="a format by key (repeatable)")
-    kinds.add_argument("--all", action="store_true", help="every format the source makes (int8 only for a QAT artifact; an .onnx file's "
-                       "ONNX formats, a .tflite file's quantized ones)")
+    kinds.add_argument("--all", action="store_true",
+                       help="every format the source makes (int8 only for a QAT artifact; an .onnx file's ONNX "
+                            "formats, a .tflite file's quantized ones, a .pt2 program's seven)")
     kinds.add_argument("--micro", action="store_true",
                        help="a microcontroller file (format micro): int8 for TensorFlow Lite Micro, verified in its "
                             "interpreter, with model.micro.cc and .h (C array, op resolver) and the arena measured; "
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training images used to calibrate integer formats (default: 300; at most the "
                              "training split, and the number used is recorded)")
     parser.add_argument("--calibration-method", help="onnx-int8 only: minmax (default), entropy, percentile")
-    parser.add_argument("--opset", type=int, help="ONNX opset, 13 to 18 (default: 17)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 13 to 18 (default: 17, tf2onnx's; a .pt2 program's "
+                                                  "ONNX file: torch.onnx.export's, 20)")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                         help="quantized formats: the accuracy budget, in points below the Keras model (default 1.0)")
     selective = parser.add_argument_group("selective int8 (TFLite int8 and onnx-int8)")

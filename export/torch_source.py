@@ -1,17 +1,20 @@
 """A PyTorch model saved with `torch.export.save` (a .pt2 file: the ExportedProgram archive PyTorch 2 documents) as
 a source of export: read without running pickled code, run by torch on the test split as the reference every
-file is verified against, and converted by litert-torch (Google's PyTorch-to-LiteRT converter; the `torch`
-extra, imported lazily) to TFLite.
+file is verified against, and converted by litert-torch (Google's PyTorch-to-LiteRT converter) to TFLite and by
+torch.onnx.export to ONNX (the `torch` extra, imported lazily).
 
     python -m export --tflite --quantize int8 --micro model.pt2 --dataset digits --mean 127.5 --std 127.5
+    python -m export --all --layout nchw model.pt2 --dataset digits --mean 127.5 --std 127.5
 
 Formats: `float32` (litert-torch's float file), `int8` (PT2E static quantization: per-channel symmetric int8
 weights, int8 activations, int8 input and output, calibrated on the dataset's training split, the same images in
 the same order as every EdgeKit int8 file, one image per run since the program's batch is 1), `micro` (that
 fully integer file checked and verified for TensorFlow Lite Micro as every micro file, its C sources written),
-and `dynamic` and `float16` (the float file through ai-edge-quantizer's recipes, export/edge_quantizer.py).
-The files take NHWC input (litert-torch's `to_channel_last_io` around a channels-first program), as every
-EdgeKit file does; the sidecar says so and names the program's own layout.
+`dynamic` and `float16` (the float file through ai-edge-quantizer's recipes, export/edge_quantizer.py), and
+`onnx-float32` (torch.onnx.export's dynamo exporter, batch 1 as the program) and `onnx-int8` (onnxruntime's
+static int8 of it, as every ONNX file). The files take NHWC input (litert-torch's `to_channel_last_io` around
+the channels-first program), as every EdgeKit file does, or with --layout nchw the program's own (1, C, H, W);
+the sidecar says which and names the program's own layout.
 
 Loading: `torch.export.load` unpickles an archive's weights, constants and sample inputs, and falls back to
 full pickle (code) where the safe unpickler refuses (torch/_export/serde/serialize.py, `weights_only=False`),
@@ -312,7 +315,8 @@ def load_source(path: Path, dataset_name: str | None, data_dir, options, trust: 
         raise EdgeKitError(f"{path.name} takes {len(inputs)} input(s) of shape {list(shape) or '?'}; an image "
                            "classifier's program takes one (1, C, H, W) image (C 1 or 3): export it with "
                            "torch.export.export(module, (torch.zeros(1, C, H, W),)).")
-    source = TorchSource(path, program, module, shape, layout=(options.layout if options is not None else None) or "nhwc")
+    layout = (options.layout if options is not None else None) or "nhwc"  # --layout nchw: the program's own
+    source = TorchSource(path, program, module, shape, layout)
     classes = int(np.prod(source.predict(np.zeros((1, shape[2], shape[3], shape[1]), np.float32)).shape[1:]))
     dataset = dataset_for_model(path, dataset_name, data_dir, (shape[2], shape[3], shape[1]), classes)
     if options is not None and (options.mean is not None or options.std is not None):
