@@ -106,8 +106,8 @@ def file_kind(path: Path) -> str | None:
 
 def source_options(path: Path, fmts, opset, mean, std, layout):
     """runtime.load's Options for a model file from elsewhere (checked before anything loads): --mean and --std for
-    an .onnx or a Keras file (how pixels become its input), --layout for an .onnx file; an artifact's preprocessing
-    is its manifest's, so they are refused there."""
+    an .onnx, .tflite, .pt2 or Keras file (how pixels become its input), --layout for an .onnx file (its input's)
+    and a .pt2 program (its files'); an artifact's preprocessing is its manifest's, so they are refused there."""
 
     if torch_source.is_pt2(path):
         other = [f.key for f in fmts if "torch" not in f.sources]
@@ -119,14 +119,16 @@ def source_options(path: Path, fmts, opset, mean, std, layout):
     if is_tflite(path):
         check_formats(path, [f.key for f in fmts])
         if layout is not None:
-            raise EdgeKitError("--layout is for an .onnx source; a .tflite file's layout is read from its shape.")
+            raise EdgeKitError("--layout is for an .onnx source or a .pt2 program; a .tflite file's layout is read from "
+                               "its shape.")
         return Options(mean, std, None, None, None) if mean is not None or std is not None else None
     if not (is_onnx(path) and not path.is_dir()):
         if (path / MANIFEST).is_file() and (mean is not None or std is not None or layout is not None):
             raise EdgeKitError(f"{path} is an EdgeKit artifact: its preprocessing is the one its manifest records; "
                                "--mean, --std and --layout are for a model file from elsewhere.")
         if layout is not None:
-            raise EdgeKitError("--layout is for an .onnx source; a Keras model takes channels-last (NHWC) input.")
+            raise EdgeKitError("--layout is for an .onnx source or a .pt2 program; a Keras model takes channels-last "
+                               "(NHWC) input.")
         return Options(mean, std, None, None, None) if mean is not None or std is not None else None
     other = [f.key for f in fmts if "onnx" not in f.sources]
     if other:

@@ -136,14 +136,15 @@ def _safe_torch_load(torch, refused: list):
 
 
 def load_program(path: Path, trust: bool):
-    """The ExportedProgram in `path`, loaded as data unless `trust` (see the module docstring)."""
-    torch, _ = _modules()
+    """The ExportedProgram in `path`, loaded as data unless `trust` (see the module docstring). The archive is
+    checked before torch is imported (seconds): a file refused is refused at once."""
     info = check_readable_file(path, "model file")
     if info.st_size > MAX_BYTES:
         raise ArtifactError(f"{path.name} is {info.st_size:,} bytes; expected at most {MAX_BYTES >> 30} GiB.")
     data = path.read_bytes()  # read once: what is checked is what is loaded
     if not trust:
         check_archive(path, data)
+    torch, _ = _modules()
     refused: list[str] = []
     try:
         with contextlib.nullcontext() if trust else _safe_torch_load(torch, refused):

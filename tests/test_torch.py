@@ -117,9 +117,11 @@ def test_int8_export_is_refused_when_the_budget_is_missed(fixtures):
 
 
 def test_external_data_travels_and_is_checked(fixtures, tmp_path):
-    result = run_module("export", "--onnx", str(fixtures / "cnn_dynamo.onnx"), "--dataset", "digits", *GRAY,
-                        "--out", str(tmp_path / "dynamo"), "--quiet")
+    result = run_module("export", "--all", str(fixtures / "cnn_dynamo.onnx"), "--dataset", "digits", *GRAY,
+                        "--out", str(tmp_path / "dynamo"), "--quiet")  # --all: the formats an .onnx source makes
     assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "dynamo").glob("model.*.onnx")) == \
+        ["model.onnx-float32.onnx", "model.onnx-int8.onnx"]
     import onnx
 
     written = onnx.load(str(tmp_path / "dynamo" / "model.onnx-float32.onnx"), load_external_data=False)
