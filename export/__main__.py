@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _choose(args) -> list[str]:
+def chosen_formats(args) -> list[str]:
+    """The format keys the command line asks for (--all: every format of the menu this source makes)."""
     if args.all:  # every format of the menu that this source makes (a model file from elsewhere makes some)
         kind = file_kind(Path(args.source))
         return [*(k for k in EXPORT_ALL if kind is None or kind in get_format(k).sources),
@@ -167,7 +168,7 @@ def _differing(ref: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keys = _choose(args)
+    keys = chosen_formats(args)
 
     keep_float = None if args.keep_float is None else "auto" if args.keep_float.strip() == "auto" else [
         name.strip() for name in args.keep_float.split(",") if name.strip()]

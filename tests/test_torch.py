@@ -117,11 +117,9 @@ def test_int8_export_is_refused_when_the_budget_is_missed(fixtures):
 
 
 def test_external_data_travels_and_is_checked(fixtures, tmp_path):
-    result = run_module("export", "--all", str(fixtures / "cnn_dynamo.onnx"), "--dataset", "digits", *GRAY,
-                        "--out", str(tmp_path / "dynamo"), "--quiet")  # --all: the formats an .onnx source makes
+    result = run_module("export", "--onnx", str(fixtures / "cnn_dynamo.onnx"), "--dataset", "digits", *GRAY,
+                        "--out", str(tmp_path / "dynamo"), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "dynamo").glob("model.*.onnx")) == \
-        ["model.onnx-float32.onnx", "model.onnx-int8.onnx"]
     import onnx
 
     written = onnx.load(str(tmp_path / "dynamo" / "model.onnx-float32.onnx"), load_external_data=False)
@@ -141,6 +139,20 @@ def test_external_data_travels_and_is_checked(fixtures, tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert ("outside the model's directory" if case == "escape" else "truncated") in lines[0]
+
+
+def test_all_is_every_format_a_model_file_from_elsewhere_makes(fixtures):
+    """`export --all` on an .onnx file asked for the TFLite formats too and was refused; it is the formats the
+    source makes now (an artifact's: the whole menu)."""
+    from export.__main__ import build_parser, chosen_formats
+
+    for source, expected in ((fixtures / "cnn_opset17.onnx", ["onnx-float32", "onnx-int8"]),
+                             (fixtures / "cnn.pt2", ["float32", "float16", "dynamic", "int8", "onnx-float32",
+                                                     "onnx-int8"]),
+                             (fixtures / "model.tflite", ["float16", "dynamic", "int8"]),
+                             (fixtures, ["float32", "float16", "dynamic", "int8", "int16x8", "onnx-float32",
+                                         "onnx-int8"])):
+        assert chosen_formats(build_parser().parse_args(["--all", str(source)])) == expected, source
 
 
 def test_what_export_cannot_do_with_an_onnx_source_is_one_line(fixtures):
