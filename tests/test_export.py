@@ -91,7 +91,8 @@ def test_qat_artifact_exports_a_true_int8_model(tiny, tmp_path):
         export(tmp_path / "qat", ["float32"], progress=lambda s: None)
 
 
-@pytest.mark.parametrize("technique", ["qat", "pqat", "cqat"])
+@pytest.mark.parametrize("technique", ["qat", pytest.param("pqat", marks=pytest.mark.slow),
+                                       pytest.param("cqat", marks=pytest.mark.slow)])  # 12 s, 10 s: `-m slow`
 def test_quantization_aware_exclude_keeps_that_layer_alone_float_in_int8(tiny, tmp_path, technique):
     """--exclude LAYER on qat/pqat/cqat: in the int8 file that layer's convolution runs float between a DEQUANTIZE
     and a QUANTIZE, and every other op is the integer op of post-training int8."""

@@ -200,9 +200,11 @@ def test_cli_prunes_and_names_the_output(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("verb, parent, settings", [
-    (prune, "tiny", {"sparsity": 0.8}), (prune, "tiny", {"structured": "2:4"}), (cluster, "tiny", {"clusters": 8}),
-    (qat, "tiny", {}), (pqat, "pruned", {}), (cqat, "clustered", {}),
-], ids=["prune", "2of4", "cluster", "qat", "pqat", "cqat"])
+    (prune, "tiny", {"sparsity": 0.8}), (qat, "tiny", {}),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in (  # 6, 6, 7 and 9 s: `python -m pytest -m slow`
+        (prune, "tiny", {"structured": "2:4"}), (cluster, "tiny", {"clusters": 8}), (pqat, "pruned", {}),
+        (cqat, "clustered", {}))),
+], ids=["prune", "qat", "2of4", "cluster", "pqat", "cqat"])
 def test_the_same_seed_gives_the_same_bits(tiny, pruned, clustered, tmp_path, verb, parent, settings):
     """Each technique twice, from the same parent and seed: byte-identical model files (same sha256)."""
     source = tiny.with_name(parent)
