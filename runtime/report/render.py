@@ -18,7 +18,7 @@ from runtime.bench import format_ms
 from runtime.fsutil import atomic_write_json, atomic_write_text, relative
 from runtime.report.decide import EXCLUDED, OBJECTIVES, SIZE_TIE, Comparer, group_label, primary, slower_quantized
 from runtime.report.html import write_html
-from runtime.report.rows import baseline, is_float, label, points
+from runtime.report.rows import baseline, foreign_sources, is_float, label, points
 from runtime.stats import ALPHA, CONFIDENCE
 from runtime.text import markdown, spreadsheet
 
@@ -317,8 +317,8 @@ def notes(rows: list[dict], groups: dict, budget: float) -> list[str]:
         out.append(f"No float file among these: the baseline is {label(first)}, itself quantized, so every change is "
                    "measured against it; export the float file too (--tflite, or --format float32) to see what "
                    "quantization cost"
-                   + (f", against the source's own {first['reference_accuracy'] * 100:.2f}%." if
-                      first.get("reference_accuracy") is not None and first.get("reference") != "Keras" else "."))
+                   + (f", against the source's own {first['reference_accuracy'] * 100:.2f}%."
+                      if first.get("reference") else "."))
     base = {r["format"]: r for r in rows if r["variant"] == "base" and r.get("size_bytes")}
     pairs = [(r, base[r["format"]]) for r in rows if r.get("kind") in ("clustered", "cqat") and r.get("size_bytes")
              and r["format"] in base]
@@ -404,12 +404,10 @@ def machine_md(m: dict) -> str:
 def source_rows(rows: list[dict]) -> list[tuple[str, str]]:
     """A model from elsewhere (a PyTorch program, an ONNX or TFLite file) that the files were made from and verified
     against: its own accuracy on the test split, as export measured it running the source itself."""
-    sources = {(r["reference"], r.get("model"), r["reference_accuracy"], r.get("test_images")) for r in rows
-               if r.get("reference") and r["reference"] != "Keras"}
-    return [("source", f"{markdown(reference)} {markdown(model or '')}: {accuracy * 100:.2f}% on the "
-                       f"{images or '-'} test images, run by its own framework at export (every file verified against "
-                       "it)")
-            for reference, model, accuracy, images in sorted(sources, key=str)]
+    return [("source", f"{markdown(s['reference'])} {markdown(s['model'] or '')}: {s['accuracy'] * 100:.2f}% on the "
+                       f"{s['test_images'] or '-'} test images, run by its own framework at export (every file "
+                       "verified against it)")
+            for s in foreign_sources(rows)]
 
 
 def header_rows(info: dict) -> list[tuple[str, str]]:
@@ -510,9 +508,7 @@ def to_json(root: Path, info: dict) -> dict:
     return {"created": info["created"], "directory": ".", "model": info["model"], "dataset": info["dataset"],
             "machine": info["machine"], "budget_points": info["budget"], "objective": info.get("objective"),
             "baseline": label(info["baseline_row"]) if info["baseline_row"] else None,
-            "sources": [{"reference": r["reference"], "model": r.get("model"), "accuracy": r["reference_accuracy"]}
-                        for r in {r["reference"]: r for r in info["rows"]
-                                  if r.get("reference") and r["reference"] != "Keras"}.values()],
+            "sources": foreign_sources(info["rows"]),
             "bench_settings": info["bench_settings"], "recommendations": recs, "summary": info["summary"],
             "notes": info["notes"], "plots": [*info["plots"], *info.get("search_plots", [])],
             "rows": [public(r, root) for r in info["rows"]]}

@@ -90,7 +90,8 @@ def collect(root: Path) -> list[dict]:
                    "parent": (manifest.get("parent") or {}).get("name"), "file": str(file) if file else None,
                    "status": "verified", "reason": None}
             reference, accuracy = record.get("reference"), record.get("keras_accuracy")
-            if isinstance(reference, str) and type(accuracy) is float and 0.0 <= accuracy <= 1.0:  # untrusted
+            if isinstance(reference, str) and reference != "Keras" and type(accuracy) is float and \
+                    0.0 <= accuracy <= 1.0:  # a model from elsewhere (export's Source.reference); untrusted
                 row.update(reference=reference[:80], reference_accuracy=accuracy)
             problem = export_problem(d, manifest, key, record.get("file") or f"<{key}>", model_sha256(manifest))
             if problem:
@@ -173,6 +174,18 @@ def _micro_fields(path: Path, sidecar: dict) -> dict:
 
 def _gzip_bytes(path: Path) -> int:
     return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+
+
+def foreign_sources(rows: list[dict]) -> list[dict]:
+    """The models from elsewhere (a PyTorch program, an ONNX or TFLite file) the rows' files were verified against,
+    each once: their own accuracy on the test split, as export measured it running the source."""
+    found: dict = {}
+    for r in rows:
+        if r.get("reference"):
+            found.setdefault((r["reference"], r.get("model")), {
+                "reference": r["reference"], "model": r.get("model"), "accuracy": r["reference_accuracy"],
+                "test_images": r.get("test_images")})
+    return list(found.values())
 
 
 def is_float(row: dict) -> bool:
