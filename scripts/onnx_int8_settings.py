@@ -76,12 +76,11 @@ def _quantize(source: str, target: str, calibration: np.ndarray, setting: dict) 
 
 def _program_onnx(name: str, tmp: str) -> str:
     """A .pt2 fixture's float ONNX file, NCHW, made by export's own path (export/torch_source.py)."""
-    from export.torch_source import TorchSource, load_program
+    from export.torch_source import load_source
+    from runtime.backends.model import Options
 
-    program = load_program(FIXTURES / name, trust=False)
-    module = program.module()
-    shape = tuple(next(n for n in module.graph.nodes if n.op == "placeholder").meta["val"].shape)
-    proto, _ = TorchSource(FIXTURES / name, program, module, shape, layout="nchw").onnx({}, None)
+    source, _ = load_source(FIXTURES / name, "digits", None, Options(None, None, None, None, "nchw"), trust=False)
+    proto, _ = source.onnx({}, None)
     path = os.path.join(tmp, name.replace(".pt2", ".onnx"))
     Path(path).write_bytes(proto.SerializeToString())
     return path
